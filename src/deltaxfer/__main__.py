@@ -1,0 +1,5 @@
+import sys
+
+from deltaxfer.cli import main
+
+sys.exit(main())
