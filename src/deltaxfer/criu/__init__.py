@@ -1,0 +1,1 @@
+"""CRIU: finding and running the binary, reading and writing its image files."""
