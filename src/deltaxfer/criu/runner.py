@@ -167,15 +167,19 @@ def find_criu(explicit: str | None = None) -> Criu:
                                    f"{INSTALL_HINT}")
             misses.append(f"{origin}: {path} not installed")
             continue
+        explicit_choice = origin in ("--criu", "DELTAXFER_CRIU")
         try:
             version = _probe(path)
         except (CriuError, OSError, subprocess.TimeoutExpired) as e:
+            if explicit_choice:
+                raise CriuNotFound(f"criu from {origin} ({path}) does not work: {e}; "
+                                   f"{INSTALL_HINT}") from None
             misses.append(f"{origin}: {e}")
             continue
         if version < MIN_VERSION:
             msg = (f"{origin}: criu {'.'.join(map(str, version))} at {path} is too old: "
                    "criu < 4.0 cannot handle this kernel's vDSO (`criu check` fails)")
-            if origin in ("--criu", "DELTAXFER_CRIU"):
+            if explicit_choice:
                 raise CriuNotFound(f"{msg}; {INSTALL_HINT}")
             misses.append(msg)
             continue

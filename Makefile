@@ -1,0 +1,60 @@
+# deltaxfer: every target installs what it needs (apt as root, pip into .venv) and is idempotent.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+APT_PACKAGES := gcc make pkg-config liblz4-dev libxxhash-dev iproute2 util-linux rsync
+CORE_SOURCES := $(wildcard ext/*.pyx ext/*.pxd ext/*.pxi ext/c/*.c ext/c/*.h) setup.py
+PYTEST_ARGS ?=
+
+.PHONY: all deps criu venv build test demo bench bench-compare clean distclean
+
+all: build
+
+# Debian packages, installed only when one is missing (apt-get update only then).
+deps: .local/.deps-ok
+.local/.deps-ok: Makefile
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "deps: installing $$missing"; \
+		if [ "$$(id -u)" != 0 ]; then echo "deps: run as root to install: $$missing" >&2; exit 1; fi; \
+		DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+	@mkdir -p .local && touch $@
+
+# A criu that passes `criu check` (system one if it does, else Debian 13's in .local/criu).
+criu: deps
+	@bash scripts/install-criu.sh
+
+venv: $(VENV)/.installed
+$(VENV)/.installed: pyproject.toml .local/.deps-ok
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "deltaxfer needs Python >= 3.11" or 0)'
+	@[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -U pip 'setuptools>=77' wheel 'cython>=3.0'
+	$(PY) -m pip install -q --disable-pip-version-check --no-build-isolation -e '.[test]'
+	@touch $@
+
+# Rebuild the compiled core in place when its sources change.
+build: $(VENV)/.core-built
+$(VENV)/.core-built: $(VENV)/.installed $(CORE_SOURCES)
+	$(PY) setup.py -q build_ext --inplace
+	@touch $@
+
+test: deps criu build
+	$(VENV)/bin/pytest -p no:cacheprovider --benchmark-disable $(PYTEST_ARGS)
+
+demo: deps criu build
+	$(PY) scripts/demo.py
+
+bench: deps criu build
+	$(VENV)/bin/pytest -p no:cacheprovider bench --benchmark-only --benchmark-autosave $(PYTEST_ARGS)
+
+bench-compare: deps criu build
+	$(VENV)/bin/pytest -p no:cacheprovider bench --benchmark-only --benchmark-compare --benchmark-compare-fail=mean:25% $(PYTEST_ARGS)
+
+clean:
+	rm -rf build src/deltaxfer/_core*.so ext/_core.c $(VENV)/.core-built
+
+distclean: clean
+	rm -rf $(VENV) .local
