@@ -1,0 +1,32 @@
+/* Reading another process's memory in bulk, and finding the pages CRIU will dump. */
+#ifndef DX_PROCMEM_H
+#define DX_PROCMEM_H
+
+#include <sys/types.h>
+
+#include "dx_common.h"
+
+/* Read runs (vaddr, length) of process pid into buf, back to back (buf holds the sum
+ * of lengths).  process_vm_readv is called with at most IOV_MAX remote iovecs and at most
+ * DX_READ_BATCH bytes per call.  A piece that cannot be read (unmapped meanwhile) is
+ * zero-filled in buf, recorded in fail_vaddrs/fail_lens (adjacent pieces merged, at
+ * most fail_cap kept) and reading resumes at the next page.  Returns the number of failed
+ * pieces (possibly > fail_cap), or -errno when the process cannot be read at all
+ * (ESRCH: gone, EPERM: not allowed). */
+#define DX_READ_BATCH (1ul << 30)
+ptrdiff_t dx_read_process_memory(pid_t pid, const uint64_t *run_vaddrs, const uint64_t *run_lens,
+                                 size_t nruns, uint8_t *buf, uint64_t *fail_vaddrs,
+                                 uint64_t *fail_lens, size_t fail_cap, uint64_t *bytes_failed);
+
+/* Bits of a /proc/PID/pagemap entry (Documentation/admin-guide/mm/pagemap.rst). */
+#define DX_PM_PRESENT (1ull << 63)
+#define DX_PM_SWAPPED (1ull << 62)
+
+/* For each VMA [starts[k], ends[k]) (page aligned, ascending) read its pagemap entries
+ * from the open pagemap fd and append the runs of present or swapped pages, as (vaddr,
+ * length in bytes), to *run_vaddrs / *run_lens (malloc'd, grown as needed; the caller
+ * frees them).  Returns the number of runs or -errno. */
+ptrdiff_t dx_pagemap_runs(int fd, const uint64_t *starts, const uint64_t *ends, size_t nvmas,
+                          uint64_t **run_vaddrs, uint64_t **run_lens);
+
+#endif

@@ -1,0 +1,86 @@
+# One pre-copy round and the comparison of two dumps (ext/c/pipeline.c).
+
+_EMPTY_U64 = array.array("Q")
+
+
+def encode_round(pages, vaddrs, prev_vaddrs=None, prev_hashes=None, base_pages=None,
+                 XorCache cache=None, bint xor=True, size_t xor_cap=DX_DELTA_DEFAULT_CAP,
+                 size_t frame_size=DX_FRAME_DEFAULT_SIZE, bint compress=True):
+    """Encode one round; returns (frames bytes, hashes array('Q'), stats dict).
+
+    See deltaxfer.core.pipeline.encode_round for the meaning of each argument.
+    """
+    cdef _Buffer pb = pages_buffer(pages, "pages")
+    cdef _Buffer vb = u64_buffer(vaddrs, "vaddrs")
+    cdef size_t n = u64_len(vb)
+    if n * DX_PAGE_SIZE != pb.nbytes:
+        raise ValueError(f"pages holds {pb.nbytes // DX_PAGE_SIZE} pages but vaddrs has {n}")
+    check_vaddrs(vb, "vaddrs")
+    cdef _Buffer pvb = u64_buffer(_EMPTY_U64 if prev_vaddrs is None else prev_vaddrs,
+                                  "prev_vaddrs")
+    cdef _Buffer phb = u64_buffer(_EMPTY_U64 if prev_hashes is None else prev_hashes,
+                                  "prev_hashes")
+    cdef size_t nprev = u64_len(pvb)
+    if u64_len(phb) != nprev:
+        raise ValueError(f"prev_vaddrs has {nprev} entries but prev_hashes has {u64_len(phb)}")
+    check_vaddrs(pvb, "prev_vaddrs")
+    cdef _Buffer bb
+    cdef const uint8_t *base = NULL
+    if base_pages is not None:
+        bb = pages_buffer(base_pages, "base_pages")
+        if bb.nbytes != nprev * DX_PAGE_SIZE:
+            raise ValueError(f"base_pages holds {bb.nbytes // DX_PAGE_SIZE} pages but "
+                             f"prev_vaddrs has {nprev}")
+        base = bb.ptr
+    if xor_cap < 1:
+        raise ValueError("xor_cap must be at least 1 byte")
+    cdef FrameWriter fw = FrameWriter(frame_size, compress)
+    cdef array.array hashes = new_u64_array(n)
+    cdef dx_round_stats st
+    memset(&st, 0, sizeof(st))
+    cdef dx_xor_cache *cp = NULL
+    if cache is not None:
+        cp = cache.acquire()
+        cp.round += 1
+    cdef int rc
+    try:
+        with nogil:
+            rc = dx_encode_round(pb.ptr, u64_ptr(vb), n, u64_ptr(pvb), u64_ptr(phb), nprev,
+                                 base, cp, xor, xor_cap, <uint64_t *>hashes.data.as_voidptr,
+                                 &fw.w, &st)
+    finally:
+        if cache is not None:
+            cache.release()
+    if rc:
+        raise_core_error(rc, "encode_round")
+    stats = {"scanned": st.scanned, "zero": st.zero, "unchanged": st.unchanged,
+             "changed": st.changed, "added": st.added, "removed": st.removed,
+             "sent_zero": st.sent_zero, "sent_xor": st.sent_xor, "sent_full": st.sent_full,
+             "xor_too_big": st.xor_too_big, "xor_bytes": st.xor_bytes,
+             "frames": fw.w.frames, "records": fw.w.records, "raw_bytes": fw.w.raw_bytes,
+             "stored_bytes": fw.w.stored_bytes}
+    return _take_output(&fw.w), hashes, stats
+
+
+def compare_pages(old_pages, old_vaddrs, new_pages, new_vaddrs):
+    """Compare two page sets by vaddr: counts of added, removed, changed, unchanged and
+    zero (all-zero pages in new) pages, and bytes_differing summed over changed pages."""
+    cdef _Buffer op = pages_buffer(old_pages, "old_pages")
+    cdef _Buffer ov = u64_buffer(old_vaddrs, "old_vaddrs")
+    cdef _Buffer np_ = pages_buffer(new_pages, "new_pages")
+    cdef _Buffer nv = u64_buffer(new_vaddrs, "new_vaddrs")
+    if u64_len(ov) * DX_PAGE_SIZE != op.nbytes:
+        raise ValueError(f"old_pages holds {op.nbytes // DX_PAGE_SIZE} pages but old_vaddrs "
+                         f"has {u64_len(ov)}")
+    if u64_len(nv) * DX_PAGE_SIZE != np_.nbytes:
+        raise ValueError(f"new_pages holds {np_.nbytes // DX_PAGE_SIZE} pages but new_vaddrs "
+                         f"has {u64_len(nv)}")
+    check_vaddrs(ov, "old_vaddrs")
+    check_vaddrs(nv, "new_vaddrs")
+    cdef dx_compare_stats st
+    memset(&st, 0, sizeof(st))
+    with nogil:
+        dx_compare_pages(op.ptr, u64_ptr(ov), u64_len(ov), np_.ptr, u64_ptr(nv), u64_len(nv),
+                         &st)
+    return {"added": st.added, "removed": st.removed, "changed": st.changed,
+            "unchanged": st.unchanged, "zero": st.zero, "bytes_differing": st.bytes_differing}

@@ -1,0 +1,24 @@
+"""Pure-Python references of the page core's kernels, under the same names as
+deltaxfer.core.native.  They are small and slow on purpose: they state each format and
+policy plainly, and the tests check that the compiled core agrees with them bit for bit.
+
+XXH3 itself is not restated: the reference hashes a page with deltaxfer._core.xxh3_64,
+the system libxxhash; what it restates is everything around it.
+"""
+from .cache import DEFAULT_XOR_CACHE_BYTES, XOR_CACHE_WAYS, XorCache
+from .delta import XOR_DEFAULT_CAP, XOR_MIN_GAP, xor_decode, xor_decode_pages, xor_encode, xor_encode_pages
+from .frame import (DEFAULT_FRAME_SIZE, FRAME_HEADER_SIZE, FRAME_MAX_RAW, FrameWriter,
+                    apply_frames, decode_frame, read_frame_header)
+from .hash import ZERO_PAGE_HASH, changed_pages, hash_pages
+from .pipeline import compare_pages, encode_round
+from .procmem import pagemap_runs, read_process_memory, run_page_vaddrs
+
+NAME = "python"
+
+__all__ = [
+    "DEFAULT_FRAME_SIZE", "DEFAULT_XOR_CACHE_BYTES", "FRAME_HEADER_SIZE", "FRAME_MAX_RAW",
+    "XOR_CACHE_WAYS", "XOR_DEFAULT_CAP", "XOR_MIN_GAP", "ZERO_PAGE_HASH", "FrameWriter",
+    "XorCache", "apply_frames", "changed_pages", "compare_pages", "decode_frame",
+    "encode_round", "hash_pages", "pagemap_runs", "read_frame_header", "read_process_memory",
+    "run_page_vaddrs", "xor_decode", "xor_decode_pages", "xor_encode", "xor_encode_pages",
+]
