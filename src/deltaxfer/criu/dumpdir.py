@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from deltaxfer import PAGE_SIZE
 from deltaxfer.criu import images as im
+from deltaxfer.criu.images import ImageError
 from deltaxfer.criu.protobuf import packed_or_repeated_varints
 
 
@@ -134,6 +135,16 @@ class DumpDir:
         return out
 
 
+def _copy_file(src: str, dst: str, size: int) -> None:
+    with open(src, "rb") as fi, open(dst, "wb") as fo:
+        done = 0
+        while done < size:
+            n = os.copy_file_range(fi.fileno(), fo.fileno(), size - done)
+            if n == 0:
+                raise ImageError(src, f"shrank while being copied ({done} of {size} bytes)")
+            done += n
+
+
 @dataclass
 class RewriteReport:
     pagemaps: int = 0
@@ -183,9 +194,9 @@ def rewrite(src, dst, *, coalesce: bool = True, first_pages_id: int | None = Non
             new = mem.pagemap.coalesced() if coalesce else im.Pagemap(0, list(mem.pagemap.entries))
             new.pages_id = next_id
             next_id += 1
-            with open(os.path.join(dst, f"pages-{new.pages_id}.img"), "wb") as out:
-                # Same pages, same order: one sequential write of the whole mapping.
-                out.write(mem.pages)
+            # Same pages in the same order: the kernel copies the file (no user-space pass).
+            _copy_file(mem.pages_path, os.path.join(dst, f"pages-{new.pages_id}.img"),
+                       mem.nr_pages * PAGE_SIZE)
             im.write_pagemap(os.path.join(dst, name), new)
             report.pagemaps += 1
             report.entries_before += len(mem.pagemap.entries)
