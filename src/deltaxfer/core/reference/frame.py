@@ -5,9 +5,9 @@ reserved u16, record_count u32, raw_len u32, stored_len u32, payload XXH3 u64,
 header_check u32 (low 32 bits of XXH3 of bytes 0..27); then the stored payload.
 record: vaddr u64, kind u8 (0 zero, 1 xor, 2 full), payload_len u16, payload.
 """
+import ctypes
+import ctypes.util
 import struct
-
-import lz4.block
 
 from deltaxfer._core import xxh3_64
 
@@ -24,6 +24,27 @@ FRAME_MAX_RAW = 16 * 1024 * 1024
 RECORD_HEADER_SIZE = 11
 RECORD_MAX = RECORD_HEADER_SIZE + PAGE_SIZE
 ZERO, XOR, FULL = 0, 1, 2
+
+# LZ4 and XXH3 are the system libraries the core links (python-lz4 bundles its own lz4
+# build, whose output differs byte for byte); the reference restates the framing.
+_lz4 = ctypes.CDLL(ctypes.util.find_library("lz4") or "liblz4.so.1")
+_lz4.LZ4_compressBound.argtypes = [ctypes.c_int]
+_lz4.LZ4_compress_default.argtypes = [ctypes.c_char_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+_lz4.LZ4_decompress_safe.argtypes = [ctypes.c_char_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+
+
+def lz4_compress(raw: bytes) -> bytes:
+    bound = _lz4.LZ4_compressBound(len(raw))
+    out = ctypes.create_string_buffer(bound)
+    n = _lz4.LZ4_compress_default(raw, out, len(raw), bound)
+    return out.raw[:n] if n > 0 else b""
+
+
+def lz4_decompress(stored: bytes, raw_len: int):
+    out = ctypes.create_string_buffer(max(raw_len, 1))
+    n = _lz4.LZ4_decompress_safe(stored, out, len(stored), raw_len)
+    return out.raw[:n] if n == raw_len else None
+
 
 _HEADER = struct.Struct("<4sBBHIIIQ")     # without the trailing header_check
 _RECORD = struct.Struct("<QBH")
@@ -75,8 +96,8 @@ class FrameWriter:
             return
         raw, flags, stored = bytes(self.raw), 0, bytes(self.raw)
         if self.compress:
-            packed = lz4.block.compress(raw, mode="default", store_size=False)
-            if len(packed) < len(raw):
+            packed = lz4_compress(raw)
+            if 0 < len(packed) < len(raw):
                 flags, stored = FLAG_LZ4, packed
         head = _HEADER.pack(MAGIC, VERSION, flags, 0, self.nrecords, len(raw), len(stored),
                             xxh3_64(raw))
@@ -156,11 +177,8 @@ def _decode(buf: memoryview, max_raw: int, offset: int):
     where = f"frame at byte {offset}"
     stored = bytes(buf[FRAME_HEADER_SIZE:FRAME_HEADER_SIZE + h["stored_len"]])
     if h["flags"] & FLAG_LZ4:
-        try:
-            raw = lz4.block.decompress(stored, uncompressed_size=h["raw_len"])
-        except lz4.block.LZ4BlockError:
-            raw = None
-        if raw is None or len(raw) != h["raw_len"]:
+        raw = lz4_decompress(stored, h["raw_len"])
+        if raw is None:
             raise FrameError(f"{where}: lz4 payload does not decompress to the stated raw length")
     else:
         raw = stored
