@@ -164,7 +164,12 @@ def rewrite(src, dst, *, coalesce: bool = True, first_pages_id: int | None = Non
     the proof that our image writer is right.
     """
     src, dst = os.fspath(src), os.fspath(dst)
-    DumpDir.open(src)  # validates pstree before anything is written
+    dump = DumpDir.open(src)  # validate before anything is written
+    for proc in dump.processes:
+        pagemap = dump.image(f"pagemap-{proc.pid}.img")
+        if not os.path.isfile(pagemap):
+            raise ImageError(pagemap, f"missing: pstree.img lists pid {proc.pid}, "
+                                      "so criu restore would need it")
     os.makedirs(dst, mode=0o700, exist_ok=False)
     report = RewriteReport()
     pagemap_names = []
