@@ -1,0 +1,219 @@
+"""The round pipeline and the dump comparison: round trips over several rounds, C == Python
+bit for bit, stats, xor on/off, dump-vs-dump XOR base, threads."""
+import random
+import threading
+import time
+from array import array
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from core_cases import IMPLS, MUTATIONS, PAGE, mutate, seed
+from deltaxfer.core import (RoundState, XorCache, apply_round, apply_to_dict, compare_pages,
+                            encode_round, native, reference)
+
+
+@pytest.fixture(params=IMPLS)
+def impl(request):
+    return request.param
+
+
+def memory(rng, n, zero_every=5):
+    vaddrs = array("Q", sorted(rng.sample(range(0x400, 0x400 + 4 * n), n)))
+    vaddrs = array("Q", [v * PAGE for v in vaddrs])
+    pages = bytearray()
+    for i in range(n):
+        pages += bytes(PAGE) if i % zero_every == 0 else rng.randbytes(PAGE)
+    return pages, vaddrs
+
+
+def evolve(rng, pages, fraction=0.3):
+    new = bytearray(pages)
+    n = len(pages) // PAGE
+    for i in rng.sample(range(n), int(n * fraction)):
+        kind = rng.choice(MUTATIONS + ["zero", "fill"])
+        old = bytes(new[i * PAGE:(i + 1) * PAGE])
+        new[i * PAGE:(i + 1) * PAGE] = (bytes(PAGE) if kind == "zero" else
+                                        rng.randbytes(PAGE) if kind == "fill" else
+                                        mutate(old, rng, kind))
+    return new
+
+
+def test_three_rounds_round_trip_with_cache(impl):
+    rng = random.Random(seed())
+    pages, vaddrs = memory(rng, 60)
+    cache = impl.XorCache(1 << 20)
+    dest = bytearray(len(pages))
+    prev = None
+    for rnd in range(3):
+        r = encode_round(pages, vaddrs, prev, cache=cache, frame_size=5 * PAGE, impl=impl)
+        apply_round(r.frames, dest, vaddrs, impl=impl)
+        assert dest == pages, f"round {rnd}"
+        s = r.stats
+        assert s.scanned == 60 == s.unchanged + s.changed + s.added
+        assert s.sent == s.changed + s.added
+        assert s.stored_bytes == len(r.frames)
+        if rnd == 0:
+            assert s.added == 60 and s.sent_xor == 0
+        else:
+            assert s.sent_xor > 0 and s.unchanged > 0
+        prev = r.state
+        pages = evolve(rng, pages)
+
+
+def test_c_and_python_rounds_agree_bit_for_bit():
+    rng = random.Random(seed())
+    pages, vaddrs = memory(rng, 80)
+    caches = {m: m.XorCache(native.XOR_CACHE_WAYS * (PAGE + 16) * 5) for m in (native, reference)}
+    prev = {native: None, reference: None}
+    for _ in range(3):
+        out = {}
+        for m in (native, reference):
+            out[m] = encode_round(pages, vaddrs, prev[m], cache=caches[m], frame_size=6 * PAGE,
+                                  xor_cap=1500, impl=m)
+            prev[m] = out[m].state
+        assert out[native].frames == out[reference].frames
+        assert out[native].stats == out[reference].stats
+        assert out[native].state == out[reference].state
+        pages = evolve(rng, pages)
+    assert caches[native].stats == caches[reference].stats
+    assert caches[native].stats["evictions"] > 0
+
+
+def test_pages_added_and_removed_between_rounds(impl):
+    rng = random.Random(seed())
+    pages, vaddrs = memory(rng, 40)
+    store = {}
+    cache = impl.XorCache(1 << 20)
+    r = encode_round(pages, vaddrs, cache=cache, impl=impl)
+    apply_to_dict(r.frames, store, impl=impl)
+    # drop every third page, add new ones at fresh vaddrs, change some
+    keep = [i for i in range(40) if i % 3]
+    new_v = [vaddrs[i] for i in keep] + [0x900000 * PAGE + k * PAGE for k in range(5)]
+    new_p = [bytes(pages[i * PAGE:(i + 1) * PAGE]) for i in keep] + \
+            [rng.randbytes(PAGE) for _ in range(4)] + [bytes(PAGE)]
+    new_p[0] = mutate(new_p[0], rng, "sparse")
+    r2 = encode_round(b"".join(new_p), array("Q", new_v), r.state, cache=cache, impl=impl)
+    s = r2.stats
+    assert (s.removed, s.added, s.changed) == (14, 5, 1)
+    assert (s.sent_xor, s.sent_zero, s.sent_full) == (1, 1, 4)
+    apply_to_dict(r2.frames, store, impl=impl)
+    assert {v: bytes(store[v]) for v in new_v} == dict(zip(new_v, new_p))
+
+
+def test_xor_off_sends_changed_pages_whole_and_costs_more(impl):
+    rng = random.Random(seed())
+    old, vaddrs = memory(rng, 50, zero_every=1000)
+    new = bytearray(old)
+    for i in range(0, 50, 2):
+        new[i * PAGE:(i + 1) * PAGE] = mutate(bytes(old[i * PAGE:(i + 1) * PAGE]), rng, "sparse")
+    prev = RoundState.of(old, vaddrs, impl=impl)
+    with_xor = encode_round(new, vaddrs, prev, base_pages=old, impl=impl)
+    without = encode_round(new, vaddrs, prev, base_pages=old, xor=False, impl=impl)
+    assert with_xor.stats.sent_xor == 25 and with_xor.stats.sent_full == 0
+    assert without.stats.sent_xor == 0 and without.stats.sent_full == 25
+    assert with_xor.stats.stored_bytes * 10 < without.stats.stored_bytes
+    for r in (with_xor, without):
+        dest = bytearray(old)
+        apply_round(r.frames, dest, vaddrs, impl=impl)
+        assert dest == new
+
+
+def test_compare_pages_counts(impl):
+    rng = random.Random(seed())
+    a, b, c = rng.randbytes(PAGE), rng.randbytes(PAGE), rng.randbytes(PAGE)
+    b2 = bytearray(b)
+    b2[10] ^= 1
+    b2[4000:4003] = bytes(x ^ 0xFF for x in b2[4000:4003])
+    old = a + b + c + bytes(PAGE)
+    old_v = array("Q", [0x1000, 0x2000, 0x3000, 0x5000])
+    new = a + bytes(b2) + bytes(PAGE) + bytes(PAGE)
+    new_v = array("Q", [0x1000, 0x2000, 0x4000, 0x5000])
+    assert compare_pages(old, old_v, new, new_v, impl=impl) == {
+        "added": 1, "removed": 1, "changed": 1, "unchanged": 2, "zero": 2,
+        "bytes_differing": 4}
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.integers(0, 2**32), st.integers(1, 30), st.floats(0, 1))
+def test_property_compare_and_round_trip(s, n, fraction):
+    rng = random.Random(s)
+    old, vaddrs = memory(rng, n, zero_every=rng.randint(1, 6))
+    new = evolve(rng, old, fraction)
+    assert compare_pages(old, vaddrs, new, vaddrs) == \
+        compare_pages(old, vaddrs, new, vaddrs, impl=reference)
+    prev = RoundState.of(old, vaddrs)
+    for xor in (True, False):
+        c = encode_round(new, vaddrs, prev, base_pages=old, xor=xor, xor_cap=rng.randint(1, 4095))
+        dest = bytearray(old)
+        apply_round(c.frames, dest, vaddrs)
+        assert dest == new
+        cmp = compare_pages(old, vaddrs, new, vaddrs)
+        assert c.stats.changed == cmp["changed"] and c.stats.unchanged == cmp["unchanged"]
+
+
+def test_two_threads_on_two_halves_match_one_thread():
+    rng = random.Random(seed())
+    old, vaddrs = memory(rng, 400)
+    new = evolve(rng, old, 0.2)
+    half = 200 * PAGE
+    prev = RoundState.of(old, vaddrs)
+    shards = [(slice(0, half), slice(0, 200)), (slice(half, None), slice(200, None))]
+    results = [None, None]
+
+    def work(k):
+        ps, vs = shards[k]
+        p = RoundState(prev.vaddrs[vs], prev.hashes[vs])
+        results[k] = encode_round(memoryview(new)[ps], memoryview(vaddrs)[vs], p,
+                                  cache=XorCache(1 << 20))
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    dest = bytearray(old)
+    for r in results:
+        apply_round(r.frames, dest, vaddrs)
+    assert dest == new
+    whole = encode_round(new, vaddrs, prev, cache=XorCache(1 << 20))
+    assert whole.stats.changed == sum(r.stats.changed for r in results)
+
+
+def test_a_cache_used_by_two_threads_at_once_is_refused():
+    cache = XorCache(1 << 20)
+    big = bytes(range(256)) * (PAGE // 256) * 20000     # long enough to overlap
+    vaddrs = array("Q", range(0x1000000, 0x1000000 + 20000 * PAGE, PAGE))
+    errors, started = [], threading.Event()
+
+    def work():
+        started.set()
+        try:
+            encode_round(big, vaddrs, cache=cache)
+        except RuntimeError as e:
+            errors.append(e)
+
+    t = threading.Thread(target=work)
+    t.start()
+    started.wait()
+    while t.is_alive() and not errors:
+        try:
+            encode_round(big[:PAGE], vaddrs[:1], cache=cache)
+        except RuntimeError as e:
+            errors.append(e)
+        time.sleep(0.0002)
+    t.join()
+    assert errors and "one cache per shard" in str(errors[0])
+
+
+def test_input_checks(impl):
+    with pytest.raises(ValueError, match="strictly ascending"):
+        encode_round(bytes(2 * PAGE), array("Q", [0x2000, 0x1000]), impl=impl)
+    with pytest.raises(ValueError, match="not page aligned"):
+        encode_round(bytes(PAGE), array("Q", [0x1001]), impl=impl)
+    with pytest.raises(ValueError, match="holds 2 pages but vaddrs has 1"):
+        encode_round(bytes(2 * PAGE), array("Q", [0x1000]), impl=impl)
+    with pytest.raises(ValueError, match="base_pages holds 0 pages"):
+        encode_round(bytes(PAGE), array("Q", [0x1000]),
+                     RoundState(array("Q", [0x1000]), array("Q", [1])), base_pages=b"", impl=impl)
