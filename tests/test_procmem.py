@@ -1,0 +1,166 @@
+"""Reading a live child process's memory: process_vm_readv runs, short reads when a page
+is unmapped meanwhile, pagemap runs of present pages; C core and Python reference."""
+import subprocess
+import sys
+from array import array
+
+import pytest
+
+from core_cases import IMPLS, PAGE
+from deltaxfer.core import procmem
+
+NPAGES = 2100
+
+CHILD = r"""
+import ctypes, mmap, sys
+n = int(sys.argv[1])
+# private: Python's default anonymous mmap is MAP_SHARED, which CRIU dumps as shmem
+m = mmap.mmap(-1, n * 4096, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+for i in range(n):
+    m[i * 4096:(i + 1) * 4096] = (i.to_bytes(4, "little") + b"page") * 512
+addr = ctypes.addressof(ctypes.c_char.from_buffer(m))
+libc = ctypes.CDLL(None)
+libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+print(addr, flush=True)
+for line in sys.stdin:
+    cmd, arg = line.split()
+    if cmd == "unmap":
+        libc.munmap(addr + int(arg) * 4096, 4096)
+    print("ok", flush=True)
+"""
+
+
+def expected_page(i: int) -> bytes:
+    return (i.to_bytes(4, "little") + b"page") * 512
+
+
+class Child:
+    def __init__(self):
+        self.proc = subprocess.Popen([sys.executable, "-c", CHILD, str(NPAGES)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.addr = int(self.proc.stdout.readline())
+        self.pid = self.proc.pid
+
+    def command(self, cmd, arg):
+        self.proc.stdin.write(f"{cmd} {arg}\n")
+        self.proc.stdin.flush()
+        assert self.proc.stdout.readline().strip() == "ok"
+
+    def close(self):
+        self.proc.kill()
+        self.proc.wait()
+
+
+@pytest.fixture
+def child():
+    c = Child()
+    yield c
+    c.close()
+
+
+@pytest.fixture(params=IMPLS)
+def impl(request):
+    return request.param
+
+
+def read(impl, pid, runs):
+    buf = bytearray(sum(n for _, n in runs))
+    failed, nfailed = impl.read_process_memory(pid, array("Q", [v for v, _ in runs]),
+                                               array("Q", [n for _, n in runs]), buf)
+    return buf, failed, nfailed
+
+
+def test_reads_runs_including_unaligned_ones(impl, child):
+    a = child.addr
+    pattern = b"".join(expected_page(i) for i in range(20))
+    runs = [(a, 20 * PAGE), (a + 100, 5000), (a + 10 * PAGE + 4090, 3), (a + 7, 1)]
+    buf, failed, nfailed = read(impl, child.pid, runs)
+    assert (failed, nfailed) == ([], 0)
+    expect = pattern + pattern[100:5100] + pattern[10 * PAGE + 4090:10 * PAGE + 4093] + pattern[7:8]
+    assert buf == expect
+
+
+def test_more_runs_than_iov_max(impl, child):
+    runs = [(child.addr + i * PAGE, PAGE) for i in range(0, NPAGES, 2)]   # 1050 runs
+    runs += [(child.addr + i * PAGE + 8, 16) for i in range(1, NPAGES, 2)]  # + 1050 more
+    assert len(runs) > 2 * 1024 - 100
+    buf, failed, _ = read(impl, child.pid, runs)
+    assert failed == []
+    off = 0
+    for v, n in runs:
+        i, o = divmod(v - child.addr, PAGE)
+        assert buf[off:off + n] == expected_page(i)[o:o + n]
+        off += n
+
+
+def test_short_read_reports_the_unmapped_page(impl, child):
+    child.command("unmap", 5)
+    child.command("unmap", 6)
+    child.command("unmap", 30)
+    runs = [(child.addr, 20 * PAGE), (child.addr + 25 * PAGE, 10 * PAGE)]
+    buf, failed, nfailed = read(impl, child.pid, runs)
+    assert failed == [(child.addr + 5 * PAGE, 2 * PAGE), (child.addr + 30 * PAGE, PAGE)]
+    assert nfailed == 3 * PAGE
+    pages = [bytes(buf[i * PAGE:(i + 1) * PAGE]) for i in range(30)]
+    indices = list(range(20)) + list(range(25, 35))
+    for k, i in enumerate(indices):
+        assert pages[k] == (bytes(PAGE) if i in (5, 6, 30) else expected_page(i)), i
+
+
+def test_unreadable_first_piece_and_partial_page(impl, child):
+    child.command("unmap", 3)
+    runs = [(child.addr + 3 * PAGE + 100, 200), (child.addr + 2 * PAGE + 4000, 200)]
+    buf, failed, nfailed = read(impl, child.pid, runs)
+    assert failed == [(child.addr + 3 * PAGE + 100, 200), (child.addr + 3 * PAGE, 104)]
+    assert nfailed == 304
+    assert buf[200:296] == expected_page(2)[4000:]
+
+
+def test_process_gone(impl):
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    with pytest.raises(ProcessLookupError, match=f"process {p.pid}"):
+        read(impl, p.pid, [(0x10000, PAGE)])
+
+
+def test_pagemap_runs_cover_the_written_mapping(impl, child):
+    child.command("unmap", 40)
+    vmas = [v for v in procmem.read_maps(child.pid) if v.private_writable_anonymous]
+    run_v, run_l = procmem.present_runs(child.pid, vmas, impl=impl)
+    assert len(run_v) == len(run_l) > 0
+    covered = set()
+    for v, n in zip(run_v, run_l):
+        assert v % PAGE == 0 and n % PAGE == 0 and n > 0
+        covered.update(range(v, v + n, PAGE))
+    mapping = {child.addr + i * PAGE for i in range(NPAGES)}
+    assert mapping - covered == {child.addr + 40 * PAGE}
+    assert procmem.present_runs(child.pid, vmas, impl=procmem.native) == \
+        procmem.present_runs(child.pid, vmas, impl=__import__("deltaxfer.core.reference",
+                                                              fromlist=["x"]))
+
+
+def test_snapshot_reads_what_criu_would_dump(impl, child):
+    snap = procmem.snapshot(child.pid, impl=impl)
+    assert snap.failed == [] and len(snap.pages) == len(snap.vaddrs) * PAGE
+    index = {v: k for k, v in enumerate(snap.vaddrs)}
+    for i in (0, 1, 777, NPAGES - 1):
+        k = index[child.addr + i * PAGE]
+        assert snap.pages[k * PAGE:(k + 1) * PAGE] == expected_page(i)
+    assert list(snap.vaddrs) == sorted(set(snap.vaddrs))
+
+
+def test_parse_maps():
+    text = ("55d0c0000000-55d0c0021000 rw-p 00000000 00:00 0                          [heap]\n"
+            "7f0000000000-7f0000100000 rw-p 00000000 00:00 0 \n"
+            "7f0000100000-7f0000200000 rw-s 00000000 00:01 42                         /dev/zero (deleted)\n"
+            "7f0000200000-7f0000300000 r--p 00000000 08:01 1234                       /usr/lib/libc.so.6\n"
+            "7f0000300000-7f0000301000 rw-p 00100000 08:01 1234                       /usr/lib/libc.so.6\n"
+            "7ffc00000000-7ffc00021000 rw-p 00000000 00:00 0                          [stack]\n"
+            "7ffc00100000-7ffc00102000 r--p 00000000 00:00 0                          [vvar]\n"
+            "ffffffffff600000-ffffffffff601000 --xp 00000000 00:00 0                  [vsyscall]\n")
+    vmas = procmem.parse_maps(text)
+    assert len(vmas) == 8
+    assert vmas[2].path == "/dev/zero (deleted)" and vmas[2].inode == 42
+    picked = [v.path for v in vmas if v.private_writable_anonymous]
+    assert picked == ["[heap]", "", "[stack]"]
+    assert vmas[0].start == 0x55D0C0000000 and vmas[0].end == 0x55D0C0021000
