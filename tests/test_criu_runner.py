@@ -2,7 +2,6 @@
 
 The order tests use tiny scripts that print a version (they test our search, not
 CRIU); the last tests run the real criu this project installs."""
-import os
 import stat
 from pathlib import Path
 
@@ -29,13 +28,13 @@ def isolated(monkeypatch, tmp_path):
     return tmp_path
 
 
-def test_search_order(isolated):
+def test_search_order(isolated, monkeypatch):
     on_path = fake_criu(isolated / "path" / "criu", "4.1")
     assert runner.find_criu().path == on_path
     local = fake_criu(isolated / "prefix" / "bin" / "criu", "4.1.1")
     assert runner.find_criu().origin.startswith("local prefix")
     env = fake_criu(isolated / "env-criu", "4.2")
-    os.environ["DELTAXFER_CRIU"] = env
+    monkeypatch.setenv("DELTAXFER_CRIU", env)
     c = runner.find_criu()
     assert (c.path, c.origin, c.version_str) == (env, "DELTAXFER_CRIU", "4.2")
     explicit = fake_criu(isolated / "mine", "4.1.1")
