@@ -7,7 +7,7 @@ are in an ``ext/*.pxi`` file and its C declarations in the matching ``ext/dx_*.p
 """
 
 from libc.stdint cimport uint8_t, uint32_t, uint64_t
-from libc.stdlib cimport free
+from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memcpy, memset
 from cpython.buffer cimport (PyObject_GetBuffer, PyBuffer_Release, PyBUF_C_CONTIGUOUS,
                              PyBUF_FORMAT, PyBUF_WRITABLE)
@@ -28,6 +28,8 @@ cdef extern from "lz4.h":
 
 cdef extern from "xxhash.h":
     unsigned XXH_versionNumber() nogil
+    unsigned long long XXH3_64bits_withSeed(const void *data, size_t len,
+                                            unsigned long long seed) nogil
 
 PAGE_SIZE = 4096
 

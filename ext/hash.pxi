@@ -3,12 +3,16 @@
 ZERO_PAGE_HASH = dx_zero_page_hash()
 
 
-def xxh3_64(data):
-    """XXH3 64-bit hash of a buffer (seed 0), as the system libxxhash computes it."""
+def xxh3_64(data, uint64_t seed=0):
+    """XXH3 64-bit hash of a buffer, as the system libxxhash computes it (GIL released).
+    The wire protocol seeds it to bind a frame's checksum to its header."""
     cdef _Buffer b = bytes_buffer(data, "data")
     cdef uint64_t h
     with nogil:
-        h = dx_xxh3(b.ptr, b.nbytes)
+        if seed:
+            h = XXH3_64bits_withSeed(b.ptr, b.nbytes, seed)
+        else:
+            h = dx_xxh3(b.ptr, b.nbytes)
     return h
 
 
