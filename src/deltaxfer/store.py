@@ -1,0 +1,482 @@
+"""The destination store: the pages a receiver holds per session, rounds applied on top
+of them, and the restorable CRIU image directory materialized at commit.
+
+Layout under the serve directory (every directory mode 0700)::
+
+    <session>/held/        pagemap-*.img + pages-*.img of the last completed round,
+                           i.e. exactly what the destination holds; held.json
+    <session>/round.tmp/   the round being received (renamed to held/ when it completes)
+    <session>/files.tmp/   the image files of the send being received
+    <session>/images/      the restorable image directory of the last commit: held/'s
+                           memory images (hard links) + the files
+    <session>/meta.json    round number, source, committed path
+
+A round never modifies held/ in place: the new pages file of each memory image is
+built in round.tmp/ from the held pages (an in-kernel copy of every run both rounds
+share) and the received records (applied by the compiled core), verified against the
+sender's digest, and swapped in whole. Disk use per session is therefore bounded by
+two copies of the memory images plus one of the files, and a failed round leaves
+held/ exactly as it was. Every temporary directory is removed on every exit path.
+"""
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import re
+import shutil
+from array import array
+from dataclasses import dataclass, field
+
+from deltaxfer import PAGE_SIZE, _core
+from deltaxfer.criu import images as im
+
+SESSION_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+IMAGE_ID_RE = re.compile(r"^(pid|shmem)-(\d{1,10})$")
+FILE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+MAX_IMAGES = 4096
+MAX_FILE_SIZE = 1 << 30
+MAX_FILES = 10_000
+
+
+class StoreError(Exception):
+    """A round or send cannot be accepted; ``code`` is the protocol's error code."""
+
+    def __init__(self, code: str, reason: str):
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+def image_digest(hashes) -> int:
+    """Digest of one memory image: XXH3-64 (seeded with the page count) of its pages'
+    XXH3-64 hashes in pagemap order. Sender and receiver compute it independently."""
+    n = len(memoryview(hashes).cast("B")) // 8
+    return _core.xxh3_64(hashes, seed=n)
+
+
+def pagemap_name(image_id: str) -> str:
+    m = IMAGE_ID_RE.match(image_id)
+    if not m:
+        raise StoreError("bad-payload", f"bad memory image id {image_id!r}")
+    return f"pagemap-{m.group(2)}.img" if m.group(1) == "pid" else f"pagemap-shmem-{m.group(2)}.img"
+
+
+def image_id_of(pagemap_file: str) -> str | None:
+    m = im.PAGEMAP_RE.match(pagemap_file)
+    if m:
+        return f"pid-{m.group(1)}"
+    m = im.SHMEM_PAGEMAP_RE.match(pagemap_file)
+    return f"shmem-{m.group(1)}" if m else None
+
+
+def check_file_name(name: str) -> None:
+    if not FILE_NAME_RE.match(name) or ".." in name or im.is_memory_image(name):
+        raise StoreError("name", f"refused image file name {name!r}: only CRIU image names "
+                                 "(no '/', no '..', not a pagemap or pages image)")
+
+
+def _mkdir_private(path: str) -> None:
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    os.chmod(path, 0o700)
+
+
+def _rmtree(path: str) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _copy_range(src_fd: int, dst_fd: int, src_off: int, dst_off: int, n: int) -> None:
+    while n:
+        k = os.copy_file_range(src_fd, dst_fd, n, src_off, dst_off)
+        if k <= 0:
+            raise StoreError("internal", f"held pages file ended early at byte {src_off}")
+        src_off += k
+        dst_off += k
+        n -= k
+
+
+def shared_runs(old: im.Pagemap, new: im.Pagemap):
+    """(old_page_index, new_page_index, nr_pages) for every run of pages present in both
+    pagemaps (a merge of the two entry lists; per entry, not per page)."""
+    def present(pm):
+        idx = 0
+        for e in pm.entries:
+            if e.present:
+                yield e.vaddr, e.end, idx
+                idx += e.nr_pages
+    a, b = present(old), present(new)
+    ea, eb = next(a, None), next(b, None)
+    while ea and eb:
+        lo, hi = max(ea[0], eb[0]), min(ea[1], eb[1])
+        if lo < hi:
+            yield (ea[2] + (lo - ea[0]) // PAGE_SIZE, eb[2] + (lo - eb[0]) // PAGE_SIZE,
+                   (hi - lo) // PAGE_SIZE)
+        if ea[1] <= eb[1]:
+            ea = next(a, None)
+        else:
+            eb = next(b, None)
+
+
+@dataclass
+class HeldImage:
+    image_id: str
+    pagemap: im.Pagemap
+    pages_path: str
+
+    def open(self) -> im.MemoryImage:
+        return im.MemoryImage(os.path.join(os.path.dirname(self.pages_path),
+                                           pagemap_name(self.image_id)), self.pagemap)
+
+
+@dataclass
+class _IncomingImage:
+    index: int
+    image_id: str
+    entries_expected: int
+    pages_expected: int
+    entries: list = field(default_factory=list)
+    fd: int = -1
+    mm: mmap.mmap | None = None
+    vaddrs: array | None = None
+    pages_path: str = ""
+    pagemap: im.Pagemap | None = None
+    records: int = 0
+    must_send: int = 0
+    done: bool = False
+
+
+class Session:
+    def __init__(self, store: "Store", name: str):
+        if not SESSION_RE.match(name):
+            raise StoreError("name", f"bad session name {name!r}: 1-64 of [A-Za-z0-9._-]")
+        self.store, self.name = store, name
+        self.path = os.path.join(store.root, name)
+        self.held_dir = os.path.join(self.path, "held")
+        _mkdir_private(self.path)
+        self.meta = self._load_meta()
+
+    def _load_meta(self) -> dict:
+        try:
+            with open(os.path.join(self.path, "meta.json")) as f:
+                meta = json.load(f)
+            if isinstance(meta, dict) and isinstance(meta.get("round"), int):
+                return meta
+        except (OSError, ValueError):
+            pass
+        return {"round": 0, "source": "", "committed": None}
+
+    def _save_meta(self) -> None:
+        tmp = os.path.join(self.path, "meta.json.tmp")
+        with open(tmp, "w") as f:
+            json.dump(self.meta, f)
+        os.replace(tmp, os.path.join(self.path, "meta.json"))
+
+    @property
+    def round(self) -> int:
+        return self.meta["round"]
+
+    def held(self) -> dict[str, HeldImage]:
+        """The memory images held (from the last completed round), by image id."""
+        out = {}
+        if not os.path.isdir(self.held_dir):
+            return out
+        for name in sorted(os.listdir(self.held_dir)):
+            image_id = image_id_of(name)
+            if image_id:
+                pm = im.read_pagemap(os.path.join(self.held_dir, name))
+                out[image_id] = HeldImage(image_id, pm, os.path.join(
+                    self.held_dir, f"pages-{pm.pages_id}.img"))
+        return out
+
+    def held_hashes(self, image_id: str) -> tuple[array, array]:
+        """(vaddrs, hashes) of a held image's pages, hashed from what is on disk."""
+        with self.held()[image_id].open() as mem:
+            hashes, _, _ = _core.hash_pages(mem.pages)
+            return mem.vaddrs(), hashes
+
+    def begin_round(self, round_no: int, source: str = "") -> "Round":
+        if round_no != self.round + 1:
+            raise StoreError("unexpected", f"round {round_no} does not follow round {self.round} "
+                                           f"of session {self.name!r}")
+        return Round(self, round_no, source)
+
+    def begin_files(self) -> "FileSet":
+        return FileSet(self)
+
+    def commit(self, files: "FileSet") -> str:
+        """Materialize <session>/images: the held memory images plus the files."""
+        if not os.path.isdir(self.held_dir):
+            raise StoreError("unexpected", "commit before any round completed")
+        if not os.path.exists(os.path.join(files.path, "pstree.img")):
+            raise StoreError("missing-page", "commit without pstree.img: not a CRIU dump")
+        tmp = os.path.join(self.path, "images.tmp")
+        _rmtree(tmp)
+        _mkdir_private(tmp)
+        try:
+            for name in os.listdir(self.held_dir):
+                if im.is_memory_image(name):
+                    os.link(os.path.join(self.held_dir, name), os.path.join(tmp, name))
+            for name in os.listdir(files.path):
+                os.rename(os.path.join(files.path, name), os.path.join(tmp, name))
+            final = os.path.join(self.path, "images")
+            old = os.path.join(self.path, "images.old")
+            _rmtree(old)
+            if os.path.exists(final):
+                os.rename(final, old)
+            os.rename(tmp, final)
+            _rmtree(old)
+        finally:
+            _rmtree(tmp)
+            files.discard()
+        self.meta["committed"] = final
+        self._save_meta()
+        return final
+
+
+class Round:
+    """One round being received; becomes the held state only at :meth:`finish`."""
+
+    def __init__(self, session: Session, round_no: int, source: str):
+        self.session, self.round_no, self.source = session, round_no, source
+        self.dir = os.path.join(session.path, "round.tmp")
+        _rmtree(self.dir)
+        _mkdir_private(self.dir)
+        self.held = session.held()
+        self.images: dict[int, _IncomingImage] = {}
+        self.next_pages_id = 1 + max((h.pagemap.pages_id for h in self.held.values()), default=0)
+        self.closed = False
+
+    # -- per memory image ------------------------------------------------------------
+    def begin_image(self, index: int, image_id: str, entries: int, pages: int) -> None:
+        pagemap_name(image_id)
+        if index != len(self.images) or index >= MAX_IMAGES:
+            raise StoreError("unexpected", f"image index {index} out of order")
+        if any(x.image_id == image_id for x in self.images.values()):
+            raise StoreError("unexpected", f"image {image_id} sent twice in one round")
+        if any(not x.done for x in self.images.values()):
+            raise StoreError("unexpected", "an image began before the previous one ended")
+        if not (0 <= entries <= im.MAX_NR_PAGES and 0 <= pages <= im.MAX_NR_PAGES):
+            raise StoreError("too-large", f"absurd image size: {entries} entries, {pages} pages")
+        self.session.store.reserve(self, pages * PAGE_SIZE)
+        self.images[index] = _IncomingImage(index, image_id, entries, pages)
+
+    def _image(self, index: int) -> _IncomingImage:
+        img = self.images.get(index)
+        if img is None or img.done:
+            raise StoreError("unexpected", f"no open memory image with index {index}")
+        return img
+
+    def add_pagemap(self, index: int, entries) -> None:
+        """entries: iterable of (vaddr, nr_pages, flags)."""
+        img = self._image(index)
+        if img.mm is not None or img.fd >= 0:
+            raise StoreError("unexpected", "pagemap entries after the first page frame")
+        for vaddr, nr, flags in entries:
+            img.entries.append(im.PagemapEntry(vaddr, nr, flags))
+        if len(img.entries) > img.entries_expected:
+            raise StoreError("bad-payload", f"{img.image_id}: more pagemap entries than the "
+                                            f"{img.entries_expected} announced")
+
+    def _open_pages(self, img: _IncomingImage) -> None:
+        """Pagemap complete: validate it, size the new pages file and copy in every page
+        the destination already holds."""
+        if len(img.entries) != img.entries_expected:
+            raise StoreError("bad-payload", f"{img.image_id}: {len(img.entries)} pagemap "
+                                            f"entries, {img.entries_expected} announced")
+        pm = im.Pagemap(self.next_pages_id, img.entries)
+        self.next_pages_id += 1
+        # the same checks as a pagemap read from disk
+        im.parse_pagemap(img.image_id, im.encode_pagemap(pm))
+        if pm.present_pages != img.pages_expected:
+            raise StoreError("bad-payload", f"{img.image_id}: pagemap holds {pm.present_pages} "
+                                            f"pages, {img.pages_expected} announced")
+        img.pagemap = pm
+        img.pages_path = os.path.join(self.dir, f"pages-{pm.pages_id}.img")
+        size = pm.present_pages * PAGE_SIZE
+        img.fd = os.open(img.pages_path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.ftruncate(img.fd, size)
+        except OSError as e:
+            raise StoreError("quota", f"cannot size {img.pages_path} to {size} bytes: "
+                                      f"{e.strerror}") from None
+        held = self.held.get(img.image_id)
+        shared = 0
+        if held is not None:
+            src = os.open(held.pages_path, os.O_RDONLY)
+            try:
+                for old_i, new_i, n in shared_runs(held.pagemap, pm):
+                    _copy_range(src, img.fd, old_i * PAGE_SIZE, new_i * PAGE_SIZE, n * PAGE_SIZE)
+                    shared += n
+            except OSError as e:
+                raise StoreError("quota", f"writing {img.pages_path}: {e.strerror}") from None
+            finally:
+                os.close(src)
+        img.must_send = pm.present_pages - shared
+        img.vaddrs = array("Q")
+        for e in pm.entries:
+            if e.present:
+                img.vaddrs.extend(range(e.vaddr, e.end, PAGE_SIZE))
+        if size:
+            img.mm = mmap.mmap(img.fd, size)
+
+    def add_pages(self, index: int, frames) -> dict:
+        """Apply page frames (the core's format) to the image's new pages file."""
+        img = self._image(index)
+        if img.vaddrs is None:
+            self._open_pages(img)
+        if img.mm is None:
+            raise StoreError("bad-payload", f"{img.image_id}: page records for an image "
+                                            "without present pages")
+        try:
+            counts = _core.apply_frames(frames, img.mm, img.vaddrs)
+        except ValueError as e:  # FrameError is a ValueError
+            raise StoreError("bad-payload", f"{img.image_id}: {e}") from None
+        img.records += counts["zero"] + counts["xor"] + counts["full"]
+        return counts
+
+    def end_image(self, index: int, digest: int) -> None:
+        img = self._image(index)
+        if img.vaddrs is None:
+            self._open_pages(img)
+        if img.records < img.must_send:
+            raise StoreError("missing-page", f"{img.image_id}: {img.must_send} pages are new "
+                                             f"to the destination but only {img.records} "
+                                             "records arrived")
+        if img.mm is not None:
+            hashes, _, _ = _core.hash_pages(img.mm)
+            img.mm.flush()
+            img.mm.close()
+            img.mm = None
+        else:
+            hashes = array("Q")
+        os.close(img.fd)
+        img.fd = -1
+        mine = image_digest(hashes)
+        if mine != digest:
+            raise StoreError("digest", f"{img.image_id}: the destination's pages do not match "
+                                       f"the source's (digest {mine:016x} != {digest:016x})")
+        im.write_pagemap(os.path.join(self.dir, pagemap_name(img.image_id)), img.pagemap)
+        img.done = True
+
+    # -- the round as a whole --------------------------------------------------------
+    def finish(self) -> dict:
+        """All images verified: the round becomes the held state."""
+        if not self.images or any(not x.done for x in self.images.values()):
+            raise StoreError("unexpected", "round ended with an image still open or none sent")
+        s = self.session
+        old = os.path.join(s.path, "held.old")
+        _rmtree(old)
+        if os.path.exists(s.held_dir):
+            os.rename(s.held_dir, old)
+        os.rename(self.dir, s.held_dir)
+        _rmtree(old)
+        s.meta.update(round=self.round_no, source=self.source)
+        s._save_meta()
+        self.closed = True
+        self.session.store.release(self)
+        return {"round": self.round_no,
+                "pages": sum(x.pagemap.present_pages for x in self.images.values())}
+
+    def abort(self) -> None:
+        if self.closed:
+            return
+        for img in self.images.values():
+            if img.mm is not None:
+                img.mm.close()
+            if img.fd >= 0:
+                os.close(img.fd)
+        _rmtree(self.dir)
+        self.closed = True
+        self.session.store.release(self)
+
+
+class FileSet:
+    """The non-memory image files of one send, written under files.tmp/."""
+
+    def __init__(self, session: Session):
+        self.session = session
+        self.path = os.path.join(session.path, "files.tmp")
+        _rmtree(self.path)
+        _mkdir_private(self.path)
+        self.count = 0
+        self.bytes = 0
+        self._f = None
+        self._name = None
+        self._left = 0
+
+    def begin(self, name: str, size: int, mode: int = 0o600) -> None:
+        check_file_name(name)
+        if self._f is not None:
+            raise StoreError("unexpected", f"file {name!r} began before {self._name!r} ended")
+        if not 0 <= size <= MAX_FILE_SIZE:
+            raise StoreError("too-large", f"file {name!r} of {size} bytes (limit {MAX_FILE_SIZE})")
+        if self.count >= MAX_FILES:
+            raise StoreError("too-large", f"more than {MAX_FILES} files")
+        path = os.path.join(self.path, name)
+        if os.path.lexists(path):
+            raise StoreError("name", f"file {name!r} sent twice")
+        self.session.store.reserve(self, size)
+        self._f = open(path, "xb")
+        os.fchmod(self._f.fileno(), (mode & 0o600) | 0o400)
+        self._name, self._left = name, size
+
+    def data(self, chunk) -> None:
+        if self._f is None:
+            raise StoreError("unexpected", "file data outside a file")
+        n = len(chunk)
+        if n > self._left:
+            raise StoreError("bad-payload", f"file {self._name!r}: more data than announced")
+        try:
+            self._f.write(chunk)
+        except OSError as e:
+            raise StoreError("quota", f"writing {self._name!r}: {e.strerror}") from None
+        self._left -= n
+        self.bytes += n
+
+    def end(self, xxh3: int) -> None:
+        if self._f is None:
+            raise StoreError("unexpected", "file end outside a file")
+        name, f = self._name, self._f
+        self._f = None
+        try:
+            f.flush()
+            if self._left:
+                raise StoreError("bad-payload", f"file {name!r}: {self._left} bytes short")
+            with open(os.path.join(self.path, name), "rb") as r:
+                got = _core.xxh3_64(r.read())
+            if got != xxh3:
+                raise StoreError("digest", f"file {name!r}: content hash mismatch")
+        finally:
+            f.close()
+        self.count += 1
+
+    def discard(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+        _rmtree(self.path)
+        self.session.store.release(self)
+
+
+class Store:
+    """The serve directory: sessions, and a disk quota shared by everything in flight."""
+
+    def __init__(self, root: str, quota_bytes: int | None = None):
+        self.root = os.path.abspath(root)
+        _mkdir_private(self.root)
+        self.quota_bytes = quota_bytes
+        self._reserved: dict[int, int] = {}
+
+    def session(self, name: str) -> Session:
+        return Session(self, name)
+
+    def reserve(self, owner, nbytes: int) -> None:
+        """Account bytes about to be written by a round or file set against the quota."""
+        used = sum(self._reserved.values())
+        if self.quota_bytes is not None and used + nbytes > self.quota_bytes:
+            raise StoreError("quota", f"{nbytes} more bytes would exceed the quota of "
+                                      f"{self.quota_bytes} bytes ({used} in flight)")
+        self._reserved[id(owner)] = self._reserved.get(id(owner), 0) + nbytes
+
+    def release(self, owner) -> None:
+        self._reserved.pop(id(owner), None)

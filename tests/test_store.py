@@ -1,0 +1,190 @@
+"""The destination store: rounds applied on held pages, verified by digest, swapped in
+whole; files; commit; and every refusal leaving the held state untouched."""
+import os
+import random
+import stat
+from array import array
+
+import pytest
+
+from deltaxfer import PAGE_SIZE, _core
+from deltaxfer.criu import images as im
+from deltaxfer.store import Store, StoreError, image_digest, shared_runs
+
+
+def pages_of(vaddrs, seed):
+    rnd = random.Random(seed)
+    return bytearray(b"".join(
+        bytes(PAGE_SIZE) if v % 7 == 0 else rnd.randbytes(64) * (PAGE_SIZE // 64) for v in vaddrs))
+
+
+def pagemap_of(vaddrs):
+    pm = im.Pagemap(0, [])
+    for v in vaddrs:
+        if pm.entries and pm.entries[-1].end == v:
+            e = pm.entries[-1]
+            pm.entries[-1] = im.PagemapEntry(e.vaddr, e.nr_pages + 1, e.flags)
+        else:
+            pm.entries.append(im.PagemapEntry(v, 1, im.PE_PRESENT))
+    return pm
+
+
+def send_round(session, round_no, vaddrs, pages, *, held=None, base=None, digest=None,
+               drop_frames=False, image_id="pid-1"):
+    """What a sender does for one image; returns the round (finished)."""
+    vaddrs = array("Q", vaddrs)
+    prev_v, prev_h = held if held else (None, None)
+    frames, hashes, stats = _core.encode_round(pages, vaddrs, prev_vaddrs=prev_v,
+                                               prev_hashes=prev_h, base_pages=base)
+    rnd = session.begin_round(round_no, source="test")
+    pm = pagemap_of(vaddrs)
+    rnd.begin_image(0, image_id, len(pm.entries), len(vaddrs))
+    rnd.add_pagemap(0, [(e.vaddr, e.nr_pages, e.flags) for e in pm.entries])
+    if frames and not drop_frames:
+        rnd.add_pages(0, frames)
+    try:
+        rnd.end_image(0, image_digest(hashes) if digest is None else digest)
+        rnd.finish()
+    except StoreError:
+        rnd.abort()
+        raise
+    return stats
+
+
+def held_pages(session, image_id="pid-1"):
+    with session.held()[image_id].open() as mem:
+        return list(mem.vaddrs()), bytes(mem.pages)
+
+
+def test_first_round_then_delta_round(tmp_path):
+    store = Store(str(tmp_path / "serve"))
+    s = store.session("web-1")
+    v1 = [0x10000 + i * PAGE_SIZE for i in range(64)] + [0x900000 + i * PAGE_SIZE for i in range(8)]
+    p1 = pages_of(v1, 1)
+    stats = send_round(s, 1, v1, p1)
+    assert stats["sent_full"] + stats["sent_zero"] == len(v1)
+    assert held_pages(s) == (v1, bytes(p1))
+    assert s.round == 1
+
+    # round 2: 5 pages changed by a few bytes, 3 removed, 4 added
+    v2 = v1[3:] + [0xA00000 + i * PAGE_SIZE for i in range(4)]
+    p2 = bytearray(p1[3 * PAGE_SIZE:]) + pages_of(v2[-4:], 2)
+    for i in (1, 10, 20, 30, 40):
+        p2[i * PAGE_SIZE + 100] ^= 0xFF
+    held_v, held_h = s.held_hashes("pid-1")
+    with s.held()["pid-1"].open() as base:
+        stats = send_round(s, 2, v2, p2, held=(held_v, held_h), base=base.pages)
+    assert stats["changed"] == 5 and stats["added"] == 4 and stats["removed"] == 3
+    assert stats["sent_xor"] == 5
+    assert held_pages(s) == (v2, bytes(p2))
+    assert sorted(os.listdir(s.held_dir)) == ["pagemap-1.img", "pages-2.img"]
+
+
+def test_bad_digest_and_missing_pages_leave_held_untouched(tmp_path):
+    s = Store(str(tmp_path)).session("s")
+    v = [0x10000 + i * PAGE_SIZE for i in range(16)]
+    send_round(s, 1, v, pages_of(v, 1))
+    before = held_pages(s)
+    v2 = v + [0x800000]
+    with pytest.raises(StoreError) as e:
+        send_round(s, 2, v2, pages_of(v2, 1), held=s.held_hashes("pid-1"), digest=12345)
+    assert e.value.code == "digest"
+    with pytest.raises(StoreError) as e:
+        send_round(s, 2, v2, pages_of(v2, 1), held=s.held_hashes("pid-1"), drop_frames=True)
+    assert e.value.code == "missing-page"
+    assert held_pages(s) == before and s.round == 1
+    assert not os.path.exists(os.path.join(s.path, "round.tmp"))
+
+
+def test_corrupt_frame_is_refused(tmp_path):
+    s = Store(str(tmp_path)).session("s")
+    v = array("Q", [0x10000 + i * PAGE_SIZE for i in range(8)])
+    frames, hashes, _ = _core.encode_round(pages_of(v, 3), v)
+    bad = bytearray(frames)
+    bad[-10] ^= 1
+    rnd = s.begin_round(1)
+    rnd.begin_image(0, "pid-1", 1, 8)
+    rnd.add_pagemap(0, [(0x10000, 8, im.PE_PRESENT)])
+    with pytest.raises(StoreError) as e:
+        rnd.add_pages(0, bad)
+    assert e.value.code == "bad-payload" and "pid-1" in e.value.reason
+    rnd.abort()
+    assert not os.path.exists(rnd.dir)
+
+
+def test_round_numbers_and_protocol_order(tmp_path):
+    s = Store(str(tmp_path)).session("s")
+    with pytest.raises(StoreError, match="round 2 does not follow round 0"):
+        s.begin_round(2)
+    rnd = s.begin_round(1)
+    with pytest.raises(StoreError, match="bad memory image id"):
+        rnd.begin_image(0, "pid-../../x", 1, 1)
+    with pytest.raises(StoreError, match="out of order"):
+        rnd.begin_image(3, "pid-1", 1, 1)
+    rnd.begin_image(0, "pid-1", 1, 1)
+    with pytest.raises(StoreError, match="more pagemap entries"):
+        rnd.add_pagemap(0, [(0x1000, 1, 4), (0x3000, 1, 4)])
+    rnd.abort()
+
+
+@pytest.mark.parametrize("name", ["../etc/passwd", "a/b.img", "..", "pagemap-1.img", "pages-3.img",
+                                  "", ".hidden", "x" * 200, "core-1.img\x00"])
+def test_file_names_refused(tmp_path, name):
+    files = Store(str(tmp_path)).session("s").begin_files()
+    with pytest.raises(StoreError) as e:
+        files.begin(name, 10)
+    assert e.value.code == "name"
+    files.discard()
+
+
+def test_session_names_refused(tmp_path):
+    for name in ["", "../x", "a/b", "x" * 65]:
+        with pytest.raises(StoreError) as e:
+            Store(str(tmp_path)).session(name)
+        assert e.value.code == "name"
+
+
+def test_files_and_commit(tmp_path):
+    store = Store(str(tmp_path / "serve"))
+    s = store.session("s")
+    v = [0x10000 + i * PAGE_SIZE for i in range(4)]
+    send_round(s, 1, v, pages_of(v, 5))
+    files = s.begin_files()
+    for name, data in [("pstree.img", b"tree"), ("core-1.img", b"c" * 3000)]:
+        files.begin(name, len(data), 0o644)
+        files.data(data[:1000])
+        files.data(data[1000:])
+        files.end(_core.xxh3_64(data))
+    path = s.commit(files)
+    assert sorted(os.listdir(path)) == ["core-1.img", "pagemap-1.img", "pages-1.img", "pstree.img"]
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(os.path.join(path, "core-1.img")).st_mode) == 0o600
+    assert not os.path.exists(files.path)
+    # a file whose content does not match its hash, or is short, is refused
+    files = s.begin_files()
+    files.begin("pstree.img", 4)
+    files.data(b"tree")
+    with pytest.raises(StoreError, match="content hash mismatch"):
+        files.end(0)
+    files.begin("fs-1.img", 4)
+    files.data(b"tr")
+    with pytest.raises(StoreError, match="2 bytes short"):
+        files.end(0)
+    with pytest.raises(StoreError, match="more data than announced"):
+        files.begin("x.img", 1) or files.data(b"ab")
+    files.discard()
+
+
+def test_quota(tmp_path):
+    s = Store(str(tmp_path), quota_bytes=10 * PAGE_SIZE).session("s")
+    rnd = s.begin_round(1)
+    with pytest.raises(StoreError) as e:
+        rnd.begin_image(0, "pid-1", 1, 11)
+    assert e.value.code == "quota"
+    rnd.abort()
+
+
+def test_shared_runs():
+    old = pagemap_of([0x1000, 0x2000, 0x3000, 0x8000, 0x9000])
+    new = pagemap_of([0x2000, 0x3000, 0x4000, 0x9000])
+    assert list(shared_runs(old, new)) == [(1, 0, 2), (4, 3, 1)]
