@@ -55,20 +55,37 @@ def xor_encode_pages(old_pages, new_pages, size_t cap=DX_DELTA_DEFAULT_CAP):
     if a.nbytes != b.nbytes:
         raise ValueError(f"old_pages and new_pages differ in length: {a.nbytes} != {b.nbytes}")
     _check_cap(cap)
-    cdef size_t n = a.nbytes // DX_PAGE_SIZE, i, used = 0
-    cdef bytearray out = bytearray(n * cap)
-    cdef uint8_t *op = <uint8_t *>out if n else NULL
+    cdef size_t n = a.nbytes // DX_PAGE_SIZE, i, used = 0, capacity = 64 * 1024
     cdef array.array lengths = array.clone(array.array("q"), <Py_ssize_t>n, False)
     cdef long long *lp = lengths.data.as_longlongs
     cdef ptrdiff_t k
-    with nogil:
-        for i in range(n):
-            k = dx_xor_encode(a.ptr + i * DX_PAGE_SIZE, b.ptr + i * DX_PAGE_SIZE, op + used, cap)
-            lp[i] = k
-            if k > 0:
-                used += <size_t>k
-    del out[used:]
-    return bytes(out), lengths
+    cdef bint nomem = False
+    # deltas are usually far smaller than the cap: grow the output instead of sizing it
+    # for the worst case (n * cap bytes would be touched, page by page, on every call)
+    cdef uint8_t *out = <uint8_t *>malloc(capacity)
+    cdef uint8_t *grown
+    if out == NULL:
+        raise MemoryError("xor_encode_pages")
+    try:
+        with nogil:
+            for i in range(n):
+                if used + cap > capacity:
+                    capacity = 2 * capacity + cap
+                    grown = <uint8_t *>realloc(out, capacity)
+                    if grown == NULL:
+                        nomem = True
+                        break
+                    out = grown
+                k = dx_xor_encode(a.ptr + i * DX_PAGE_SIZE, b.ptr + i * DX_PAGE_SIZE,
+                                  out + used, cap)
+                lp[i] = k
+                if k > 0:
+                    used += <size_t>k
+        if nomem:
+            raise MemoryError("xor_encode_pages")
+        return PyBytes_FromStringAndSize(<char *>out, used), lengths
+    finally:
+        free(out)
 
 
 def xor_decode_pages(pages, deltas, lengths):

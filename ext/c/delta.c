@@ -56,6 +56,13 @@ static inline size_t put_varint(uint8_t *out, size_t v)
     return 2;
 }
 
+#if defined(__SSE2__)
+/* 16 bytes of 0xff then 16 of 0x00: loading at (16 - n) gives a mask of n leading bytes */
+static const uint8_t lead_mask[32] = {
+    0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+};
+#endif
+
 static inline void xor_copy(uint8_t *dst, const uint8_t *a, const uint8_t *b, size_t n)
 {
     size_t i = 0;
@@ -87,7 +94,16 @@ ptrdiff_t dx_xor_encode(const uint8_t *old_page, const uint8_t *new_page, uint8_
         if (len + need > cap) return -1;
         len += put_varint(out + len, zrun);
         len += put_varint(out + len, lrun);
-        xor_copy(out + len, old_page + lit, new_page + lit, lrun);
+#if defined(__SSE2__)
+        /* most literals in real memory are a few bytes (a pointer, a counter): one
+         * 16-byte store, whose bytes past the literal the next token overwrites */
+        if (lrun <= 16 && lit + 16 <= DX_PAGE_SIZE && len + 16 <= cap) {
+            __m128i x = _mm_xor_si128(_mm_loadu_si128((const __m128i *)(old_page + lit)),
+                                      _mm_loadu_si128((const __m128i *)(new_page + lit)));
+            _mm_storeu_si128((__m128i *)(out + len), x);
+        } else
+#endif
+            xor_copy(out + len, old_page + lit, new_page + lit, lrun);
         len += lrun;
         pos = end;
     }
@@ -117,6 +133,15 @@ static int walk(uint8_t *page, const uint8_t *delta, size_t len)
             lrun > len - p)
             return -DX_E_DELTA_CORRUPT;
         pos += zrun;
+#if defined(__SSE2__)
+        if (page && lrun <= 16 && pos + 16 <= DX_PAGE_SIZE && p + 16 <= len) {
+            /* short literal: xor 16 bytes, the ones past the literal with zero */
+            __m128i m = _mm_loadu_si128((const __m128i *)(lead_mask + 16 - lrun));
+            __m128i d = _mm_and_si128(m, _mm_loadu_si128((const __m128i *)(delta + p)));
+            __m128i v = _mm_loadu_si128((const __m128i *)(page + pos));
+            _mm_storeu_si128((__m128i *)(page + pos), _mm_xor_si128(v, d));
+        } else
+#endif
         if (page) xor_copy(page + pos, page + pos, delta + p, lrun);
         pos += lrun;
         p += lrun;

@@ -18,7 +18,8 @@
 #define DX_DELTA_DEFAULT_CAP 3072
 
 /* Encode into out[0..cap).  Returns the encoded length, or -1 when the delta would be
- * longer than cap (send the full page instead). */
+ * longer than cap (send the full page instead).  Bytes of out past the returned length
+ * (still below cap) may have been overwritten. */
 ptrdiff_t dx_xor_encode(const uint8_t *old_page, const uint8_t *new_page, uint8_t *out,
                         size_t cap);
 
