@@ -8,8 +8,10 @@ The summary table (GB/s, ratio to memcpy, targets) is printed at the end and wri
 import bisect
 import os
 import random
+import resource
 import subprocess
 import sys
+import time
 from array import array
 from concurrent.futures import ThreadPoolExecutor
 
@@ -189,9 +191,20 @@ def bench_pipeline_real_2_threads(benchmark, report, real_round):
             return [f.result() for f in futures]
 
         results = pedantic(benchmark, run)
+        # CPU seconds per wall second over a few more runs: near 2 when both threads run
+        # at once (the GIL is released), at most 1 if they were serialized
+        cpu0, wall0 = _cpu_seconds(), time.perf_counter()
+        for _ in range(5):
+            run()
+        overlap = (_cpu_seconds() - cpu0) / (time.perf_counter() - wall0)
     one = encode_round(d.new_pages, d.new_vaddrs, prev, base_pages=d.old_pages)
     assert sum(r.stats.changed for r in results) == one.stats.changed
-    report("pipeline real 2 threads", len(d.new_pages))
+    report("pipeline real 2 threads", len(d.new_pages), cpu_per_wall=overlap)
+
+
+def _cpu_seconds() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
 
 
 def bench_pipeline_round_trip_check(real_round):
