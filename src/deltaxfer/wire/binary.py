@@ -1,0 +1,206 @@
+"""Binary payloads: PAGEMAP and HELD tables, PAGES (u32 index + a core frame), FILE_DATA.
+
+Tables are built and read with array/memoryview casts, never a Python loop per entry: a
+PAGEMAP entry (u64 vaddr, u32 nr_pages, u32 flags) is, on a little-endian host, the u64 pair
+(vaddr, nr_pages | flags << 32); a HELD entry is the pair (vaddr, hash).
+"""
+import struct
+import sys
+from array import array
+
+from .messages import FILE_DATA_LIMIT, PAGES_LIMIT, TABLE_LIMIT, ErrorCode, ProtocolError
+
+_TABLE_HEAD = struct.Struct("<II")            # u32 index, u32 count
+_U32 = struct.Struct("<I")
+ENTRY_SIZE = 16
+TABLE_MAX_ENTRIES = (TABLE_LIMIT - _TABLE_HEAD.size) // ENTRY_SIZE
+PAGES_INDEX_SIZE = _U32.size
+_LITTLE = sys.byteorder == "little"
+
+
+def _u64(values, what) -> memoryview:
+    """values (array('Q'), a 'Q' memoryview, bytes of u64s, a list) as a 'Q' memoryview."""
+    if isinstance(values, (list, tuple, range)):
+        values = array("Q", values)
+    m = memoryview(values)
+    if m.format != "Q":
+        if m.nbytes % 8:
+            raise ValueError(f"{what}: {m.nbytes} bytes is not a whole number of u64s")
+        m = m.cast("B").cast("Q")
+    return m
+
+
+def _le(a: array) -> array:
+    if not _LITTLE:
+        a.byteswap()
+    return a
+
+
+def _table(index: int, first, second, what) -> bytearray:
+    if len(first) != len(second):
+        raise ValueError(f"{what}: {len(first)} vaddrs but {len(second)} values")
+    count = len(first)
+    if count > TABLE_MAX_ENTRIES:
+        raise ValueError(f"{what}: {count} entries do not fit one message "
+                         f"(at most {TABLE_MAX_ENTRIES}); split with iter_{what.lower()}")
+    pairs = array("Q", bytes(ENTRY_SIZE * count))
+    view = memoryview(pairs)
+    view[0::2] = first
+    view[1::2] = second
+    out = bytearray(_TABLE_HEAD.pack(index, count))
+    out += _le(pairs)
+    return out
+
+
+def _read_table(payload, what, limit) -> tuple[int, memoryview]:
+    m = memoryview(payload).cast("B")
+    if len(m) > limit:
+        raise ProtocolError(ErrorCode.TOO_LARGE, f"{what} payload over {limit} bytes")
+    if len(m) < _TABLE_HEAD.size:
+        raise ProtocolError(ErrorCode.BAD_PAYLOAD,
+                            f"{what} payload of {len(m)} bytes is shorter than its 8-byte head")
+    index, count = _TABLE_HEAD.unpack_from(m)
+    if len(m) != _TABLE_HEAD.size + ENTRY_SIZE * count:
+        raise ProtocolError(ErrorCode.BAD_PAYLOAD,
+                            f"{what} announces {count} entries ({ENTRY_SIZE * count} bytes) but "
+                            f"carries {len(m) - _TABLE_HEAD.size} bytes of entries")
+    pairs = array("Q")
+    pairs.frombytes(m[_TABLE_HEAD.size:])
+    return index, memoryview(_le(pairs))
+
+
+# -- PAGEMAP ------------------------------------------------------------------------------
+
+def _u32(values, what) -> memoryview:
+    if isinstance(values, (list, tuple, range)):
+        try:
+            values = array("I", values)
+        except OverflowError:
+            raise ValueError(f"{what}: values must be u32") from None
+    m = memoryview(values)
+    if m.format != "I":
+        if m.itemsize != 4:
+            raise ValueError(f"{what}: expected u32 values (array('I')), got format {m.format!r}")
+        m = m.cast("B").cast("I")
+    return m
+
+
+def encode_pagemap(index: int, vaddrs, nr_pages, flags) -> bytearray:
+    """PAGEMAP payload from parallel arrays: u64 vaddrs, u32 nr_pages, u32 flags."""
+    v = _u64(vaddrs, "PAGEMAP vaddrs")
+    n, f = _u32(nr_pages, "PAGEMAP nr_pages"), _u32(flags, "PAGEMAP flags")
+    if not len(v) == len(n) == len(f):
+        raise ValueError(f"PAGEMAP: {len(v)} vaddrs, {len(n)} nr_pages, {len(f)} flags")
+    second = array("I", bytes(8 * len(n)))        # u32 halves of nr_pages | flags << 32
+    halves = memoryview(second)
+    lo, hi = (0, 1) if _LITTLE else (1, 0)
+    halves[lo::2] = n
+    halves[hi::2] = f
+    return _table(index, v, halves.cast("B").cast("Q"), "PAGEMAP")
+
+
+def encode_pagemap_entries(index: int, entries) -> bytearray:
+    """PAGEMAP payload from u64 pairs (vaddr, nr_pages | flags << 32), flat: 2 per entry."""
+    e = _u64(entries, "PAGEMAP entries")
+    if len(e) % 2:
+        raise ValueError("PAGEMAP entries: an odd number of u64s")
+    return _table(index, e[0::2], e[1::2], "PAGEMAP")
+
+
+class Pagemap:
+    """A decoded PAGEMAP payload: image ``index`` and its ``entries``, a 'Q' memoryview of
+    (vaddr, nr_pages | flags << 32) pairs; ``vaddrs``/``nr_pages``/``flags`` as arrays."""
+
+    __slots__ = ("index", "entries")
+
+    def __init__(self, index: int, entries: memoryview):
+        self.index, self.entries = index, entries
+
+    def __len__(self):
+        return len(self.entries) // 2
+
+    @property
+    def vaddrs(self) -> array:
+        return array("Q", self.entries[0::2].tobytes())
+
+    def _half(self, high: bool) -> array:
+        quarters = self.entries.cast("B").cast("I")     # vaddr lo/hi, second lo/hi
+        pick = (3 if high else 2) if _LITTLE else (2 if high else 3)
+        return array("I", quarters[pick::4].tobytes())
+
+    @property
+    def nr_pages(self) -> array:
+        return self._half(False)
+
+    @property
+    def flags(self) -> array:
+        return self._half(True)
+
+
+def decode_pagemap(payload) -> Pagemap:
+    index, pairs = _read_table(payload, "PAGEMAP", TABLE_LIMIT)
+    return Pagemap(index, pairs)
+
+
+def iter_pagemap(index: int, entries):
+    """PAGEMAP payloads for any number of (vaddr, nr_pages | flags << 32) pairs."""
+    e = _u64(entries, "PAGEMAP entries")
+    step = 2 * TABLE_MAX_ENTRIES
+    for at in range(0, max(len(e), 1), step):
+        yield encode_pagemap_entries(index, e[at:at + step])
+
+
+# -- HELD ---------------------------------------------------------------------------------
+
+def encode_held(index: int, vaddrs, hashes) -> bytearray:
+    """HELD payload: the held pages' vaddrs and their XXH3-64 hashes (u64 arrays)."""
+    return _table(index, _u64(vaddrs, "HELD vaddrs"), _u64(hashes, "HELD hashes"), "HELD")
+
+
+def decode_held(payload) -> tuple[int, array, array]:
+    """(index, vaddrs, hashes) of a HELD payload, as array('Q')s."""
+    index, pairs = _read_table(payload, "HELD", TABLE_LIMIT)
+    return index, array("Q", pairs[0::2].tobytes()), array("Q", pairs[1::2].tobytes())
+
+
+def iter_held(index: int, vaddrs, hashes):
+    """HELD payloads for any number of held pages (one image's whole table)."""
+    v, h = _u64(vaddrs, "HELD vaddrs"), _u64(hashes, "HELD hashes")
+    if len(v) != len(h):
+        raise ValueError(f"HELD: {len(v)} vaddrs but {len(h)} hashes")
+    for at in range(0, max(len(v), 1), TABLE_MAX_ENTRIES):
+        yield _table(index, v[at:at + TABLE_MAX_ENTRIES], h[at:at + TABLE_MAX_ENTRIES], "HELD")
+
+
+# -- PAGES and FILE_DATA -------------------------------------------------------------------
+
+def encode_pages(index: int, frame) -> bytearray:
+    """PAGES payload: u32 image index then one core frame (one copy of the frame: the
+    frame check covers the payload as one buffer)."""
+    f = memoryview(frame).cast("B")
+    if PAGES_INDEX_SIZE + len(f) > PAGES_LIMIT:
+        raise ValueError(f"PAGES: a frame of {len(f)} bytes is over the limit of "
+                         f"{PAGES_LIMIT - PAGES_INDEX_SIZE}")
+    out = bytearray(PAGES_INDEX_SIZE + len(f))
+    _U32.pack_into(out, 0, index)
+    out[PAGES_INDEX_SIZE:] = f
+    return out
+
+
+def decode_pages(payload) -> tuple[int, memoryview]:
+    """(index, frame) of a PAGES payload; the frame is a view into the payload, to be
+    checked and decoded by the core (decode_frame / apply_frames)."""
+    m = memoryview(payload).cast("B")
+    if len(m) < PAGES_INDEX_SIZE:
+        raise ProtocolError(ErrorCode.BAD_PAYLOAD,
+                            f"PAGES payload of {len(m)} bytes lacks its u32 image index")
+    if len(m) > PAGES_LIMIT:
+        raise ProtocolError(ErrorCode.TOO_LARGE, f"PAGES payload over {PAGES_LIMIT} bytes")
+    return _U32.unpack_from(m)[0], m[PAGES_INDEX_SIZE:]
+
+
+def iter_file_data(data):
+    """FILE_DATA payloads (views, no copies) of a file's content."""
+    m = memoryview(data).cast("B")
+    for at in range(0, len(m), FILE_DATA_LIMIT):
+        yield m[at:at + FILE_DATA_LIMIT]

@@ -1,0 +1,256 @@
+"""Frames: the 24-byte header, the encoder, and the incremental decoder.
+
+The decoder is a state machine over one linear receive buffer (asyncpg/py-pgproto style):
+it accepts the stream in chunks of any size, through ``feed(chunk)`` or through
+``get_buffer()``/``buffer_updated(n)`` (what an ``asyncio.BufferedProtocol`` calls), and
+returns whole messages. A header is validated in full before a byte is reserved for its
+payload. Payloads up to SMALL_PAYLOAD bytes are parsed in place in the linear buffer;
+bigger ones get a buffer of exactly their (checked) length that the socket reads into
+directly, so a 1 MiB PAGES payload is never copied by the receiver.
+"""
+import struct
+from typing import NamedTuple
+
+from deltaxfer._core import xxh3_64
+
+from .messages import (HEADER_SIZE, LIMIT_BY_BYTE, LIMITS, MAGIC, ErrorCode, MsgType,
+                       ProtocolError, type_name)
+
+_HEADER = struct.Struct("<2sBBIQQ")          # magic, type, flags, length, seq, check
+_PREFIX = struct.Struct("<Q")                # header[0:8] as the seed's u64
+_U64_MASK = (1 << 64) - 1
+_MAGIC_U16 = int.from_bytes(MAGIC, "little")
+
+SMALL_PAYLOAD = 64 * 1024                    # parsed in the linear buffer
+LINEAR_CAPACITY = 256 * 1024                 # >= HEADER_SIZE + SMALL_PAYLOAD, never grows
+
+
+class Message(NamedTuple):
+    type: MsgType
+    seq: int
+    payload: bytes | bytearray
+
+
+def frame_seed(prefix8: int, seq: int) -> int:
+    """The check's seed: the header's first 8 bytes as a little-endian u64, XOR seq."""
+    return (prefix8 ^ seq) & _U64_MASK
+
+
+def encode_header(type: MsgType | int, payload, seq: int) -> bytes:
+    """The 24-byte header of a frame carrying ``payload`` (any buffer): send it followed by
+    the payload itself, e.g. ``transport.writelines([header, payload])``, to avoid a copy."""
+    n = memoryview(payload).nbytes
+    limit = LIMIT_BY_BYTE[type] if 0 <= type < 256 else -1
+    if limit < 0:
+        raise ProtocolError(ErrorCode.BAD_TYPE, f"cannot encode message type {type!r}")
+    if n > limit:
+        raise ProtocolError(ErrorCode.TOO_LARGE,
+                            f"{type_name(type)} payload of {n} bytes exceeds its limit of "
+                            f"{limit} bytes")
+    if not 0 <= seq <= _U64_MASK:
+        raise ProtocolError(ErrorCode.BAD_SEQ, f"sequence number {seq} is not a u64")
+    prefix = _MAGIC_U16 | (type << 16) | (n << 32)            # flags (byte 3) are 0
+    return _HEADER.pack(MAGIC, type, 0, n, seq, xxh3_64(payload, prefix ^ seq))
+
+
+def encode(type: MsgType | int, payload=b"", seq: int = 0) -> bytes:
+    """One whole frame (header + payload) as bytes: convenient for small messages."""
+    return encode_header(type, payload, seq) + bytes(payload)
+
+
+class Decoder:
+    """Incremental frame decoder. ``feed(chunk) -> [Message]`` or, for a BufferedProtocol,
+    ``get_buffer(sizehint)`` then ``buffer_updated(n) -> [Message]``; ``eof()`` at the end
+    of the stream. A bad stream raises ProtocolError; the messages decoded before the bad
+    frame in the same call are in the error's ``messages``. After an error the decoder stays
+    failed: every later call raises the same error."""
+
+    _HEADER, _PAYLOAD, _DIRECT, _FAILED = range(4)
+
+    def __init__(self):
+        self._buf = bytearray(LINEAR_CAPACITY)
+        self._view = memoryview(self._buf)
+        self._start = 0              # first unparsed byte in _buf
+        self._end = 0                # end of received bytes in _buf
+        self._state = self._HEADER
+        self._seq = 0                # the next expected sequence number
+        self._type = 0
+        self._length = 0
+        self._check = 0
+        self._seed = 0
+        self._payload: bytearray | None = None   # _DIRECT: the payload being received
+        self._payload_view: memoryview | None = None
+        self._filled = 0
+        self._error: ProtocolError | None = None
+        self.messages_in = 0
+        self.bytes_in = 0
+
+    # -- introspection (tests, counters) ---------------------------------------------------
+    @property
+    def capacity(self) -> int:
+        """Bytes reserved for receiving now: the linear buffer plus a payload in progress."""
+        return len(self._buf) + (len(self._payload) if self._payload is not None else 0)
+
+    @property
+    def error(self) -> ProtocolError | None:
+        return self._error
+
+    @property
+    def in_frame(self) -> bool:
+        """True while part of a frame has been received but not the whole of it."""
+        return self._state != self._HEADER or self._end > self._start
+
+    # -- input ------------------------------------------------------------------------------
+    def get_buffer(self, sizehint: int = -1) -> memoryview:
+        """Where the next received bytes go (never empty)."""
+        if self._state == self._DIRECT:
+            return self._payload_view[self._filled:]
+        if self._state == self._FAILED:
+            return self._view[:HEADER_SIZE]       # scratch: the bytes are never parsed
+        if self._start == self._end:
+            self._start = self._end = 0
+        elif len(self._buf) - self._end < HEADER_SIZE + SMALL_PAYLOAD:
+            self._compact()
+        return self._view[self._end:]
+
+    def buffer_updated(self, nbytes: int) -> list[Message]:
+        """``nbytes`` were written at the start of the last get_buffer(): parse them."""
+        if self._error is not None:
+            raise self._error
+        self.bytes_in += nbytes
+        if self._state == self._DIRECT:
+            self._filled += nbytes
+            if self._filled < self._length:
+                return []
+            return [self._finish_direct()]
+        self._end += nbytes
+        return self._parse()
+
+    def feed(self, data) -> list[Message]:
+        """Decode a chunk of the stream (any size, any split)."""
+        if self._error is not None:
+            raise self._error
+        src = memoryview(data).cast("B")
+        out: list[Message] = []
+        pos, n = 0, len(src)
+        while pos < n:
+            dst = self.get_buffer(n - pos)
+            k = min(len(dst), n - pos)
+            dst[:k] = src[pos:pos + k]
+            pos += k
+            try:
+                out += self.buffer_updated(k)
+            except ProtocolError as e:
+                e.messages = out + e.messages
+                raise
+        return out
+
+    def eof(self) -> None:
+        """The stream ended: raise ProtocolError(truncated) if it ended inside a frame."""
+        if self._error is not None:
+            raise self._error
+        if self._state == self._DIRECT:
+            have, need = HEADER_SIZE + self._filled, HEADER_SIZE + self._length
+        elif self._state == self._PAYLOAD:
+            have, need = self._end - self._start, HEADER_SIZE + self._length
+        elif self._end > self._start:
+            have, need = self._end - self._start, HEADER_SIZE
+        else:
+            return
+        what = type_name(self._type) if self._state != self._HEADER else "frame"
+        self._fail(ErrorCode.TRUNCATED,
+                   f"the stream ended inside a {what} frame ({have} of {need} bytes)", [])
+
+    # -- the state machine --------------------------------------------------------------------
+    def _fail(self, code, reason, messages):
+        self._state = self._FAILED
+        self._payload = self._payload_view = None
+        self._error = ProtocolError(code, reason)
+        err = ProtocolError(code, reason)       # the caller's copy carries this call's messages
+        err.messages = messages
+        raise err
+
+    def _compact(self):
+        n = self._end - self._start
+        self._buf[:n] = self._view[self._start:self._end]
+        self._start, self._end = 0, n
+
+    def _parse(self) -> list[Message]:
+        out: list[Message] = []
+        buf, view = self._buf, self._view
+        while True:
+            avail = self._end - self._start
+            if self._state == self._HEADER:
+                if avail < HEADER_SIZE:
+                    break
+                self._process_header(buf, self._start, out)
+                if self._state == self._DIRECT:
+                    break
+                continue
+            # _PAYLOAD: a small payload is completed in place in the linear buffer
+            if avail < HEADER_SIZE + self._length:
+                if self._start + HEADER_SIZE + self._length > len(buf):
+                    self._compact()
+                break
+            s = self._start + HEADER_SIZE
+            payload = bytes(view[s:s + self._length])
+            self._start = s + self._length
+            self._state = self._HEADER
+            out.append(self._emit(payload, out))
+        if self._start == self._end:
+            self._start = self._end = 0
+        return out
+
+    def _process_header(self, buf, at, out):
+        magic, t, flags, length, seq, check = _HEADER.unpack_from(buf, at)
+        if magic != MAGIC:
+            self._fail(ErrorCode.BAD_MAGIC,
+                       f"frame {self._seq} starts with {bytes(magic).hex()}, not the magic "
+                       f"{MAGIC.hex()}: not a deltaxfer stream or out of sync", out)
+        limit = LIMIT_BY_BYTE[t]
+        if limit < 0:
+            self._fail(ErrorCode.BAD_TYPE, f"frame {self._seq} has unknown type 0x{t:02x}", out)
+        if flags:
+            self._fail(ErrorCode.BAD_FLAGS,
+                       f"{type_name(t)} frame {self._seq} has flags 0x{flags:02x} "
+                       "(version 1 defines none)", out)
+        if length > limit:
+            self._fail(ErrorCode.TOO_LARGE,
+                       f"{type_name(t)} frame {self._seq} announces {length} payload bytes, "
+                       f"over its limit of {limit}", out)
+        if seq != self._seq:
+            self._fail(ErrorCode.BAD_SEQ,
+                       f"{type_name(t)} frame has sequence number {seq}, expected {self._seq} "
+                       "(a frame was lost, replayed or reordered)", out)
+        self._type, self._length, self._check = t, length, check
+        self._seed = (_PREFIX.unpack_from(buf, at)[0] ^ seq)
+        if length <= SMALL_PAYLOAD:
+            self._state = self._PAYLOAD
+            return
+        # a big payload gets its own buffer of the checked length; the socket fills it
+        self._payload = bytearray(length)
+        self._payload_view = memoryview(self._payload)
+        s = at + HEADER_SIZE
+        take = min(self._end - s, length)
+        self._payload_view[:take] = self._view[s:s + take]
+        self._filled = take
+        self._start = s + take
+        self._state = self._DIRECT
+        if take == length:
+            out.append(self._finish_direct(out))
+
+    def _finish_direct(self, out=None) -> Message:
+        payload = self._payload
+        self._payload = self._payload_view = None
+        self._state = self._HEADER
+        return self._emit(payload, out if out is not None else [])
+
+    def _emit(self, payload, out) -> Message:
+        if xxh3_64(payload, self._seed) != self._check:
+            self._fail(ErrorCode.BAD_CHECK,
+                       f"{type_name(self._type)} frame {self._seq} ({self._length} payload "
+                       "bytes) fails its checksum: corrupted in transit", out)
+        msg = Message(MsgType(self._type), self._seq, payload)
+        self._seq += 1
+        self.messages_in += 1
+        return msg
