@@ -1,0 +1,580 @@
+"""The transport: moves protocol v1 frames over one TCP (optionally TLS) connection.
+
+asyncio with uvloop (plain asyncio as the fallback). The receiver is an
+``asyncio.BufferedProtocol`` feeding deltaxfer.wire.Decoder: the socket reads straight into
+the decoder's buffer, and a big payload straight into its own buffer. The sender coalesces
+small frames into >= 64 KiB writes, hands big payloads to the transport as they are
+(header + payload, no concatenation), and honours pause_writing/resume_writing with an
+aiohttp-style drain(). The receiver stops reading while the application leaves more than
+RECV_HIGH_WATER bytes of messages unconsumed, so a fast sender cannot exhaust its memory.
+
+    conn = await connect(host, port, key=key)           # HELLO, WELCOME, AUTH, READY
+    await conn.send_control(MsgType.BEGIN, {...}); await conn.send(MsgType.PAGES, payload)
+    state = await conn.recv_control(MsgType.STATE)
+
+    server = await serve(host, port, key=key, handler=handle)   # handle(conn) per client
+"""
+import asyncio
+import collections
+import logging
+import socket
+import ssl as _ssl
+import sys
+from collections.abc import Awaitable, Callable, Collection
+
+from . import __version__
+from .wire import (CAPS, HANDSHAKE_TIMEOUT, HEADER_SIZE, VERSIONS, Decoder, ErrorCode, Message,
+                   MsgType, ProtocolError, choose_version, decode_control, encode_control,
+                   encode_header)
+from .wire import handshake as hs
+
+log = logging.getLogger("deltaxfer.transport")
+
+WRITE_HIGH_WATER = 4 << 20       # the transport's buffer above which send() waits
+WRITE_LOW_WATER = 1 << 20
+COALESCE = 64 << 10              # small frames are gathered into writes of this size
+RECV_HIGH_WATER = 32 << 20       # unconsumed message bytes above which reading stops
+RECV_LOW_WATER = 8 << 20
+ERROR_LINGER = 1.0               # after sending ERROR, how long to wait for the peer to close
+SOCKET_BUFFER = 4 << 20          # SO_SNDBUF/SO_RCVBUF asked for (the kernel may clamp it)
+
+
+class TransportError(Exception):
+    """A connection failed; the message says why."""
+
+
+class ConnectionClosed(TransportError):
+    """The connection ended (the peer closed it, or it was lost)."""
+
+
+class PeerError(TransportError):
+    """The peer sent ERROR {code, reason}."""
+
+    def __init__(self, code: str, reason: str):
+        self.code, self.reason = code, reason
+        super().__init__(f"the peer reported {code}: {reason}")
+
+
+class AuthError(TransportError):
+    """The peers do not share the pre-shared key."""
+
+
+# -- event loops ------------------------------------------------------------------------------
+
+def new_event_loop(kind: str = "uvloop") -> asyncio.AbstractEventLoop:
+    """A new event loop: ``"uvloop"`` (plain asyncio if uvloop is not installed) or
+    ``"asyncio"``."""
+    if kind == "uvloop":
+        try:
+            import uvloop
+        except ImportError:
+            log.warning("uvloop is not installed: using the plain asyncio event loop")
+            return asyncio.new_event_loop()
+        return uvloop.new_event_loop()
+    if kind == "asyncio":
+        return asyncio.new_event_loop()
+    raise ValueError(f"unknown event loop kind {kind!r} (uvloop or asyncio)")
+
+
+def run(coro, *, loop: str = "uvloop"):
+    """Run a coroutine to completion on a new event loop of the given kind."""
+    with asyncio.Runner(loop_factory=lambda: new_event_loop(loop)) as runner:
+        return runner.run(coro)
+
+
+# -- the protocol: bytes in, frames out ------------------------------------------------------
+
+class _FrameProtocol(asyncio.BufferedProtocol):
+    """Socket callbacks: decode into a message queue, encode and coalesce writes, flow
+    control both ways. The application talks to it through Connection."""
+
+    def __init__(self, on_connected: Callable[["_FrameProtocol"], None] | None = None):
+        self._loop = asyncio.get_running_loop()
+        self._on_connected = on_connected
+        self.transport: asyncio.Transport | None = None
+        self.peer = "?"
+        self._writelines_ok = False
+        # receive
+        self._decoder = Decoder()
+        self._queue: collections.deque[Message] = collections.deque()
+        self._queued = 0
+        self._reading_paused = False
+        self._recv_waiter: asyncio.Future | None = None
+        self._exc: BaseException | None = None   # why recv() fails once the queue is empty
+        self._discard: memoryview | None = None  # set while lingering after an ERROR
+        # send
+        self._out = bytearray()
+        self._flush_scheduled = False
+        self._seq_out = 0
+        self._write_paused = False
+        self._drain_waiter: asyncio.Future | None = None
+        self.closing = False
+        self.closed = self._loop.create_future()
+        self.bytes_out = self.frames_out = 0
+
+    # connection
+    def connection_made(self, transport):
+        self.transport = transport
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER, low=WRITE_LOW_WATER)
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
+                except OSError:
+                    pass
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        # uvloop (and asyncio from 3.12) write a list of buffers with one sendmsg; 3.11's
+        # selector transport would join them into a copy, so there we write them one by one
+        self._writelines_ok = (type(transport).__module__.startswith("uvloop")
+                               or sys.version_info >= (3, 12))
+        if self._on_connected is not None:
+            self._on_connected(self)
+
+    def connection_lost(self, exc):
+        self.closing = True
+        if self._exc is None:
+            self._exc = ConnectionClosed(
+                f"connection to {self.peer} lost: {exc}" if exc else
+                f"{self.peer} closed the connection")
+        self._wake_recv()
+        waiter, self._drain_waiter = self._drain_waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(ConnectionClosed(f"connection to {self.peer} closed"))
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    # receive
+    def get_buffer(self, sizehint):
+        if self._discard is not None:
+            return self._discard
+        return self._decoder.get_buffer(sizehint)
+
+    def buffer_updated(self, nbytes):
+        if self._discard is not None:
+            return
+        try:
+            messages = self._decoder.buffer_updated(nbytes)
+        except ProtocolError as e:
+            messages = e.messages
+            self._stream_failed(e)
+        if not messages:
+            return
+        for m in messages:
+            self._queue.append(m)
+            self._queued += HEADER_SIZE + len(m.payload)
+        if self._queued > RECV_HIGH_WATER and not self._reading_paused and not self.closing:
+            self._reading_paused = True
+            self.transport.pause_reading()
+        self._wake_recv()
+
+    def eof_received(self):
+        try:
+            self._decoder.eof()
+        except ProtocolError as e:
+            self._exc = self._exc or e
+        self._wake_recv()
+        return False            # close our side too
+
+    def _stream_failed(self, e: ProtocolError):
+        log.warning("bad stream from %s: %s", self.peer, e)
+        if self._exc is None:
+            self._exc = e
+        self.send_error(e.code, e.reason)
+
+    def _wake_recv(self):
+        waiter, self._recv_waiter = self._recv_waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def next_message(self) -> Message:
+        while not self._queue:
+            if self._exc is not None:
+                raise self._exc
+            self._recv_waiter = self._loop.create_future()
+            await self._recv_waiter
+        m = self._queue.popleft()
+        self._queued -= HEADER_SIZE + len(m.payload)
+        if self._reading_paused and self._queued <= RECV_LOW_WATER and not self.closing:
+            self._reading_paused = False
+            self.transport.resume_reading()
+        return m
+
+    # send
+    def write_frame(self, type: MsgType, payload) -> None:
+        """Queue one frame; frames leave in the order of the calls."""
+        if self.closing:
+            raise self._exc if isinstance(self._exc, TransportError) else \
+                ConnectionClosed(f"connection to {self.peer} is closing")
+        header = encode_header(type, payload, self._seq_out)
+        self._seq_out += 1
+        n = memoryview(payload).nbytes
+        self.frames_out += 1
+        self.bytes_out += HEADER_SIZE + n
+        out = self._out
+        if n < COALESCE:
+            out += header
+            out += payload
+            if len(out) >= COALESCE:
+                self.flush()
+            elif not self._flush_scheduled:
+                self._flush_scheduled = True
+                self._loop.call_soon(self.flush)
+            return
+        # a big payload goes to the transport as it is, after what was gathered before it
+        out += header
+        self._out = bytearray()
+        if self._writelines_ok:
+            self.transport.writelines([out, payload])
+        else:
+            self.transport.write(out)
+            self.transport.write(payload)
+
+    def flush(self):
+        self._flush_scheduled = False
+        if self._out and self.transport is not None and not self.transport.is_closing():
+            out, self._out = self._out, bytearray()
+            self.transport.write(out)
+
+    def pause_writing(self):
+        self._write_paused = True
+
+    def resume_writing(self):
+        self._write_paused = False
+        waiter, self._drain_waiter = self._drain_waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def drain(self):
+        if self.closing and self.closed.done():
+            raise ConnectionClosed(f"connection to {self.peer} closed")
+        if not self._write_paused:
+            return
+        self.flush()
+        self._drain_waiter = self._loop.create_future()
+        await self._drain_waiter
+
+    # ending
+    def send_error(self, code: str, reason: str) -> bool:
+        """Send ERROR and start closing: keep reading (and discarding) until the peer
+        closes or ERROR_LINGER passes, so our ERROR is not lost to a reset. False if the
+        connection was already closing."""
+        if self.closing:
+            return False
+        try:
+            self.write_frame(MsgType.ERROR, encode_control(
+                MsgType.ERROR, {"code": str(code), "reason": str(reason)[:2000]}))
+        except (ProtocolError, TransportError):
+            pass
+        self.flush()
+        self.closing = True
+        self._discard = memoryview(bytearray(64 << 10))
+        if self._reading_paused:
+            self._reading_paused = False
+            self.transport.resume_reading()
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        self._loop.call_later(ERROR_LINGER, self.abort_if_open)
+        return True
+
+    def abort_if_open(self):
+        if self.transport is not None and not self.closed.done():
+            self.transport.close()
+
+    def close(self):
+        if self.transport is None:
+            return
+        self.flush()
+        self.closing = True
+        self.transport.close()
+
+
+# -- the application's view -------------------------------------------------------------------
+
+class Connection:
+    """One authenticated connection. After the handshake: ``version``, ``caps`` (those both
+    sides listed), ``session_limit`` (client side: what READY said), ``peer``.
+
+    Frames are sent in the order of the send calls. A payload handed to send() must not
+    be modified afterwards: the transport may still hold it."""
+
+    def __init__(self, protocol: _FrameProtocol):
+        self._p = protocol
+        self.version: int | None = None
+        self.caps: list[str] = []
+        self.session_limit: int | None = None
+
+    @property
+    def peer(self) -> str:
+        return self._p.peer
+
+    @property
+    def stats(self) -> dict:
+        """Frames and bytes (headers included) each way."""
+        d = self._p._decoder
+        return {"frames_out": self._p.frames_out, "bytes_out": self._p.bytes_out,
+                "frames_in": d.messages_in, "bytes_in": d.bytes_in}
+
+    @property
+    def transport(self) -> asyncio.Transport | None:
+        return self._p.transport
+
+    # send
+    async def send(self, type: MsgType, payload=b"") -> None:
+        """Send one message; waits while the transport's buffer is over its high water mark."""
+        p = self._p
+        p.write_frame(type, payload)
+        if p._write_paused:
+            await p.drain()
+
+    async def send_control(self, type: MsgType, obj: dict) -> None:
+        await self.send(type, encode_control(type, obj))
+
+    async def drain(self) -> None:
+        await self._p.drain()
+
+    # receive
+    async def recv(self, timeout: float | None = None) -> Message:
+        """The next message. An ERROR from the peer raises PeerError; a broken stream raises
+        ProtocolError (after an ERROR went to the peer); the end raises ConnectionClosed;
+        ``timeout`` seconds without a message raise TimeoutError."""
+        if timeout is None:
+            m = await self._p.next_message()
+        else:
+            async with asyncio.timeout(timeout):
+                m = await self._p.next_message()
+        if m.type == MsgType.ERROR:
+            try:
+                e = decode_control(m)
+            except ProtocolError as bad:
+                e = {"code": ErrorCode.INTERNAL, "reason": f"(unreadable ERROR: {bad.reason})"}
+            self._p.closing = True
+            self._p.abort_if_open()
+            raise PeerError(e["code"], e["reason"])
+        return m
+
+    async def recv_message(self, expected: MsgType | Collection[MsgType],
+                           timeout: float | None = None) -> Message:
+        """The next message, which must be of the expected type(s): anything else sends
+        ERROR unexpected to the peer and raises ProtocolError(unexpected)."""
+        m = await self.recv(timeout)
+        if m.type == expected if isinstance(expected, MsgType) else m.type in expected:
+            return m
+        names = expected.name if isinstance(expected, MsgType) else \
+            " or ".join(t.name for t in expected)
+        reason = f"expected {names}, got {m.type.name} (message {m.seq})"
+        await self.error(ErrorCode.UNEXPECTED, reason)
+        raise ProtocolError(ErrorCode.UNEXPECTED, reason)
+
+    async def recv_control(self, expected: MsgType | Collection[MsgType],
+                           timeout: float | None = None) -> dict:
+        """The checked JSON object of the next message, which must be of the expected type(s).
+        A payload that breaks its schema sends ERROR to the peer and raises ProtocolError."""
+        m = await self.recv_message(expected, timeout)
+        try:
+            return decode_control(m)
+        except ProtocolError as e:
+            await self.error(e.code, e.reason)
+            raise
+
+    # ending
+    async def error(self, code: str, reason: str) -> None:
+        """Send ERROR {code, reason} to the peer, then close (after the peer closes, or
+        after ERROR_LINGER seconds)."""
+        if self._p.send_error(code, reason):
+            try:
+                async with asyncio.timeout(ERROR_LINGER + 0.5):
+                    await asyncio.shield(self._p.closed)
+            except TimeoutError:
+                pass
+
+    async def goodbye(self) -> None:
+        """Send CLOSE (a clean end) and close."""
+        if not self._p.closing:
+            self._p.write_frame(MsgType.CLOSE, b"{}")
+        self.close()
+        await self.wait_closed()
+
+    def close(self) -> None:
+        self._p.close()
+
+    async def wait_closed(self) -> None:
+        await asyncio.shield(self._p.closed)
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc):
+        self.close()
+        await self.wait_closed()
+
+
+# -- client -------------------------------------------------------------------------------------
+
+async def connect(host: str, port: int, *, key: bytes, ssl: _ssl.SSLContext | None = None,
+                  caps: Collection[str] = CAPS, handshake_timeout: float = HANDSHAKE_TIMEOUT,
+                  software: str = f"deltaxfer {__version__}",
+                  versions: Collection[int] = VERSIONS) -> Connection:
+    """Connect and authenticate: HELLO -> WELCOME (the server's proof is checked first) ->
+    AUTH -> READY. Raises AuthError if the keys differ, PeerError if the server refuses
+    (``version``, ``busy``, ...), TimeoutError, OSError for the connection itself."""
+    hs._check_key(key)
+    loop = asyncio.get_running_loop()
+    _, proto = await asyncio.wait_for(
+        loop.create_connection(_FrameProtocol, host, port, ssl=ssl,
+                               server_hostname=host if ssl is not None else None),
+        handshake_timeout)
+    conn = Connection(proto)
+    try:
+        async with asyncio.timeout(handshake_timeout):
+            await _client_handshake(conn, key, _with_tls(caps, ssl), software, versions)
+    except TimeoutError:
+        await conn.error(ErrorCode.TIMEOUT, f"handshake took over {handshake_timeout} s")
+        raise TimeoutError(f"{host}:{port}: no complete handshake within "
+                           f"{handshake_timeout} s") from None
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _with_tls(caps, ssl_context) -> list[str]:
+    caps = [c for c in caps if c != "tls"]
+    return caps + ["tls"] if ssl_context is not None else caps
+
+
+async def _client_handshake(conn: Connection, key, caps, software, versions):
+    nonce_c = hs.new_nonce()
+    await conn.send_control(MsgType.HELLO, hs.hello(nonce_c, caps, software, versions))
+    w = await conn.recv_control(MsgType.WELCOME)
+    if w["version"] not in versions:
+        reason = f"the server chose version {w['version']}, which we did not offer"
+        await conn.error(ErrorCode.VERSION, reason)
+        raise ProtocolError(ErrorCode.VERSION, reason)
+    nonce_s = bytes.fromhex(w["nonce"])
+    if not hs.proof_matches(hs.server_proof(key, nonce_c, nonce_s), w["proof"]):
+        await conn.error(ErrorCode.AUTH, "the server's proof does not match our key")
+        raise AuthError(f"{conn.peer}: the server does not know our key (its proof does not "
+                        "match); use the same key on both hosts")
+    await conn.send_control(MsgType.AUTH, hs.auth(key, nonce_c, nonce_s))
+    try:
+        ready = await conn.recv_control(MsgType.READY)
+    except PeerError as e:
+        if e.code == ErrorCode.AUTH:
+            raise AuthError(f"{conn.peer} refused our key: {e.reason}") from e
+        raise
+    conn.version, conn.caps = w["version"], hs.common_caps(caps, w["caps"])
+    conn.session_limit = ready["session_limit"]
+
+
+# -- server ---------------------------------------------------------------------------------------
+
+Handler = Callable[[Connection], Awaitable[None]]
+
+
+async def serve(host: str | None, port: int, *, key: bytes, handler: Handler,
+                ssl: _ssl.SSLContext | None = None, max_connections: int = 16,
+                caps: Collection[str] = CAPS, handshake_timeout: float = HANDSHAKE_TIMEOUT,
+                session_limit: int | None = None, **server_kwargs) -> asyncio.Server:
+    """Listen; authenticate each client (server side of the handshake), then run
+    ``await handler(conn)``. A client over ``max_connections`` gets ERROR busy. An exception
+    in the handler is logged and sent to the peer as ERROR (its code for a ProtocolError,
+    ``internal`` otherwise); the server keeps serving. Returns the asyncio.Server (port 0
+    picks a free port: ``server.sockets[0].getsockname()``)."""
+    hs._check_key(key)
+    loop = asyncio.get_running_loop()
+    caps = _with_tls(caps, ssl)
+    limit = max_connections if session_limit is None else session_limit
+    active = {"n": 0}
+    tasks: set[asyncio.Task] = set()
+
+    async def one(proto: _FrameProtocol):
+        conn = Connection(proto)
+        if active["n"] >= max_connections:
+            await _refuse_busy(conn, max_connections, handshake_timeout)
+            return
+        active["n"] += 1
+        try:
+            await _serve_one(conn, key, caps, limit, handshake_timeout, handler)
+        finally:
+            active["n"] -= 1
+            conn.close()
+
+    def connected(proto: _FrameProtocol):
+        task = loop.create_task(one(proto))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    return await loop.create_server(lambda: _FrameProtocol(connected), host, port, ssl=ssl,
+                                    **server_kwargs)
+
+
+async def _refuse_busy(conn: Connection, max_connections: int, timeout: float):
+    log.warning("refusing %s: already serving %d connections", conn.peer, max_connections)
+    try:
+        await conn.recv(timeout=min(timeout, 2.0))     # its HELLO, so that ERROR answers it
+    except (TimeoutError, TransportError, ProtocolError):
+        pass
+    await conn.error(ErrorCode.BUSY, f"server busy: already serving {max_connections} "
+                                     "connections; try again later")
+    conn.close()
+
+
+async def _serve_one(conn, key, caps, session_limit, handshake_timeout, handler):
+    peer = conn.peer
+    try:
+        async with asyncio.timeout(handshake_timeout):
+            await _server_handshake(conn, key, caps, session_limit)
+    except TimeoutError:
+        log.warning("%s: no complete handshake within %s s", peer, handshake_timeout)
+        await conn.error(ErrorCode.TIMEOUT, f"handshake took over {handshake_timeout} s")
+        return
+    except AuthError as e:
+        log.warning("client failed authentication from %s: %s", peer, e)
+        return
+    except PeerError as e:
+        log.warning("%s ended the handshake: %s", peer, e)
+        return
+    except (ProtocolError, ConnectionClosed) as e:
+        log.warning("handshake with %s failed: %s", peer, e)
+        return
+    log.info("%s authenticated (version %s, caps %s)", peer, conn.version, conn.caps)
+    try:
+        await handler(conn)
+    except PeerError as e:
+        log.warning("%s: %s", peer, e)
+    except ConnectionClosed as e:
+        log.warning("%s: %s", peer, e)
+    except ProtocolError as e:
+        log.warning("%s: protocol error: %s", peer, e)
+        await conn.error(e.code, e.reason)
+    except Exception as e:
+        log.exception("handler failed for %s", peer)
+        await conn.error(ErrorCode.INTERNAL, f"the server failed: {type(e).__name__}: {e}")
+
+
+async def _server_handshake(conn: Connection, key, caps, session_limit):
+    hello = await conn.recv_control(MsgType.HELLO)
+    try:
+        version = choose_version(hello["versions"])
+    except ProtocolError as e:
+        await conn.error(e.code, e.reason)
+        raise
+    nonce_c, nonce_s = bytes.fromhex(hello["nonce"]), hs.new_nonce()
+    both = hs.common_caps(caps, hello["caps"])
+    await conn.send_control(MsgType.WELCOME, hs.welcome(key, version, both, nonce_c, nonce_s))
+    try:
+        proof = (await conn.recv_control(MsgType.AUTH))["proof"]
+    except PeerError as e:
+        if e.code == ErrorCode.AUTH:
+            raise AuthError(f"the client does not hold our key (it rejected our proof: "
+                            f"{e.reason})") from e
+        raise
+    if not hs.proof_matches(hs.client_proof(key, nonce_c, nonce_s), proof):
+        await conn.error(ErrorCode.AUTH, "client failed authentication: its proof does not "
+                                         "match the server's key")
+        raise AuthError("its proof does not match our key")
+    conn.version, conn.caps = version, both
+    await conn.send_control(MsgType.READY, {"session_limit": session_limit})
