@@ -133,10 +133,22 @@ def test_buffered_protocol_path_reads_big_payloads_into_their_own_buffer():
         pos += n
         out += dec.buffer_updated(n)
     (m,) = out
-    assert m.payload == big and isinstance(m.payload, bytearray)
-    # after the header, the socket is handed the payload's own buffer: at most one linear
-    # buffer's worth of the payload was received elsewhere
-    assert dec.capacity == LINEAR_CAPACITY
+    assert m.payload == big and isinstance(m.payload, memoryview)
+    assert dec.capacity == LINEAR_CAPACITY + len(big)      # one pooled payload buffer
+
+
+def test_payload_buffers_are_reused_only_when_released():
+    a, b = bytes([1]) * (200 << 10), bytes([2]) * (200 << 10)
+    dec = wire.Decoder()
+    (m0,) = dec.feed(wire.encode(T.FILE_DATA, a, 0))
+    (m1,) = dec.feed(wire.encode(T.FILE_DATA, b, 1))
+    assert m0.payload.obj is not m1.payload.obj            # m0 still held: not overwritten
+    assert m0.payload == a and m1.payload == b
+    first = id(m0.payload.obj)
+    del m0
+    (m2,) = dec.feed(wire.encode(T.FILE_DATA, b"\3" * 1000 + a[1000:], 2))
+    assert id(m2.payload.obj) == first and m2.payload[:1000] == b"\3" * 1000
+    assert m1.payload == b
 
 
 def test_eof_inside_a_frame_is_truncated():

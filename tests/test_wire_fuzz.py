@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from deltaxfer import wire
 from deltaxfer.wire import MsgType as T
 from deltaxfer.wire import ProtocolError
-from deltaxfer.wire.framing import LINEAR_CAPACITY
+from deltaxfer.wire.framing import LINEAR_CAPACITY, POOL_BYTES
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -41,8 +41,8 @@ def run_decoder(data: bytes, cuts: list[int]):
             if end > pos:
                 out += dec.feed(data[pos:end])
                 pos = end
-            # never more reserved than the linear buffer plus one checked payload
-            assert dec.capacity <= LINEAR_CAPACITY + wire.PAGES_LIMIT
+            # never more reserved than the linear buffer, the payload pool and one payload
+            assert dec.capacity <= LINEAR_CAPACITY + POOL_BYTES + 2 * wire.PAGES_LIMIT
         dec.eof()
     except ProtocolError as e:
         assert e.code in wire.ErrorCode.__members__.values()

@@ -4,11 +4,14 @@ The decoder is a state machine over one linear receive buffer (asyncpg/py-pgprot
 it accepts the stream in chunks of any size, through ``feed(chunk)`` or through
 ``get_buffer()``/``buffer_updated(n)`` (what an ``asyncio.BufferedProtocol`` calls), and
 returns whole messages. A header is validated in full before a byte is reserved for its
-payload. Payloads up to SMALL_PAYLOAD bytes are parsed in place in the linear buffer;
-bigger ones get a buffer of exactly their (checked) length that the socket reads into
-directly, so a 1 MiB PAGES payload is never copied by the receiver.
+payload. Payloads up to SMALL_PAYLOAD bytes are parsed in place in the linear buffer and
+copied out; a bigger one gets a buffer of its (checked) length from a pool of reusable
+receive buffers, which the socket reads into directly, so a 1 MiB PAGES payload is never
+copied by the receiver and costs no fresh pages. After a big payload the decoder asks for
+just the next header, so that the next big payload also lands in its own buffer.
 """
 import struct
+import sys
 from typing import NamedTuple
 
 from deltaxfer._core import xxh3_64
@@ -23,12 +26,46 @@ _MAGIC_U16 = int.from_bytes(MAGIC, "little")
 
 SMALL_PAYLOAD = 64 * 1024                    # parsed in the linear buffer
 LINEAR_CAPACITY = 256 * 1024                 # >= HEADER_SIZE + SMALL_PAYLOAD, never grows
+POOL_BYTES = 32 << 20                        # big-payload buffers kept for reuse, at most
+_POOL_REFS = 3                               # refs to a free pooled buffer: pool, loop var, call
 
 
 class Message(NamedTuple):
+    """``payload`` is bytes for a small payload, a read-only-by-convention memoryview of a
+    pooled receive buffer for a big one (the buffer is reused once nothing refers to it)."""
     type: MsgType
     seq: int
-    payload: bytes | bytearray
+    payload: bytes | memoryview
+
+
+class _PayloadPool:
+    """Receive buffers for big payloads, reused once no message refers to them any more
+    (CPython reference counts: a view handed out keeps its buffer referenced). A fresh 1 MiB
+    bytearray costs a zero-fill and 256 page faults per message; a reused one costs none."""
+
+    def __init__(self, max_bytes: int = POOL_BYTES):
+        self._free_check = sys.getrefcount
+        self._bufs: list[bytearray] = []
+        self._max = max_bytes
+
+    def take(self, length: int, limit: int) -> bytearray:
+        for buf in self._bufs:
+            if len(buf) >= length and self._free_check(buf) == _POOL_REFS:
+                return buf
+        # a size class: the next power of two, at most the type's limit
+        size = min(max(1 << (length - 1).bit_length(), SMALL_PAYLOAD), limit)
+        buf = bytearray(size)
+        held = sum(map(len, self._bufs))
+        if held + size > self._max:
+            self._bufs = [b for b in self._bufs if self._free_check(b) != _POOL_REFS - 1]
+            held = sum(map(len, self._bufs))
+        if held + size <= self._max:
+            self._bufs.append(buf)
+        return buf
+
+    @property
+    def held(self) -> int:
+        return sum(map(len, self._bufs))
 
 
 def frame_seed(prefix8: int, seq: int) -> int:
@@ -78,9 +115,10 @@ class Decoder:
         self._length = 0
         self._check = 0
         self._seed = 0
-        self._payload: bytearray | None = None   # _DIRECT: the payload being received
-        self._payload_view: memoryview | None = None
+        self._payload_view: memoryview | None = None   # _DIRECT: the payload being received
+        self._pool = _PayloadPool()
         self._filled = 0
+        self._after_direct = False   # the last payload was big: see get_buffer()
         self._error: ProtocolError | None = None
         self.messages_in = 0
         self.bytes_in = 0
@@ -88,8 +126,9 @@ class Decoder:
     # -- introspection (tests, counters) ---------------------------------------------------
     @property
     def capacity(self) -> int:
-        """Bytes reserved for receiving now: the linear buffer plus a payload in progress."""
-        return len(self._buf) + (len(self._payload) if self._payload is not None else 0)
+        """Bytes reserved for receiving: the linear buffer plus the big-payload buffers."""
+        return len(self._buf) + self._pool.held + (
+            len(self._payload_view.obj) if self._payload_view is not None else 0)
 
     @property
     def error(self) -> ProtocolError | None:
@@ -109,6 +148,10 @@ class Decoder:
             return self._view[:HEADER_SIZE]       # scratch: the bytes are never parsed
         if self._start == self._end:
             self._start = self._end = 0
+            if self._after_direct:
+                # big payloads tend to follow each other: read just the next header, so
+                # that the next payload goes straight into its own buffer, not via a copy
+                return self._view[:HEADER_SIZE]
         elif len(self._buf) - self._end < HEADER_SIZE + SMALL_PAYLOAD:
             self._compact()
         return self._view[self._end:]
@@ -164,7 +207,7 @@ class Decoder:
     # -- the state machine --------------------------------------------------------------------
     def _fail(self, code, reason, messages):
         self._state = self._FAILED
-        self._payload = self._payload_view = None
+        self._payload_view = None
         self._error = ProtocolError(code, reason)
         err = ProtocolError(code, reason)       # the caller's copy carries this call's messages
         err.messages = messages
@@ -194,6 +237,7 @@ class Decoder:
                 break
             s = self._start + HEADER_SIZE
             payload = bytes(view[s:s + self._length])
+            self._after_direct = False
             self._start = s + self._length
             self._state = self._HEADER
             out.append(self._emit(payload, out))
@@ -228,8 +272,7 @@ class Decoder:
             self._state = self._PAYLOAD
             return
         # a big payload gets its own buffer of the checked length; the socket fills it
-        self._payload = bytearray(length)
-        self._payload_view = memoryview(self._payload)
+        self._payload_view = memoryview(self._pool.take(length, LIMIT_BY_BYTE[t]))[:length]
         s = at + HEADER_SIZE
         take = min(self._end - s, length)
         self._payload_view[:take] = self._view[s:s + take]
@@ -240,9 +283,9 @@ class Decoder:
             out.append(self._finish_direct(out))
 
     def _finish_direct(self, out=None) -> Message:
-        payload = self._payload
-        self._payload = self._payload_view = None
+        payload, self._payload_view = self._payload_view, None
         self._state = self._HEADER
+        self._after_direct = True
         return self._emit(payload, out if out is not None else [])
 
     def _emit(self, payload, out) -> Message:
