@@ -56,6 +56,68 @@ def cmd_rewrite(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    import asyncio
+    import logging
+
+    from deltaxfer import transport
+    from deltaxfer.criu.runner import find_criu
+    from deltaxfer.keys import load_key, parse_hostport, server_tls
+    from deltaxfer.serve import serve
+
+    host, port = parse_hostport(args.listen, what="--listen")
+    key = load_key(args.key_file)
+    tls = server_tls(args.tls_cert, args.tls_key)
+    criu = find_criu(args.criu) if args.restore else None
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s deltaxfer serve: %(message)s")
+
+    def on_commit(session, path, pid):
+        if args.json:
+            print(json.dumps({"session": session, "path": path, "restored_pid": pid}), flush=True)
+
+    async def main_loop():
+        server = await serve(host, port, key=key, directory=args.dir, ssl=tls, criu=criu,
+                             quota_bytes=args.quota_mib << 20 if args.quota_mib else None,
+                             max_connections=args.max_connections, on_commit=on_commit)
+        addrs = ", ".join(f"{s.getsockname()[0]}:{s.getsockname()[1]}" for s in server.sockets)
+        logging.getLogger("deltaxfer.serve").info("listening on %s, storing in %s%s", addrs,
+                                                  args.dir, " (TLS)" if tls else "")
+        async with server:
+            await server.serve_forever()
+
+    try:
+        transport.run(main_loop(), loop=args.loop)
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def cmd_send(args) -> int:
+    from deltaxfer import transport
+    from deltaxfer.keys import client_tls, load_key, parse_hostport
+    from deltaxfer.send import render, send_dump
+
+    host, port = parse_hostport(args.to, what="--to")
+    key = load_key(args.key_file)
+    report = transport.run(send_dump(
+        args.image_dir, host, port, key, args.session, ssl=client_tls(args.tls_ca),
+        restore=args.restore, base=args.base, xor=not args.no_xor,
+        compress=not args.no_lz4), loop=args.loop)
+    _emit(args, report, render)
+    return 0
+
+
+def _transport_reason(e) -> str:
+    from deltaxfer.transport import AuthError, PeerError
+
+    if isinstance(e, PeerError):
+        return f"the other side refused: {e.reason} ({e.code})"
+    if isinstance(e, AuthError):
+        return f"authentication failed: {e}"
+    return str(e)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deltaxfer", description=__doc__)
     parser.add_argument("--version", action="version", version=f"deltaxfer {__version__}")
@@ -87,21 +149,59 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-coalesce", action="store_true", help="keep CRIU's pagemap entries as they are")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_rewrite)
+
+    p = sub.add_parser("serve", help="receive transfers and migrations (the destination)")
+    p.add_argument("--listen", required=True, metavar="ADDR:PORT", help="address to listen on")
+    p.add_argument("--key-file", required=True, help="pre-shared key (mode 0600)")
+    p.add_argument("--dir", required=True, help="where sessions and image directories are kept")
+    p.add_argument("--restore", action="store_true",
+                   help="allow senders to ask for `criu restore` of what they sent")
+    p.add_argument("--criu", metavar="PATH", help="criu binary for --restore")
+    p.add_argument("--quota-mib", type=int, help="disk quota for transfers in flight")
+    p.add_argument("--max-connections", type=int, default=8)
+    p.add_argument("--tls-cert", help="serve TLS with this certificate (PEM)")
+    p.add_argument("--tls-key", help="private key of --tls-cert (PEM)")
+    p.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop")
+    p.add_argument("--json", action="store_true", help="print one JSON line per commit")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("send", help="ship a CRIU image directory to a `deltaxfer serve`")
+    p.add_argument("image_dir", help="CRIU image directory")
+    p.add_argument("--to", required=True, metavar="HOST:PORT")
+    p.add_argument("--key-file", required=True, help="pre-shared key (mode 0600)")
+    p.add_argument("--session", default="default",
+                   help="session name; a later send in the same session sends only the delta")
+    p.add_argument("--base", metavar="DIR", help="the dump sent last time, for XOR deltas "
+                   "(default: the receiver's record of it, if it is still here)")
+    p.add_argument("--restore", action="store_true", help="have the receiver restore it")
+    p.add_argument("--no-xor", action="store_true", help="send changed pages whole")
+    p.add_argument("--no-lz4", action="store_true", help="do not compress page frames")
+    p.add_argument("--tls-ca", help="use TLS; verify the server against this CA (PEM)")
+    p.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_send)
     return parser
 
 
 def main(argv=None) -> int:
     from deltaxfer.criu.images import ImageError
     from deltaxfer.criu.runner import CriuError
+    from deltaxfer.keys import ConfigError
+    from deltaxfer.transport import TransportError
+    from deltaxfer.wire import ProtocolError
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ImageError, CriuError) as e:
+    except (ImageError, CriuError, ConfigError) as e:
         print(f"deltaxfer {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    except (TransportError, ProtocolError) as e:
+        print(f"deltaxfer {args.command}: error: {_transport_reason(e)}", file=sys.stderr)
     except FileExistsError as e:
         print(f"deltaxfer {args.command}: error: {e.filename} already exists", file=sys.stderr)
-        return 2
     except BrokenPipeError:
         return 1
+    except OSError as e:
+        print(f"deltaxfer {args.command}: error: {e.strerror or e}"
+              + (f": {e.filename}" if e.filename else ""), file=sys.stderr)
+    return 2

@@ -1,0 +1,195 @@
+"""`deltaxfer send`: ship a CRIU image directory over one stream; a later send of a newer
+dump in the same session sends only what changed since what the receiver holds."""
+from __future__ import annotations
+
+import os
+import socket
+import time
+from array import array
+
+from deltaxfer import PAGE_SIZE, _core, transport
+from deltaxfer.criu import images as im
+from deltaxfer.criu.dumpdir import DumpDir
+from deltaxfer.source import (Held, Pipeline, RoundStats, SourceImage, base_for, dump_images,
+                              encode_slices, split_frames)
+from deltaxfer.store import image_digest, pagemap_name
+from deltaxfer.wire import MsgType, ProtocolError, decode_held, encode_pages, iter_pagemap
+from deltaxfer.wire import iter_file_data
+
+
+class SendError(RuntimeError):
+    pass
+
+
+def source_label(image_dir: str) -> str:
+    """Where a send came from: the receiver records it so the next send from the same
+    host can use that dump as the base for XOR deltas."""
+    return f"{socket.gethostname()}:{os.path.abspath(image_dir)}"
+
+
+async def receive_state(conn) -> tuple[dict, dict[str, Held]]:
+    state = await conn.recv_control(MsgType.STATE)
+    ids = [x["id"] for x in state["images"]]
+    parts: dict[str, tuple[array, array]] = {i: (array("Q"), array("Q")) for i in ids}
+    while True:
+        msg = await conn.recv()
+        if msg.type == MsgType.STATE_END:
+            break
+        if msg.type != MsgType.HELD:
+            raise ProtocolError("unexpected", f"expected HELD or STATE_END, got {msg.type!r}")
+        index, vaddrs, hashes = decode_held(msg.payload)
+        if index >= len(ids):
+            raise ProtocolError("bad-payload", f"HELD for image index {index} of {len(ids)}")
+        parts[ids[index]][0].extend(vaddrs)
+        parts[ids[index]][1].extend(hashes)
+    held = {}
+    for x in state["images"]:
+        v, h = parts[x["id"]]
+        if len(v) != x["pages"] or f"{image_digest(h):016x}" != x["digest"]:
+            raise ProtocolError("digest", f"the receiver's state of {x['id']} is inconsistent")
+        held[x["id"]] = Held(v, h)
+    return state, held
+
+
+def pagemap_pairs(pm: im.Pagemap) -> array:
+    out = array("Q")
+    for e in pm.entries:
+        out.append(e.vaddr)
+        out.append(e.nr_pages | e.flags << 32)
+    return out
+
+
+async def send_round(conn, round_no: int, images: list[SourceImage], held: dict[str, Held], *,
+                     final: bool, xor: bool = True, compress: bool = True, pipeline: Pipeline,
+                     caches: dict | None = None) -> RoundStats:
+    """One round: every memory image's pagemap, then the records of its pages that the
+    destination lacks, then its digest; returns when the destination confirmed."""
+    stats = RoundStats()
+    t0 = time.monotonic()
+    await conn.send_control(MsgType.ROUND, {"round": round_no, "final": final})
+    for index, img in enumerate(images):
+        await conn.send_control(MsgType.IMAGE, {"index": index, "id": img.image_id,
+                                                "entries": len(img.pagemap.entries),
+                                                "pages": len(img.vaddrs)})
+        for payload in iter_pagemap(index, pagemap_pairs(img.pagemap)):
+            await conn.send(MsgType.PAGEMAP, payload)
+        h = held.get(img.image_id)
+        hashes = array("Q")
+        cache = caches.get(img.image_id) if caches is not None else None
+        async for frames, slice_hashes, st in pipeline.iterate(
+                encode_slices(img, h, xor=xor, compress=compress, cache=cache)):
+            for frame in split_frames(frames):
+                await conn.send(MsgType.PAGES, encode_pages(index, frame))
+            hashes.extend(slice_hashes)
+            stats.add(st)
+            stats.removed += st.get("removed", 0)
+        await conn.send_control(MsgType.IMAGE_END, {"index": index,
+                                                    "digest": f"{image_digest(hashes):016x}"})
+        stats.images += 1
+        stats.pages += len(img.vaddrs)
+    await conn.send_control(MsgType.ROUND_END, {"round": round_no})
+    await conn.recv_control(MsgType.ROUND_OK)
+    stats.seconds = time.monotonic() - t0
+    return stats
+
+
+async def send_files(conn, image_dir: str, names: list[str]) -> tuple[int, int]:
+    total = 0
+    for name in names:
+        path = os.path.join(image_dir, name)
+        with open(path, "rb") as f:
+            data = f.read()
+        mode = os.stat(path).st_mode & 0o777
+        await conn.send_control(MsgType.FILE, {"name": name, "size": len(data), "mode": mode})
+        for chunk in iter_file_data(data):
+            await conn.send(MsgType.FILE_DATA, chunk)
+        await conn.send_control(MsgType.FILE_END, {"xxh3": f"{_core.xxh3_64(data):016x}"})
+        total += len(data)
+    return len(names), total
+
+
+def open_base(base_dir: str | None, image_id: str) -> im.MemoryImage | None:
+    if not base_dir:
+        return None
+    path = os.path.join(base_dir, pagemap_name(image_id))
+    if not os.path.exists(path):
+        return None
+    try:
+        return im.MemoryImage(path)
+    except im.ImageError:
+        return None
+
+
+async def send_dump(image_dir: str, host: str, port: int, key: bytes, session: str, *,
+                    ssl=None, restore: bool = False, base: str | None = None, xor: bool = True,
+                    compress: bool = True) -> dict:
+    """Send the dump at ``image_dir``; returns the report printed by `deltaxfer send`."""
+    t_start = time.monotonic()
+    cpu0 = time.process_time()
+    dump = DumpDir.open(image_dir)
+    images, opened, files = dump_images(dump)
+    pipeline = Pipeline()
+    bases = []
+    conn = await transport.connect(host, port, key=key, ssl=ssl)
+    try:
+        me = source_label(image_dir)
+        await conn.send_control(MsgType.BEGIN, {"session": session, "mode": "send", "source": me,
+                                                "images": [{"id": i.image_id} for i in images]})
+        state, held = await receive_state(conn)
+        # XOR deltas need the pages the receiver holds: the previous dump, if it is still
+        # here (named by --base, or the receiver's record of the last send from this host).
+        if base is None and state["source"].startswith(socket.gethostname() + ":"):
+            prev_dir = state["source"].split(":", 1)[1]
+            if os.path.isdir(prev_dir) and os.path.abspath(prev_dir) != os.path.abspath(image_dir):
+                base = prev_dir
+        based = 0
+        for image_id, h in held.items():
+            b = open_base(base, image_id)
+            if b is not None:
+                bases.append(b)
+                h.base = base_for(h, b)
+                based += h.base is not None
+        rs = await send_round(conn, state["round"] + 1, images, held, final=True, xor=xor,
+                              compress=compress, pipeline=pipeline)
+        nfiles, file_bytes = await send_files(conn, image_dir, files)
+        await conn.send_control(MsgType.COMMIT, {"restore": restore})
+        committed = await conn.recv_control(MsgType.COMMITTED)
+        await conn.goodbye()
+        seconds = time.monotonic() - t_start
+        image_bytes = sum(len(i.vaddrs) for i in images) * PAGE_SIZE
+        return {
+            "session": session, "round": state["round"] + 1, "to": f"{host}:{port}",
+            "destination_path": committed["path"], "restored_pid": committed["restored_pid"],
+            "base": base if based else None,
+            "pages": rs.as_dict(), "files": nfiles, "file_bytes": file_bytes,
+            "image_bytes": image_bytes, "wire_bytes_sent": conn.stats["bytes_out"],
+            "wire_bytes_received": conn.stats["bytes_in"], "seconds": round(seconds, 6),
+            "wire_rate_MBps": round(conn.stats["bytes_out"] / seconds / 1e6, 3) if seconds else None,
+            "image_rate_MBps": round(image_bytes / seconds / 1e6, 3) if seconds else None,
+            "cpu_seconds": round(time.process_time() - cpu0, 6),
+        }
+    finally:
+        conn.close()
+        pipeline.close()
+        for b in bases:
+            b.close()
+        for m in opened:
+            m.close()
+
+
+def render(report: dict) -> str:
+    p = report["pages"]
+    lines = [
+        f"sent {report['image_bytes'] / 2**20:.1f} MiB of pages in {p['images']} memory "
+        f"image(s) + {report['files']} files to {report['to']} (session {report['session']}, "
+        f"round {report['round']})",
+        f"  pages: {p['pages']} scanned, {p['unchanged']} unchanged, {p['sent_full']} full, "
+        f"{p['sent_xor']} xor-delta, {p['sent_zero']} zero, {p['removed']} removed"
+        + (f" (XOR base: {report['base']})" if report["base"] else ""),
+        f"  wire: {report['wire_bytes_sent'] / 2**20:.2f} MiB sent, "
+        f"{report['wire_bytes_received'] / 2**20:.2f} MiB received in {report['seconds']:.2f} s "
+        f"({report['wire_rate_MBps']} MB/s on the wire, {report['image_rate_MBps']} MB/s of image)",
+        f"  destination: {report['destination_path']}"
+        + (f", restored as pid {report['restored_pid']}" if report["restored_pid"] else ""),
+    ]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,156 @@
+"""`deltaxfer serve`: the long-running receiver. Each authenticated connection runs one
+session's protocol (docs/PROTOCOL.md) against the destination store; anything wrong is
+answered with ERROR, the partial round or send is discarded, and the server keeps serving.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from deltaxfer import transport
+from deltaxfer.criu.runner import CriuError
+from deltaxfer.store import Store, StoreError, image_digest
+from deltaxfer.wire import (MsgType, ProtocolError, decode_control, decode_pagemap,
+                            decode_pages, iter_held)
+
+log = logging.getLogger("deltaxfer.serve")
+
+
+class Receiver:
+    def __init__(self, store: Store, *, criu=None, on_commit=None):
+        self.store = store
+        self.criu = criu
+        self.on_commit = on_commit
+        self.active: set[str] = set()
+
+    async def handle(self, conn) -> None:
+        """One connection: BEGIN, STATE, rounds, files, COMMIT; ERROR on any failure."""
+        peer = getattr(conn, "peer", "?")
+        begin = await conn.recv_control(MsgType.BEGIN)
+        name = begin["session"]
+        if name in self.active:
+            await conn.error("busy", f"session {name!r} is already receiving a transfer")
+            return
+        self.active.add(name)
+        rnd = files = None
+        loop = asyncio.get_running_loop()
+        t0 = time.monotonic()
+        try:
+            session = self.store.session(name)
+            held = session.held()
+            tables = {}
+            for image_id in held:
+                tables[image_id] = await loop.run_in_executor(None, session.held_hashes, image_id)
+            await conn.send_control(MsgType.STATE, {
+                "session": name, "round": session.round, "source": session.meta["source"],
+                "images": [{"id": i, "pages": len(v), "digest": f"{image_digest(h):016x}"}
+                           for i, (v, h) in tables.items()]})
+            for index, (v, h) in enumerate(tables.values()):
+                for payload in iter_held(index, v, h):
+                    await conn.send(MsgType.HELD, payload)
+            await conn.send_control(MsgType.STATE_END, {})
+            log.info("%s: session %s from %s (%s), holding round %d", peer, name,
+                     begin["source"], begin["mode"], session.round)
+
+            while True:
+                msg = await conn.recv()
+                t = msg.type
+                if t == MsgType.PAGES:
+                    if rnd is None:
+                        raise StoreError("unexpected", "PAGES outside a round")
+                    index, frame = decode_pages(msg.payload)
+                    await loop.run_in_executor(None, rnd.add_pages, index, frame)
+                elif t == MsgType.PAGEMAP:
+                    if rnd is None:
+                        raise StoreError("unexpected", "PAGEMAP outside a round")
+                    pm = decode_pagemap(msg.payload)
+                    rnd.add_pagemap(pm.index, zip(pm.vaddrs, pm.nr_pages, pm.flags))
+                elif t == MsgType.FILE_DATA:
+                    if files is None:
+                        raise StoreError("unexpected", "FILE_DATA outside a file")
+                    files.data(msg.payload)
+                elif t == MsgType.CLOSE:
+                    return
+                else:
+                    body = decode_control(msg)
+                    if t == MsgType.ROUND:
+                        if rnd is not None:
+                            raise StoreError("unexpected", "ROUND inside a round")
+                        rnd = session.begin_round(body["round"], begin["source"])
+                    elif t == MsgType.IMAGE:
+                        self._need(rnd, "IMAGE")
+                        rnd.begin_image(body["index"], body["id"], body["entries"], body["pages"])
+                    elif t == MsgType.IMAGE_END:
+                        self._need(rnd, "IMAGE_END")
+                        await loop.run_in_executor(None, rnd.end_image, body["index"],
+                                                   int(body["digest"], 16))
+                    elif t == MsgType.ROUND_END:
+                        self._need(rnd, "ROUND_END")
+                        done = rnd.finish()
+                        rnd = None
+                        await conn.send_control(MsgType.ROUND_OK, {
+                            "round": done["round"], "pages": done["pages"],
+                            "bytes": conn.stats["bytes_in"]})
+                        log.info("%s: session %s round %d complete: %d pages held", peer, name,
+                                 done["round"], done["pages"])
+                    elif t == MsgType.FILE:
+                        files = files or session.begin_files()
+                        files.begin(body["name"], body["size"], body["mode"])
+                    elif t == MsgType.FILE_END:
+                        if files is None:
+                            raise StoreError("unexpected", "FILE_END outside a file")
+                        files.end(int(body["xxh3"], 16))
+                    elif t == MsgType.COMMIT:
+                        if rnd is not None:
+                            raise StoreError("unexpected", "COMMIT inside a round")
+                        if files is None:
+                            raise StoreError("unexpected", "COMMIT without image files")
+                        path = session.commit(files)
+                        files = None
+                        pid = None
+                        if body["restore"]:
+                            pid = await loop.run_in_executor(None, self._restore, path)
+                        await conn.send_control(MsgType.COMMITTED, {"path": path,
+                                                                    "restored_pid": pid})
+                        log.info("%s: session %s committed in %.2f s: restorable images in %s%s",
+                                 peer, name, time.monotonic() - t0, path,
+                                 f", restored as pid {pid}" if pid else "")
+                        if self.on_commit:
+                            self.on_commit(name, path, pid)
+                    else:
+                        raise StoreError("unexpected", f"{t.name} is not expected here")
+        except StoreError as e:
+            log.warning("%s: session %s refused: %s (%s)", peer, name, e.reason, e.code)
+            await conn.error(e.code, e.reason)
+        finally:
+            if rnd is not None:
+                rnd.abort()
+            if files is not None:
+                files.discard()
+            self.active.discard(name)
+
+    @staticmethod
+    def _need(rnd, what):
+        if rnd is None:
+            raise StoreError("unexpected", f"{what} outside a round")
+
+    def _restore(self, path: str) -> int:
+        if self.criu is None:
+            raise StoreError("restore", "this server was started without restore enabled "
+                                        "(deltaxfer serve --restore)")
+        try:
+            return self.criu.restore(path)
+        except CriuError as e:
+            raise StoreError("restore", str(e)) from None
+
+
+async def serve(host: str, port: int, *, key: bytes, directory: str, ssl=None, criu=None,
+                quota_bytes: int | None = None, max_connections: int = 8, on_commit=None):
+    """Start the receiver; returns the asyncio server (serve_forever it, or close it)."""
+    receiver = Receiver(Store(directory, quota_bytes), criu=criu, on_commit=on_commit)
+    return await transport.serve(host, port, key=key, handler=receiver.handle, ssl=ssl,
+                                 max_connections=max_connections)
+
+
+__all__ = ["Receiver", "serve", "ProtocolError"]

@@ -1,0 +1,83 @@
+"""A `deltaxfer serve` subprocess for tests: started on a free loopback port, its log
+kept, stopped and checked for leftovers at the end."""
+import os
+import re
+import select
+import subprocess
+import sys
+import time
+
+KEY = b"test-key-0123456789abcdef"
+
+
+def write_key(path, key=KEY, mode=0o600):
+    with open(path, "wb") as f:
+        f.write(key + b"\n")
+    os.chmod(path, mode)
+    return str(path)
+
+
+class Server:
+    def __init__(self, tmp_path, *, loop="uvloop", extra=(), key=KEY, env=None, prefix=()):
+        self.dir = tmp_path / "serve"
+        self.key_file = write_key(tmp_path / "server.key", key)
+        self.log_path = tmp_path / "serve.log"
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            [*prefix, sys.executable, "-m", "deltaxfer", "serve", "--listen", "127.0.0.1:0",
+             "--key-file", self.key_file, "--dir", str(self.dir), "--loop", loop, *extra],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+        self.port = self._wait_listening()
+
+    def _wait_listening(self, timeout=30):
+        deadline = time.monotonic() + timeout
+        buf = b""
+        while time.monotonic() < deadline:
+            r, _, _ = select.select([self.proc.stderr], [], [], 0.2)
+            if r:
+                chunk = os.read(self.proc.stderr.fileno(), 65536)
+                if not chunk:
+                    break
+                buf += chunk
+                self._log.write(chunk)
+                m = re.search(rb"listening on [^:]+:(\d+)", buf)
+                if m:
+                    return int(m.group(1))
+        raise RuntimeError(f"deltaxfer serve did not start: {buf.decode(errors='replace')}")
+
+    @property
+    def addr(self):
+        return f"127.0.0.1:{self.port}"
+
+    def log(self) -> str:
+        """Everything the server logged so far."""
+        while True:
+            r, _, _ = select.select([self.proc.stderr], [], [], 0.05)
+            if not r:
+                break
+            chunk = os.read(self.proc.stderr.fileno(), 65536)
+            if not chunk:
+                break
+            self._log.write(chunk)
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log()
+        self._log.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
