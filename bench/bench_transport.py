@@ -109,7 +109,9 @@ def _tx_receiver(kind: str, total: int, port_out, out):
     out.send(transport.run(main(), loop=kind))
 
 
-def _tx_sender(kind: str, port: int, total: int, out):
+def _tx_sender(kind: str, port: int, total: int, out, offload):
+    transport.HASH_OFFLOAD = offload          # this process only (forked)
+
     async def main():
         conn = await transport.connect("127.0.0.1", port, key=KEY)
         payload = bytes(encode_pages(0, os.urandom(FRAME - 4)))
@@ -125,7 +127,7 @@ def _tx_sender(kind: str, port: int, total: int, out):
     out.send(transport.run(main(), loop=kind))
 
 
-def transport_transfer(kind: str, total: int) -> dict:
+def transport_transfer(kind: str, total: int, offload=None) -> dict:
     port_r, port_w = _CTX.Pipe(False)
     rx_r, rx_w = _CTX.Pipe(False)
     tx_r, tx_w = _CTX.Pipe(False)
@@ -135,7 +137,7 @@ def transport_transfer(kind: str, total: int) -> dict:
         receiver.kill()
         raise RuntimeError("transport receiver did not start")
     port = port_r.recv()
-    sender = _CTX.Process(target=_tx_sender, args=(kind, port, total, tx_w))
+    sender = _CTX.Process(target=_tx_sender, args=(kind, port, total, tx_w, offload))
     sender.start()
     return _collect(sender, receiver, tx_r, rx_r)
 
@@ -170,7 +172,7 @@ class _Summary:
         tr = terminalreporter
         tr.section("deltaxfer transport: loopback, 1 MiB frames, separate sender/receiver "
                    "processes (median of rounds)")
-        tr.write_line(f"{'variant':22} {'GB/s':>7} {'x raw':>7} {'tx CPU s/GB':>12} "
+        tr.write_line(f"{'variant':26} {'GB/s':>7} {'x raw':>7} {'tx CPU s/GB':>12} "
                       f"{'rx CPU s/GB':>12}  target")
         raw = _RESULTS.get("raw sockets")
         for name, r in _RESULTS.items():
@@ -178,11 +180,12 @@ class _Summary:
             r["ratio_to_raw"] = ratio
             target = "" if name == "raw sockets" else (
                 f">= {TARGET_RATIO} x raw: {'yes' if ratio >= TARGET_RATIO else 'NO'}")
-            tr.write_line(f"{name:22} {r['gbps']:7.2f} {ratio:7.2f} {r['tx_cpu_s_per_gb']:12.3f} "
+            tr.write_line(f"{name:26} {r['gbps']:7.2f} {ratio:7.2f} {r['tx_cpu_s_per_gb']:12.3f} "
                           f"{r['rx_cpu_s_per_gb']:12.3f}  {target}")
         out = Path(tr.config.rootpath) / ".benchmarks" / "transport-summary.json"
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"results": _RESULTS, "cpus": os.cpu_count()}, indent=2))
+        out.write_text(json.dumps({"results": _RESULTS, "cpus": os.cpu_count(),
+                                   "hash_offload_default": transport.HASH_OFFLOAD}, indent=2))
         tr.write_line(f"summary written to {out}")
 
 
@@ -217,8 +220,12 @@ def bench_raw_sockets(benchmark, transfer_bytes):
     assert r["wall"] > 0
 
 
+@pytest.mark.parametrize("check", ["inline", "thread"])
 @pytest.mark.parametrize("kind", ["uvloop", "asyncio"])
-def bench_transport(benchmark, transfer_bytes, kind):
-    r = _measure(benchmark, f"transport {kind}", transfer_bytes,
-                 lambda: transport_transfer(kind, transfer_bytes))
+def bench_transport(benchmark, transfer_bytes, kind, check):
+    """check: the sender's frame checksums on the event loop's thread, or on worker threads
+    (transport.HASH_OFFLOAD; its default depends on the number of CPUs)."""
+    offload = None if check == "inline" else 512 << 10
+    r = _measure(benchmark, f"transport {kind} {check}", transfer_bytes,
+                 lambda: transport_transfer(kind, transfer_bytes, offload))
     assert r["wall"] > 0

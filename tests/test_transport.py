@@ -144,16 +144,21 @@ def test_garbage_client_then_good_client(loop_kind):
     run(loop_kind, main())
 
 
-def test_big_transfer_integrity(loop_kind):
-    """64 MiB in 1 MiB PAGES payloads, checked end to end."""
+@pytest.mark.parametrize("offload", [None, 512 << 10], ids=["inline-check", "thread-check"])
+def test_big_transfer_integrity(loop_kind, offload, monkeypatch):
+    """64 MiB in 1 MiB PAGES payloads with small frames in between, checked end to end and
+    in order, with the sender's checksums computed inline or on worker threads."""
+    monkeypatch.setattr(transport, "HASH_OFFLOAD", offload)
     frames = 64
 
     async def sink(conn):
         h = []
-        for _ in range(frames):
+        for i in range(frames):
             m = await conn.recv_message(MsgType.PAGES)
             index, frame = wire.decode_pages(m.payload)
             h.append(_core.xxh3_64(frame, index))
+            small = await conn.recv_message(MsgType.FILE_DATA)
+            assert small.payload == i.to_bytes(4, "little")
         await conn.send_control(MsgType.FILE_END, {"xxh3": f"{_core.xxh3_64(str(h).encode()):016x}"})
         await conn.recv_message(MsgType.CLOSE)
 
@@ -168,6 +173,7 @@ def test_big_transfer_integrity(loop_kind):
                 payload = wire.encode_pages(i, block)
                 h.append(_core.xxh3_64(payload[4:], i))
                 await conn.send(MsgType.PAGES, payload)
+                await conn.send(MsgType.FILE_DATA, i.to_bytes(4, "little"))
             got = await conn.recv_control(MsgType.FILE_END)
             assert got["xxh3"] == f"{_core.xxh3_64(str(h).encode()):016x}"
             assert conn.stats["bytes_out"] > frames * MiB
@@ -175,9 +181,11 @@ def test_big_transfer_integrity(loop_kind):
     run(loop_kind, main())
 
 
-def test_backpressure_slow_consumer(loop_kind):
+@pytest.mark.parametrize("offload", [None, 512 << 10], ids=["inline-check", "thread-check"])
+def test_backpressure_slow_consumer(loop_kind, offload, monkeypatch):
     """A receiver that does not consume: reading stops at RECV_HIGH_WATER, the sender's
     send() blocks, nothing is lost when the consumer catches up."""
+    monkeypatch.setattr(transport, "HASH_OFFLOAD", offload)
     total = 160
     seen = {}
     go = asyncio.Event
@@ -213,7 +221,8 @@ def test_backpressure_slow_consumer(loop_kind):
             assert server_p._queued <= transport.RECV_HIGH_WATER + 2 * MiB
             # in flight at most: the receiver's queue, both kernels' socket buffers, the
             # sender's transport buffer
-            assert stalled * MiB <= transport.RECV_HIGH_WATER + transport.WRITE_HIGH_WATER + 64 * MiB
+            assert stalled * MiB <= transport.RECV_HIGH_WATER + transport.WRITE_HIGH_WATER + \
+                transport.PIPELINE_BYTES + 64 * MiB
             seen["go"].set()
             await task
             await conn.recv_message(MsgType.CLOSE)
@@ -357,3 +366,28 @@ def test_tls(loop_kind, tmp_path):
                 await transport.connect("127.0.0.1", port, key=KEY,
                                         ssl=ssl.create_default_context())
     run(loop_kind, main())
+
+
+def test_close_waits_for_frames_being_checksummed(loop_kind, monkeypatch):
+    """goodbye() right after big sends: the frames still being checksummed on worker
+    threads go out before CLOSE and the close."""
+    monkeypatch.setattr(transport, "HASH_OFFLOAD", 64 << 10)
+    got = []
+
+    async def handler(conn):
+        while True:
+            m = await conn.recv()
+            got.append((m.type, len(m.payload)))
+            if m.type == MsgType.CLOSE:
+                return
+
+    async def main():
+        server, port = await start(handler)
+        async with server:
+            conn = await transport.connect("127.0.0.1", port, key=KEY)
+            for _ in range(5):
+                await conn.send(MsgType.PAGES, bytes(2 * MiB))
+            await conn.goodbye()
+            await asyncio.sleep(0.2)
+    run(loop_kind, main())
+    assert got == [(MsgType.PAGES, 2 * MiB)] * 5 + [(MsgType.CLOSE, 2)]

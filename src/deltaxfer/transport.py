@@ -17,13 +17,14 @@ RECV_HIGH_WATER bytes of messages unconsumed, so a fast sender cannot exhaust it
 import asyncio
 import collections
 import logging
+import os
 import socket
 import ssl as _ssl
 import sys
 from collections.abc import Awaitable, Callable, Collection
 
 from . import __version__
-from .wire import (CAPS, HANDSHAKE_TIMEOUT, HEADER_SIZE, VERSIONS, Decoder, ErrorCode, Message,
+from .wire import (CAPS, HANDSHAKE_TIMEOUT, HEADER_SIZE, LIMITS, VERSIONS, Decoder, ErrorCode, Message,
                    MsgType, ProtocolError, choose_version, decode_control, encode_control,
                    encode_header)
 from .wire import handshake as hs
@@ -37,6 +38,10 @@ RECV_HIGH_WATER = 32 << 20       # unconsumed message bytes above which reading 
 RECV_LOW_WATER = 8 << 20
 ERROR_LINGER = 1.0               # after sending ERROR, how long to wait for the peer to close
 SOCKET_BUFFER = 4 << 20          # SO_SNDBUF/SO_RCVBUF asked for (the kernel may clamp it)
+# payloads this big are checksummed on a worker thread, overlapping the socket writes; that
+# needs a spare core (on 2 CPUs, sender + receiver + hash thread contend: measured no gain)
+HASH_OFFLOAD: int | None = 512 << 10 if (os.cpu_count() or 1) >= 4 else None
+PIPELINE_BYTES = 8 << 20         # payload bytes being checksummed above which send() waits
 
 
 class TransportError(Exception):
@@ -108,6 +113,10 @@ class _FrameProtocol(asyncio.BufferedProtocol):
         self._seq_out = 0
         self._write_paused = False
         self._drain_waiter: asyncio.Future | None = None
+        self._pipeline: collections.deque = collections.deque()   # (header|future, payload, n)
+        self._pipeline_bytes = 0          # payload bytes whose check is being computed
+        self._pipeline_waiter: asyncio.Future | None = None
+        self._after_pipeline: list[Callable[[], None]] = []
         self.closing = False
         self.closed = self._loop.create_future()
         self.bytes_out = self.frames_out = 0
@@ -140,9 +149,11 @@ class _FrameProtocol(asyncio.BufferedProtocol):
                 f"connection to {self.peer} lost: {exc}" if exc else
                 f"{self.peer} closed the connection")
         self._wake_recv()
-        waiter, self._drain_waiter = self._drain_waiter, None
-        if waiter is not None and not waiter.done():
-            waiter.set_exception(ConnectionClosed(f"connection to {self.peer} closed"))
+        for attr in ("_drain_waiter", "_pipeline_waiter"):
+            waiter = getattr(self, attr)
+            setattr(self, attr, None)
+            if waiter is not None and not waiter.done():
+                waiter.set_exception(ConnectionClosed(f"connection to {self.peer} closed"))
         if not self.closed.done():
             self.closed.set_result(None)
 
@@ -208,11 +219,71 @@ class _FrameProtocol(asyncio.BufferedProtocol):
         if self.closing:
             raise self._exc if isinstance(self._exc, TransportError) else \
                 ConnectionClosed(f"connection to {self.peer} is closing")
-        header = encode_header(type, payload, self._seq_out)
-        self._seq_out += 1
         n = memoryview(payload).nbytes
+        seq = self._seq_out
+        if HASH_OFFLOAD is not None and n >= HASH_OFFLOAD:
+            # the check of a big payload is computed on a worker thread (xxh3 releases the
+            # GIL), overlapping with the socket writes of the frames before it
+            if n > LIMITS.get(type, -1):
+                encode_header(type, payload, seq)            # raises the precise error
+            header = self._loop.run_in_executor(None, encode_header, type, payload, seq)
+            header.add_done_callback(self._pipeline_ready)
+            self._pipeline_bytes += n
+        else:
+            header = encode_header(type, payload, seq)
+        self._seq_out = seq + 1
         self.frames_out += 1
         self.bytes_out += HEADER_SIZE + n
+        if self._pipeline or not isinstance(header, bytes):
+            self._pipeline.append((header, payload, n))
+            return
+        self._write(header, payload, n)
+
+    def _pipeline_ready(self, _=None):
+        """Write the frames at the head of the pipeline whose headers are ready, in order."""
+        pipeline = self._pipeline
+        while pipeline:
+            header, payload, n = pipeline[0]
+            if not isinstance(header, bytes):
+                if not header.done():
+                    break
+                if header.cancelled() or header.exception() is not None:
+                    log.error("checksum of a frame to %s failed: %r", self.peer,
+                              None if header.cancelled() else header.exception())
+                    pipeline.clear()
+                    self.closing = True
+                    if self.transport is not None:
+                        self.transport.abort()
+                    break
+                header = header.result()
+                self._pipeline_bytes -= n
+            pipeline.popleft()
+            if self.transport is None or self.transport.is_closing():
+                continue
+            self._write(header, payload, n)
+        if self._pipeline_bytes <= PIPELINE_BYTES:
+            self._wake(self, "_pipeline_waiter")
+        if not pipeline:
+            self.flush()
+            callbacks, self._after_pipeline = self._after_pipeline, []
+            for cb in callbacks:
+                cb()
+
+    def _when_written(self, callback):
+        """Run callback once every queued frame has gone to the transport."""
+        if self._pipeline:
+            self._after_pipeline.append(callback)
+        else:
+            callback()
+
+    @staticmethod
+    def _wake(obj, attr):
+        waiter = getattr(obj, attr)
+        setattr(obj, attr, None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _write(self, header: bytes, payload, n: int) -> None:
         out = self._out
         if n < COALESCE:
             out += header
@@ -247,7 +318,18 @@ class _FrameProtocol(asyncio.BufferedProtocol):
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
+    @property
+    def must_wait(self) -> bool:
+        return self._write_paused or self._pipeline_bytes > PIPELINE_BYTES
+
     async def drain(self):
+        """Wait until the frames being checksummed and the transport's buffer are below
+        their bounds (aiohttp's drain, plus the checksum pipeline)."""
+        while self._pipeline_bytes > PIPELINE_BYTES:
+            if self.closed.done():
+                raise ConnectionClosed(f"connection to {self.peer} closed")
+            self._pipeline_waiter = self._loop.create_future()
+            await self._pipeline_waiter
         if self.closing and self.closed.done():
             raise ConnectionClosed(f"connection to {self.peer} closed")
         if not self._write_paused:
@@ -268,26 +350,33 @@ class _FrameProtocol(asyncio.BufferedProtocol):
                 MsgType.ERROR, {"code": str(code), "reason": str(reason)[:2000]}))
         except (ProtocolError, TransportError):
             pass
-        self.flush()
         self.closing = True
         self._discard = memoryview(bytearray(64 << 10))
         if self._reading_paused:
             self._reading_paused = False
             self.transport.resume_reading()
-        if self.transport.can_write_eof():
-            self.transport.write_eof()
+        self._when_written(self._end_writing)
         self._loop.call_later(ERROR_LINGER, self.abort_if_open)
         return True
+
+    def _end_writing(self):
+        self.flush()
+        if not self.transport.is_closing() and self.transport.can_write_eof():
+            self.transport.write_eof()
 
     def abort_if_open(self):
         if self.transport is not None and not self.closed.done():
             self.transport.close()
 
     def close(self):
+        """Close once every queued frame has gone to the transport (which flushes it)."""
         if self.transport is None:
             return
-        self.flush()
         self.closing = True
+        self._when_written(self._close_now)
+
+    def _close_now(self):
+        self.flush()
         self.transport.close()
 
 
@@ -326,7 +415,7 @@ class Connection:
         """Send one message; waits while the transport's buffer is over its high water mark."""
         p = self._p
         p.write_frame(type, payload)
-        if p._write_paused:
+        if p.must_wait:
             await p.drain()
 
     async def send_control(self, type: MsgType, obj: dict) -> None:
