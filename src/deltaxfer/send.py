@@ -126,16 +126,26 @@ async def send_dump(image_dir: str, host: str, port: int, key: bytes, session: s
     """Send the dump at ``image_dir``; returns the report printed by `deltaxfer send`."""
     t_start = time.monotonic()
     cpu0 = time.process_time()
+    phases = {}
+
+    def phase(name, since=[t_start]):  # noqa: B006 (a running clock)
+        t = time.monotonic()
+        phases[name] = round(t - since[0], 6)
+        since[0] = t
+
     dump = DumpDir.open(image_dir)
     images, opened, files = dump_images(dump)
     pipeline = Pipeline()
     bases = []
+    phase("open_dump")
     conn = await transport.connect(host, port, key=key, ssl=ssl)
+    phase("connect")
     try:
         me = source_label(image_dir)
         await conn.send_control(MsgType.BEGIN, {"session": session, "mode": "send", "source": me,
                                                 "images": [{"id": i.image_id} for i in images]})
         state, held = await receive_state(conn)
+        phase("state")
         # XOR deltas need the pages the receiver holds: the previous dump, if it is still
         # here (named by --base, or the receiver's record of the last send from this host).
         if base is None and state["source"].startswith(socket.gethostname() + ":"):
@@ -149,11 +159,15 @@ async def send_dump(image_dir: str, host: str, port: int, key: bytes, session: s
                 bases.append(b)
                 h.base = base_for(h, b)
                 based += h.base is not None
+        phase("base")
         rs = await send_round(conn, state["round"] + 1, images, held, final=True, xor=xor,
                               compress=compress, pipeline=pipeline)
+        phase("round")
         nfiles, file_bytes = await send_files(conn, image_dir, files)
+        phase("files")
         await conn.send_control(MsgType.COMMIT, {"restore": restore})
         committed = await conn.recv_control(MsgType.COMMITTED)
+        phase("commit")
         await conn.goodbye()
         seconds = time.monotonic() - t_start
         image_bytes = sum(len(i.vaddrs) for i in images) * PAGE_SIZE
@@ -167,6 +181,7 @@ async def send_dump(image_dir: str, host: str, port: int, key: bytes, session: s
             "wire_rate_MBps": round(conn.stats["bytes_out"] / seconds / 1e6, 3) if seconds else None,
             "image_rate_MBps": round(image_bytes / seconds / 1e6, 3) if seconds else None,
             "cpu_seconds": round(time.process_time() - cpu0, 6),
+            "phases": phases,
         }
     finally:
         conn.close()

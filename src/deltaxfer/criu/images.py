@@ -206,7 +206,6 @@ def parse_pagemap(path, data: bytes) -> Pagemap:
     if not isinstance(pages_id, int) or pages_id >= 1 << 32:
         raise ImageError(path, f"bad pages_id {pages_id!r}")
     out: list[PagemapEntry] = []
-    prev_end = 0
     for i, payload in enumerate(entries[1:], start=1):
         what = f"pagemap_entry #{i}"
         f = decode(path, payload, what)
@@ -220,16 +219,25 @@ def parse_pagemap(path, data: bytes) -> Pagemap:
         for name, value in (("vaddr", vaddr), ("nr_pages", nr_pages), ("flags", flags)):
             if not isinstance(value, int):
                 raise ImageError(path, f"{what}: {name} has the wrong wire type")
-        if vaddr % PAGE_SIZE:
-            raise ImageError(path, f"{what}: vaddr 0x{vaddr:x} is not page aligned")
-        if not 0 < nr_pages <= MAX_NR_PAGES or vaddr + nr_pages * PAGE_SIZE > MAX_VADDR:
-            raise ImageError(path, f"{what}: absurd nr_pages {nr_pages} at vaddr 0x{vaddr:x}")
-        if vaddr < prev_end:
-            raise ImageError(path, f"{what}: vaddr 0x{vaddr:x} overlaps or precedes the "
-                                   f"previous entry (ends 0x{prev_end:x}); entries must ascend")
-        prev_end = vaddr + nr_pages * PAGE_SIZE
         out.append(PagemapEntry(vaddr, nr_pages, flags))
+    check_entries(path, out)
     return Pagemap(pages_id, out)
+
+
+def check_entries(path, entries: list[PagemapEntry]) -> None:
+    """Entries must be page aligned, of sane size, ascending and not overlapping."""
+    prev_end = 0
+    for i, e in enumerate(entries, start=1):
+        vaddr, nr_pages = e.vaddr, e.nr_pages
+        if vaddr % PAGE_SIZE:
+            raise ImageError(path, f"pagemap_entry #{i}: vaddr 0x{vaddr:x} is not page aligned")
+        if not 0 < nr_pages <= MAX_NR_PAGES or vaddr + nr_pages * PAGE_SIZE > MAX_VADDR:
+            raise ImageError(path, f"pagemap_entry #{i}: absurd nr_pages {nr_pages} at "
+                                   f"vaddr 0x{vaddr:x}")
+        if vaddr < prev_end:
+            raise ImageError(path, f"pagemap_entry #{i}: vaddr 0x{vaddr:x} overlaps or precedes "
+                                   f"the previous entry (ends 0x{prev_end:x}); entries must ascend")
+        prev_end = vaddr + nr_pages * PAGE_SIZE
 
 
 def read_pagemap(path) -> Pagemap:
