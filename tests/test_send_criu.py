@@ -51,7 +51,7 @@ def test_send_twice_then_restore(criu, tmp_path, capsys, loop):
 
         path = second["destination_path"]
         assert path.startswith(str(server.dir)) and os.path.isdir(path)
-        assert f"committed" in server.log() and path in server.log()
+        assert "committed" in server.log() and path in server.log()
         # the receiver's directory restores, and the process finds its memory intact
         pid = criu.restore(path)
         wl.adopt(pid)

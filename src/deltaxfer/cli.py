@@ -72,9 +72,9 @@ def cmd_serve(args) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s deltaxfer serve: %(message)s")
 
-    def on_commit(session, path, pid):
+    def on_commit(report):
         if args.json:
-            print(json.dumps({"session": session, "path": path, "restored_pid": pid}), flush=True)
+            print(json.dumps(report), flush=True)
 
     async def main_loop():
         server = await serve(host, port, key=key, directory=args.dir, ssl=tls, criu=criu,

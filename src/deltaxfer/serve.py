@@ -36,6 +36,7 @@ class Receiver:
         rnd = files = None
         loop = asyncio.get_running_loop()
         t0 = time.monotonic()
+        records = {"zero": 0, "xor": 0, "full": 0}
         try:
             session = self.store.session(name)
             held = session.held()
@@ -60,7 +61,9 @@ class Receiver:
                     if rnd is None:
                         raise StoreError("unexpected", "PAGES outside a round")
                     index, frame = decode_pages(msg.payload)
-                    await loop.run_in_executor(None, rnd.add_pages, index, frame)
+                    counts = await loop.run_in_executor(None, rnd.add_pages, index, frame)
+                    for k, v in counts.items():
+                        records[k] += v
                 elif t == MsgType.PAGEMAP:
                     if rnd is None:
                         raise StoreError("unexpected", "PAGEMAP outside a round")
@@ -113,11 +116,19 @@ class Receiver:
                             pid = await loop.run_in_executor(None, self._restore, path)
                         await conn.send_control(MsgType.COMMITTED, {"path": path,
                                                                     "restored_pid": pid})
-                        log.info("%s: session %s committed in %.2f s: restorable images in %s%s",
-                                 peer, name, time.monotonic() - t0, path,
-                                 f", restored as pid {pid}" if pid else "")
+                        seconds = time.monotonic() - t0
+                        wire = conn.stats["bytes_in"]
+                        report = {"session": name, "path": path, "restored_pid": pid,
+                                  "round": session.round, "wire_bytes_received": wire,
+                                  "records": dict(records), "seconds": round(seconds, 6),
+                                  "wire_rate_MBps": round(wire / seconds / 1e6, 3)}
+                        log.info("%s: session %s committed: %.2f MiB received in %.2f s "
+                                 "(%.1f MB/s; pages %d full, %d xor-delta, %d zero); restorable "
+                                 "images in %s%s", peer, name, wire / 2**20, seconds,
+                                 report["wire_rate_MBps"], records["full"], records["xor"],
+                                 records["zero"], path, f", restored as pid {pid}" if pid else "")
                         if self.on_commit:
-                            self.on_commit(name, path, pid)
+                            self.on_commit(report)
                     else:
                         raise StoreError("unexpected", f"{t.name} is not expected here")
         except StoreError as e:
