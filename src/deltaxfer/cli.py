@@ -108,6 +108,58 @@ def cmd_send(args) -> int:
     return 0
 
 
+def cmd_migrate(args) -> int:
+    from deltaxfer import transport
+    from deltaxfer.criu.runner import find_criu
+    from deltaxfer.keys import client_tls, load_key, parse_hostport
+    from deltaxfer.migrate import Options, migrate
+
+    host, port = parse_hostport(args.to, what="--to")
+    key = load_key(args.key_file)
+    criu = find_criu(args.criu)
+    tty = sys.stderr.isatty()
+
+    def progress(line):
+        if not args.quiet:
+            print(line, file=sys.stderr, flush=True)
+
+    opts = Options(session=args.session, downtime_target=args.downtime_target / 1000,
+                   max_rounds=args.max_rounds, xor=not args.no_xor, compress=not args.no_lz4,
+                   cache_bytes=args.xor_cache_mib << 20, restore=not args.no_restore,
+                   ssl=client_tls(args.tls_ca), progress=progress if (tty or args.progress) else None)
+    report = transport.run(migrate(args.pid, host, port, key, criu, opts), loop=args.loop).as_dict()
+    if args.report:
+        with open(args.report, "w") as f:
+            json.dump(report, f, indent=2)
+    _emit(args, report, render_migration)
+    return 0 if report["outcome"] == "migrated" else 1
+
+
+def render_migration(r: dict) -> str:
+    lines = [f"deltaxfer migrate pid {r['pid']} -> {r['to']}: {r['outcome']}"]
+    if r["error"]:
+        lines.append(f"  cause: {r['error']}")
+    live = [x for x in r["rounds"] if x.get("live")]
+    lines.append(f"  {len(live)} live round(s); stopped: {r['stop_reason'] or '-'}")
+    if r["downtime"] is not None:
+        steps = ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in r["freeze"].items()
+                          if isinstance(v, float))
+        lines.append(f"  downtime {r['downtime'] * 1000:.0f} ms (predicted "
+                     f"{(r['predicted_downtime'] or 0) * 1000:.0f} ms): {steps}")
+    lines.append(f"  total {r['total_seconds']:.2f} s, {r['wire_bytes_sent'] / 2**20:.1f} MiB "
+                 f"sent, {r['cpu_seconds']:.2f} CPU s")
+    if r["restored_pid"]:
+        lines.append(f"  running on the destination as pid {r['restored_pid']} "
+                     f"(images in {r['destination_path']})")
+    return "\n".join(lines) + "\n"
+
+
+def cmd_hook(args) -> int:
+    from deltaxfer.migrate import run_hook
+
+    return run_hook()
+
+
 def _transport_reason(e) -> str:
     from deltaxfer.transport import AuthError, PeerError
 
@@ -180,6 +232,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_send)
+
+    p = sub.add_parser("migrate", help="live-migrate a running process tree to a `deltaxfer serve`")
+    p.add_argument("pid", type=int, help="root of the process tree")
+    p.add_argument("--to", required=True, metavar="HOST:PORT")
+    p.add_argument("--key-file", required=True, help="pre-shared key (mode 0600)")
+    p.add_argument("--session", help="session name on the destination (default: unique)")
+    p.add_argument("--downtime-target", type=float, default=300, metavar="MS",
+                   help="freeze when the predicted downtime is below this (default 300 ms)")
+    p.add_argument("--max-rounds", type=int, default=10, help="live rounds at most (default 10)")
+    p.add_argument("--xor-cache-mib", type=int, default=64,
+                   help="bounded cache of sent pages for XOR deltas (default 64 MiB)")
+    p.add_argument("--no-xor", action="store_true", help="send changed pages whole")
+    p.add_argument("--no-lz4", action="store_true", help="do not compress page frames")
+    p.add_argument("--no-restore", action="store_true",
+                   help="stop after the destination holds the images (the source is killed)")
+    p.add_argument("--criu", metavar="PATH", help="criu binary")
+    p.add_argument("--tls-ca", help="use TLS; verify the server against this CA (PEM)")
+    p.add_argument("--report", metavar="FILE", help="write the JSON report here too")
+    p.add_argument("--progress", action="store_true", help="per-round lines even without a terminal")
+    p.add_argument("--quiet", action="store_true", help="no per-round lines")
+    p.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop")
+    p.add_argument("--json", action="store_true", help="print the JSON report")
+    p.set_defaults(func=cmd_migrate)
+
+    p = sub.add_parser("hook", help="CRIU action script (criu dump --action-script "
+                                    "'deltaxfer hook'); configured by the environment")
+    p.set_defaults(func=cmd_hook)
     return parser
 
 

@@ -63,9 +63,11 @@ async def send_round(conn, round_no: int, images: list[SourceImage], held: dict[
                      final: bool, xor: bool = True, compress: bool = True, pipeline: Pipeline,
                      caches: dict | None = None) -> RoundStats:
     """One round: every memory image's pagemap, then the records of its pages that the
-    destination lacks, then its digest; returns when the destination confirmed."""
+    destination lacks, then its digest; returns when the destination confirmed, with
+    ``held`` updated to what the destination now holds."""
     stats = RoundStats()
     t0 = time.monotonic()
+    new_held: dict[str, Held] = {}
     await conn.send_control(MsgType.ROUND, {"round": round_no, "final": final})
     for index, img in enumerate(images):
         await conn.send_control(MsgType.IMAGE, {"index": index, "id": img.image_id,
@@ -85,11 +87,16 @@ async def send_round(conn, round_no: int, images: list[SourceImage], held: dict[
             stats.removed += st.get("removed", 0)
         await conn.send_control(MsgType.IMAGE_END, {"index": index,
                                                     "digest": f"{image_digest(hashes):016x}"})
+        # what the destination will hold once the round is confirmed
+        new_held[img.image_id] = Held(array("Q", img.vaddrs), hashes)
         stats.images += 1
         stats.pages += len(img.vaddrs)
     await conn.send_control(MsgType.ROUND_END, {"round": round_no})
-    await conn.recv_control(MsgType.ROUND_OK)
+    ok = await conn.recv_control(MsgType.ROUND_OK)
     stats.seconds = time.monotonic() - t0
+    stats.wire_bytes = ok["bytes"]
+    held.clear()
+    held.update(new_held)
     return stats
 
 

@@ -1,0 +1,183 @@
+"""The memory of a live (or frozen) process tree as memory images to send.
+
+Live rounds read the present pages of every process's private writable anonymous VMAs
+with process_vm_readv (the process keeps running). The final round reads what a lazy
+`criu dump --lazy-pages` left in the frozen processes (pagemap entries flagged LAZY only)
+and takes the rest from the dump's pages files. Memory images are named like CRIU's
+files: ``pid-N`` with N the pid inside the tree's PID namespace.
+"""
+from __future__ import annotations
+
+import os
+import time
+from array import array
+from dataclasses import dataclass
+
+from deltaxfer import PAGE_SIZE, _core
+from deltaxfer.core import procmem
+from deltaxfer.criu import images as im
+from deltaxfer.criu.dumpdir import DumpDir
+from deltaxfer.source import SourceImage
+
+
+class LiveError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class Task:
+    host_pid: int
+    ns_pid: int     # as the tree's root PID namespace sees it (what CRIU's images use)
+
+
+def _nspids(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("NSpid:"):
+                    return [int(x) for x in line.split()[1:]]
+    except FileNotFoundError:
+        raise LiveError(f"process {pid} does not exist") from None
+    return [pid]
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            try:
+                with open(f"/proc/{pid}/task/{tid}/children") as f:
+                    out += [int(x) for x in f.read().split()]
+            except FileNotFoundError:
+                pass
+    except FileNotFoundError:
+        pass
+    return out
+
+
+def process_tree(root: int) -> list[Task]:
+    """The root and all its descendants (processes, not threads), root first."""
+    depth = len(_nspids(root))
+    tasks, todo = [], [root]
+    while todo:
+        pid = todo.pop(0)
+        ns = _nspids(pid)
+        if len(ns) < depth:
+            continue  # left the tree's namespace: not ours to dump
+        tasks.append(Task(pid, ns[depth - 1]))
+        todo += _children(pid)
+    return tasks
+
+
+@dataclass
+class Snapshot:
+    images: list[SourceImage]
+    bytes_read: int
+    bytes_failed: int
+    seconds: float
+
+
+def _pagemap_of_runs(run_v: array, run_l: array, flags: int) -> im.Pagemap:
+    entries: list[im.PagemapEntry] = []
+    for v, n in zip(run_v, run_l):
+        if entries and entries[-1].end == v:
+            e = entries[-1]
+            entries[-1] = im.PagemapEntry(e.vaddr, e.nr_pages + n // PAGE_SIZE, flags)
+        else:
+            entries.append(im.PagemapEntry(v, n // PAGE_SIZE, flags))
+    return im.Pagemap(0, entries)
+
+
+def snapshot_tree(tasks: list[Task], buffers: dict | None = None) -> Snapshot:
+    """Read every present private anonymous page of every task, without freezing them.
+
+    ``buffers`` (image id -> bytearray) are reused between rounds to avoid faulting in
+    fresh memory each time."""
+    t0 = time.monotonic()
+    images, read, failed = [], 0, 0
+    for task in tasks:
+        try:
+            run_v, run_l = procmem.present_runs(task.host_pid)
+        except ProcessLookupError:
+            continue  # exited between rounds; the final dump will not have it either
+        total = sum(run_l)
+        image_id = f"pid-{task.ns_pid}"
+        buf = buffers.get(image_id) if buffers is not None else None
+        if buf is None or len(buf) < total:
+            buf = bytearray(total)
+            if buffers is not None:
+                buffers[image_id] = buf
+        view = memoryview(buf)[:total]
+        bad, bad_bytes = _core.read_process_memory(task.host_pid, run_v, run_l, view)
+        read += total
+        failed += bad_bytes
+        images.append(SourceImage(image_id, _pagemap_of_runs(run_v, run_l, im.PE_PRESENT),
+                                  view, _core.run_page_vaddrs(run_v, run_l)))
+    return Snapshot(images, read, failed, time.monotonic() - t0)
+
+
+def frozen_images(dump: DumpDir, tasks: list[Task]) -> tuple[list[SourceImage], list, int]:
+    """The final round's memory images from a (lazy) dump of the frozen tree: LAZY-only
+    entries are read from the frozen processes, PRESENT ones from the pages files.
+    Returns (images, opened MemoryImages to close, bytes read from process memory)."""
+    host = {t.ns_pid: t.host_pid for t in tasks}
+    images, opened, from_memory = [], [], 0
+    for name in sorted(os.listdir(dump.path)):
+        image_id = None
+        m = im.PAGEMAP_RE.match(name)
+        if m:
+            image_id = f"pid-{m.group(1)}"
+        elif im.SHMEM_PAGEMAP_RE.match(name):
+            image_id = f"shmem-{im.SHMEM_PAGEMAP_RE.match(name).group(1)}"
+        if image_id is None:
+            continue
+        mem = im.MemoryImage(os.path.join(dump.path, name))
+        opened.append(mem)
+        lazy = [e for e in mem.pagemap.entries if not e.present and e.flags & im.PE_LAZY]
+        if not lazy:
+            images.append(SourceImage(image_id, mem.pagemap, mem.pages, mem.vaddrs()))
+            continue
+        if not image_id.startswith("pid-") or int(image_id[4:]) not in host:
+            raise LiveError(f"{name}: lazy pages of a process not in the frozen tree")
+        pid = host[int(image_id[4:])]
+        # one buffer in pagemap order: pages-file pages copied in, lazy pages read from the
+        # frozen process straight into their places (each group of consecutive lazy
+        # entries in one process_vm_readv batch)
+        entries = [e for e in mem.pagemap.entries if e.present or e.flags & im.PE_LAZY]
+        buf = bytearray(sum(e.nr_pages for e in entries) * PAGE_SIZE)
+        view = memoryview(buf)
+        at = file_at = 0
+        group_at, run_v, run_l = 0, array("Q"), array("Q")
+
+        def read_group():
+            nonlocal from_memory
+            if run_v:
+                n = sum(run_l)
+                bad, bad_bytes = _core.read_process_memory(pid, run_v, run_l,
+                                                           view[group_at:group_at + n])
+                if bad_bytes:
+                    raise LiveError(f"could not read {bad_bytes} bytes of frozen pid {pid}'s "
+                                    f"memory (first at {bad[0]})")
+                from_memory += n
+                del run_v[:], run_l[:]
+
+        for e in entries:
+            n = e.nr_pages * PAGE_SIZE
+            if e.present:
+                read_group()
+                buf[at:at + n] = mem.pages[file_at:file_at + n]
+                file_at += n
+            else:
+                if not run_v:
+                    group_at = at
+                run_v.append(e.vaddr)
+                run_l.append(n)
+            at += n
+        read_group()
+        pm = im.Pagemap(0, [im.PagemapEntry(e.vaddr, e.nr_pages, e.flags | im.PE_PRESENT)
+                            for e in entries])
+        va = array("Q")
+        for e in entries:
+            va.extend(range(e.vaddr, e.end, PAGE_SIZE))
+        images.append(SourceImage(image_id, pm, view, va))
+    return images, opened, from_memory

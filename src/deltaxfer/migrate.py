@@ -1,0 +1,356 @@
+"""`deltaxfer migrate`: live migration of a process tree to a `deltaxfer serve`.
+
+1. Live rounds, the tree running: read its present private pages (process_vm_readv),
+   send what changed since what the destination holds (XOR deltas against a bounded cache
+   of what was sent), until the convergence policy says freeze.
+2. The freeze: `criu dump --lazy-pages` with deltaxfer's own action script. CRIU freezes
+   the tree and writes only the metadata images (the pages stay in the frozen tasks);
+   at post-dump the hook hands over to this agent, which reads the frozen memory, sends
+   only the residual delta and the images, and has the destination restore. The hook
+   exits 0 only when the destination confirmed: otherwise CRIU resumes the tree — the
+   rollback. Then the agent ends the lazy dump (no pages are sent through it) and CRIU
+   kills the source (migration done) or has resumed it (rolled back).
+"""
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import os
+import shutil
+import socket
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+
+from deltaxfer import PAGE_SIZE, _core, transport
+from deltaxfer.criu.dumpdir import DumpDir
+from deltaxfer.criu.lazy import end_lazy_dump
+from deltaxfer.criu.runner import Criu, log_errors
+from deltaxfer.live import LiveError, frozen_images, process_tree, snapshot_tree
+from deltaxfer.policy import Convergence, RoundMeasure
+from deltaxfer.send import receive_state, send_files, send_round
+from deltaxfer.source import Pipeline
+from deltaxfer.wire import MsgType
+
+AGENT_ENV = "DELTAXFER_AGENT"          # the hook talks to the agent on this unix socket
+LAZY_PORT_ENV = "DELTAXFER_LAZY_PORT"  # ... and can end the lazy dump if the agent is gone
+
+
+class MigrationError(RuntimeError):
+    pass
+
+
+@dataclass
+class Options:
+    session: str | None = None
+    downtime_target: float = 0.3
+    max_rounds: int = 10
+    xor: bool = True
+    compress: bool = True
+    cache_bytes: int = 64 << 20
+    restore: bool = True
+    ssl: object = None
+    work_dir: str | None = None
+    lazy_port: int = 0
+    progress: object = None          # callable(str) for the per-round line
+
+
+@dataclass
+class Report:
+    pid: int
+    to: str
+    session: str
+    outcome: str = "failed"
+    error: str | None = None
+    rounds: list = field(default_factory=list)
+    stop_reason: str = ""
+    predicted_downtime: float | None = None
+    downtime: float | None = None
+    freeze: dict = field(default_factory=dict)
+    total_seconds: float = 0.0
+    cpu_seconds: float = 0.0
+    wire_bytes_sent: int = 0
+    destination_path: str | None = None
+    restored_pid: int | None = None
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def progress_line(r: dict) -> str:
+    return (f"round {r['round']:>2}: {r['changed']:>8} pages changed of {r['pages']}, "
+            f"{r['wire_bytes'] / 2**20:8.2f} MiB in {r['seconds']:.2f} s "
+            f"({r['bandwidth_MBps']:.0f} MB/s), dirty {r['dirty_MBps']:.1f} MB/s, "
+            f"predicted downtime {r['predicted_downtime'] * 1000:.0f} ms")
+
+
+class Agent:
+    """One migration: the connection, the rounds, and the final freeze."""
+
+    def __init__(self, pid: int, host: str, port: int, key: bytes, criu: Criu, opts: Options):
+        self.pid, self.host, self.port, self.key = pid, host, port, key
+        self.criu, self.opts = criu, opts
+        self.session = opts.session or f"migrate-{socket.gethostname()}-{pid}-{int(time.time())}"
+        self.report = Report(pid, f"{host}:{port}", self.session)
+        self.policy = Convergence(opts.downtime_target, opts.max_rounds)
+        self.pipeline = Pipeline()
+        self.held: dict = {}
+        self.caches: dict = {}
+        self.buffers: dict = {}
+        self.conn = None
+        self.round_no = 0
+        self.final_result: asyncio.Future | None = None
+
+    # -- live rounds -------------------------------------------------------------------------
+    def _caches_for(self, images):
+        for img in images:
+            if img.image_id not in self.caches and self.opts.xor:
+                self.caches[img.image_id] = _core.XorCache(self.opts.cache_bytes)
+        return self.caches if self.opts.xor else None
+
+    async def live_rounds(self) -> None:
+        loop = asyncio.get_running_loop()
+        last_read = None
+        while True:
+            tasks = process_tree(self.pid)
+            t_read = time.monotonic()
+            snap = await loop.run_in_executor(self.pipeline.pool, snapshot_tree, tasks,
+                                              self.buffers)
+            self.round_no += 1
+            rs = await send_round(self.conn, self.round_no, snap.images, self.held, final=False,
+                                  xor=self.opts.xor, compress=self.opts.compress,
+                                  pipeline=self.pipeline, caches=self._caches_for(snap.images))
+            c = rs.counts
+            changed = c["changed"] + c["added"]
+            m = RoundMeasure(self.round_no, rs.pages, changed, c["stored_bytes"],
+                             time.monotonic() - t_read, snap.seconds,
+                             t_read - last_read if last_read else float("inf"))
+            last_read = t_read
+            d = self.policy.observe(m)
+            rec = {"round": self.round_no, "live": True, "pages": rs.pages, "changed": changed,
+                   "sent_full": c["sent_full"], "sent_xor": c["sent_xor"],
+                   "sent_zero": c["sent_zero"], "removed": rs.removed,
+                   "wire_bytes": c["stored_bytes"], "read_seconds": round(snap.seconds, 6),
+                   "seconds": round(m.seconds, 6),
+                   "bandwidth_MBps": (c["stored_bytes"] / max(m.seconds - snap.seconds, 1e-6)
+                                      / 1e6),
+                   "dirty_MBps": d.dirty_pages_per_s * PAGE_SIZE / 1e6,
+                   "predicted_downtime": round(d.predicted_downtime, 6),
+                   "decision": d.reason}
+            self.report.rounds.append(rec)
+            if self.opts.progress:
+                self.opts.progress(progress_line(rec))
+            if d.stop:
+                self.report.stop_reason = d.reason
+                self.report.predicted_downtime = d.predicted_downtime
+                return
+
+    # -- the freeze ------------------------------------------------------------------------
+    async def on_hook(self, reader, writer) -> None:
+        """The action script's connection: pre-dump (freeze begins) or post-dump."""
+        try:
+            msg = json.loads(await reader.readline())
+            action = msg.get("action")
+            if action == "pre-dump":
+                self.t_freeze = time.monotonic()
+                reply = {"ok": True}
+            elif action == "post-dump":
+                self.t_post = time.monotonic()
+                try:
+                    await self.final_round()
+                    reply = {"ok": True}
+                except Exception as e:  # the hook reports it; CRIU resumes the tree
+                    self.report.error = f"final round failed: {type(e).__name__}: {e}"
+                    reply = {"ok": False, "reason": self.report.error}
+            else:
+                reply = {"ok": True}
+            writer.write(json.dumps(reply).encode() + b"\n")
+            await writer.drain()
+        finally:
+            writer.close()
+
+    async def final_round(self) -> None:
+        loop = asyncio.get_running_loop()
+        f = self.report.freeze
+        f["dump"] = round(self.t_post - self.t_freeze, 6)
+        t = time.monotonic()
+        dump = DumpDir.open(self.dump_dir)
+        tasks = process_tree(self.pid)
+        images, opened, from_memory = await loop.run_in_executor(
+            self.pipeline.pool, frozen_images, dump, tasks)
+        f["read_memory"] = round(time.monotonic() - t, 6)
+        f["read_bytes"] = from_memory
+        try:
+            t = time.monotonic()
+            self.round_no += 1
+            rs = await send_round(self.conn, self.round_no, images, self.held, final=True,
+                                  xor=self.opts.xor, compress=self.opts.compress,
+                                  pipeline=self.pipeline, caches=self._caches_for(images))
+            f["residual"] = round(time.monotonic() - t, 6)
+            c = rs.counts
+            self.report.rounds.append({
+                "round": self.round_no, "live": False, "pages": rs.pages,
+                "changed": c["changed"] + c["added"], "sent_full": c["sent_full"],
+                "sent_xor": c["sent_xor"], "sent_zero": c["sent_zero"], "removed": rs.removed,
+                "wire_bytes": c["stored_bytes"], "seconds": round(rs.seconds, 6)})
+            t = time.monotonic()
+            names = [n for n in sorted(os.listdir(self.dump_dir))
+                     if not n.startswith(("pagemap-", "pages-")) and not n.endswith(".log")
+                     and os.path.isfile(os.path.join(self.dump_dir, n))]
+            await send_files(self.conn, self.dump_dir, names)
+            f["files"] = round(time.monotonic() - t, 6)
+            t = time.monotonic()
+            await self.conn.send_control(MsgType.COMMIT, {"restore": self.opts.restore})
+            done = await self.conn.recv_control(MsgType.COMMITTED)
+            f["commit_restore"] = round(time.monotonic() - t, 6)
+            self.t_running = time.monotonic()
+            self.report.destination_path = done["path"]
+            self.report.restored_pid = done["restored_pid"]
+            self.report.downtime = round(self.t_running - self.t_freeze, 6)
+        finally:
+            for m in opened:
+                m.close()
+
+    async def freeze_and_push(self) -> int:
+        self.dump_dir = os.path.join(self.work, "dump")
+        os.makedirs(self.dump_dir, mode=0o700)
+        sock_path = os.path.join(self.work, "agent.sock")
+        server = await asyncio.start_unix_server(self.on_hook, sock_path)
+        lazy_port = self.opts.lazy_port or _free_port()
+        env = dict(os.environ, **{AGENT_ENV: sock_path, LAZY_PORT_ENV: str(lazy_port)})
+        # CRIU execs the action script's path as is (no shell, no arguments): a wrapper
+        hook = os.path.join(self.work, "deltaxfer-hook")
+        with open(hook, "w") as f:
+            f.write(f"#!/bin/sh\nexec {sys.executable} -m deltaxfer hook\n")
+        os.chmod(hook, 0o700)
+        args = [self.criu.path, "dump", "-t", str(self.pid), "-D", self.dump_dir,
+                "--shell-job", "--lazy-pages", "--address", "127.0.0.1", "--port",
+                str(lazy_port), "--action-script", hook, "-o", "dump.log", "-v4"]
+        proc = await asyncio.create_subprocess_exec(*args, env=env,
+                                                    stdin=asyncio.subprocess.DEVNULL,
+                                                    stdout=asyncio.subprocess.DEVNULL,
+                                                    stderr=asyncio.subprocess.PIPE)
+        loop = asyncio.get_running_loop()
+        try:
+            # after the post-dump hook, CRIU waits for a lazy-pages client: end it
+            waiter = loop.create_task(proc.wait())
+            stop = threading.Event()
+            closer = loop.run_in_executor(None, functools.partial(
+                end_lazy_dump, "127.0.0.1", lazy_port, self.criu.version, timeout=600.0,
+                cancelled=stop.is_set))
+            done, _ = await asyncio.wait({waiter, closer}, return_when=asyncio.FIRST_COMPLETED)
+            if closer in done:
+                self.report.freeze["lazy_close_status"] = closer.result()
+            rc = await waiter
+            stop.set()
+            self.report.freeze["criu_exit"] = rc
+            if rc != 0 and not self.report.error:
+                err = (await proc.stderr.read()).decode(errors="replace").strip()
+                self.report.error = (f"criu dump failed (exit {rc}): "
+                                     f"{log_errors(os.path.join(self.dump_dir, 'dump.log')) or err}")
+            return rc
+        finally:
+            server.close()
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+
+    async def run(self) -> Report:
+        t0, cpu0 = time.monotonic(), time.process_time()
+        self.work = tempfile.mkdtemp(prefix="deltaxfer-migrate-", dir=self.opts.work_dir)
+        os.chmod(self.work, 0o700)
+        try:
+            self.conn = await transport.connect(self.host, self.port, key=self.key,
+                                                ssl=self.opts.ssl)
+            tasks = process_tree(self.pid)
+            await self.conn.send_control(MsgType.BEGIN, {
+                "session": self.session, "mode": "migrate",
+                "source": f"{socket.gethostname()}:pid {self.pid}",
+                "images": [{"id": f"pid-{t.ns_pid}"} for t in tasks]})
+            state, self.held = await receive_state(self.conn)
+            self.round_no = state["round"]
+            await self.live_rounds()
+            rc = await self.freeze_and_push()
+            if rc == 0 and self.report.downtime is not None:
+                self.report.outcome = "migrated"
+                await self.conn.goodbye()
+            else:
+                self.report.outcome = "rolled back: the source runs on"
+                if not self.report.error:
+                    self.report.error = "the final round did not complete"
+        except (LiveError, transport.TransportError, OSError, ValueError) as e:
+            self.report.error = f"{type(e).__name__}: {e}"
+            self.report.outcome = "aborted before the freeze: the source runs on" \
+                if "dump" not in self.report.freeze else "rolled back: the source runs on"
+        finally:
+            if self.conn is not None:
+                self.report.wire_bytes_sent = self.conn.stats["bytes_out"]
+                self.conn.close()
+            self.pipeline.close()
+            shutil.rmtree(self.work, ignore_errors=True)
+            self.report.total_seconds = round(time.monotonic() - t0, 6)
+            self.report.cpu_seconds = round(time.process_time() - cpu0, 6)
+        return self.report
+
+
+async def migrate(pid: int, host: str, port: int, key: bytes, criu: Criu,
+                  opts: Options | None = None) -> Report:
+    return await Agent(pid, host, port, key, criu, opts or Options()).run()
+
+
+# -- the action script ------------------------------------------------------------------------
+
+def hook_main() -> int:
+    """The `deltaxfer-hook` executable: give its path to `criu dump --action-script`."""
+    sys.exit(run_hook())
+
+
+def run_hook(env=os.environ) -> int:
+    """`deltaxfer hook`, run by CRIU with CRTOOLS_SCRIPT_ACTION set. With an agent (the
+    `deltaxfer migrate` that started this dump) it reports to it; the exit status is
+    CRIU's rollback switch: non-zero at post-dump makes CRIU resume the tasks."""
+    action = env.get("CRTOOLS_SCRIPT_ACTION", "")
+    agent = env.get(AGENT_ENV)
+    if not agent:
+        print(f"deltaxfer hook: {action}: no {AGENT_ENV} in the environment; start the dump "
+              "with `deltaxfer migrate`", file=sys.stderr)
+        return 1 if action == "post-dump" else 0
+    if action not in ("pre-dump", "post-dump"):
+        return 0
+    try:
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(None)
+            s.connect(agent)
+            s.sendall(json.dumps({"action": action, "image_dir": env.get("CRTOOLS_IMAGE_DIR"),
+                                  "init_pid": env.get("CRTOOLS_INIT_PID")}).encode() + b"\n")
+            reply = json.loads(s.makefile("rb").readline() or b"{}")
+    except (OSError, ValueError) as e:
+        reply = {"ok": False, "reason": f"the migration agent is gone ({e})"}
+        if action == "post-dump" and env.get(LAZY_PORT_ENV):
+            _end_lazy_dump_later(int(env[LAZY_PORT_ENV]))
+    if not reply.get("ok"):
+        print(f"deltaxfer hook: {action} failed: {reply.get('reason')}; criu resumes the "
+              "tasks", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _end_lazy_dump_later(port: int) -> None:
+    """The agent died: once this hook has exited and CRIU listens for lazy pages, close
+    that listener so CRIU can resume the tasks instead of waiting forever."""
+    import subprocess
+    code = ("import sys; from deltaxfer.criu.lazy import end_lazy_dump; "
+            "from deltaxfer.criu.runner import find_criu; "
+            f"end_lazy_dump('127.0.0.1', {port}, find_criu().version, timeout=600)")
+    subprocess.Popen([sys.executable, "-c", code], start_new_session=True,
+                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                     stderr=subprocess.DEVNULL)
