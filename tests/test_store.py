@@ -77,7 +77,10 @@ def test_first_round_then_delta_round(tmp_path):
     assert stats["changed"] == 5 and stats["added"] == 4 and stats["removed"] == 3
     assert stats["sent_xor"] == 5
     assert held_pages(s) == (v2, bytes(p2))
-    assert sorted(os.listdir(s.held_dir)) == ["pagemap-1.img", "pages-2.img"]
+    assert sorted(os.listdir(s.held_dir)) == ["hashes-pid-1.bin", "pagemap-1.img", "pages-2.img"]
+    # the cached hashes are the stored pages' hashes
+    v, h = s.held_hashes("pid-1")
+    assert list(v) == v2 and h == _core.hash_pages(p2)[0]
 
 
 def test_bad_digest_and_missing_pages_leave_held_untouched(tmp_path):
@@ -188,3 +191,94 @@ def test_shared_runs():
     old = pagemap_of([0x1000, 0x2000, 0x3000, 0x8000, 0x9000])
     new = pagemap_of([0x2000, 0x3000, 0x4000, 0x9000])
     assert list(shared_runs(old, new)) == [(1, 0, 2), (4, 3, 1)]
+
+
+def resolve_child(images_dir, image_id="pid-1"):
+    """Read a parent-linked image the way CRIU does: PRESENT pages from the child's pages
+    file in order, PE_PARENT pages from the parent's image by vaddr."""
+    pm = im.read_pagemap(os.path.join(images_dir, "pagemap-1.img"))
+    child = open(os.path.join(images_dir, f"pages-{pm.pages_id}.img"), "rb").read()
+    parent_dir = os.path.join(images_dir, "parent")
+    ppm = im.read_pagemap(os.path.join(parent_dir, "pagemap-1.img"))
+    parent = open(os.path.join(parent_dir, f"pages-{ppm.pages_id}.img"), "rb").read()
+    pidx = {}
+    i = 0
+    for e in ppm.entries:
+        for k in range(e.nr_pages):
+            pidx[e.vaddr + k * PAGE_SIZE] = i
+            i += 1
+    vaddrs, out, at = [], [], 0
+    for e in pm.entries:
+        for k in range(e.nr_pages):
+            v = e.vaddr + k * PAGE_SIZE
+            vaddrs.append(v)
+            if e.flags & im.PE_PRESENT:
+                out.append(child[at:at + PAGE_SIZE])
+                at += PAGE_SIZE
+            else:
+                assert e.flags & im.PE_PARENT
+                j = pidx[v]
+                out.append(parent[j * PAGE_SIZE:(j + 1) * PAGE_SIZE])
+    assert at == len(child)
+    return vaddrs, b"".join(out)
+
+
+def test_parent_linked_final_round_writes_only_the_residual(tmp_path):
+    s = Store(str(tmp_path)).session("m")
+    v1 = [0x10000 + i * PAGE_SIZE for i in range(64)]
+    p1 = pages_of(v1, 1)
+    send_round(s, 1, v1, p1)
+    # final round: 3 pages changed, 2 added, 4 removed; sent against the held pages
+    v2 = v1[4:] + [0x900000, 0x901000]
+    p2 = bytearray(p1[4 * PAGE_SIZE:]) + pages_of(v2[-2:], 9)
+    for i in (0, 17, 40):
+        p2[i * PAGE_SIZE + 9] ^= 0x5A
+    held_v, held_h = s.held_hashes("pid-1")
+    with s.held()["pid-1"].open() as base:
+        frames, hashes, st = _core.encode_round(p2, array("Q", v2), prev_vaddrs=held_v,
+                                                prev_hashes=held_h, base_pages=base.pages)
+    assert st["sent_xor"] == 3 and st["added"] == 2
+    rnd = s.begin_round(2, parent_linked=True)
+    pm = pagemap_of(v2)
+    rnd.begin_image(0, "pid-1", len(pm.entries), len(v2))
+    rnd.add_pagemap(0, [(e.vaddr, e.nr_pages, e.flags | im.PE_LAZY) for e in pm.entries])
+    for frame in split(frames):
+        rnd.add_pages(0, frame)
+    rnd.end_image(0, image_digest(hashes))
+    rnd.finish()
+    child_pages = [n for n in os.listdir(s.final_dir) if n.startswith("pages-")]
+    assert os.path.getsize(os.path.join(s.final_dir, child_pages[0])) == 5 * PAGE_SIZE
+    files = s.begin_files()
+    files.begin("pstree.img", 1)
+    files.data(b"t")
+    files.end(_core.xxh3_64(b"t"))
+    path = s.commit(files)
+    assert os.readlink(os.path.join(path, "parent")) == "../held"
+    vaddrs, content = resolve_child(path)
+    assert vaddrs == v2 and content == bytes(p2)
+    assert all(e.flags & im.PE_LAZY for e in im.read_pagemap(os.path.join(path, "pagemap-1.img")).entries)
+    with pytest.raises(StoreError, match="already had its final round"):
+        s.begin_round(3)
+
+
+def test_parent_linked_round_refuses_bad_digest_and_missing_pages(tmp_path):
+    s = Store(str(tmp_path)).session("m")
+    v1 = [0x10000 + i * PAGE_SIZE for i in range(8)]
+    send_round(s, 1, v1, pages_of(v1, 1))
+    for kwargs, code in [(dict(digest=7), "digest"), (dict(drop_frames=True), "missing-page")]:
+        v2 = v1 + [0x800000]
+        orig = s.begin_round
+        s.begin_round = lambda n, source="": orig(n, source, parent_linked=True)
+        try:
+            with pytest.raises(StoreError) as e:
+                send_round(s, 2, v2, pages_of(v2, 1), held=s.held_hashes("pid-1"), **kwargs)
+        finally:
+            del s.begin_round
+        assert e.value.code == code
+        assert not os.path.exists(os.path.join(s.path, "final.tmp"))
+        assert not os.path.exists(s.final_dir) and s.round == 1
+
+
+def split(frames):
+    from deltaxfer.source import split_frames
+    return [bytes(f) for f in split_frames(frames)]

@@ -79,7 +79,9 @@ def cmd_serve(args) -> int:
     async def main_loop():
         server = await serve(host, port, key=key, directory=args.dir, ssl=tls, criu=criu,
                              quota_bytes=args.quota_mib << 20 if args.quota_mib else None,
-                             max_connections=args.max_connections, on_commit=on_commit)
+                             max_connections=args.max_connections, on_commit=on_commit,
+                             lazy_restore=not args.no_lazy_restore,
+                             parent_linked_final=args.parent_linked_final)
         addrs = ", ".join(f"{s.getsockname()[0]}:{s.getsockname()[1]}" for s in server.sockets)
         logging.getLogger("deltaxfer.serve").info("listening on %s, storing in %s%s", addrs,
                                                   args.dir, " (TLS)" if tls else "")
@@ -155,7 +157,7 @@ def render_migration(r: dict) -> str:
 
 
 def cmd_hook(args) -> int:
-    from deltaxfer.migrate import run_hook
+    from deltaxfer.hook import run_hook
 
     return run_hook()
 
@@ -209,6 +211,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--restore", action="store_true",
                    help="allow senders to ask for `criu restore` of what they sent")
     p.add_argument("--criu", metavar="PATH", help="criu binary for --restore")
+    p.add_argument("--no-lazy-restore", action="store_true",
+                   help="restore copying every page in before the process runs (default: "
+                        "criu lazy-pages fills them from the local images on demand)")
+    p.add_argument("--parent-linked-final", action="store_true",
+                   help="write a migration's final round as a child image over the held "
+                        "pages (only the residual is written; restored eagerly)")
     p.add_argument("--quota-mib", type=int, help="disk quota for transfers in flight")
     p.add_argument("--max-connections", type=int, default=8)
     p.add_argument("--tls-cert", help="serve TLS with this certificate (PEM)")

@@ -116,10 +116,13 @@ def snapshot_tree(tasks: list[Task], buffers: dict | None = None) -> Snapshot:
     return Snapshot(images, read, failed, time.monotonic() - t0)
 
 
-def frozen_images(dump: DumpDir, tasks: list[Task]) -> tuple[list[SourceImage], list, int]:
+def frozen_images(dump: DumpDir, tasks: list[Task], buffers: dict | None = None
+                  ) -> tuple[list[SourceImage], list, int]:
     """The final round's memory images from a (lazy) dump of the frozen tree: LAZY-only
     entries are read from the frozen processes, PRESENT ones from the pages files.
-    Returns (images, opened MemoryImages to close, bytes read from process memory)."""
+    ``buffers`` are the live rounds' (reused: touching fresh memory inside the freeze
+    costs page faults). Returns (images, opened MemoryImages to close, bytes read from
+    process memory)."""
     host = {t.ns_pid: t.host_pid for t in tasks}
     images, opened, from_memory = [], [], 0
     for name in sorted(os.listdir(dump.path)):
@@ -144,8 +147,12 @@ def frozen_images(dump: DumpDir, tasks: list[Task]) -> tuple[list[SourceImage], 
         # frozen process straight into their places (each group of consecutive lazy
         # entries in one process_vm_readv batch)
         entries = [e for e in mem.pagemap.entries if e.present or e.flags & im.PE_LAZY]
-        buf = bytearray(sum(e.nr_pages for e in entries) * PAGE_SIZE)
-        view = memoryview(buf)
+        total = sum(e.nr_pages for e in entries) * PAGE_SIZE
+        buf = buffers.get(image_id) if buffers is not None else None
+        if buf is None or len(buf) < total:
+            buf = bytearray(total)
+        view = memoryview(buf)[:total]
+        buf = view
         at = file_at = 0
         group_at, run_v, run_l = 0, array("Q"), array("Q")
 

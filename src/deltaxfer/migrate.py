@@ -35,8 +35,7 @@ from deltaxfer.send import receive_state, send_files, send_round
 from deltaxfer.source import Pipeline
 from deltaxfer.wire import MsgType
 
-AGENT_ENV = "DELTAXFER_AGENT"          # the hook talks to the agent on this unix socket
-LAZY_PORT_ENV = "DELTAXFER_LAZY_PORT"  # ... and can end the lazy dump if the agent is gone
+from deltaxfer.hook import AGENT_ENV, LAZY_PORT_ENV
 
 
 class MigrationError(RuntimeError):
@@ -161,8 +160,9 @@ class Agent:
             msg = json.loads(await reader.readline())
             action = msg.get("action")
             if action == "pre-dump":
-                self.t_freeze = time.monotonic()
                 reply = {"ok": True}
+                # CRIU freezes the tree as soon as the pre-dump script has returned
+                self.t_freeze = time.monotonic()
             elif action == "post-dump":
                 self.t_post = time.monotonic()
                 try:
@@ -186,7 +186,7 @@ class Agent:
         dump = DumpDir.open(self.dump_dir)
         tasks = process_tree(self.pid)
         images, opened, from_memory = await loop.run_in_executor(
-            self.pipeline.pool, frozen_images, dump, tasks)
+            self.pipeline.pool, frozen_images, dump, tasks, self.buffers)
         f["read_memory"] = round(time.monotonic() - t, 6)
         f["read_bytes"] = from_memory
         try:
@@ -230,7 +230,7 @@ class Agent:
         # CRIU execs the action script's path as is (no shell, no arguments): a wrapper
         hook = os.path.join(self.work, "deltaxfer-hook")
         with open(hook, "w") as f:
-            f.write(f"#!/bin/sh\nexec {sys.executable} -m deltaxfer hook\n")
+            f.write(f"#!/bin/sh\nexec {sys.executable} -m deltaxfer.hook\n")
         os.chmod(hook, 0o700)
         args = [self.criu.path, "dump", "-t", str(self.pid), "-D", self.dump_dir,
                 "--shell-job", "--lazy-pages", "--address", "127.0.0.1", "--port",
@@ -305,52 +305,3 @@ class Agent:
 async def migrate(pid: int, host: str, port: int, key: bytes, criu: Criu,
                   opts: Options | None = None) -> Report:
     return await Agent(pid, host, port, key, criu, opts or Options()).run()
-
-
-# -- the action script ------------------------------------------------------------------------
-
-def hook_main() -> int:
-    """The `deltaxfer-hook` executable: give its path to `criu dump --action-script`."""
-    sys.exit(run_hook())
-
-
-def run_hook(env=os.environ) -> int:
-    """`deltaxfer hook`, run by CRIU with CRTOOLS_SCRIPT_ACTION set. With an agent (the
-    `deltaxfer migrate` that started this dump) it reports to it; the exit status is
-    CRIU's rollback switch: non-zero at post-dump makes CRIU resume the tasks."""
-    action = env.get("CRTOOLS_SCRIPT_ACTION", "")
-    agent = env.get(AGENT_ENV)
-    if not agent:
-        print(f"deltaxfer hook: {action}: no {AGENT_ENV} in the environment; start the dump "
-              "with `deltaxfer migrate`", file=sys.stderr)
-        return 1 if action == "post-dump" else 0
-    if action not in ("pre-dump", "post-dump"):
-        return 0
-    try:
-        with socket.socket(socket.AF_UNIX) as s:
-            s.settimeout(None)
-            s.connect(agent)
-            s.sendall(json.dumps({"action": action, "image_dir": env.get("CRTOOLS_IMAGE_DIR"),
-                                  "init_pid": env.get("CRTOOLS_INIT_PID")}).encode() + b"\n")
-            reply = json.loads(s.makefile("rb").readline() or b"{}")
-    except (OSError, ValueError) as e:
-        reply = {"ok": False, "reason": f"the migration agent is gone ({e})"}
-        if action == "post-dump" and env.get(LAZY_PORT_ENV):
-            _end_lazy_dump_later(int(env[LAZY_PORT_ENV]))
-    if not reply.get("ok"):
-        print(f"deltaxfer hook: {action} failed: {reply.get('reason')}; criu resumes the "
-              "tasks", file=sys.stderr)
-        return 1
-    return 0
-
-
-def _end_lazy_dump_later(port: int) -> None:
-    """The agent died: once this hook has exited and CRIU listens for lazy pages, close
-    that listener so CRIU can resume the tasks instead of waiting forever."""
-    import subprocess
-    code = ("import sys; from deltaxfer.criu.lazy import end_lazy_dump; "
-            "from deltaxfer.criu.runner import find_criu; "
-            f"end_lazy_dump('127.0.0.1', {port}, find_criu().version, timeout=600)")
-    subprocess.Popen([sys.executable, "-c", code], start_new_session=True,
-                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                     stderr=subprocess.DEVNULL)

@@ -42,7 +42,7 @@ class Convergence:
     max_rounds: int = 10
     min_rounds: int = 2          # the first round copies everything: it says nothing of dirtying
     shrink: float = 0.9          # a round must send < 90 % of the previous one to go on
-    freeze_overhead: float = 0.15  # CRIU freeze + metadata dump + restore, before measuring
+    freeze_overhead: float = 0.35  # CRIU freeze + metadata dump + lazy restore: ~0.35-0.55 s measured here
     history: list[RoundMeasure] = field(default_factory=list)
 
     def predict(self, m: RoundMeasure) -> tuple[float, float, float]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 
 from deltaxfer import transport
@@ -18,9 +19,12 @@ log = logging.getLogger("deltaxfer.serve")
 
 
 class Receiver:
-    def __init__(self, store: Store, *, criu=None, on_commit=None):
+    def __init__(self, store: Store, *, criu=None, on_commit=None, lazy_restore: bool = True,
+                 parent_linked_final: bool = False):
         self.store = store
         self.criu = criu
+        self.lazy_restore = lazy_restore
+        self.parent_linked_final = parent_linked_final
         self.on_commit = on_commit
         self.active: set[str] = set()
 
@@ -80,7 +84,12 @@ class Receiver:
                     if t == MsgType.ROUND:
                         if rnd is not None:
                             raise StoreError("unexpected", "ROUND inside a round")
-                        rnd = session.begin_round(body["round"], begin["source"])
+                        # optionally, a migration's final round links to the held pages
+                        # instead of rewriting them (see Receiver._restore for the cost)
+                        rnd = session.begin_round(
+                            body["round"], begin["source"],
+                            parent_linked=(self.parent_linked_final and body["final"]
+                                           and begin["mode"] == "migrate"))
                     elif t == MsgType.IMAGE:
                         self._need(rnd, "IMAGE")
                         rnd.begin_image(body["index"], body["id"], body["entries"], body["pages"])
@@ -150,16 +159,22 @@ class Receiver:
         if self.criu is None:
             raise StoreError("restore", "this server was started without restore enabled "
                                         "(deltaxfer serve --restore)")
+        # criu lazy-pages stalled serving pages through a parent link here (CRIU 4.1.1):
+        # parent-linked images are restored eagerly. Measured at 256 MiB: flat final round
+        # + lazy restore ~0.6 s of the freeze, parent-linked + eager restore ~0.85 s.
+        lazy = self.lazy_restore and not os.path.islink(os.path.join(path, "parent"))
         try:
-            return self.criu.restore(path)
+            return self.criu.restore(path, lazy=lazy)
         except CriuError as e:
             raise StoreError("restore", str(e)) from None
 
 
 async def serve(host: str, port: int, *, key: bytes, directory: str, ssl=None, criu=None,
-                quota_bytes: int | None = None, max_connections: int = 8, on_commit=None):
+                quota_bytes: int | None = None, max_connections: int = 8, on_commit=None,
+                lazy_restore: bool = True, parent_linked_final: bool = False):
     """Start the receiver; returns the asyncio server (serve_forever it, or close it)."""
-    receiver = Receiver(Store(directory, quota_bytes), criu=criu, on_commit=on_commit)
+    receiver = Receiver(Store(directory, quota_bytes), criu=criu, on_commit=on_commit,
+                        lazy_restore=lazy_restore, parent_linked_final=parent_linked_final)
     return await transport.serve(host, port, key=key, handler=receiver.handle, ssl=ssl,
                                  max_connections=max_connections)
 

@@ -26,6 +26,7 @@ import os
 import re
 import shutil
 from array import array
+from bisect import bisect_left
 from dataclasses import dataclass, field
 
 from deltaxfer import PAGE_SIZE, _core
@@ -143,6 +144,7 @@ class _IncomingImage:
     records: int = 0
     must_send: int = 0
     done: bool = False
+    parent: object = None           # ParentRound: the held image the child links to
 
 
 class Session:
@@ -195,15 +197,42 @@ class Session:
         return out
 
     def held_hashes(self, image_id: str) -> tuple[array, array]:
-        """(vaddrs, hashes) of a held image's pages, hashed from what is on disk."""
-        with self.held()[image_id].open() as mem:
+        """(vaddrs, hashes) of a held image's pages: the hashes computed from the stored
+        pages when their round was verified (hashes-ID.bin), else hashed from disk."""
+        held = self.held()[image_id]
+        vaddrs = array("Q")
+        for e in held.pagemap.entries:
+            if e.present:
+                vaddrs.extend(range(e.vaddr, e.end, PAGE_SIZE))
+        cached = os.path.join(self.held_dir, f"hashes-{image_id}.bin")
+        try:
+            with open(cached, "rb") as f:
+                hashes = array("Q")
+                hashes.frombytes(f.read())
+            if len(hashes) == len(vaddrs):
+                return vaddrs, hashes
+        except OSError:
+            pass
+        with held.open() as mem:
             hashes, _, _ = _core.hash_pages(mem.pages)
-            return mem.vaddrs(), hashes
+            return vaddrs, hashes
 
-    def begin_round(self, round_no: int, source: str = "") -> "Round":
+    @property
+    def final_dir(self) -> str:
+        return os.path.join(self.path, "final")
+
+    def begin_round(self, round_no: int, source: str = "", *, parent_linked: bool = False
+                    ) -> "Round":
+        """A round. ``parent_linked`` (a migration's final round): the received pages go
+        to a child image whose other pages are PE_PARENT entries over the held pages, so
+        the round writes only what changed — nothing is copied inside the freeze."""
+        if self.meta.get("final"):
+            raise StoreError("unexpected", f"session {self.name!r} already had its final round")
         if round_no != self.round + 1:
             raise StoreError("unexpected", f"round {round_no} does not follow round {self.round} "
                                            f"of session {self.name!r}")
+        if parent_linked and self.held():
+            return ParentRound(self, round_no, source)
         return Round(self, round_no, source)
 
     def begin_files(self) -> "FileSet":
@@ -219,9 +248,15 @@ class Session:
         _rmtree(tmp)
         _mkdir_private(tmp)
         try:
-            for name in os.listdir(self.held_dir):
-                if im.is_memory_image(name):
-                    os.link(os.path.join(self.held_dir, name), os.path.join(tmp, name))
+            if os.path.isdir(self.final_dir):   # a child over the held pages
+                for name in os.listdir(self.final_dir):
+                    if im.is_memory_image(name):
+                        os.link(os.path.join(self.final_dir, name), os.path.join(tmp, name))
+                os.symlink(os.path.join("..", "held"), os.path.join(tmp, "parent"))
+            else:
+                for name in os.listdir(self.held_dir):
+                    if im.is_memory_image(name):
+                        os.link(os.path.join(self.held_dir, name), os.path.join(tmp, name))
             for name in os.listdir(files.path):
                 os.rename(os.path.join(files.path, name), os.path.join(tmp, name))
             final = os.path.join(self.path, "images")
@@ -242,9 +277,11 @@ class Session:
 class Round:
     """One round being received; becomes the held state only at :meth:`finish`."""
 
+    dir_name = "round.tmp"
+
     def __init__(self, session: Session, round_no: int, source: str):
         self.session, self.round_no, self.source = session, round_no, source
-        self.dir = os.path.join(session.path, "round.tmp")
+        self.dir = os.path.join(session.path, self.dir_name)
         _rmtree(self.dir)
         _mkdir_private(self.dir)
         self.held = session.held()
@@ -367,6 +404,8 @@ class Round:
             raise StoreError("digest", f"{img.image_id}: the destination's pages do not match "
                                        f"the source's (digest {mine:016x} != {digest:016x})")
         im.write_pagemap(os.path.join(self.dir, pagemap_name(img.image_id)), img.pagemap)
+        with open(os.path.join(self.dir, f"hashes-{img.image_id}.bin"), "wb") as f:
+            f.write(hashes)  # for the next round's STATE and digest, without re-reading
         img.done = True
 
     # -- the round as a whole --------------------------------------------------------
@@ -400,6 +439,157 @@ class Round:
         _rmtree(self.dir)
         self.closed = True
         self.session.store.release(self)
+
+
+class ParentRound(Round):
+    """A migration's final round, written as a child image over the held pages.
+
+    Only the received pages are written (appended in arrival order, which is ascending
+    vaddr order: the order of the child's PRESENT entries); every other page of the new
+    pagemap becomes a PE_PARENT entry resolved by CRIU through ``parent -> ../held``.
+    The digest is checked from the received pages' hashes and the held pages' cached
+    hashes, so nothing of the held image is read or copied inside the freeze."""
+
+    dir_name = "final.tmp"
+
+    def _open_pages(self, img: _IncomingImage) -> None:
+        held = self.held.get(img.image_id)
+        if held is None:  # an image new in this round: all of it comes in the round
+            img.parent = None
+            return super()._open_pages(img)
+        if len(img.entries) != img.entries_expected:
+            raise StoreError("bad-payload", f"{img.image_id}: {len(img.entries)} pagemap "
+                                            f"entries, {img.entries_expected} announced")
+        pm = im.Pagemap(self.next_pages_id, img.entries)
+        self.next_pages_id += 1
+        try:
+            im.check_entries(img.image_id, pm.entries)
+        except im.ImageError as e:
+            raise StoreError("bad-payload", str(e)) from None
+        if pm.present_pages != img.pages_expected:
+            raise StoreError("bad-payload", f"{img.image_id}: pagemap holds {pm.present_pages} "
+                                            f"pages, {img.pages_expected} announced")
+        img.pagemap = pm
+        img.vaddrs = array("Q")
+        for e in pm.entries:
+            if e.present:
+                img.vaddrs.extend(range(e.vaddr, e.end, PAGE_SIZE))
+        img.parent = held
+        img.held_vaddrs, img.held_hashes = self.session.held_hashes(img.image_id)
+        img.held_mem = held.open()
+        img.recv_vaddrs, img.recv_hashes = array("Q"), array("Q")
+        img.pages_path = os.path.join(self.dir, f"pages-{pm.pages_id}.img")
+        img.fd = os.open(img.pages_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+
+    def add_pages(self, index: int, frames) -> dict:
+        img = self._image(index)
+        if img.vaddrs is None:
+            self._open_pages(img)
+        if img.parent is None:
+            return super().add_pages(index, frames)
+        try:
+            records, used = _core.decode_frame(frames)
+        except ValueError as e:
+            raise StoreError("bad-payload", f"{img.image_id}: {e}") from None
+        if used != len(frames):
+            raise StoreError("bad-payload", f"{img.image_id}: trailing bytes after a page frame")
+        out = bytearray(len(records) * PAGE_SIZE)
+        view = memoryview(out)
+        counts = {"zero": 0, "xor": 0, "full": 0}
+        last = img.recv_vaddrs[-1] if img.recv_vaddrs else -1
+        held_v, held_pages = img.held_vaddrs, img.held_mem.pages
+        vaddrs = array("Q")
+        for i, (vaddr, kind, payload) in enumerate(records):  # per record: the residual
+            if vaddr <= last:
+                raise StoreError("bad-payload", f"{img.image_id}: page records out of order "
+                                                f"at 0x{vaddr:x}")
+            last = vaddr
+            page = view[i * PAGE_SIZE:(i + 1) * PAGE_SIZE]
+            if kind == 2:
+                page[:] = payload
+                counts["full"] += 1
+            elif kind == 1:
+                j = bisect_left(held_v, vaddr)
+                if j == len(held_v) or held_v[j] != vaddr:
+                    raise StoreError("bad-payload", f"{img.image_id}: XOR delta for 0x{vaddr:x}, "
+                                                    "a page the destination does not hold")
+                page[:] = held_pages[j * PAGE_SIZE:(j + 1) * PAGE_SIZE]
+                try:
+                    _core.xor_decode(page, payload)
+                except ValueError as e:
+                    raise StoreError("bad-payload", f"{img.image_id}: 0x{vaddr:x}: {e}") from None
+                counts["xor"] += 1
+            else:
+                counts["zero"] += 1
+            vaddrs.append(vaddr)
+        hashes, _, _ = _core.hash_pages(out)
+        try:
+            os.write(img.fd, out)
+        except OSError as e:
+            raise StoreError("quota", f"writing {img.pages_path}: {e.strerror}") from None
+        img.recv_vaddrs.extend(vaddrs)
+        img.recv_hashes.extend(hashes)
+        img.records += len(records)
+        return counts
+
+    def end_image(self, index: int, digest: int) -> None:
+        img = self._image(index)
+        if img.vaddrs is None:
+            self._open_pages(img)
+        if img.parent is None:
+            return super().end_image(index, digest)
+        try:
+            hashes, runs, missing = _core.merge_parent_hashes(
+                img.vaddrs, img.held_vaddrs, img.held_hashes, img.recv_vaddrs, img.recv_hashes)
+        except ValueError as e:
+            raise StoreError("bad-payload", f"{img.image_id}: {e}") from None
+        img.held_mem.close()
+        os.close(img.fd)
+        img.fd = -1
+        if missing:
+            raise StoreError("missing-page", f"{img.image_id}: {missing} pages are new to the "
+                                             "destination but were not sent")
+        mine = image_digest(hashes)
+        if mine != digest:
+            raise StoreError("digest", f"{img.image_id}: the destination's pages do not match "
+                                       f"the source's (digest {mine:016x} != {digest:016x})")
+        # child pagemap: the runs, split where the round's own entries change flags
+        entries, ei, pm_entries = [], 0, [e for e in img.pagemap.entries if e.present]
+        for r in range(0, len(runs), 3):
+            v, n, from_parent = runs[r], runs[r + 1], runs[r + 2]
+            end = v + n * PAGE_SIZE
+            while v < end:
+                while pm_entries[ei].end <= v:
+                    ei += 1
+                e = pm_entries[ei]
+                stop = min(end, e.end)
+                lazy = e.flags & im.PE_LAZY
+                flags = (im.PE_PARENT | lazy) if from_parent else (im.PE_PRESENT | lazy)
+                entries.append(im.PagemapEntry(v, (stop - v) // PAGE_SIZE, flags))
+                v = stop
+        child = im.Pagemap(img.pagemap.pages_id, entries).coalesced()
+        im.write_pagemap(os.path.join(self.dir, pagemap_name(img.image_id)), child)
+        img.done = True
+
+    def finish(self) -> dict:
+        if not self.images or any(not x.done for x in self.images.values()):
+            raise StoreError("unexpected", "round ended with an image still open or none sent")
+        s = self.session
+        _rmtree(s.final_dir)
+        os.rename(self.dir, s.final_dir)
+        s.meta.update(round=self.round_no, source=self.source, final=True)
+        s._save_meta()
+        self.closed = True
+        s.store.release(self)
+        return {"round": self.round_no,
+                "pages": sum(x.pagemap.present_pages for x in self.images.values())}
+
+    def abort(self) -> None:
+        for img in self.images.values():
+            mem = getattr(img, "held_mem", None)
+            if mem is not None:
+                mem.close()
+        super().abort()
 
 
 class FileSet:

@@ -11,6 +11,8 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,18 +125,52 @@ class Criu:
         return self.run(args, log_dir=images_dir, log_name=log_name, timeout=timeout)
 
     def restore(self, images_dir: str, *, pidfile: str | None = None, shell_job: bool = True,
-                extra: list[str] = (), log_name: str = "restore.log",
-                timeout: float | None = 600) -> int | None:
+                lazy: bool = False, extra: list[str] = (), log_name: str = "restore.log",
+                timeout: float | None = 600) -> int:
         """``criu restore -d -D DIR``; returns the restored root's host pid (from the
-        pidfile) so the caller can supervise it."""
+        pidfile) so the caller can supervise it.
+
+        ``lazy``: start `criu lazy-pages` on the same directory first and restore with
+        --lazy-pages: restore returns once the tasks exist (~0.07 s for 256 MiB here,
+        against ~0.7 s for a plain restore that copies every page in) and the daemon fills
+        the pages from the local images as the tasks touch them, then exits."""
         pidfile = pidfile or os.path.join(images_dir, "restored.pid")
         args = ["restore", "-d", "-D", images_dir, "--pidfile", pidfile]
         if shell_job:
             args.append("--shell-job")
+        daemon = self._start_lazy_pages(images_dir) if lazy else None
+        if daemon is not None:
+            args.append("--lazy-pages")
         args += list(extra)
-        self.run(args, log_dir=images_dir, log_name=log_name, timeout=timeout)
-        with open(pidfile) as f:
-            return int(f.read().strip())
+        try:
+            self.run(args, log_dir=images_dir, log_name=log_name, timeout=timeout)
+            with open(pidfile) as f:
+                pid = int(f.read().strip())
+        except BaseException:
+            if daemon is not None:
+                daemon.kill()
+                daemon.wait()
+            raise
+        if daemon is not None:
+            # reap the daemon when it has served every page
+            threading.Thread(target=daemon.wait, name="criu-lazy-pages", daemon=True).start()
+        return pid
+
+    def _start_lazy_pages(self, images_dir: str, timeout: float = 10.0) -> subprocess.Popen:
+        sock = os.path.join(images_dir, "lazy-pages.socket")
+        daemon = subprocess.Popen([self.path, "lazy-pages", "-D", images_dir,
+                                   "-o", "lazy-pages.log", "-v4"],
+                                  stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while not os.path.exists(sock):
+            if daemon.poll() is not None or time.monotonic() > deadline:
+                daemon.kill()
+                daemon.wait()
+                raise CriuError("`criu lazy-pages` did not start: "
+                                f"{log_errors(os.path.join(images_dir, 'lazy-pages.log'))}")
+            time.sleep(0.002)
+        return daemon
 
 
 def log_errors(path: str, limit: int = 5) -> str:

@@ -1,0 +1,63 @@
+# The destination store's per-page bookkeeping for a parent-linked round (src/deltaxfer/store.py).
+
+
+def merge_parent_hashes(new_vaddrs, held_vaddrs, held_hashes, recv_vaddrs, recv_hashes):
+    """For a round whose received pages go to a child image over a parent (the held pages):
+    the hash of every new page (received if it was, else held) in new_vaddrs order, and
+    the runs of consecutive pages by source.
+
+    All vaddr arrays ascending; recv_vaddrs must be a subset of new_vaddrs. Returns
+    (hashes array('Q'), runs array('Q') of (vaddr, nr_pages, from_parent) triples,
+    missing = pages neither received nor held)."""
+    cdef _Buffer nv = u64_buffer(new_vaddrs, "new_vaddrs")
+    cdef _Buffer hv = u64_buffer(held_vaddrs, "held_vaddrs")
+    cdef _Buffer hh = u64_buffer(held_hashes, "held_hashes")
+    cdef _Buffer rv = u64_buffer(recv_vaddrs, "recv_vaddrs")
+    cdef _Buffer rh = u64_buffer(recv_hashes, "recv_hashes")
+    if u64_len(hv) != u64_len(hh) or u64_len(rv) != u64_len(rh):
+        raise ValueError("vaddr and hash arrays differ in length")
+    cdef size_t n = u64_len(nv), nh = u64_len(hv), nr = u64_len(rv)
+    cdef array.array hashes = new_u64_array(n)
+    cdef array.array runs = new_u64_array(3 * n + 3)
+    cdef uint64_t *out = <uint64_t *>hashes.data.as_voidptr
+    cdef uint64_t *ro = <uint64_t *>runs.data.as_voidptr
+    cdef const uint64_t *pn = u64_ptr(nv)
+    cdef const uint64_t *ph = u64_ptr(hv)
+    cdef const uint64_t *phh = u64_ptr(hh)
+    cdef const uint64_t *pr = u64_ptr(rv)
+    cdef const uint64_t *prh = u64_ptr(rh)
+    cdef size_t i, j = 0, k = 0, nruns = 0, missing = 0
+    cdef uint64_t v, src, cur_src = 2, run_end = 0
+    cdef int bad = 0
+    with nogil:
+        for i in range(n):
+            v = pn[i]
+            while j < nh and ph[j] < v:
+                j += 1
+            if k < nr and pr[k] == v:
+                out[i] = prh[k]
+                k += 1
+                src = 0
+            elif j < nh and ph[j] == v:
+                out[i] = phh[j]
+                src = 1
+            else:
+                out[i] = 0
+                missing += 1
+                src = 0
+            if k < nr and pr[k] < v:
+                bad = 1
+                break
+            if nruns and src == cur_src and v == run_end:
+                ro[3 * (nruns - 1) + 1] += 1
+            else:
+                ro[3 * nruns] = v
+                ro[3 * nruns + 1] = 1
+                ro[3 * nruns + 2] = src
+                nruns += 1
+                cur_src = src
+            run_end = v + DX_PAGE_SIZE
+    if bad or k != nr:
+        raise ValueError("received pages that are not in the round's pagemap")
+    array.resize(runs, <Py_ssize_t>(3 * nruns))
+    return hashes, runs, missing

@@ -1,0 +1,63 @@
+"""The CRIU action script: `criu dump --action-script /path/to/deltaxfer-hook`.
+
+CRIU execs the script's path as it is (no shell, no arguments), with stdin closed and
+stdout/stderr going to its log, and tells it what is happening through the environment:
+CRTOOLS_SCRIPT_ACTION (pre-dump, post-dump, ...), CRTOOLS_IMAGE_DIR, CRTOOLS_INIT_PID.
+The hook is started inside the freeze window, so this module imports only the standard
+library: it reports to the migration agent (`deltaxfer migrate`, which started the dump
+and set DELTAXFER_AGENT) and exits with the agent's verdict. A non-zero exit at post-dump
+makes CRIU resume the tasks: that is the rollback.
+"""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+AGENT_ENV = "DELTAXFER_AGENT"          # the agent's unix socket
+LAZY_PORT_ENV = "DELTAXFER_LAZY_PORT"  # the lazy dump's port, to end it if the agent is gone
+
+
+def run_hook(env=os.environ) -> int:
+    action = env.get("CRTOOLS_SCRIPT_ACTION", "")
+    agent = env.get(AGENT_ENV)
+    if not agent:
+        print(f"deltaxfer hook: {action}: no {AGENT_ENV} in the environment: this dump was not "
+              "started by `deltaxfer migrate`, so there is nowhere to migrate to", file=sys.stderr)
+        return 1 if action == "post-dump" else 0
+    if action not in ("pre-dump", "post-dump"):
+        return 0
+    try:
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(agent)
+            s.sendall(json.dumps({"action": action, "image_dir": env.get("CRTOOLS_IMAGE_DIR"),
+                                  "init_pid": env.get("CRTOOLS_INIT_PID")}).encode() + b"\n")
+            reply = json.loads(s.makefile("rb").readline() or b"{}")
+    except (OSError, ValueError) as e:
+        reply = {"ok": False, "reason": f"the migration agent is gone ({e})"}
+        if action == "post-dump" and env.get(LAZY_PORT_ENV):
+            _end_lazy_dump_later(int(env[LAZY_PORT_ENV]))
+    if not reply.get("ok"):
+        print(f"deltaxfer hook: {action} failed: {reply.get('reason')}; criu resumes the "
+              "tasks", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _end_lazy_dump_later(port: int) -> None:
+    """The agent died: once this hook has exited and CRIU listens for lazy pages, close
+    that listener so CRIU resumes the tasks instead of waiting for a client forever."""
+    code = ("from deltaxfer.criu.lazy import end_lazy_dump; "
+            "from deltaxfer.criu.runner import find_criu; "
+            f"end_lazy_dump('127.0.0.1', {port}, find_criu().version, timeout=600)")
+    subprocess.Popen([sys.executable, "-c", code], start_new_session=True,
+                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                     stderr=subprocess.DEVNULL)
+
+
+def main() -> int:
+    sys.exit(run_hook())
+
+
+if __name__ == "__main__":
+    main()
