@@ -1,15 +1,19 @@
 #!/usr/bin/env python3
-"""`make demo`: checkpoint a running workload with CRIU, rebuild its image directory with
-deltaxfer, restore it from the rebuilt directory, and have the restored process verify
-every page of its own memory.
+"""`make demo`: live-migrate a running process between two hosts on this machine.
 
-The workload runs in its own PID namespace, so the restored copy can coexist with the
-frozen original (one machine plays both hosts, as DESIGN.md describes). Later issues turn
-this into a live migration between two network-namespace hosts.
+Two network namespaces joined by a veth pair (shaped to 1 Gbit/s with tc tbf) play the
+source and the destination host. A self-checking workload (256 MiB of mixed pages,
+dirtying 4 MiB/s, in its own PID namespace) runs on the source; `deltaxfer serve`
+runs on the destination; `deltaxfer migrate` moves the workload live, and the restored
+process verifies every page of its memory. The migration report prints at the end.
 """
 import argparse
+import json
 import os
+import re
+import select
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -19,74 +23,99 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 import workloads  # noqa: E402  (the self-checking workloads of the test suite)
 
-from deltaxfer.criu.dumpdir import rewrite  # noqa: E402
 from deltaxfer.criu.runner import CriuError, find_criu  # noqa: E402
-from deltaxfer.inspection import inspect_dump, render_inspect  # noqa: E402
+from deltaxfer.lab import TwoHosts  # noqa: E402
+
+PORT = 7411
 
 
 def step(msg):
     print(f"\n== {msg}", flush=True)
 
 
+def wait_listening(proc, timeout=30):
+    buf, deadline = b"", time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        r, _, _ = select.select([proc.stderr], [], [], 0.2)
+        if r:
+            chunk = os.read(proc.stderr.fileno(), 65536)
+            if not chunk:
+                break
+            buf += chunk
+            if re.search(rb"listening on", buf):
+                return
+    raise RuntimeError(f"deltaxfer serve did not start: {buf.decode(errors='replace')}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mib", type=int, default=256, help="workload memory (default 256 MiB)")
-    ap.add_argument("--keep", action="store_true", help="keep the image directories")
+    ap.add_argument("--dirty", type=float, default=4, help="dirty rate, MiB/s (default 4)")
+    ap.add_argument("--rate", default="1gbit", help="tc tbf rate of the link ('' = unshaped)")
     args = ap.parse_args()
     if os.geteuid() != 0:
-        print("demo: run as root (criu dump/restore need it)", file=sys.stderr)
+        print("demo: run as root (network namespaces and criu need it)", file=sys.stderr)
         return 2
     try:
         criu = find_criu()
     except CriuError as e:
         print(f"demo: {e}", file=sys.stderr)
         return 2
-    print(f"criu {criu.version_str} ({criu.origin}: {criu.path})")
-
+    print(f"criu {criu.version_str} ({criu.origin})")
     work = tempfile.mkdtemp(prefix="deltaxfer-demo-")
-    dump_dir, rebuilt = os.path.join(work, "dump"), os.path.join(work, "rebuilt")
-    os.mkdir(dump_dir)
-    wl = workloads.start("memwork", mib=args.mib, dirty_mib_per_s=4, tmpdir=work)
+    key = os.path.join(work, "key")
+    with open(key, "wb") as f:
+        f.write(os.urandom(32))
+    os.chmod(key, 0o600)
+    server = wl = None
     try:
-        step(f"workload: memwork, {args.mib} MiB of mixed pages, dirtying 4 MiB/s, pid {wl.pid}")
-        first = wl.verify()
-        print(f"self-check before checkpoint: {'OK' if first['ok'] else 'BAD'} {first}")
+        with TwoHosts(rate=args.rate or None) as lab:
+            step(f"two hosts: {lab.source.name} ({lab.source.addr}) and {lab.dest.name} "
+                 f"({lab.dest.addr}), veth {'shaped to ' + args.rate if args.rate else 'unshaped'}")
+            server = subprocess.Popen(lab.dest.command(
+                [sys.executable, "-m", "deltaxfer", "serve", "--listen",
+                 f"{lab.dest.addr}:{PORT}", "--key-file", key, "--dir",
+                 os.path.join(work, "dest"), "--restore"]),
+                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            wait_listening(server)
+            print(f"destination: deltaxfer serve on {lab.dest.addr}:{PORT} (pid {server.pid})")
 
-        step("criu dump --leave-stopped (the original stays frozen, as a migration source would)")
-        t0 = time.monotonic()
-        criu.dump(wl.pid, dump_dir, leave="stopped")
-        t_dump = time.monotonic() - t0
-        print(f"dumped in {t_dump:.2f} s into {dump_dir}")
+            wl = workloads.start("memwork", mib=args.mib, dirty_mib_per_s=args.dirty,
+                                 tmpdir=work, prefix=lab.source.command([]))
+            first = wl.verify()
+            step(f"source: memwork pid {wl.pid}, {args.mib} MiB of mixed pages, dirtying "
+                 f"{args.dirty:g} MiB/s; self-check: {'OK' if first['ok'] else 'BAD'}")
 
-        step("deltaxfer inspect")
-        sys.stdout.write(render_inspect(inspect_dump(dump_dir)))
-
-        step("deltaxfer rewrite: new pagemaps (coalesced, fresh pages_id) and pages files")
-        t0 = time.monotonic()
-        rep = rewrite(dump_dir, rebuilt)
-        print(f"{rep.pagemaps} pagemap(s): {rep.entries_before} -> {rep.entries_after} entries, "
-              f"{rep.pages} pages ({rep.bytes / 2**20:.1f} MiB) in {time.monotonic() - t0:.2f} s")
-
-        step("criu restore -d from the rebuilt directory (a new PID namespace)")
-        t0 = time.monotonic()
-        pid = criu.restore(rebuilt)
-        wl.adopt(pid)
-        print(f"restored as pid {pid} in {time.monotonic() - t0:.2f} s")
-
-        step("the restored process verifies every page of its memory")
-        time.sleep(0.5)  # let it dirty some pages after the restore
-        res = wl.verify(pid=pid)
-        print(f"self-check after restore: {'OK' if res['ok'] else 'BAD'} {res}")
-        if not res["ok"]:
-            return 1
-        print("\ndemo: the process was checkpointed, rebuilt by deltaxfer and restored intact")
-        return 0
+            step(f"deltaxfer migrate {wl.pid} --to {lab.dest.addr}:{PORT}")
+            report_path = os.path.join(work, "report.json")
+            proc = subprocess.run(lab.source.command(
+                [sys.executable, "-m", "deltaxfer", "migrate", str(wl.pid), "--to",
+                 f"{lab.dest.addr}:{PORT}", "--key-file", key, "--progress",
+                 "--report", report_path]), text=True, stdout=subprocess.PIPE)
+            print(proc.stdout, end="")
+            with open(report_path) as f:
+                report = json.load(f)
+            if report["outcome"] != "migrated":
+                print(f"demo: not migrated: {report['error']}")
+                return 1
+            pid = report["restored_pid"]
+            wl.adopt(pid)
+            source_gone = workloads.proc_state(wl.pid) is None
+            time.sleep(0.5)
+            res = wl.verify(pid=pid)
+            step("on the destination, the restored process verifies every page of its memory")
+            print(f"self-check: {'OK' if res['ok'] else 'BAD'} {res['line']}; "
+                  f"source process {'gone' if source_gone else 'STILL THERE'}")
+            shutil.copy(report_path, os.path.join(ROOT, "demo-report.json"))
+            print("\nfull JSON report: demo-report.json")
+            return 0 if res["ok"] and source_gone else 1
     finally:
-        wl.kill()
-        if args.keep:
-            print(f"(kept {work})")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+        if wl is not None:
+            wl.kill()
+        if server is not None:
+            server.terminate()
+            server.wait()
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -232,6 +232,7 @@ class Workload:
         self.result_path = result_path
         self.proc: subprocess.Popen | None = None
         self.unshare_pid: int | None = None
+        self.prefix: list[str] = []     # e.g. nsenter --net=... -- (see start)
         self.pid: int | None = None
         self.ready: dict = {}
         self.adopted: list[int] = []
@@ -244,7 +245,7 @@ class Workload:
                 raise WorkloadError(f"{tool} not found on PATH (util-linux)")
         self.result_path.unlink(missing_ok=True)
         self.proc = subprocess.Popen(
-            ["unshare", "--pid", "--fork", "setsid", *self.argv],
+            [*self.prefix, "unshare", "--pid", "--fork", "setsid", *self.argv],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             close_fds=True, start_new_session=True)
         self.unshare_pid = self.proc.pid
@@ -361,14 +362,16 @@ class Workload:
 def start(kind: str, *, tmpdir, mib: float = 64, objects: int = 10000,
           dirty_mib_per_s: float = 0, mutate_per_s: float = 0,
           private_mib: float | None = None, seed: int = 1,
-          ready_timeout: float = 120) -> Workload:
+          ready_timeout: float = 120, prefix: tuple = ()) -> Workload:
     """Start a workload in its own PID namespace and wait until it is READY.
 
     memwork: `mib` of private memory, dirtied at `dirty_mib_per_s` (0 = idle).
     shmwork: `mib` of shared memory (+1 header page) and `private_mib`
              (default `mib`) of private memory; a child and a thread.
     pyheap:  `objects` Python objects, `mutate_per_s` replaced per second.
-    The result file lives in `tmpdir`."""
+    The result file lives in `tmpdir`. `prefix` runs it through another command that
+    execs its arguments, e.g. `nsenter --net=/run/netns/NAME --` to start it in a host
+    of deltaxfer.lab."""
     if kind not in KINDS:
         raise ValueError(f"unknown workload kind {kind!r}; expected one of {KINDS}")
     if dirty_mib_per_s and kind != "memwork":
@@ -394,5 +397,6 @@ def start(kind: str, *, tmpdir, mib: float = 64, objects: int = 10000,
                 "--mutate-per-s", f"{mutate_per_s:g}"]
     argv += ["--seed", str(seed), "--result", str(result)]
     w = Workload(kind, argv, result)
+    w.prefix = list(prefix)
     w._launch(ready_timeout)
     return w
