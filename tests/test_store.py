@@ -282,3 +282,43 @@ def test_parent_linked_round_refuses_bad_digest_and_missing_pages(tmp_path):
 def split(frames):
     from deltaxfer.source import split_frames
     return [bytes(f) for f in split_frames(frames)]
+
+
+def test_round_with_unchanged_layout_is_applied_in_place(tmp_path):
+    s = Store(str(tmp_path)).session("s")
+    v = [0x10000 + i * PAGE_SIZE for i in range(48)]
+    p1 = pages_of(v, 1)
+    send_round(s, 1, v, p1)
+    pages_file = s.held()["pid-1"].pages_path
+    inode = os.stat(pages_file).st_ino
+    p2 = bytearray(p1)
+    for i in (2, 3, 30):
+        p2[i * PAGE_SIZE + 77] ^= 0x11
+    p2[10 * PAGE_SIZE:11 * PAGE_SIZE] = bytes(PAGE_SIZE)   # became a zero page
+    with s.held()["pid-1"].open() as base:
+        stats = send_round(s, 2, v, p2, held=s.held_hashes("pid-1"), base=base.pages)
+    assert stats["sent_xor"] == 3 and stats["sent_zero"] == 1
+    assert held_pages(s) == (v, bytes(p2)) and s.round == 2
+    # the same file, written in place; hashes cached; nothing left over
+    assert s.held()["pid-1"].pages_path == pages_file and os.stat(pages_file).st_ino == inode
+    assert s.held_hashes("pid-1")[1] == _core.hash_pages(p2)[0]
+    assert sorted(os.listdir(s.path)) == ["held", "meta.json"]
+    # a bad round leaves the held pages as they were
+    p3 = bytearray(p2)
+    p3[5 * PAGE_SIZE] ^= 1
+    with pytest.raises(StoreError):
+        send_round(s, 3, v, p3, held=s.held_hashes("pid-1"), digest=99)
+    assert held_pages(s) == (v, bytes(p2)) and s.round == 2
+    assert not os.path.exists(os.path.join(s.held_dir, ".dirty"))
+
+
+def test_a_round_interrupted_while_writing_in_place_resets_the_session(tmp_path):
+    store = Store(str(tmp_path))
+    s = store.session("s")
+    v = [0x10000 + i * PAGE_SIZE for i in range(4)]
+    send_round(s, 1, v, pages_of(v, 1))
+    open(os.path.join(s.held_dir, ".dirty"), "w").close()   # as a crash would leave it
+    again = store.session("s")
+    assert again.round == 0 and again.held() == {}
+    send_round(again, 1, v, pages_of(v, 2))                  # a full send works again
+    assert held_pages(again) == (v, bytes(pages_of(v, 2)))

@@ -157,6 +157,12 @@ class Session:
         _mkdir_private(self.path)
         self.meta = self._load_meta()
         self._held: dict[str, HeldImage] | None = None
+        if os.path.exists(os.path.join(self.held_dir, ".dirty")):
+            # a round was being written in place when the receiver died: what is held
+            # cannot be trusted, so the session starts over (the next send is a full one)
+            _rmtree(self.held_dir)
+            self.meta.update(round=0, source="")
+            self._save_meta()
 
     def _load_meta(self) -> dict:
         try:
@@ -233,6 +239,8 @@ class Session:
                                            f"of session {self.name!r}")
         if parent_linked and self.held():
             return ParentRound(self, round_no, source)
+        if self.held():
+            return InPlaceRound(self, round_no, source)
         return Round(self, round_no, source)
 
     def begin_files(self) -> "FileSet":
@@ -590,6 +598,112 @@ class ParentRound(Round):
             if mem is not None:
                 mem.close()
         super().abort()
+
+
+class InPlaceRound(ParentRound):
+    """A round over held pages whose layout (the present vaddrs) did not change: the
+    received pages are collected beside held/, verified (digest from their hashes and the
+    held pages' cached hashes), and only then written over the held pages in place — a
+    round costs what it received, not the image size. An image whose layout changed is
+    rebuilt whole, as by :class:`Round`. A crash while writing leaves held/.dirty, and
+    the session then starts over from nothing (see Session)."""
+
+    dir_name = "round.tmp"
+
+    def _open_pages(self, img: _IncomingImage) -> None:
+        held = self.held.get(img.image_id)
+        if held is not None:
+            super()._open_pages(img)          # validates, sets vaddrs and the side file
+            if img.vaddrs == img.held_vaddrs:
+                return
+            # the layout changed: undo and rebuild this image whole
+            img.held_mem.close()
+            os.close(img.fd)
+            os.unlink(img.pages_path)
+            img.fd, img.vaddrs, img.parent = -1, None, None
+            self.next_pages_id -= 1
+        img.parent = None
+        Round._open_pages(self, img)
+
+    def end_image(self, index: int, digest: int) -> None:
+        img = self._image(index)
+        if img.vaddrs is None:
+            self._open_pages(img)
+        if img.parent is None:
+            return Round.end_image(self, index, digest)
+        try:
+            hashes, runs, missing = _core.merge_parent_hashes(
+                img.vaddrs, img.held_vaddrs, img.held_hashes, img.recv_vaddrs, img.recv_hashes)
+        except ValueError as e:
+            raise StoreError("bad-payload", f"{img.image_id}: {e}") from None
+        img.held_mem.close()
+        os.close(img.fd)
+        img.fd = -1
+        if missing:
+            raise StoreError("missing-page", f"{img.image_id}: {missing} pages are new to the "
+                                             "destination but were not sent")
+        mine = image_digest(hashes)
+        if mine != digest:
+            raise StoreError("digest", f"{img.image_id}: the destination's pages do not match "
+                                       f"the source's (digest {mine:016x} != {digest:016x})")
+        img.hashes, img.runs = hashes, runs
+        img.done = True
+
+    def finish(self) -> dict:
+        if not self.images or any(not x.done for x in self.images.values()):
+            raise StoreError("unexpected", "round ended with an image still open or none sent")
+        s = self.session
+        dirty = os.path.join(s.held_dir, ".dirty")
+        open(dirty, "w").close()
+        sent = {x.image_id for x in self.images.values()}
+        for image_id, h in self.held.items():          # images gone from the tree
+            if image_id not in sent:
+                self._drop_held(image_id, h)
+        for img in self.images.values():
+            name = pagemap_name(img.image_id)
+            if img.parent is not None:                 # in place
+                held = img.parent
+                src = os.open(img.pages_path, os.O_RDONLY)
+                dst = os.open(held.pages_path, os.O_WRONLY)
+                try:
+                    at = off = 0
+                    for r in range(0, len(img.runs), 3):
+                        n = img.runs[r + 1]
+                        if not img.runs[r + 2]:        # received, not from the held pages
+                            _copy_range(src, dst, off * PAGE_SIZE, at * PAGE_SIZE, n * PAGE_SIZE)
+                            off += n
+                        at += n
+                finally:
+                    os.close(src)
+                    os.close(dst)
+                pm = im.Pagemap(held.pagemap.pages_id, img.pagemap.entries)
+                im.write_pagemap(os.path.join(s.held_dir, name + ".new"), pm)
+                os.replace(os.path.join(s.held_dir, name + ".new"), os.path.join(s.held_dir, name))
+                with open(os.path.join(s.held_dir, f"hashes-{img.image_id}.bin"), "wb") as f:
+                    f.write(img.hashes)
+            else:                                      # rebuilt whole in round.tmp
+                old = self.held.get(img.image_id)
+                if old is not None:
+                    self._drop_held(img.image_id, old)
+                for f in (name, os.path.basename(img.pages_path), f"hashes-{img.image_id}.bin"):
+                    os.replace(os.path.join(self.dir, f), os.path.join(s.held_dir, f))
+        os.unlink(dirty)
+        _rmtree(self.dir)
+        s._held = None
+        s.meta.update(round=self.round_no, source=self.source)
+        s._save_meta()
+        self.closed = True
+        s.store.release(self)
+        return {"round": self.round_no,
+                "pages": sum(x.pagemap.present_pages for x in self.images.values())}
+
+    def _drop_held(self, image_id: str, held: HeldImage) -> None:
+        for f in (pagemap_name(image_id), os.path.basename(held.pages_path),
+                  f"hashes-{image_id}.bin"):
+            try:
+                os.unlink(os.path.join(self.session.held_dir, f))
+            except FileNotFoundError:
+                pass
 
 
 class FileSet:
