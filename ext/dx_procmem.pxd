@@ -8,4 +8,5 @@ cdef extern from "procmem.h" nogil:
                                      uint64_t *fail_vaddrs, uint64_t *fail_lens, size_t fail_cap,
                                      uint64_t *bytes_failed)
     ptrdiff_t dx_pagemap_runs(int fd, const uint64_t *starts, const uint64_t *ends, size_t nvmas,
+                              const uint8_t *skip_file, uint64_t zero_pfn,
                               uint64_t **run_vaddrs, uint64_t **run_lens)

@@ -46,11 +46,13 @@ def read_process_memory(int pid, run_vaddrs, run_lens, buf):
     return [(fv[j], fl[j]) for j in range(k)], bytes_failed
 
 
-def pagemap_runs(int fd, starts, ends):
+def pagemap_runs(int fd, starts, ends, skip_file=None, uint64_t zero_pfn=0):
     """Runs (vaddr, length in bytes) of present or swapped pages inside the given VMAs.
 
     fd is an open /proc/PID/pagemap; starts/ends are the VMAs' bounds (uint64 arrays).
-    Returns (run_vaddrs, run_lens) as array('Q').
+    skip_file (one byte per VMA): in those VMAs (private file mappings) skip the pages
+    still backed by the file; zero_pfn: skip pages mapped to the shared zero page — the
+    two pages CRIU does not dump. Returns (run_vaddrs, run_lens) as array('Q').
     """
     cdef _Buffer sb = u64_buffer(starts, "starts")
     cdef _Buffer eb = u64_buffer(ends, "ends")
@@ -64,8 +66,15 @@ def pagemap_runs(int fd, starts, ends):
     cdef uint64_t *rv = NULL
     cdef uint64_t *rl = NULL
     cdef ptrdiff_t k
+    cdef _Buffer fb
+    cdef const uint8_t *fp = NULL
+    if skip_file is not None:
+        fb = bytes_buffer(skip_file, "skip_file")
+        if fb.nbytes != n:
+            raise ValueError(f"skip_file has {fb.nbytes} entries for {n} VMAs")
+        fp = <const uint8_t *>fb.ptr
     with nogil:
-        k = dx_pagemap_runs(fd, u64_ptr(sb), u64_ptr(eb), n, &rv, &rl)
+        k = dx_pagemap_runs(fd, u64_ptr(sb), u64_ptr(eb), n, fp, zero_pfn, &rv, &rl)
     try:
         if k < 0:
             raise OSError(-k, f"reading pagemap: {_os.strerror(-k)}")

@@ -85,6 +85,7 @@ ptrdiff_t dx_read_process_memory(pid_t pid, const uint64_t *run_vaddrs, const ui
 #define PAGEMAP_CHUNK 4096
 
 ptrdiff_t dx_pagemap_runs(int fd, const uint64_t *starts, const uint64_t *ends, size_t nvmas,
+                          const uint8_t *skip_file, uint64_t zero_pfn,
                           uint64_t **run_vaddrs, uint64_t **run_lens)
 {
     uint64_t *entries = malloc(PAGEMAP_CHUNK * sizeof *entries);
@@ -100,7 +101,12 @@ ptrdiff_t dx_pagemap_runs(int fd, const uint64_t *starts, const uint64_t *ends, 
             if (got < 8) break;   /* past the end of the address space */
             size_t n = (size_t)got / 8;
             for (size_t i = 0; i < n; i++) {
-                if (!(entries[i] & (DX_PM_PRESENT | DX_PM_SWAPPED))) continue;
+                uint64_t e = entries[i];
+                if (!(e & (DX_PM_PRESENT | DX_PM_SWAPPED))) continue;
+                /* as CRIU: a private file page not yet copied-on-write is the file's */
+                if (skip_file && skip_file[k] && (e & DX_PM_FILE)) continue;
+                /* as CRIU: a page only read (mapped to the shared zero page) is absent */
+                if (zero_pfn && (e & DX_PM_PRESENT) && (e & DX_PM_PFN_MASK) == zero_pfn) continue;
                 uint64_t page = va + ((uint64_t)i << DX_PAGE_SHIFT);
                 if (nruns && (*run_vaddrs)[nruns - 1] + (*run_lens)[nruns - 1] == page) {
                     (*run_lens)[nruns - 1] += DX_PAGE_SIZE;

@@ -21,12 +21,15 @@ ptrdiff_t dx_read_process_memory(pid_t pid, const uint64_t *run_vaddrs, const ui
 /* Bits of a /proc/PID/pagemap entry (Documentation/admin-guide/mm/pagemap.rst). */
 #define DX_PM_PRESENT (1ull << 63)
 #define DX_PM_SWAPPED (1ull << 62)
+#define DX_PM_FILE (1ull << 61)           /* file page or shared anonymous */
+#define DX_PM_PFN_MASK ((1ull << 55) - 1)  /* the page frame number (root only) */
 
 /* For each VMA [starts[k], ends[k]) (page aligned, ascending) read its pagemap entries
  * from the open pagemap fd and append the runs of present or swapped pages, as (vaddr,
  * length in bytes), to *run_vaddrs / *run_lens (malloc'd, grown as needed; the caller
  * frees them).  Returns the number of runs or -errno. */
 ptrdiff_t dx_pagemap_runs(int fd, const uint64_t *starts, const uint64_t *ends, size_t nvmas,
+                          const uint8_t *skip_file, uint64_t zero_pfn,
                           uint64_t **run_vaddrs, uint64_t **run_lens);
 
 #endif

@@ -97,7 +97,7 @@ def snapshot_tree(tasks: list[Task], buffers: dict | None = None) -> Snapshot:
     images, read, failed = [], 0, 0
     for task in tasks:
         try:
-            run_v, run_l = procmem.present_runs(task.host_pid)
+            run_v, run_l = procmem.criu_runs(task.host_pid)
         except ProcessLookupError:
             continue  # exited between rounds; the final dump will not have it either
         total = sum(run_l)

@@ -21,6 +21,7 @@ held/ exactly as it was. Every temporary directory is removed on every exit path
 from __future__ import annotations
 
 import json
+import logging
 import mmap
 import os
 import re
@@ -31,6 +32,8 @@ from dataclasses import dataclass, field
 
 from deltaxfer import PAGE_SIZE, _core
 from deltaxfer.criu import images as im
+
+log = logging.getLogger("deltaxfer.store")
 
 SESSION_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 IMAGE_ID_RE = re.compile(r"^(pid|shmem)-(\d{1,10})$")
@@ -617,6 +620,9 @@ class InPlaceRound(ParentRound):
             if img.vaddrs == img.held_vaddrs:
                 return
             # the layout changed: undo and rebuild this image whole
+            log.info("%s: %d pages now, %d held, not at the same addresses: rebuilding the "
+                     "image instead of updating it in place", img.image_id, len(img.vaddrs),
+                     len(img.held_vaddrs))
             img.held_mem.close()
             os.close(img.fd)
             os.unlink(img.pages_path)

@@ -73,6 +73,53 @@ def present_runs(pid: int, vmas: list[Vma] | None = None, impl=native) -> tuple[
         os.close(fd)
 
 
+def zero_page_pfn() -> int:
+    """The page frame of the kernel's shared zero page — what a read fault of a private
+    anonymous page maps — found as CRIU does: fault one in, read its pagemap entry.
+    0 when page frames are hidden (without CAP_SYS_ADMIN): then nothing is filtered."""
+    global _ZERO_PFN
+    if _ZERO_PFN is None:
+        import ctypes
+        import mmap
+        m = mmap.mmap(-1, PAGE_SIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        try:
+            probe = ctypes.c_char.from_buffer(m)
+            addr = ctypes.addressof(probe)
+            _ = m[0]  # a read fault only: the zero page gets mapped
+            with open("/proc/self/pagemap", "rb") as f:
+                f.seek(addr // PAGE_SIZE * 8)
+                entry = int.from_bytes(f.read(8), "little")
+            del probe
+        finally:
+            m.close()
+        _ZERO_PFN = entry & ((1 << 55) - 1) if entry & (1 << 63) else 0
+    return _ZERO_PFN
+
+
+_ZERO_PFN: int | None = None
+_NOT_DUMPED = ("[vvar]", "[vvar_vclock]", "[vsyscall]", "[uprobes]")
+
+
+def criu_runs(pid: int, impl=native) -> tuple[array, array]:
+    """(run_vaddrs, run_lens) of the pages CRIU dumps as the process's private memory:
+    every present or swapped page of its private mappings, except pages of private file
+    mappings not yet copied-on-write and pages mapped to the shared zero page. A live
+    round over this set has the layout of the final dump's pagemap."""
+    vmas = [v for v in read_maps(pid)
+            if v.perms[3] == "p" and v.perms[0] == "r" and v.path not in _NOT_DUMPED]
+    file_backed = bytes(1 if (v.inode or v.path.startswith("/")) else 0 for v in vmas)
+    try:
+        fd = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY)
+    except FileNotFoundError:
+        raise ProcessLookupError(f"process {pid} no longer exists") from None
+    try:
+        return impl.pagemap_runs(fd, array("Q", [v.start for v in vmas]),
+                                 array("Q", [v.end for v in vmas]), file_backed,
+                                 zero_page_pfn())
+    finally:
+        os.close(fd)
+
+
 @dataclass(frozen=True)
 class MemorySnapshot:
     pages: bytearray      # the pages back to back

@@ -8,6 +8,8 @@ from array import array
 from ._buffers import PAGE_SIZE, byte_view, u64_list
 
 PM_PRESENT = 1 << 63
+PM_FILE = 1 << 61
+PM_PFN_MASK = (1 << 55) - 1
 PM_SWAPPED = 1 << 62
 
 
@@ -49,15 +51,23 @@ def read_process_memory(pid, run_vaddrs, run_lens, buf):
     return failed, bytes_failed
 
 
-def pagemap_runs(fd, starts, ends):
+def pagemap_runs(fd, starts, ends, skip_file=None, zero_pfn=0):
     runs_v, runs_l = array("Q"), array("Q")
-    for start, end in zip(u64_list(starts, "starts"), u64_list(ends, "ends")):
+    starts, ends = u64_list(starts, "starts"), u64_list(ends, "ends")
+    skip = bytes(skip_file) if skip_file is not None else bytes(len(starts))
+    if len(skip) != len(starts):
+        raise ValueError(f"skip_file has {len(skip)} entries for {len(starts)} VMAs")
+    for start, end, skip_file_pages in zip(starts, ends, skip):
         if (start | end) % PAGE_SIZE or start > end:
             raise ValueError(f"VMA [{start:#x}, {end:#x}) is not a page-aligned range")
         npages = (end - start) // PAGE_SIZE
         data = os.pread(fd, npages * 8, start // PAGE_SIZE * 8)
         for i, (entry,) in enumerate(struct.iter_unpack("<Q", data)):
             if not entry & (PM_PRESENT | PM_SWAPPED):
+                continue
+            if skip_file_pages and entry & PM_FILE:
+                continue
+            if zero_pfn and entry & PM_PRESENT and entry & PM_PFN_MASK == zero_pfn:
                 continue
             page = start + i * PAGE_SIZE
             if runs_v and runs_v[-1] + runs_l[-1] == page:
