@@ -61,3 +61,44 @@ def merge_parent_hashes(new_vaddrs, held_vaddrs, held_hashes, recv_vaddrs, recv_
         raise ValueError("received pages that are not in the round's pagemap")
     array.resize(runs, <Py_ssize_t>(3 * nruns))
     return hashes, runs, missing
+
+
+def layout_diff(old_vaddrs, new_vaddrs):
+    """How a pages file laid out for old_vaddrs becomes one for new_vaddrs (both
+    ascending): runs of (old_index, count, kind) with kind 0 = pages only in old (to
+    remove), 1 = pages only in new (to insert before old_index). Pages in both keep
+    their order, so these edits are all there is. Returns array('Q') of triples."""
+    cdef _Buffer ov = u64_buffer(old_vaddrs, "old_vaddrs")
+    cdef _Buffer nv = u64_buffer(new_vaddrs, "new_vaddrs")
+    cdef size_t no = u64_len(ov), nn = u64_len(nv)
+    cdef array.array out = new_u64_array(3 * (no + nn) + 3)
+    cdef uint64_t *ro = <uint64_t *>out.data.as_voidptr
+    cdef const uint64_t *po = u64_ptr(ov)
+    cdef const uint64_t *pn = u64_ptr(nv)
+    cdef size_t i = 0, j = 0, n = 0
+    cdef uint64_t kind, last_kind = 2, last_at = 0
+    with nogil:
+        while i < no or j < nn:
+            if j >= nn or (i < no and po[i] < pn[j]):
+                kind = 0            # only in old: remove old page i
+            elif i >= no or pn[j] < po[i]:
+                kind = 1            # only in new: insert before old page i
+            else:
+                i += 1
+                j += 1
+                last_kind = 2
+                continue
+            if n and kind == last_kind and (kind == 1 or ro[3 * (n - 1)] + ro[3 * (n - 1) + 1] == i):
+                ro[3 * (n - 1) + 1] += 1
+            else:
+                ro[3 * n] = i
+                ro[3 * n + 1] = 1
+                ro[3 * n + 2] = kind
+                n += 1
+                last_kind = kind
+            if kind == 0:
+                i += 1
+            else:
+                j += 1
+    array.resize(out, <Py_ssize_t>(3 * n))
+    return out

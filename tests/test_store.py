@@ -77,7 +77,7 @@ def test_first_round_then_delta_round(tmp_path):
     assert stats["changed"] == 5 and stats["added"] == 4 and stats["removed"] == 3
     assert stats["sent_xor"] == 5
     assert held_pages(s) == (v2, bytes(p2))
-    assert sorted(os.listdir(s.held_dir)) == ["hashes-pid-1.bin", "pagemap-1.img", "pages-2.img"]
+    assert sorted(os.listdir(s.held_dir)) == ["hashes-pid-1.bin", "pagemap-1.img", "pages-1.img"]
     # the cached hashes are the stored pages' hashes
     v, h = s.held_hashes("pid-1")
     assert list(v) == v2 and h == _core.hash_pages(p2)[0]
@@ -322,3 +322,39 @@ def test_a_round_interrupted_while_writing_in_place_resets_the_session(tmp_path)
     assert again.round == 0 and again.held() == {}
     send_round(again, 1, v, pages_of(v, 2))                  # a full send works again
     assert held_pages(again) == (v, bytes(pages_of(v, 2)))
+
+
+@pytest.mark.parametrize("reshapable", [True, False])
+def test_round_with_pages_added_and_removed_is_applied_in_place(tmp_path, reshapable):
+    store = Store(str(tmp_path))
+    if reshapable and not store.reshapable:
+        pytest.skip("this filesystem cannot insert/collapse file ranges")
+    store.reshapable = reshapable
+    s = store.session("s")
+    v1 = [0x10000 + i * PAGE_SIZE for i in range(40)] + [0x800000 + i * PAGE_SIZE for i in range(8)]
+    p1 = pages_of(v1, 1)
+    send_round(s, 1, v1, p1)
+    inode = os.stat(s.held()["pid-1"].pages_path).st_ino
+    # drop pages at the start, the middle and the end; add some in between and at the end
+    keep = [v for i, v in enumerate(v1) if i not in (0, 1, 20, 21, 22, 47)]
+    v2 = sorted(keep + [0x9000, 0x10000 + 40 * PAGE_SIZE, 0x700000, 0x900000, 0x901000])
+    old = dict(zip(v1, (bytes(p1[i * PAGE_SIZE:(i + 1) * PAGE_SIZE]) for i in range(len(v1)))))
+    fresh = pages_of(v2, 7)
+    p2 = bytearray(b"".join(old.get(v, fresh[i * PAGE_SIZE:(i + 1) * PAGE_SIZE])
+                            for i, v in enumerate(v2)))
+    p2[3 * PAGE_SIZE + 5] ^= 0x33                      # and one kept page changed
+    with s.held()["pid-1"].open() as base:
+        send_round(s, 2, v2, p2, held=s.held_hashes("pid-1"), base=base.pages)
+    assert held_pages(s) == (v2, bytes(p2))
+    same_file = os.stat(s.held()["pid-1"].pages_path).st_ino == inode
+    assert same_file == reshapable
+    assert s.held_hashes("pid-1")[1] == _core.hash_pages(p2)[0]
+
+
+def test_layout_diff():
+    o = array("Q", [1, 2, 3, 5, 6, 9])
+    n = array("Q", [0, 2, 3, 4, 6, 7, 8, 10])
+    r = _core.layout_diff(o, n)
+    assert [tuple(r[i:i + 3]) for i in range(0, len(r), 3)] == [
+        (0, 1, 1), (0, 1, 0), (3, 1, 1), (3, 1, 0), (5, 2, 1), (5, 1, 0), (6, 1, 1)]
+    assert list(_core.layout_diff(o, o)) == []

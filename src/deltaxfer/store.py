@@ -20,6 +20,7 @@ held/ exactly as it was. Every temporary directory is removed on every exit path
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import mmap
@@ -89,6 +90,60 @@ def _rmtree(path: str) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
+_FALLOC_FL_COLLAPSE_RANGE = 0x08
+_FALLOC_FL_INSERT_RANGE = 0x20
+_libc = ctypes.CDLL(None, use_errno=True)
+MAX_RESHAPE_RUNS = 4096
+
+
+def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    if _libc.fallocate(fd, mode, ctypes.c_long(offset), ctypes.c_long(length)) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def can_reshape(directory: str) -> bool:
+    """Whether files here can have page-sized ranges inserted and removed in place
+    (fallocate INSERT_RANGE / COLLAPSE_RANGE: ext4 and xfs can, tmpfs cannot)."""
+    path = os.path.join(directory, ".reshape-probe")
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    except OSError:
+        return False
+    try:
+        os.ftruncate(fd, 2 * PAGE_SIZE)
+        _fallocate(fd, _FALLOC_FL_INSERT_RANGE, 0, PAGE_SIZE)
+        _fallocate(fd, _FALLOC_FL_COLLAPSE_RANGE, 0, PAGE_SIZE)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+        os.unlink(path)
+
+
+def reshape_pages_file(fd: int, ops, pages: int) -> None:
+    """Turn a pages file laid out for one vaddr set into the layout of another, in place,
+    from the edits of ``_core.layout_diff``: removed runs collapsed, inserted runs opened
+    as holes (to be written by the round). Applied from the end so that the offsets of
+    the edits still to come do not move. Costs a few extent operations, no data copy."""
+    size = pages
+    for k in range(len(ops) - 3, -1, -3):
+        at, n, kind = ops[k], ops[k + 1], ops[k + 2]
+        if kind == 0:                                   # remove old pages [at, at + n)
+            if at + n >= size:
+                os.ftruncate(fd, at * PAGE_SIZE)
+            else:
+                _fallocate(fd, _FALLOC_FL_COLLAPSE_RANGE, at * PAGE_SIZE, n * PAGE_SIZE)
+            size -= n
+        else:                                           # insert n pages before old page at
+            if at >= size:
+                os.ftruncate(fd, (size + n) * PAGE_SIZE)
+            else:
+                _fallocate(fd, _FALLOC_FL_INSERT_RANGE, at * PAGE_SIZE, n * PAGE_SIZE)
+            size += n
+
+
 def _copy_range(src_fd: int, dst_fd: int, src_off: int, dst_off: int, n: int) -> None:
     while n:
         k = os.copy_file_range(src_fd, dst_fd, n, src_off, dst_off)
@@ -148,6 +203,7 @@ class _IncomingImage:
     must_send: int = 0
     done: bool = False
     parent: object = None           # ParentRound: the held image the child links to
+    reshape: object = None          # InPlaceRound: layout edits of the held pages file
 
 
 class Session:
@@ -617,12 +673,17 @@ class InPlaceRound(ParentRound):
         held = self.held.get(img.image_id)
         if held is not None:
             super()._open_pages(img)          # validates, sets vaddrs and the side file
+            img.reshape = None
             if img.vaddrs == img.held_vaddrs:
                 return
-            # the layout changed: undo and rebuild this image whole
-            log.info("%s: %d pages now, %d held, not at the same addresses: rebuilding the "
-                     "image instead of updating it in place", img.image_id, len(img.vaddrs),
-                     len(img.held_vaddrs))
+            ops = _core.layout_diff(img.held_vaddrs, img.vaddrs)
+            if self.session.store.reshapable and len(ops) // 3 <= MAX_RESHAPE_RUNS:
+                img.reshape = ops             # pages added or removed: edit the file's layout
+                return
+            # the layout changed and cannot be edited in place: rebuild this image whole
+            log.info("%s: %d pages now, %d held, %d runs differ: rebuilding the image "
+                     "instead of updating it in place", img.image_id, len(img.vaddrs),
+                     len(img.held_vaddrs), len(ops) // 3)
             img.held_mem.close()
             os.close(img.fd)
             os.unlink(img.pages_path)
@@ -672,6 +733,8 @@ class InPlaceRound(ParentRound):
                 src = os.open(img.pages_path, os.O_RDONLY)
                 dst = os.open(held.pages_path, os.O_WRONLY)
                 try:
+                    if img.reshape is not None:
+                        reshape_pages_file(dst, img.reshape, len(img.held_vaddrs))
                     at = off = 0
                     for r in range(0, len(img.runs), 3):
                         n = img.runs[r + 1]
@@ -788,6 +851,7 @@ class Store:
         _mkdir_private(self.root)
         self.quota_bytes = quota_bytes
         self._reserved: dict[int, int] = {}
+        self.reshapable = can_reshape(self.root)
 
     def session(self, name: str) -> Session:
         return Session(self, name)
