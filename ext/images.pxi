@@ -1,0 +1,159 @@
+# CRIU pagemap entries at C speed (src/deltaxfer/criu/images.py keeps the full parser,
+# with its precise errors, for anything this fast path does not recognise).
+
+
+cdef inline int _varint(const uint8_t *p, size_t end, size_t *pos, uint64_t *out) noexcept nogil:
+    cdef uint64_t v = 0
+    cdef unsigned shift = 0
+    cdef uint8_t b
+    while pos[0] < end:
+        b = p[pos[0]]
+        pos[0] += 1
+        if shift >= 64:
+            return -1
+        v |= <uint64_t>(b & 0x7F) << shift
+        if not (b & 0x80):
+            out[0] = v
+            return 0
+        shift += 7
+    return -1
+
+
+def pagemap_entries_fast(data, size_t start):
+    """Decode the pagemap_entry records framed as u32 size + protobuf from byte ``start``
+    of ``data``: returns (vaddrs, nr_pages, flags) as array('Q'), or None when any entry
+    is not a plain one (fields 1-5 as varints only) or the framing is off — the caller's
+    full parser then says exactly what is wrong."""
+    cdef _Buffer b = bytes_buffer(data, "data")
+    cdef const uint8_t *p = <const uint8_t *>b.ptr
+    cdef size_t end = b.nbytes, pos = start, stop, count = 0, cap
+    cdef uint32_t size
+    # count entries first, to size the outputs once
+    while pos + 4 <= end:
+        size = p[pos] | (p[pos + 1] << 8) | (p[pos + 2] << 16) | (<uint32_t>p[pos + 3] << 24)
+        if size > end - pos - 4:
+            return None
+        pos += 4 + size
+        count += 1
+    if pos != end:
+        return None
+    cap = count
+    cdef array.array va = new_u64_array(cap)
+    cdef array.array nr = new_u64_array(cap)
+    cdef array.array fl = new_u64_array(cap)
+    cdef uint64_t *pv = <uint64_t *>va.data.as_voidptr
+    cdef uint64_t *pn = <uint64_t *>nr.data.as_voidptr
+    cdef uint64_t *pf = <uint64_t *>fl.data.as_voidptr
+    cdef uint64_t key, val, v, n2, n5, f, inp
+    cdef int seen, bad = 0
+    cdef size_t i = 0
+    pos = start
+    with nogil:
+        while i < count:
+            size = p[pos] | (p[pos + 1] << 8) | (p[pos + 2] << 16) | (<uint32_t>p[pos + 3] << 24)
+            pos += 4
+            stop = pos + size
+            seen = 0
+            v = n2 = n5 = f = inp = 0
+            while pos < stop:
+                if _varint(p, stop, &pos, &key) or (key & 7) != 0:
+                    bad = 1
+                    break
+                if _varint(p, stop, &pos, &val):
+                    bad = 1
+                    break
+                key >>= 3
+                if key == 1:
+                    v = val
+                    seen |= 1
+                elif key == 2:
+                    n2 = val
+                    seen |= 2
+                elif key == 3:
+                    inp = val
+                    seen |= 4
+                elif key == 4:
+                    f = val
+                    seen |= 8
+                elif key == 5:
+                    n5 = val
+                    seen |= 16
+                else:
+                    bad = 1
+                    break
+            if bad or not (seen & 1) or not (seen & 18):
+                bad = 1
+                break
+            pv[i] = v
+            pn[i] = n5 if (seen & 16) else n2
+            pf[i] = f if (seen & 8) else (1 if inp else 4)   # PE_PARENT or PE_PRESENT
+            pos = stop
+            i += 1
+    if bad:
+        return None
+    return va, nr, fl
+
+
+def pagemap_encode_fast(uint32_t pages_id, vaddrs, nr_pages, flags):
+    """A pagemap image (CRIU magics, head, entries with fields 1, 2 and 4) for entries
+    given as three u64 arrays; nr_pages must fit in 32 bits (CRIU 4.1)."""
+    cdef _Buffer bv = u64_buffer(vaddrs, "vaddrs")
+    cdef _Buffer bn = u64_buffer(nr_pages, "nr_pages")
+    cdef _Buffer bf = u64_buffer(flags, "flags")
+    cdef size_t n = u64_len(bv), i, pos
+    if u64_len(bn) != n or u64_len(bf) != n:
+        raise ValueError("vaddrs, nr_pages and flags differ in length")
+    for i in range(n):
+        if u64_ptr(bn)[i] >= (<uint64_t>1 << 32):
+            raise ValueError(f"pagemap entry at {u64_ptr(bv)[i]:#x} has {u64_ptr(bn)[i]} pages; "
+                             "split it (CRIU 4.1's nr_pages is 32-bit)")
+    # worst case per entry: 4 (size) + 3 keys + 10 + 5 + 10 varint bytes
+    cdef bytearray out = bytearray(16 + 8 + n * 40)
+    cdef uint8_t *o = <uint8_t *>out
+    cdef uint64_t fields[3]
+    cdef uint8_t tmp[32]
+    cdef size_t t, k
+    cdef uint64_t x
+    with nogil:
+        pos = 0
+        _put32(o, &pos, 0x54564319)
+        _put32(o, &pos, 0x56084025)
+        t = 0
+        tmp[t] = 0x08
+        t += 1
+        t = _putv(tmp, t, pages_id)
+        _put32(o, &pos, <uint32_t>t)
+        memcpy(o + pos, tmp, t)
+        pos += t
+        for i in range(n):
+            fields[0] = u64_ptr(bv)[i]
+            fields[1] = u64_ptr(bn)[i]
+            fields[2] = u64_ptr(bf)[i]
+            t = 0
+            tmp[t] = 0x08
+            t = _putv(tmp, t + 1, fields[0])
+            tmp[t] = 0x10
+            t = _putv(tmp, t + 1, fields[1])
+            tmp[t] = 0x20
+            t = _putv(tmp, t + 1, fields[2])
+            _put32(o, &pos, <uint32_t>t)
+            memcpy(o + pos, tmp, t)
+            pos += t
+    return bytes(out[:pos])
+
+
+cdef inline void _put32(uint8_t *o, size_t *pos, uint32_t v) noexcept nogil:
+    o[pos[0]] = v & 0xFF
+    o[pos[0] + 1] = (v >> 8) & 0xFF
+    o[pos[0] + 2] = (v >> 16) & 0xFF
+    o[pos[0] + 3] = (v >> 24) & 0xFF
+    pos[0] += 4
+
+
+cdef inline size_t _putv(uint8_t *o, size_t t, uint64_t v) noexcept nogil:
+    while v >= 0x80:
+        o[t] = <uint8_t>((v & 0x7F) | 0x80)
+        v >>= 7
+        t += 1
+    o[t] = <uint8_t>v
+    return t + 1
