@@ -58,10 +58,10 @@ def test_dump_read_rewrite_restore(criu, tmp_path, kind):
             assert mem.nr_pages > 0
             checked, bad = pages_differing_from_proc_mem(wl.pid, mem.runs())
             assert checked == mem.nr_pages
-            # Between criu's detach and the stop the task can run for an instant (it
+            # Between criu's detach and the stop each thread can run for an instant (it
             # finishes its interrupted sleep, touching a few bytes of its stack or TLS;
-            # seen: 2 bytes of one page in ~1 of 3 runs): allow that one page.
-            assert len(bad) <= 1, [hex(v) for v in bad]
+            # seen: 2 bytes of one page in ~1 of 3 runs): allow one page per thread.
+            assert len(bad) <= len(root.threads), [hex(v) for v in bad]
             if region:
                 start, end = region["start"], region["start"] + region["pages"] * PAGE_SIZE
                 assert not [v for v in bad if start <= v < end]

@@ -172,6 +172,10 @@ def _transport_reason(e) -> str:
     return str(e)
 
 
+def _json_flag(p) -> None:
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deltaxfer", description=__doc__)
     parser.add_argument("--version", action="version", version=f"deltaxfer {__version__}")
@@ -181,19 +185,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--criu", metavar="PATH", help="criu binary (default: $DELTAXFER_CRIU, "
                    "the local prefix from `make criu`, then PATH)")
     p.add_argument("--check", action="store_true", help="also run `criu check`")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    _json_flag(p)
     p.set_defaults(func=cmd_criu)
 
     p = sub.add_parser("inspect", help="processes, VMAs and pages of a CRIU image directory")
     p.add_argument("dir", help="CRIU image directory (criu dump -D DIR)")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    _json_flag(p)
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("diff", help="what changed between two dumps of the same process, "
                                     "and what a delta transfer would send")
     p.add_argument("old", help="earlier CRIU image directory")
     p.add_argument("new", help="later CRIU image directory")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    _json_flag(p)
     p.set_defaults(func=cmd_diff)
 
     p = sub.add_parser("rewrite", help="rebuild a dump with pagemaps and pages written by "
@@ -201,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src", help="CRIU image directory")
     p.add_argument("dst", help="new directory to create")
     p.add_argument("--no-coalesce", action="store_true", help="keep CRIU's pagemap entries as they are")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    _json_flag(p)
     p.set_defaults(func=cmd_rewrite)
 
     p = sub.add_parser("serve", help="receive transfers and migrations (the destination)")
@@ -238,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-lz4", action="store_true", help="do not compress page frames")
     p.add_argument("--tls-ca", help="use TLS; verify the server against this CA (PEM)")
     p.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    _json_flag(p)
     p.set_defaults(func=cmd_send)
 
     p = sub.add_parser("migrate", help="live-migrate a running process tree to a `deltaxfer serve`")

@@ -183,8 +183,5 @@ def frozen_images(dump: DumpDir, tasks: list[Task], buffers: dict | None = None
         read_group()
         pm = im.Pagemap(0, [im.PagemapEntry(e.vaddr, e.nr_pages, e.flags | im.PE_PRESENT)
                             for e in entries])
-        va = array("Q")
-        for e in entries:
-            va.extend(range(e.vaddr, e.end, PAGE_SIZE))
-        images.append(SourceImage(image_id, pm, view, va))
+        images.append(SourceImage(image_id, pm, view, pm.present_vaddrs()))
     return images, opened, from_memory

@@ -265,10 +265,7 @@ class Session:
         """(vaddrs, hashes) of a held image's pages: the hashes computed from the stored
         pages when their round was verified (hashes-ID.bin), else hashed from disk."""
         held = self.held()[image_id]
-        vaddrs = array("Q")
-        for e in held.pagemap.entries:
-            if e.present:
-                vaddrs.extend(range(e.vaddr, e.end, PAGE_SIZE))
+        vaddrs = held.pagemap.present_vaddrs()
         cached = os.path.join(self.held_dir, f"hashes-{image_id}.bin")
         try:
             with open(cached, "rb") as f:
@@ -387,22 +384,34 @@ class Round:
             raise StoreError("bad-payload", f"{img.image_id}: more pagemap entries than the "
                                             f"{img.entries_expected} announced")
 
-    def _open_pages(self, img: _IncomingImage) -> None:
-        """Pagemap complete: validate it, size the new pages file and copy in every page
-        the destination already holds."""
+    def _complete_pagemap(self, img: _IncomingImage) -> im.Pagemap:
+        """The image's pagemap, all of it received: checked as one read from disk, with
+        the next free pages_id."""
         if len(img.entries) != img.entries_expected:
             raise StoreError("bad-payload", f"{img.image_id}: {len(img.entries)} pagemap "
                                             f"entries, {img.entries_expected} announced")
         pm = im.Pagemap(self.next_pages_id, img.entries)
         self.next_pages_id += 1
         try:
-            im.check_entries(img.image_id, pm.entries)  # as for a pagemap read from disk
+            im.check_entries(img.image_id, pm.entries)
         except im.ImageError as e:
             raise StoreError("bad-payload", str(e)) from None
         if pm.present_pages != img.pages_expected:
             raise StoreError("bad-payload", f"{img.image_id}: pagemap holds {pm.present_pages} "
                                             f"pages, {img.pages_expected} announced")
-        img.pagemap = pm
+        return pm
+
+    @staticmethod
+    def _check_digest(img: _IncomingImage, hashes, digest: int) -> None:
+        mine = image_digest(hashes)
+        if mine != digest:
+            raise StoreError("digest", f"{img.image_id}: the destination's pages do not match "
+                                       f"the source's (digest {mine:016x} != {digest:016x})")
+
+    def _open_pages(self, img: _IncomingImage) -> None:
+        """Pagemap complete: validate it, size the new pages file and copy in every page
+        the destination already holds."""
+        pm = img.pagemap = self._complete_pagemap(img)
         img.pages_path = os.path.join(self.dir, f"pages-{pm.pages_id}.img")
         size = pm.present_pages * PAGE_SIZE
         img.fd = os.open(img.pages_path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
@@ -428,10 +437,7 @@ class Round:
             finally:
                 os.close(src)
         img.must_send = pm.present_pages - shared
-        img.vaddrs = array("Q")
-        for e in pm.entries:
-            if e.present:
-                img.vaddrs.extend(range(e.vaddr, e.end, PAGE_SIZE))
+        img.vaddrs = pm.present_vaddrs()
         if size:
             img.mm = mmap.mmap(img.fd, size)
 
@@ -466,10 +472,7 @@ class Round:
             hashes = array("Q")
         os.close(img.fd)
         img.fd = -1
-        mine = image_digest(hashes)
-        if mine != digest:
-            raise StoreError("digest", f"{img.image_id}: the destination's pages do not match "
-                                       f"the source's (digest {mine:016x} != {digest:016x})")
+        self._check_digest(img, hashes, digest)
         im.write_pagemap(os.path.join(self.dir, pagemap_name(img.image_id)), img.pagemap)
         with open(os.path.join(self.dir, f"hashes-{img.image_id}.bin"), "wb") as f:
             f.write(hashes)  # for the next round's STATE and digest, without re-reading
@@ -524,23 +527,8 @@ class ParentRound(Round):
         if held is None:  # an image new in this round: all of it comes in the round
             img.parent = None
             return super()._open_pages(img)
-        if len(img.entries) != img.entries_expected:
-            raise StoreError("bad-payload", f"{img.image_id}: {len(img.entries)} pagemap "
-                                            f"entries, {img.entries_expected} announced")
-        pm = im.Pagemap(self.next_pages_id, img.entries)
-        self.next_pages_id += 1
-        try:
-            im.check_entries(img.image_id, pm.entries)
-        except im.ImageError as e:
-            raise StoreError("bad-payload", str(e)) from None
-        if pm.present_pages != img.pages_expected:
-            raise StoreError("bad-payload", f"{img.image_id}: pagemap holds {pm.present_pages} "
-                                            f"pages, {img.pages_expected} announced")
-        img.pagemap = pm
-        img.vaddrs = array("Q")
-        for e in pm.entries:
-            if e.present:
-                img.vaddrs.extend(range(e.vaddr, e.end, PAGE_SIZE))
+        pm = img.pagemap = self._complete_pagemap(img)
+        img.vaddrs = pm.present_vaddrs()
         img.parent = held
         img.held_vaddrs, img.held_hashes = self.session.held_hashes(img.image_id)
         img.held_mem = held.open()
@@ -599,12 +587,9 @@ class ParentRound(Round):
         img.records += len(records)
         return counts
 
-    def end_image(self, index: int, digest: int) -> None:
-        img = self._image(index)
-        if img.vaddrs is None:
-            self._open_pages(img)
-        if img.parent is None:
-            return super().end_image(index, digest)
+    def _verify_received(self, img: _IncomingImage, digest: int):
+        """Every page of the new layout is received or held, and together they match the
+        source's digest; returns (hashes, runs by source) from the core's merge."""
         try:
             hashes, runs, missing = _core.merge_parent_hashes(
                 img.vaddrs, img.held_vaddrs, img.held_hashes, img.recv_vaddrs, img.recv_hashes)
@@ -616,10 +601,16 @@ class ParentRound(Round):
         if missing:
             raise StoreError("missing-page", f"{img.image_id}: {missing} pages are new to the "
                                              "destination but were not sent")
-        mine = image_digest(hashes)
-        if mine != digest:
-            raise StoreError("digest", f"{img.image_id}: the destination's pages do not match "
-                                       f"the source's (digest {mine:016x} != {digest:016x})")
+        self._check_digest(img, hashes, digest)
+        return hashes, runs
+
+    def end_image(self, index: int, digest: int) -> None:
+        img = self._image(index)
+        if img.vaddrs is None:
+            self._open_pages(img)
+        if img.parent is None:
+            return super().end_image(index, digest)
+        hashes, runs = self._verify_received(img, digest)
         # child pagemap: the runs, split where the round's own entries change flags
         entries, ei, pm_entries = [], 0, [e for e in img.pagemap.entries if e.present]
         for r in range(0, len(runs), 3):
@@ -698,21 +689,7 @@ class InPlaceRound(ParentRound):
             self._open_pages(img)
         if img.parent is None:
             return Round.end_image(self, index, digest)
-        try:
-            hashes, runs, missing = _core.merge_parent_hashes(
-                img.vaddrs, img.held_vaddrs, img.held_hashes, img.recv_vaddrs, img.recv_hashes)
-        except ValueError as e:
-            raise StoreError("bad-payload", f"{img.image_id}: {e}") from None
-        img.held_mem.close()
-        os.close(img.fd)
-        img.fd = -1
-        if missing:
-            raise StoreError("missing-page", f"{img.image_id}: {missing} pages are new to the "
-                                             "destination but were not sent")
-        mine = image_digest(hashes)
-        if mine != digest:
-            raise StoreError("digest", f"{img.image_id}: the destination's pages do not match "
-                                       f"the source's (digest {mine:016x} != {digest:016x})")
+        hashes, runs = self._verify_received(img, digest)
         img.hashes, img.runs = hashes, runs
         img.done = True
 

@@ -27,28 +27,18 @@ class Vma:
 
     @property
     def kind(self) -> str:
-        s = self.status
-        if s & im.VMA_AREA_VDSO:
-            return "vdso"
-        if s & im.VMA_AREA_VVAR:
-            return "vvar"
-        if s & im.VMA_AREA_VSYSCALL:
-            return "vsyscall"
-        if s & im.VMA_AREA_SYSVIPC:
-            return "sysv-shm"
-        if s & im.VMA_ANON_SHARED:
-            return "anon-shared"
-        if s & im.VMA_FILE_SHARED:
-            return "file-shared"
-        if s & im.VMA_FILE_PRIVATE:
-            return "file-private"
-        if s & im.VMA_AREA_HEAP:
-            return "heap"
-        if s & im.VMA_AREA_STACK:
-            return "stack"
-        if s & im.VMA_ANON_PRIVATE:
-            return "anon-private"
+        for bit, name in _VMA_KINDS:
+            if self.status & bit:
+                return name
         return "other"
+
+
+# first match wins: the special areas, then sharing, then what a private area holds
+_VMA_KINDS = ((im.VMA_AREA_VDSO, "vdso"), (im.VMA_AREA_VVAR, "vvar"),
+              (im.VMA_AREA_VSYSCALL, "vsyscall"), (im.VMA_AREA_SYSVIPC, "sysv-shm"),
+              (im.VMA_ANON_SHARED, "anon-shared"), (im.VMA_FILE_SHARED, "file-shared"),
+              (im.VMA_FILE_PRIVATE, "file-private"), (im.VMA_AREA_HEAP, "heap"),
+              (im.VMA_AREA_STACK, "stack"), (im.VMA_ANON_PRIVATE, "anon-private"))
 
 
 @dataclass(frozen=True)

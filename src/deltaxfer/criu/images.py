@@ -185,6 +185,14 @@ class Pagemap:
     def present_pages(self) -> int:
         return sum(e.nr_pages for e in self.entries if e.present)
 
+    def present_vaddrs(self) -> array:
+        """The vaddr of every present page, in pagemap (= pages file) order."""
+        out = array("Q")
+        for e in self.entries:
+            if e.present:
+                out.extend(range(e.vaddr, e.end, PAGE_SIZE))
+        return out
+
     def coalesced(self) -> "Pagemap":
         """Merge entries that touch and share flags (CRIU restores coalesced maps fine)."""
         out: list[PagemapEntry] = []
@@ -364,11 +372,7 @@ class MemoryImage:
 
     def vaddrs(self) -> array:
         """The vaddr of every present page, in pages-file order (``array('Q')``)."""
-        out = array("Q")
-        for e in self.pagemap.entries:
-            if e.present:
-                out.extend(range(e.vaddr, e.end, PAGE_SIZE))
-        return out
+        return self.pagemap.present_vaddrs()
 
     def close(self) -> None:
         pages, self.pages = self.pages, memoryview(b"")
