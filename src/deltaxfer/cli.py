@@ -156,6 +156,16 @@ def render_migration(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def cmd_report(args) -> int:
+    from deltaxfer.report import load, plot
+
+    report = load(args.file)
+    if args.plot:
+        plot(report, args.plot)
+    _emit(args, report, lambda r: render_migration(r) + (f"  plot: {args.plot}\n" if args.plot else ""))
+    return 0
+
+
 def cmd_hook(args) -> int:
     from deltaxfer.hook import run_hook
 
@@ -268,6 +278,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the JSON report")
     p.set_defaults(func=cmd_migrate)
 
+    p = sub.add_parser("report", help="summarize (and plot) a migration report")
+    p.add_argument("file", help="JSON report of deltaxfer migrate --report")
+    p.add_argument("--plot", metavar="OUT.png", help="draw the rounds and the freeze")
+    _json_flag(p)
+    p.set_defaults(func=cmd_report)
+
     p = sub.add_parser("hook", help="CRIU action script (criu dump --action-script "
                                     "'deltaxfer hook'); configured by the environment")
     p.set_defaults(func=cmd_hook)
@@ -278,13 +294,14 @@ def main(argv=None) -> int:
     from deltaxfer.criu.images import ImageError
     from deltaxfer.criu.runner import CriuError
     from deltaxfer.keys import ConfigError
+    from deltaxfer.report import ReportError
     from deltaxfer.transport import TransportError
     from deltaxfer.wire import ProtocolError
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ImageError, CriuError, ConfigError) as e:
+    except (ImageError, CriuError, ConfigError, ReportError) as e:
         print(f"deltaxfer {args.command}: error: {e}", file=sys.stderr)
     except (TransportError, ProtocolError) as e:
         print(f"deltaxfer {args.command}: error: {_transport_reason(e)}", file=sys.stderr)
