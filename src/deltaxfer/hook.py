@@ -16,6 +16,7 @@ import sys
 
 AGENT_ENV = "DELTAXFER_AGENT"          # the agent's unix socket
 LAZY_PORT_ENV = "DELTAXFER_LAZY_PORT"  # the lazy dump's port, to end it if the agent is gone
+TIMEOUT_ENV = "DELTAXFER_HOOK_TIMEOUT"  # seconds to wait for the agent's verdict
 
 
 def run_hook(env=os.environ) -> int:
@@ -27,13 +28,22 @@ def run_hook(env=os.environ) -> int:
         return 1 if action == "post-dump" else 0
     if action not in ("pre-dump", "post-dump"):
         return 0
+    timeout = float(env.get(TIMEOUT_ENV, "0")) or None
     try:
         with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(timeout)
             s.connect(agent)
             s.sendall(json.dumps({"action": action, "image_dir": env.get("CRTOOLS_IMAGE_DIR"),
                                   "init_pid": env.get("CRTOOLS_INIT_PID")}).encode() + b"\n")
-            reply = json.loads(s.makefile("rb").readline() or b"{}")
+            line = s.makefile("rb").readline()
+        if not line:
+            raise ConnectionError("it closed the connection without an answer")
+        reply = json.loads(line)
+        if not isinstance(reply, dict):
+            raise ValueError(f"unreadable answer {line[:80]!r}")
     except (OSError, ValueError) as e:
+        # The agent died (or hangs past its own deadline): nobody will end the lazy dump
+        # that CRIU starts after this hook, so arrange for it, and let CRIU resume.
         reply = {"ok": False, "reason": f"the migration agent is gone ({e})"}
         if action == "post-dump" and env.get(LAZY_PORT_ENV):
             _end_lazy_dump_later(int(env[LAZY_PORT_ENV]))

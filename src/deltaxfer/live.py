@@ -55,8 +55,20 @@ def _children(pid: int) -> list[int]:
     return out
 
 
+def _alive(pid: int) -> bool:
+    """Running or stopped — not gone and not a zombie waiting to be reaped."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
 def process_tree(root: int) -> list[Task]:
     """The root and all its descendants (processes, not threads), root first."""
+    if not _alive(root):
+        raise LiveError(f"the process to migrate ({root}) has exited")
     depth = len(_nspids(root))
     tasks, todo = [], [root]
     while todo:
@@ -145,8 +157,12 @@ def snapshot_tree(tasks: list[Task], buffers: dict | None = None) -> Snapshot:
     for task in tasks:
         try:
             run_v, run_l = procmem.criu_runs(task.host_pid)
-        except ProcessLookupError:
-            continue  # exited between rounds; the final dump will not have it either
+        except (ProcessLookupError, OSError) as e:
+            if task.host_pid == tasks[0].host_pid or not _alive(task.host_pid):
+                if task.host_pid == tasks[0].host_pid:
+                    raise LiveError(f"the process to migrate ({task.host_pid}) has exited") from None
+                continue  # a child exited between rounds: the final dump will not have it
+            raise LiveError(f"cannot read the memory map of pid {task.host_pid}: {e}") from None
         total = sum(run_l)
         image_id = f"pid-{task.ns_pid}"
         buf = _buffer(buffers, image_id, total)

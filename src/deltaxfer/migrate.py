@@ -29,13 +29,13 @@ from deltaxfer import PAGE_SIZE, _core, transport
 from deltaxfer.criu.dumpdir import DumpDir
 from deltaxfer.criu.lazy import end_lazy_dump
 from deltaxfer.criu.runner import Criu, log_errors
-from deltaxfer.live import LiveError, frozen_images, process_tree, snapshot_tree
+from deltaxfer.live import LiveError, _alive, frozen_images, process_tree, snapshot_tree
 from deltaxfer.policy import Convergence, RoundMeasure
 from deltaxfer.send import receive_state, send_files, send_round
 from deltaxfer.source import Pipeline
 from deltaxfer.wire import MsgType
 
-from deltaxfer.hook import AGENT_ENV, LAZY_PORT_ENV
+from deltaxfer.hook import AGENT_ENV, LAZY_PORT_ENV, TIMEOUT_ENV
 
 
 class MigrationError(RuntimeError):
@@ -54,6 +54,8 @@ class Options:
     ssl: object = None
     work_dir: str | None = None
     lazy_port: int = 0
+    freeze_timeout: float | None = None   # default: 15 s + 2 s per GiB of memory
+    round_timeout: float = 120.0           # a live round that takes longer: give up
     progress: object = None          # callable(str) for the per-round line
 
 
@@ -125,9 +127,16 @@ class Agent:
             snap = await loop.run_in_executor(self.pipeline.pool, snapshot_tree, tasks,
                                               self.buffers)
             self.round_no += 1
-            rs = await send_round(self.conn, self.round_no, snap.images, self.held, final=False,
-                                  xor=self.opts.xor, compress=self.opts.compress,
-                                  pipeline=self.pipeline, caches=self._caches_for(snap.images))
+            self.memory_bytes = snap.bytes_read
+            try:
+                async with asyncio.timeout(self.opts.round_timeout):
+                    rs = await send_round(self.conn, self.round_no, snap.images, self.held,
+                                          final=False, xor=self.opts.xor,
+                                          compress=self.opts.compress, pipeline=self.pipeline,
+                                          caches=self._caches_for(snap.images))
+            except TimeoutError:
+                raise MigrationError(f"live round {self.round_no} did not complete within "
+                                     f"{self.opts.round_timeout:.0f} s (link stalled?)") from None
             c = rs.counts
             changed = c["changed"] + c["added"]
             m = RoundMeasure(self.round_no, rs.pages, changed, c["stored_bytes"],
@@ -166,8 +175,14 @@ class Agent:
             elif action == "post-dump":
                 self.t_post = time.monotonic()
                 try:
-                    await self.final_round()
+                    # the tree is frozen: bound the wait, whatever the link does
+                    async with asyncio.timeout(self.freeze_timeout):
+                        await self.final_round()
                     reply = {"ok": True}
+                except TimeoutError:
+                    self.report.error = (f"final round timed out: not done within the freeze "
+                                         f"deadline of {self.freeze_timeout:.0f} s (link stalled?)")
+                    reply = {"ok": False, "reason": self.report.error}
                 except Exception as e:  # the hook reports it; CRIU resumes the tree
                     self.report.error = f"final round failed: {type(e).__name__}: {e}"
                     reply = {"ok": False, "reason": self.report.error}
@@ -226,7 +241,10 @@ class Agent:
         sock_path = os.path.join(self.work, "agent.sock")
         server = await asyncio.start_unix_server(self.on_hook, sock_path)
         lazy_port = self.opts.lazy_port or _free_port()
-        env = dict(os.environ, **{AGENT_ENV: sock_path, LAZY_PORT_ENV: str(lazy_port)})
+        self.freeze_timeout = self.opts.freeze_timeout or \
+            15.0 + 2.0 * getattr(self, "memory_bytes", 0) / 2**30
+        env = dict(os.environ, **{AGENT_ENV: sock_path, LAZY_PORT_ENV: str(lazy_port),
+                                  TIMEOUT_ENV: str(self.freeze_timeout + 15.0)})
         # CRIU execs the action script's path as is (no shell, no arguments): a wrapper
         hook = os.path.join(self.work, "deltaxfer-hook")
         with open(hook, "w") as f:
@@ -287,10 +305,21 @@ class Agent:
                 self.report.outcome = "rolled back: the source runs on"
                 if not self.report.error:
                     self.report.error = "the final round did not complete"
-        except (LiveError, transport.TransportError, OSError, ValueError) as e:
+        except (LiveError, MigrationError, transport.TransportError, OSError, ValueError) as e:
             self.report.error = f"{type(e).__name__}: {e}"
-            self.report.outcome = "aborted before the freeze: the source runs on" \
-                if "dump" not in self.report.freeze else "rolled back: the source runs on"
+            source_alive = os.path.exists(f"/proc/{self.pid}") and _alive(self.pid)
+            if not source_alive:
+                self.report.outcome = "aborted: the source process exited"
+            elif "dump" not in self.report.freeze:
+                self.report.outcome = "aborted before the freeze: the source runs on"
+            else:
+                self.report.outcome = "rolled back: the source runs on"
+            if self.conn is not None and not isinstance(e, transport.TransportError):
+                try:   # tell the destination why, so that its log says so too
+                    async with asyncio.timeout(2):
+                        await self.conn.error("internal", f"the source gave up: {e}")
+                except (TimeoutError, transport.TransportError, OSError):
+                    pass
         finally:
             if self.conn is not None:
                 self.report.wire_bytes_sent = self.conn.stats["bytes_out"]
