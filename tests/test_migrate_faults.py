@@ -209,10 +209,6 @@ def test_link_cut_during_the_freeze_rolls_back(criu, tmp_path, agent_tmp, key_fi
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=(
-    "split brain: the destination restores the process, then COMMITTED is lost; the source "
-    "rolls back and runs on while the restored copy also runs (serve.py restores and "
-    "lets the copy run before the source has confirmed it will not resume)"))
 def test_committed_lost_leaves_exactly_one_copy(criu, tmp_path, agent_tmp, key_file):
     """The link is cut after the destination restored the process, before its COMMITTED
     reaches the source. Whatever the outcome, exactly one of the two may run on."""
@@ -241,6 +237,31 @@ def test_committed_lost_leaves_exactly_one_copy(criu, tmp_path, agent_tmp, key_f
             assert_source_runs_on(wl)
         else:
             assert m.report["outcome"] == "migrated"
+
+
+@pytest.mark.slow
+def test_resumed_lost_leaves_the_source_stopped_not_running(criu, tmp_path, agent_tmp,
+                                                            key_file):
+    """The link is cut after the source sent RESUME, before RESUMED comes back: the
+    destination's copy may run, so the source must not resume by itself — it is left
+    stopped (never killed: the operator decides) and the report says the outcome is
+    uncertain."""
+    cut = lambda d, t, p: "cut" if d == "s2c" and t == MsgType.RESUMED else None  # noqa
+    with Server(tmp_path, extra=["--restore"]) as server, \
+            workloads.start("memwork", mib=MIB, dirty_mib_per_s=DIRTY, tmpdir=tmp_path) as wl, \
+            LinkProxy(server.port, rule=cut) as proxy:
+        m = run_migrate(wl.pid, proxy.addr, key_file, tmp_path / "r.json",
+                        env=agent_env(agent_tmp), timeout=120)
+        assert proxy.triggered.is_set()
+        assert m.rc == 1 and "Traceback" not in m.stderr
+        assert m.report["outcome"].startswith("uncertain"), m.report
+        assert "left stopped" in m.report["outcome"]
+        copies = copies_of(wl)
+        for pid in copies:
+            wl.adopt(pid)
+        assert len(copies) == 1, copies                    # the destination's copy runs...
+        assert workloads.proc_state(wl.pid) in ("T", "t")   # ...and the source waits, stopped
+        assert wl.verify(pid=copies[0])["ok"]
 
 
 @pytest.mark.slow

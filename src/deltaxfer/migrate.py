@@ -18,6 +18,7 @@ import functools
 import json
 import os
 import shutil
+import signal
 import socket
 import sys
 import tempfile
@@ -36,6 +37,9 @@ from deltaxfer.source import Pipeline
 from deltaxfer.wire import MsgType
 
 from deltaxfer.hook import AGENT_ENV, LAZY_PORT_ENV, TIMEOUT_ENV
+
+
+RESUMED_TIMEOUT = 10.0   # for the destination to confirm that its copy runs
 
 
 class MigrationError(RuntimeError):
@@ -109,6 +113,9 @@ class Agent:
         self.buffers: dict = {}
         self.conn = None
         self.round_no = 0
+        self.resume_sent = False    # past this point the source must not resume by itself
+        self.confirmed = False      # the destination runs the process (or holds the images)
+        self.frozen_tasks = []
         self.final_result: asyncio.Future | None = None
 
     # -- live rounds -------------------------------------------------------------------------
@@ -186,6 +193,12 @@ class Agent:
                 except Exception as e:  # the hook reports it; CRIU resumes the tree
                     self.report.error = f"final round failed: {type(e).__name__}: {e}"
                     reply = {"ok": False, "reason": self.report.error}
+                if not reply["ok"] and self.resume_sent:
+                    # the destination may already run its copy: resuming the source could
+                    # make two; leave it stopped (the dump's --leave-stopped) for the operator
+                    self.report.error += ("; RESUME was sent but not confirmed: the source is "
+                                          "left stopped")
+                    reply = {"ok": True}
             else:
                 reply = {"ok": True}
             writer.write(json.dumps(reply).encode() + b"\n")
@@ -199,7 +212,7 @@ class Agent:
         f["dump"] = round(self.t_post - self.t_freeze, 6)
         t = time.monotonic()
         dump = DumpDir.open(self.dump_dir)
-        tasks = process_tree(self.pid)
+        tasks = self.frozen_tasks = process_tree(self.pid)
         images, opened, from_memory = await loop.run_in_executor(
             self.pipeline.pool, frozen_images, dump, tasks, self.buffers)
         f["read_memory"] = round(time.monotonic() - t, 6)
@@ -227,9 +240,19 @@ class Agent:
             await self.conn.send_control(MsgType.COMMIT, {"restore": self.opts.restore})
             done = await self.conn.recv_control(MsgType.COMMITTED)
             f["commit_restore"] = round(time.monotonic() - t, 6)
-            self.t_running = time.monotonic()
             self.report.destination_path = done["path"]
-            self.report.restored_pid = done["restored_pid"]
+            if done["restored_pid"] is not None:
+                # The copy exists, stopped. From RESUME on, the source must never resume
+                # by itself: the dump leaves it stopped (--leave-stopped) and it is
+                # killed only when the destination confirms that its copy runs.
+                t = time.monotonic()
+                self.resume_sent = True
+                await self.conn.send_control(MsgType.RESUME, {})
+                await self.conn.recv_control(MsgType.RESUMED, timeout=RESUMED_TIMEOUT)
+                f["resume"] = round(time.monotonic() - t, 6)
+                self.report.restored_pid = done["restored_pid"]
+            self.confirmed = True
+            self.t_running = time.monotonic()
             self.report.downtime = round(self.t_running - self.t_freeze, 6)
         finally:
             for m in opened:
@@ -252,7 +275,8 @@ class Agent:
         os.chmod(hook, 0o700)
         args = [self.criu.path, "dump", "-t", str(self.pid), "-D", self.dump_dir,
                 "--shell-job", "--lazy-pages", "--address", "127.0.0.1", "--port",
-                str(lazy_port), "--action-script", hook, "-o", "dump.log", "-v4"]
+                str(lazy_port), "--leave-stopped", "--action-script", hook,
+                "-o", "dump.log", "-v4"]
         proc = await asyncio.create_subprocess_exec(*args, env=env,
                                                     stdin=asyncio.subprocess.DEVNULL,
                                                     stdout=asyncio.subprocess.DEVNULL,
@@ -298,9 +322,19 @@ class Agent:
             self.round_no = state["round"]
             await self.live_rounds()
             rc = await self.freeze_and_push()
-            if rc == 0 and self.report.downtime is not None:
+            if rc == 0 and self.confirmed:
+                # the destination runs the process: end the (stopped) source
+                for task in self.frozen_tasks:
+                    try:
+                        os.kill(task.host_pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
                 self.report.outcome = "migrated"
                 await self.conn.goodbye()
+            elif rc == 0 and self.resume_sent:
+                self.report.outcome = ("uncertain: the destination may be running the process; "
+                                       f"the source (pid {self.pid}) is left stopped: kill it "
+                                       "if the destination runs it, else resume it with SIGCONT")
             else:
                 self.report.outcome = "rolled back: the source runs on"
                 if not self.report.error:

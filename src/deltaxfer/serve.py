@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 import time
 
 from deltaxfer import transport
@@ -16,6 +17,25 @@ from deltaxfer.wire import (MsgType, ProtocolError, decode_control, decode_pagem
                             decode_pages, iter_held)
 
 log = logging.getLogger("deltaxfer.serve")
+
+RESUME_TIMEOUT = 30.0   # after COMMITTED, how long the restored copy waits for the source
+
+
+def _signal_tree(root: int, sig: int) -> int:
+    """Signal every process of a restored tree (SIGCONT reaches all its threads)."""
+    from deltaxfer.live import LiveError, process_tree
+    try:
+        pids = [t.host_pid for t in process_tree(root)]
+    except LiveError:
+        pids = [root]
+    n = 0
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+            n += 1
+        except ProcessLookupError:
+            pass
+    return n
 
 
 class Receiver:
@@ -121,10 +141,16 @@ class Receiver:
                         path = session.commit(files)
                         files = None
                         pid = None
+                        # a migration's copy is restored stopped and runs only once the
+                        # source has confirmed (RESUME) that it will not resume itself
+                        two_phase = begin["mode"] == "migrate"
                         if body["restore"]:
-                            pid = await loop.run_in_executor(None, self._restore, path)
+                            pid = await loop.run_in_executor(None, self._restore, path,
+                                                             two_phase)
                         await conn.send_control(MsgType.COMMITTED, {"path": path,
                                                                     "restored_pid": pid})
+                        if pid is not None and two_phase:
+                            await self._await_resume(conn, peer, name, pid)
                         seconds = time.monotonic() - t0
                         wire = conn.stats["bytes_in"]
                         report = {"session": name, "path": path, "restored_pid": pid,
@@ -155,7 +181,22 @@ class Receiver:
         if rnd is None:
             raise StoreError("unexpected", f"{what} outside a round")
 
-    def _restore(self, path: str) -> int:
+    async def _await_resume(self, conn, peer: str, name: str, pid: int) -> None:
+        """RESUME from the source: let the restored tree run. Anything else — silence, a
+        lost connection, an ERROR — means the source may run on: kill the copy."""
+        try:
+            await conn.recv_control(MsgType.RESUME, timeout=RESUME_TIMEOUT)
+        except BaseException as e:
+            killed = _signal_tree(pid, signal.SIGKILL)
+            log.warning("%s: session %s: no RESUME from the source (%s): killed the restored "
+                        "copy (%d tasks) so that only one runs", peer, name,
+                        type(e).__name__ if not str(e) else e, killed)
+            raise
+        _signal_tree(pid, signal.SIGCONT)
+        await conn.send_control(MsgType.RESUMED, {"pid": pid})
+        log.info("%s: session %s: the restored process %d runs", peer, name, pid)
+
+    def _restore(self, path: str, stopped: bool = False) -> int:
         if self.criu is None:
             raise StoreError("restore", "this server was started without restore enabled "
                                         "(deltaxfer serve --restore)")
@@ -164,7 +205,8 @@ class Receiver:
         # + lazy restore ~0.6 s of the freeze, parent-linked + eager restore ~0.85 s.
         lazy = self.lazy_restore and not os.path.islink(os.path.join(path, "parent"))
         try:
-            return self.criu.restore(path, lazy=lazy)
+            return self.criu.restore(path, lazy=lazy,
+                                     extra=["--leave-stopped"] if stopped else [])
         except CriuError as e:
             raise StoreError("restore", str(e)) from None
 

@@ -125,6 +125,8 @@ SCHEMAS: dict[MsgType, dict] = {
     MsgType.FILE_END: {"xxh3": _digest},
     MsgType.COMMIT: {"restore": _bool},
     MsgType.COMMITTED: {"path": _str, "restored_pid": _optional_int},
+    MsgType.RESUME: {},
+    MsgType.RESUMED: {"pid": _int},
     MsgType.ERROR: {"code": _str, "reason": _str},
     MsgType.CLOSE: {},
 }

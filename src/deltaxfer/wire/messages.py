@@ -44,6 +44,8 @@ class MsgType(IntEnum):
     FILE_END = 0x32
     COMMIT = 0x40
     COMMITTED = 0x41
+    RESUME = 0x42
+    RESUMED = 0x43
     ERROR = 0x7E
     CLOSE = 0x7F
 
