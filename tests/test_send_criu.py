@@ -84,3 +84,37 @@ def test_key_file_readable_by_others_is_refused(tmp_path, capsys):
     rc = main(["send", str(tmp_path), "--to", "127.0.0.1:1", "--key-file", key])
     err = capsys.readouterr().err
     assert rc == 2 and "chmod 600" in err
+
+
+def test_restore_hook_checks_received_images(criu, tmp_path, capsys):
+    """`criu restore --action-script deltaxfer-hook` on what `serve` received: a completed
+    transfer restores (post-restore logs it); a directory that is not the session's
+    committed one is refused at pre-restore, before CRIU starts anything."""
+    import shutil
+    import sys as _sys
+    from pathlib import Path
+    hook = str(Path(_sys.executable).parent / "deltaxfer-hook")
+    key_file = write_key(tmp_path / "client.key")
+    dump = tmp_path / "dump"
+    dump.mkdir()
+    with Server(tmp_path) as server, \
+            workloads.start("memwork", mib=16, tmpdir=tmp_path) as wl:
+        criu.dump(wl.pid, str(dump), leave="stopped")
+        report = send(capsys, server, key_file, dump)
+        images = report["destination_path"]
+        # a copy that is not the committed directory: refused
+        stale = Path(images).parent / "images.tmp"
+        shutil.copytree(images, stale, symlinks=True)
+        proc = criu.run(["restore", "-d", "-D", str(stale), "--shell-job",
+                         "--action-script", hook], log_dir=str(stale),
+                        log_name="restore.log", check=False)
+        assert proc.returncode != 0
+        log = (stale / "restore.log").read_text()
+        assert "pre-restore refused" in log and "not a completed deltaxfer transfer" in log
+        shutil.rmtree(stale)
+        # the committed directory restores, and the hook logs it
+        pid = criu.restore(images, extra=["--action-script", hook])
+        wl.adopt(pid)
+        assert wl.verify(pid=pid)["ok"]
+        assert "deltaxfer hook: post-restore: restored tree" in \
+            (Path(images) / "restore.log").read_text()

@@ -19,8 +19,40 @@ LAZY_PORT_ENV = "DELTAXFER_LAZY_PORT"  # the lazy dump's port, to end it if the 
 TIMEOUT_ENV = "DELTAXFER_HOOK_TIMEOUT"  # seconds to wait for the agent's verdict
 
 
+def check_received_images(image_dir: str) -> str | None:
+    """pre-restore, for operators who run `criu restore` themselves on a directory that
+    `deltaxfer serve` received: refuse one that is not a completed transfer. Returns the
+    reason to refuse, or None. Directories that deltaxfer did not write pass."""
+    real = os.path.realpath(image_dir)
+    session = os.path.dirname(real)
+    meta_path = os.path.join(session, "meta.json")
+    if not os.path.exists(meta_path) or os.path.basename(real) not in ("images", "images.tmp"):
+        return None
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as e:
+        return f"cannot read {meta_path}: {e}"
+    if os.path.basename(real) != "images" or meta.get("committed") != real:
+        return (f"{real} is not a completed deltaxfer transfer (the session's last commit is "
+                f"{meta.get('committed')}); restoring it could start a half-received process")
+    if os.path.exists(os.path.join(session, "held", ".dirty")):
+        return f"{real}: the receiver died while writing this session's pages"
+    return None
+
+
 def run_hook(env=os.environ) -> int:
     action = env.get("CRTOOLS_SCRIPT_ACTION", "")
+    if action == "pre-restore":
+        reason = check_received_images(env.get("CRTOOLS_IMAGE_DIR", ""))
+        if reason:
+            print(f"deltaxfer hook: pre-restore refused: {reason}", file=sys.stderr)
+            return 1
+        return 0
+    if action == "post-restore":
+        print(f"deltaxfer hook: post-restore: restored tree {env.get('CRTOOLS_INIT_PID', '?')} "
+              f"from {os.path.realpath(env.get('CRTOOLS_IMAGE_DIR', ''))}", file=sys.stderr)
+        return 0
     agent = env.get(AGENT_ENV)
     if not agent:
         print(f"deltaxfer hook: {action}: no {AGENT_ENV} in the environment: this dump was not "
