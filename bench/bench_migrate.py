@@ -54,6 +54,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import workloads  # noqa: E402
+from servers import wait_listening  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPED_RATE = "1gbit"
@@ -201,13 +202,7 @@ class Serve:
         return log_tail(self.log_path)
 
     def _wait_listening(self, timeout=30) -> int:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and self.proc.poll() is None:
-            m = re.search(r"listening on [^:]+:(\d+)", self.log_path.read_text(errors="replace"))
-            if m:
-                return int(m.group(1))
-            time.sleep(0.05)
-        raise RuntimeError(f"deltaxfer serve did not start: {self.log()}")
+        return wait_listening(self.proc, self.log, timeout)
 
     def stop(self) -> None:
         if self.proc.poll() is None:

@@ -38,7 +38,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import workloads  # noqa: E402
-from servers import write_key  # noqa: E402
+from servers import wait_listening, write_key  # noqa: E402
 
 from deltaxfer import transport  # noqa: E402
 from deltaxfer.keys import load_key  # noqa: E402
@@ -127,13 +127,7 @@ class Serve:
         return self.log_path.read_text(errors="replace")
 
     def _wait_listening(self, timeout=30) -> int:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and self.proc.poll() is None:
-            m = re.search(r"listening on [^:]+:(\d+)", self.log())
-            if m:
-                return int(m.group(1))
-            time.sleep(0.05)
-        raise RuntimeError(f"deltaxfer serve did not start: {self.log()}")
+        return wait_listening(self.proc, self.log, timeout)
 
     def stop(self) -> None:
         if self.proc.poll() is None:

@@ -10,6 +10,21 @@ import time
 KEY = b"test-key-0123456789abcdef"
 
 
+LISTENING_RE = re.compile(r"listening on [^:]+:(\d+)")
+
+
+def wait_listening(proc, read_log, timeout: float = 30) -> int:
+    """The port a starting `deltaxfer serve` logs ("listening on ADDR:PORT"), read with
+    ``read_log()`` until it appears; a clear error if the server exits first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        m = LISTENING_RE.search(read_log())
+        if m:
+            return int(m.group(1))
+        time.sleep(0.05)
+    raise RuntimeError(f"deltaxfer serve did not start: {read_log()}")
+
+
 def write_key(path, key=KEY, mode=0o600):
     with open(path, "wb") as f:
         f.write(key + b"\n")
