@@ -7,7 +7,6 @@ import time
 import pytest
 
 import workloads
-from deltaxfer import PAGE_SIZE
 from deltaxfer.cli import main
 from servers import Server, write_key
 

@@ -57,7 +57,6 @@ def cmd_rewrite(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    import asyncio
     import logging
 
     from deltaxfer import transport

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from deltaxfer import PAGE_SIZE, _core
 from deltaxfer.criu import images as im
 from deltaxfer.criu.dumpdir import DumpDir
-from deltaxfer.store import image_digest, image_id_of
+from deltaxfer.store import image_id_of
 
 SLICE_PAGES = 16384          # 64 MiB of pages per encode call: bounded memory, pipelined
 _STAT_KEYS = ("scanned", "zero", "unchanged", "changed", "added", "sent_zero", "sent_xor",

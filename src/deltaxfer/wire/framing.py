@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 from deltaxfer._core import xxh3_64
 
-from .messages import (HEADER_SIZE, LIMIT_BY_BYTE, LIMITS, MAGIC, ErrorCode, MsgType,
+from .messages import (HEADER_SIZE, LIMIT_BY_BYTE, MAGIC, ErrorCode, MsgType,
                        ProtocolError, type_name)
 
 _HEADER = struct.Struct("<2sBBIQQ")          # magic, type, flags, length, seq, check
