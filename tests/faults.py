@@ -359,6 +359,22 @@ def pid_ns(pid: int) -> str | None:
         return None
 
 
+def _looks_like_a_copy(pid: int, wl) -> bool:
+    """A lazily restored copy reads an empty /proc/PID/cmdline until the page holding its
+    argv has been filled in: recognise it by its command name and by being PID 1 of its
+    own namespace, as the workload is."""
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            comm = f.read().strip()
+        with open(f"/proc/{pid}/status") as f:
+            nspid = next(line.split()[1:] for line in f if line.startswith("NSpid:"))
+    except (OSError, StopIteration):
+        return False
+    want = "memwork" if wl.kind == "memwork" else "shmwork" if wl.kind == "shmwork" \
+        else os.path.basename(wl.argv[0])[:15]
+    return comm == want and len(nspid) > 1 and nspid[-1] == "1"
+
+
 def copies_of(wl) -> list[int]:
     """Processes running the workload's program with its result file, outside the source's
     PID namespace (and not its `unshare`): copies restored by CRIU. (The namespace is read
@@ -377,7 +393,7 @@ def copies_of(wl) -> list[int]:
                 cmdline = f.read()
         except OSError:
             continue
-        if needle not in cmdline:
+        if needle not in cmdline and (cmdline or not _looks_like_a_copy(pid, wl)):
             continue
         ns = pid_ns(pid)
         if ns is None or (source_ns is not None and ns == source_ns):
