@@ -19,6 +19,36 @@ LAZY_PORT_ENV = "DELTAXFER_LAZY_PORT"  # the lazy dump's port, to end it if the 
 TIMEOUT_ENV = "DELTAXFER_HOOK_TIMEOUT"  # seconds to wait for the agent's verdict
 
 
+CONFIG_ENV = "DELTAXFER_CONFIG"
+DEFAULT_CONFIG = "/etc/deltaxfer/hook.conf"
+_CONFIG_KEYS = ("to", "key_file", "session", "downtime_target_ms", "max_rounds", "criu")
+
+
+def hook_config(env=os.environ) -> dict:
+    """Settings for a hook run by a plain `criu dump` (CRIU closes stdin and keeps the
+    command line to the script path): a KEY=VALUE file ($DELTAXFER_CONFIG, else
+    /etc/deltaxfer/hook.conf, keys: to, key_file, session, downtime_target_ms,
+    max_rounds, criu), overridden by DELTAXFER_TO, DELTAXFER_KEY_FILE, ... variables."""
+    path = env.get(CONFIG_ENV, DEFAULT_CONFIG)
+    out = {"_file": path}
+    try:
+        with open(path) as f:
+            for line in f:
+                line = line.strip()
+                if line and not line.startswith("#") and "=" in line:
+                    k, v = line.split("=", 1)
+                    k = k.strip().lower().replace("-", "_")
+                    if k in _CONFIG_KEYS:
+                        out[k] = v.strip()
+    except OSError:
+        pass
+    for k in _CONFIG_KEYS:
+        v = env.get("DELTAXFER_" + k.upper())
+        if v:
+            out[k] = v
+    return out
+
+
 def check_received_images(image_dir: str) -> str | None:
     """pre-restore, for operators who run `criu restore` themselves on a directory that
     `deltaxfer serve` received: refuse one that is not a completed transfer. Returns the
@@ -41,7 +71,18 @@ def check_received_images(image_dir: str) -> str | None:
     return None
 
 
+def _fill_std_fds() -> None:
+    """CRIU starts the script with stdin closed: the first socket we open would become fd
+    0, which libuv (uvloop) refuses with an assertion. Put /dev/null there first."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            os.open(os.devnull, os.O_RDWR)   # the lowest free descriptor: this one
+
+
 def run_hook(env=os.environ) -> int:
+    _fill_std_fds()
     action = env.get("CRTOOLS_SCRIPT_ACTION", "")
     if action == "pre-restore":
         reason = check_received_images(env.get("CRTOOLS_IMAGE_DIR", ""))
@@ -55,8 +96,15 @@ def run_hook(env=os.environ) -> int:
         return 0
     agent = env.get(AGENT_ENV)
     if not agent:
-        print(f"deltaxfer hook: {action}: no {AGENT_ENV} in the environment: this dump was not "
-              "started by `deltaxfer migrate`, so there is nowhere to migrate to", file=sys.stderr)
+        config = hook_config(env)
+        if config.get("to"):
+            if action not in ("pre-dump", "post-dump"):
+                return 0
+            from deltaxfer.migrate import run_standalone_hook   # heavy imports: only here
+            return run_standalone_hook(action, config, env)
+        print(f"deltaxfer hook: {action}: no {AGENT_ENV} (a dump started by `deltaxfer "
+              f"migrate`) and no destination (DELTAXFER_TO or 'to' in {config['_file']}), "
+              "so there is nowhere to migrate to", file=sys.stderr)
         return 1 if action == "post-dump" else 0
     if action not in ("pre-dump", "post-dump"):
         return 0

@@ -368,3 +368,72 @@ class Agent:
 async def migrate(pid: int, host: str, port: int, key: bytes, criu: Criu,
                   opts: Options | None = None) -> Report:
     return await Agent(pid, host, port, key, criu, opts or Options()).run()
+
+
+# -- the action script on its own (a plain `criu dump --action-script deltaxfer-hook`) -------
+
+def run_standalone_hook(action: str, config: dict, env) -> int:
+    """pre-dump: live rounds until converged, the tree running; post-dump (tasks frozen,
+    images written): the residual against what the destination holds, the images, and
+    the two-step restore. Each is its own process: they meet in the destination's
+    session (named by `session`, default hook-HOST-PID). Exit 0 at post-dump only when
+    the destination has the process; otherwise CRIU resumes the tasks."""
+    from deltaxfer.criu.runner import find_criu
+    from deltaxfer.keys import ConfigError, load_key, parse_hostport
+
+    init_pid = int(env.get("CRTOOLS_INIT_PID", "0") or 0)
+    try:
+        host, port = parse_hostport(config["to"], what="to")
+        key = load_key(config.get("key_file", ""))
+        criu = find_criu(config.get("criu"))
+    except (ConfigError, OSError, RuntimeError) as e:
+        print(f"deltaxfer hook: {action}: {e}", file=sys.stderr)
+        return 1 if action == "post-dump" else 0
+    opts = Options(session=config.get("session") or f"hook-{socket.gethostname()}-{init_pid}",
+                   downtime_target=float(config.get("downtime_target_ms", 300)) / 1000,
+                   max_rounds=int(config.get("max_rounds", 10)),
+                   progress=lambda line: print(f"deltaxfer hook: {line}", file=sys.stderr))
+    agent = Agent(init_pid, host, port, key, criu, opts)
+    try:
+        ok = transport.run(_standalone(agent, action, env.get("CRTOOLS_IMAGE_DIR", "")))
+    except Exception as e:
+        print(f"deltaxfer hook: {action} failed: {type(e).__name__}: {e}", file=sys.stderr)
+        ok = False
+    finally:
+        agent.pipeline.close()
+    if action == "post-dump" and not ok:
+        print(f"deltaxfer hook: post-dump failed: {agent.report.error}; criu resumes the "
+              "tasks", file=sys.stderr)
+        return 1
+    return 0
+
+
+async def _standalone(agent: "Agent", action: str, image_dir: str) -> bool:
+    agent.conn = await transport.connect(agent.host, agent.port, key=agent.key)
+    try:
+        tasks = process_tree(agent.pid)
+        await agent.conn.send_control(MsgType.BEGIN, {
+            "session": agent.session, "mode": "migrate",
+            "source": f"{socket.gethostname()}:pid {agent.pid}",
+            "images": [{"id": f"pid-{t.ns_pid}"} for t in tasks]})
+        state, agent.held = await receive_state(agent.conn)
+        agent.round_no = state["round"]
+        if action == "pre-dump":
+            await agent.live_rounds()
+            await agent.conn.goodbye()
+            return True
+        agent.dump_dir = os.path.realpath(image_dir)
+        agent.t_freeze = agent.t_post = time.monotonic()
+        agent.freeze_timeout = 15.0 + 2.0 * sum(len(h.vaddrs) for h in agent.held.values()) \
+            * PAGE_SIZE / 2**30
+        try:
+            async with asyncio.timeout(agent.freeze_timeout):
+                await agent.final_round()
+        except Exception as e:
+            agent.report.error = f"{type(e).__name__}: {e}"
+            # after RESUME the destination may run the process: never let CRIU resume it
+            return agent.resume_sent
+        await agent.conn.goodbye()
+        return True
+    finally:
+        agent.conn.close()

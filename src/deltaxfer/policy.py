@@ -69,6 +69,8 @@ class Convergence:
 
         if n < self.min_rounds:
             return decide(False, "first rounds")
+        if m.changed == 0:
+            return decide(True, "no page changed since the last round")
         if predicted <= self.downtime_target:
             return decide(True, f"converged: predicted downtime {predicted * 1000:.0f} ms "
                                 f"<= target {self.downtime_target * 1000:.0f} ms")

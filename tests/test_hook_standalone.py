@@ -1,0 +1,61 @@
+"""`criu dump --action-script deltaxfer-hook`, run by the operator (no `deltaxfer migrate`):
+the hook alone does the live rounds at pre-dump and the residual, the images and the
+two-step restore at post-dump, configured by environment variables or a config file."""
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import workloads
+from faults import copies_of, wait_gone
+from servers import Server, write_key
+
+pytestmark = [pytest.mark.criu, pytest.mark.slow]
+HOOK = str(Path(sys.executable).parent / "deltaxfer-hook")
+
+
+@pytest.mark.parametrize("how", ["env", "config-file"])
+def test_plain_criu_dump_with_the_hook_migrates(criu, tmp_path, how):
+    key_file = write_key(tmp_path / "client.key")
+    dump = tmp_path / "dump"
+    dump.mkdir()
+    with Server(tmp_path, extra=["--restore"]) as server, \
+            workloads.start("memwork", mib=48, dirty_mib_per_s=4, tmpdir=tmp_path) as wl:
+        settings = {"to": server.addr, "key_file": key_file, "session": f"hook-{how}"}
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("DELTAXFER_", "CRIU_"))}
+        if how == "env":
+            env.update({f"DELTAXFER_{k.upper()}": v for k, v in settings.items()})
+        else:
+            conf = tmp_path / "hook.conf"
+            conf.write_text("# deltaxfer hook\n" + "".join(f"{k} = {v}\n" for k, v in settings.items()))
+            env["DELTAXFER_CONFIG"] = str(conf)
+        proc = criu.run(["dump", "-t", str(wl.pid), "-D", str(dump), "--shell-job",
+                         "--action-script", HOOK], log_dir=str(dump), log_name="dump.log",
+                        check=False, env=env)
+        log = (dump / "dump.log").read_text()
+        assert proc.returncode == 0, log[-3000:]
+        assert "deltaxfer hook: round  1" in log          # live rounds ran at pre-dump
+        assert wait_gone(wl.pid), "criu kills the source after a successful post-dump"
+        deadline = time.monotonic() + 10
+        while not (copies := copies_of(wl)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert len(copies) == 1, copies
+        wl.adopt(copies[0])
+        assert wl.verify(pid=copies[0])["ok"]
+        assert f"session hook-{how}" in server.log() and "runs" in server.log()
+
+
+def test_hook_without_a_destination_makes_criu_resume(criu, tmp_path):
+    dump = tmp_path / "dump"
+    dump.mkdir()
+    with workloads.start("memwork", mib=8, tmpdir=tmp_path) as wl:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("DELTAXFER_", "CRIU_"))}
+        env["DELTAXFER_CONFIG"] = str(tmp_path / "absent.conf")
+        proc = criu.run(["dump", "-t", str(wl.pid), "-D", str(dump), "--shell-job",
+                         "--action-script", HOOK], log_dir=str(dump), log_name="dump.log",
+                        check=False, env=env)
+        assert proc.returncode != 0
+        assert "nowhere to migrate to" in (dump / "dump.log").read_text()
+        assert wl.verify()["ok"]                          # resumed, memory intact
