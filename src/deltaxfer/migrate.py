@@ -181,30 +181,49 @@ class Agent:
                 self.t_freeze = time.monotonic()
             elif action == "post-dump":
                 self.t_post = time.monotonic()
-                try:
-                    # the tree is frozen: bound the wait, whatever the link does
-                    async with asyncio.timeout(self.freeze_timeout):
-                        await self.final_round()
-                    reply = {"ok": True}
-                except TimeoutError:
-                    self.report.error = (f"final round timed out: not done within the freeze "
-                                         f"deadline of {self.freeze_timeout:.0f} s (link stalled?)")
-                    reply = {"ok": False, "reason": self.report.error}
-                except Exception as e:  # the hook reports it; CRIU resumes the tree
-                    self.report.error = f"final round failed: {type(e).__name__}: {e}"
-                    reply = {"ok": False, "reason": self.report.error}
-                if not reply["ok"] and self.resume_sent:
-                    # the destination may already run its copy: resuming the source could
-                    # make two; leave it stopped (the dump's --leave-stopped) for the operator
-                    self.report.error += ("; RESUME was sent but not confirmed: the source is "
-                                          "left stopped")
-                    reply = {"ok": True}
+                ok = await self.final_round_within_deadline()
+                reply = {"ok": ok, "reason": self.report.error}
             else:
                 reply = {"ok": True}
             writer.write(json.dumps(reply).encode() + b"\n")
             await writer.drain()
         finally:
             writer.close()
+
+    async def begin_session(self) -> None:
+        """Connect, name the tree's memory images, and learn what the destination holds."""
+        self.conn = await transport.connect(self.host, self.port, key=self.key,
+                                            ssl=self.opts.ssl)
+        tasks = process_tree(self.pid)
+        await self.conn.send_control(MsgType.BEGIN, {
+            "session": self.session, "mode": "migrate",
+            "source": f"{socket.gethostname()}:pid {self.pid}",
+            "images": [{"id": f"pid-{t.ns_pid}"} for t in tasks]})
+        state, self.held = await receive_state(self.conn)
+        self.round_no = state["round"]
+
+    def set_freeze_deadline(self, memory_bytes: int) -> None:
+        self.freeze_timeout = self.opts.freeze_timeout or 15.0 + 2.0 * memory_bytes / 2**30
+
+    async def final_round_within_deadline(self) -> bool:
+        """The final round, bounded (the tree is frozen, whatever the link does). The
+        verdict for the hook: True when the destination has the process — or when RESUME
+        went out, because then the copy may run and the source must not resume."""
+        try:
+            async with asyncio.timeout(self.freeze_timeout):
+                await self.final_round()
+            return True
+        except TimeoutError:
+            self.report.error = (f"final round timed out: not done within the freeze "
+                                 f"deadline of {self.freeze_timeout:.0f} s (link stalled?)")
+        except Exception as e:  # the hook reports it; CRIU resumes the tree
+            self.report.error = f"final round failed: {type(e).__name__}: {e}"
+        if self.resume_sent:
+            # the destination may already run its copy: resuming the source could make two;
+            # leave it stopped (--leave-stopped) for the operator
+            self.report.error += "; RESUME was sent but not confirmed: the source is left stopped"
+            return True
+        return False
 
     async def final_round(self) -> None:
         loop = asyncio.get_running_loop()
@@ -264,8 +283,7 @@ class Agent:
         sock_path = os.path.join(self.work, "agent.sock")
         server = await asyncio.start_unix_server(self.on_hook, sock_path)
         lazy_port = self.opts.lazy_port or _free_port()
-        self.freeze_timeout = self.opts.freeze_timeout or \
-            15.0 + 2.0 * getattr(self, "memory_bytes", 0) / 2**30
+        self.set_freeze_deadline(getattr(self, "memory_bytes", 0))
         env = dict(os.environ, **{AGENT_ENV: sock_path, LAZY_PORT_ENV: str(lazy_port),
                                   TIMEOUT_ENV: str(self.freeze_timeout + 15.0)})
         # CRIU execs the action script's path as is (no shell, no arguments): a wrapper
@@ -311,15 +329,7 @@ class Agent:
         self.work = tempfile.mkdtemp(prefix="deltaxfer-migrate-", dir=self.opts.work_dir)
         os.chmod(self.work, 0o700)
         try:
-            self.conn = await transport.connect(self.host, self.port, key=self.key,
-                                                ssl=self.opts.ssl)
-            tasks = process_tree(self.pid)
-            await self.conn.send_control(MsgType.BEGIN, {
-                "session": self.session, "mode": "migrate",
-                "source": f"{socket.gethostname()}:pid {self.pid}",
-                "images": [{"id": f"pid-{t.ns_pid}"} for t in tasks]})
-            state, self.held = await receive_state(self.conn)
-            self.round_no = state["round"]
+            await self.begin_session()
             await self.live_rounds()
             rc = await self.freeze_and_push()
             if rc == 0 and self.confirmed:
@@ -409,31 +419,19 @@ def run_standalone_hook(action: str, config: dict, env) -> int:
 
 
 async def _standalone(agent: "Agent", action: str, image_dir: str) -> bool:
-    agent.conn = await transport.connect(agent.host, agent.port, key=agent.key)
     try:
-        tasks = process_tree(agent.pid)
-        await agent.conn.send_control(MsgType.BEGIN, {
-            "session": agent.session, "mode": "migrate",
-            "source": f"{socket.gethostname()}:pid {agent.pid}",
-            "images": [{"id": f"pid-{t.ns_pid}"} for t in tasks]})
-        state, agent.held = await receive_state(agent.conn)
-        agent.round_no = state["round"]
+        await agent.begin_session()
         if action == "pre-dump":
             await agent.live_rounds()
             await agent.conn.goodbye()
             return True
         agent.dump_dir = os.path.realpath(image_dir)
         agent.t_freeze = agent.t_post = time.monotonic()
-        agent.freeze_timeout = 15.0 + 2.0 * sum(len(h.vaddrs) for h in agent.held.values()) \
-            * PAGE_SIZE / 2**30
-        try:
-            async with asyncio.timeout(agent.freeze_timeout):
-                await agent.final_round()
-        except Exception as e:
-            agent.report.error = f"{type(e).__name__}: {e}"
-            # after RESUME the destination may run the process: never let CRIU resume it
-            return agent.resume_sent
-        await agent.conn.goodbye()
-        return True
+        agent.set_freeze_deadline(sum(len(h.vaddrs) for h in agent.held.values()) * PAGE_SIZE)
+        ok = await agent.final_round_within_deadline()
+        if ok and agent.confirmed:
+            await agent.conn.goodbye()
+        return ok
     finally:
-        agent.conn.close()
+        if agent.conn is not None:
+            agent.conn.close()
