@@ -367,9 +367,13 @@ def _looks_like_a_copy(pid: int, wl) -> bool:
         with open(f"/proc/{pid}/comm") as f:
             comm = f.read().strip()
         with open(f"/proc/{pid}/status") as f:
-            nspid = next(line.split()[1:] for line in f if line.startswith("NSpid:"))
+            status = f.read().splitlines()
+        state = next(line.split()[1] for line in status if line.startswith("State:"))
+        nspid = next(line.split()[1:] for line in status if line.startswith("NSpid:"))
     except (OSError, StopIteration):
         return False
+    if state in ("Z", "X"):
+        return False   # a dead copy of an earlier test, not reaped yet (empty cmdline too)
     want = "memwork" if wl.kind == "memwork" else "shmwork" if wl.kind == "shmwork" \
         else os.path.basename(wl.argv[0])[:15]
     return comm == want and len(nspid) > 1 and nspid[-1] == "1"
