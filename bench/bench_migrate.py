@@ -53,7 +53,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import workloads  # noqa: E402
-from servers import wait_listening  # noqa: E402
+from servers import ServeProcess  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPED_RATE = "1gbit"
@@ -93,18 +93,6 @@ def reps(request) -> int:
     if smoke(request.config):
         return 1
     return int(os.environ.get("DX_MIGRATE_REPS", "3"))
-
-
-@pytest.fixture(scope="module")
-def criu():
-    from deltaxfer.criu.runner import CriuError, find_criu
-
-    if os.geteuid() != 0:
-        pytest.fail("bench_migrate migrates real processes with criu: run as root")
-    try:
-        return find_criu()
-    except CriuError as e:
-        pytest.fail(str(e))
 
 
 @pytest.fixture(scope="module")
@@ -179,45 +167,12 @@ def log_tail(path: Path, n: int = 3000) -> str:
 
 # -- deltaxfer ---------------------------------------------------------------------------------
 
-class Serve:
-    """`deltaxfer serve --restore` in the destination namespace, on a port it picks."""
-
-    def __init__(self, directory: Path, key_file: str, lab):
-        self.dir = directory
-        self.host = lab.dest.addr
-        self.log_path = directory.with_suffix(".log")
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(lab.dest.command(
-                [sys.executable, "-m", "deltaxfer", "serve", "--listen", f"{self.host}:0",
-                 "--key-file", key_file, "--dir", str(directory), "--restore"]),
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log)
-        try:
-            self.port = self._wait_listening()
-        except BaseException:
-            self.stop()
-            raise
-
-    def log(self) -> str:
-        return log_tail(self.log_path)
-
-    def _wait_listening(self, timeout=30) -> int:
-        return wait_listening(self.proc, self.log, timeout)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-
 def run_deltaxfer(lab, work, mib, dirty, tag) -> dict:
     server = wl = None
     try:
-        server = Serve(work["tmp"] / f"serve-{tag}", work["key_file"], lab)
+        server = ServeProcess(work["tmp"] / f"serve-{tag}", work["key_file"],
+                              host=lab.dest.addr, prefix=lab.dest.command([]),
+                              extra=["--restore"])
         wl = start_workload(lab, work, mib, dirty)
         report_path = work["tmp"] / f"report-{tag}.json"
         tx0 = link_tx_bytes(lab.source)

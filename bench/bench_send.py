@@ -37,7 +37,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import workloads  # noqa: E402
-from servers import wait_listening, write_key  # noqa: E402
+from servers import ServeProcess, write_key  # noqa: E402
 
 from deltaxfer import transport  # noqa: E402
 from deltaxfer.keys import load_key  # noqa: E402
@@ -61,18 +61,6 @@ def params(request):
     # 20 MiB/s for ~5 s after the first dump: ~100 MiB = ~10 % of the 1 GiB dirtied
     return {"mib": 1024, "dirty_mib_per_s": 20, "dirty_s": 5.0, "reps": 3,
             "raw_bytes": 512 << 20}
-
-
-@pytest.fixture(scope="module")
-def criu():
-    from deltaxfer.criu.runner import CriuError, find_criu
-
-    if os.geteuid() != 0:
-        pytest.fail("bench_send dumps real processes with criu: run as root")
-    try:
-        return find_criu()
-    except CriuError as e:
-        pytest.fail(str(e))
 
 
 @pytest.fixture(scope="module")
@@ -106,48 +94,16 @@ def dir_bytes(path: Path) -> int:
 
 # -- a `deltaxfer serve` on any address, optionally inside a network namespace -------------
 
-class Serve:
-    def __init__(self, directory: Path, key_file: str, *, host="127.0.0.1", prefix=()):
-        self.dir = directory
-        self.host = host
-        self.log_path = directory.with_suffix(".log")
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(
-                [*prefix, sys.executable, "-m", "deltaxfer", "serve", "--listen", f"{host}:0",
-                 "--key-file", key_file, "--dir", str(directory)],
-                stdout=subprocess.DEVNULL, stderr=log)
-        try:
-            self.port = self._wait_listening()
-        except BaseException:
-            self.stop()
-            raise
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def _wait_listening(self, timeout=30) -> int:
-        return wait_listening(self.proc, self.log, timeout)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-
 @pytest.fixture
 def servers(work):
-    """fresh(prefix=(), host=...) -> a new Serve with an empty store; all stopped at the end."""
+    """fresh(prefix=(), host=...) -> a new ServeProcess with an empty store; all stopped at
+    the end."""
     started = []
 
     def fresh(**kw):
         for s in started:
             s.stop()
-        s = Serve(work["tmp"] / f"serve{len(started)}", work["key_file"], **kw)
+        s = ServeProcess(work["tmp"] / f"serve{len(started)}", work["key_file"], **kw)
         started.append(s)
         return s
 

@@ -173,6 +173,20 @@ def _load(directory: Path):
 
 
 @pytest.fixture(scope="session")
+def criu():
+    """The criu that the end-to-end benchmarks (send, migrate) run: they fail, not skip,
+    without root or a working criu, as the real-CRIU tests do."""
+    from deltaxfer.criu.runner import CriuError, find_criu
+
+    if os.geteuid() != 0:
+        pytest.fail("this benchmark dumps real processes with criu: run it as root")
+    try:
+        return find_criu()
+    except CriuError as e:
+        pytest.fail(str(e))
+
+
+@pytest.fixture(scope="session")
 def real_dumps(request, sizes) -> DumpPair:
     from deltaxfer.criu.runner import CriuError, find_criu
 

@@ -3,9 +3,11 @@ kept, stopped and checked for leftovers at the end."""
 import os
 import re
 import select
+import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 KEY = b"test-key-0123456789abcdef"
 
@@ -96,3 +98,38 @@ class Server:
 
     def __exit__(self, *exc):
         self.stop()
+
+
+class ServeProcess:
+    """`deltaxfer serve` on any address — optionally inside a network namespace of
+    deltaxfer.lab (``prefix=host.command([])``) — on a port it picks, logging to a file
+    beside its directory; ``stop()`` also removes the directory (the benchmarks' server)."""
+
+    def __init__(self, directory: Path, key_file: str, *, host: str = "127.0.0.1",
+                 prefix=(), extra=()):
+        self.dir = Path(directory)
+        self.host = host
+        self.log_path = self.dir.with_suffix(".log")
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                [*prefix, sys.executable, "-m", "deltaxfer", "serve", "--listen", f"{host}:0",
+                 "--key-file", key_file, "--dir", str(self.dir), *extra],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log)
+        try:
+            self.port = wait_listening(self.proc, self.log)
+        except BaseException:
+            self.stop()
+            raise
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        shutil.rmtree(self.dir, ignore_errors=True)
