@@ -22,6 +22,7 @@ from dx_frame cimport *
 from dx_cache cimport *
 from dx_procmem cimport *
 from dx_pipeline cimport *
+from dx_track cimport *
 
 cdef extern from "lz4.h":
     int LZ4_versionNumber() nogil
@@ -53,3 +54,4 @@ include "procmem.pxi"
 include "pipeline.pxi"
 include "store.pxi"
 include "images.pxi"
+include "track.pxi"

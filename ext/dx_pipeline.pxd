@@ -6,8 +6,9 @@ from dx_frame cimport dx_frame_writer
 cdef extern from "pipeline.h" nogil:
     ctypedef struct dx_round_stats:
         uint64_t scanned, zero, unchanged, changed, added, removed
-        uint64_t sent_zero, sent_xor, sent_full, xor_too_big, xor_bytes
-    int dx_encode_round(const uint8_t *pages, const uint64_t *vaddrs, size_t npages,
+        uint64_t sent_zero, sent_xor, sent_full, xor_too_big, xor_bytes, skipped
+    int dx_encode_round(const uint8_t *pages, const uint64_t *vaddrs, const uint8_t *clean,
+                        size_t npages,
                         const uint64_t *prev_vaddrs, const uint64_t *prev_hashes, size_t nprev,
                         const uint8_t *base_pages, dx_xor_cache *cache, int use_xor,
                         size_t xor_cap, uint64_t *hashes_out, dx_frame_writer *fw,

@@ -5,10 +5,13 @@ _EMPTY_U64 = array.array("Q")
 
 def encode_round(pages, vaddrs, prev_vaddrs=None, prev_hashes=None, base_pages=None,
                  XorCache cache=None, bint xor=True, size_t xor_cap=DX_DELTA_DEFAULT_CAP,
-                 size_t frame_size=DX_FRAME_DEFAULT_SIZE, bint compress=True):
+                 size_t frame_size=DX_FRAME_DEFAULT_SIZE, bint compress=True, clean=None):
     """Encode one round; returns (frames bytes, hashes array('Q'), stats dict).
 
     See deltaxfer.core.pipeline.encode_round for the meaning of each argument.
+    clean: None or one byte per page, nonzero for a page known unchanged since the
+    destination's version (written-page tracking); such a page must be held, its bytes
+    are not read, its hash is the held one.
     """
     cdef _Buffer pb = pages_buffer(pages, "pages")
     cdef _Buffer vb = u64_buffer(vaddrs, "vaddrs")
@@ -16,6 +19,13 @@ def encode_round(pages, vaddrs, prev_vaddrs=None, prev_hashes=None, base_pages=N
     if n * DX_PAGE_SIZE != pb.nbytes:
         raise ValueError(f"pages holds {pb.nbytes // DX_PAGE_SIZE} pages but vaddrs has {n}")
     check_vaddrs(vb, "vaddrs")
+    cdef _Buffer cb
+    cdef const uint8_t *cp_clean = NULL
+    if clean is not None:
+        cb = bytes_buffer(clean, "clean", False)
+        if cb.nbytes != n:
+            raise ValueError(f"clean has {cb.nbytes} bytes for {n} pages")
+        cp_clean = cb.ptr
     cdef _Buffer pvb = u64_buffer(_EMPTY_U64 if prev_vaddrs is None else prev_vaddrs,
                                   "prev_vaddrs")
     cdef _Buffer phb = u64_buffer(_EMPTY_U64 if prev_hashes is None else prev_hashes,
@@ -45,7 +55,7 @@ def encode_round(pages, vaddrs, prev_vaddrs=None, prev_hashes=None, base_pages=N
     cdef int rc
     try:
         with nogil:
-            rc = dx_encode_round(pb.ptr, u64_ptr(vb), n, u64_ptr(pvb), u64_ptr(phb), nprev,
+            rc = dx_encode_round(pb.ptr, u64_ptr(vb), cp_clean, n, u64_ptr(pvb), u64_ptr(phb), nprev,
                                  base, cp, xor, xor_cap, <uint64_t *>hashes.data.as_voidptr,
                                  &fw.w, &st)
     finally:
@@ -56,7 +66,7 @@ def encode_round(pages, vaddrs, prev_vaddrs=None, prev_hashes=None, base_pages=N
     stats = {"scanned": st.scanned, "zero": st.zero, "unchanged": st.unchanged,
              "changed": st.changed, "added": st.added, "removed": st.removed,
              "sent_zero": st.sent_zero, "sent_xor": st.sent_xor, "sent_full": st.sent_full,
-             "xor_too_big": st.xor_too_big, "xor_bytes": st.xor_bytes,
+             "xor_too_big": st.xor_too_big, "skipped": st.skipped, "xor_bytes": st.xor_bytes,
              "frames": fw.w.frames, "records": fw.w.records, "raw_bytes": fw.w.raw_bytes,
              "stored_bytes": fw.w.stored_bytes}
     return _take_output(&fw.w), hashes, stats

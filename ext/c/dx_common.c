@@ -9,6 +9,7 @@ const char *dx_strerror(int code)
     case DX_E_ARG: return "invalid argument";
     case DX_E_UNSORTED: return "vaddrs are not strictly ascending";
     case DX_E_UNALIGNED: return "vaddr is not page aligned";
+    case DX_E_CLEAN_NOT_HELD: return "a page marked clean is not held by the destination";
     case DX_E_FRAME_TRUNCATED: return "frame truncated";
     case DX_E_FRAME_MAGIC: return "bad frame magic (not a deltaxfer frame)";
     case DX_E_FRAME_VERSION: return "unsupported frame version";

@@ -16,6 +16,7 @@ enum dx_error {
     DX_E_ARG = 2,               /* a caller-side precondition: lengths, alignment */
     DX_E_UNSORTED = 3,          /* vaddrs not strictly ascending */
     DX_E_UNALIGNED = 4,         /* vaddr not a multiple of the page size */
+    DX_E_CLEAN_NOT_HELD = 5,    /* a page marked clean that the destination lacks */
     DX_E_FRAME_TRUNCATED = 10,  /* fewer bytes than the header or payload needs */
     DX_E_FRAME_MAGIC = 11,
     DX_E_FRAME_VERSION = 12,

@@ -2,7 +2,8 @@
 #include "hash.h"
 #include "pipeline.h"
 
-int dx_encode_round(const uint8_t *pages, const uint64_t *vaddrs, size_t npages,
+int dx_encode_round(const uint8_t *pages, const uint64_t *vaddrs, const uint8_t *clean,
+                    size_t npages,
                     const uint64_t *prev_vaddrs, const uint64_t *prev_hashes, size_t nprev,
                     const uint8_t *base_pages, dx_xor_cache *cache, int use_xor,
                     size_t xor_cap, uint64_t *hashes_out, dx_frame_writer *fw,
@@ -22,6 +23,14 @@ int dx_encode_round(const uint8_t *pages, const uint64_t *vaddrs, size_t npages,
             prev_hash = prev_hashes[j];
             if (base_pages) held = base_pages + j * DX_PAGE_SIZE;
             j++;
+        }
+        if (clean && clean[i]) {
+            if (!have_prev) return -DX_E_CLEAN_NOT_HELD;
+            hashes_out[i] = prev_hash;
+            st->scanned++;
+            st->unchanged++;
+            st->skipped++;
+            continue;
         }
         int is_zero = dx_page_is_zero(page);
         uint64_t h = is_zero ? zero_hash : dx_xxh3(page, DX_PAGE_SIZE);

@@ -45,6 +45,7 @@ class RoundStats:
     records: int
     raw_bytes: int        # record bytes before lz4
     stored_bytes: int     # frame bytes on the wire (headers included)
+    skipped: int = 0      # clean pages (tracking): unchanged without being read or hashed
 
     @property
     def sent(self) -> int:
@@ -61,7 +62,7 @@ class EncodedRound:
 def encode_round(pages, vaddrs, prev: RoundState | None = None, *, base_pages=None,
                  cache=None, xor: bool = True, xor_cap: int = native.XOR_DEFAULT_CAP,
                  frame_size: int = native.DEFAULT_FRAME_SIZE, compress: bool = True,
-                 impl=native) -> EncodedRound:
+                 clean=None, impl=native) -> EncodedRound:
     """Encode the pages that changed since prev.
 
     pages: C-contiguous buffer of whole pages (never copied); vaddrs: uint64 buffer,
@@ -69,12 +70,15 @@ def encode_round(pages, vaddrs, prev: RoundState | None = None, *, base_pages=No
     XOR base of a changed page: base_pages[j] when given (aligned with prev.vaddrs, e.g.
     the old dump's pages), else the cache's copy.  xor=False sends changed pages whole
     (to measure what deltas save).  The cache, when given, learns every page sent.
+    clean: one byte per page, nonzero where the page is known unchanged since the
+    destination's version (written-page tracking): it must be held, its bytes are not
+    read (they need not be valid) and its hash is the held one.
     """
     pv = ph = None
     if prev is not None:
         pv, ph = prev.vaddrs, prev.hashes
     frames, hashes, st = impl.encode_round(pages, vaddrs, pv, ph, base_pages, cache, xor,
-                                           xor_cap, frame_size, compress)
+                                           xor_cap, frame_size, compress, clean)
     new_vaddrs = array("Q", memoryview(vaddrs).cast("B").cast("Q"))
     known = {f.name for f in fields(RoundStats)}
     return EncodedRound(frames, RoundState(new_vaddrs, hashes),

@@ -11,12 +11,16 @@ _EMPTY = array("Q")
 
 def encode_round(pages, vaddrs, prev_vaddrs=None, prev_hashes=None, base_pages=None,
                  cache=None, xor=True, xor_cap=XOR_DEFAULT_CAP,
-                 frame_size=DEFAULT_FRAME_SIZE, compress=True):
+                 frame_size=DEFAULT_FRAME_SIZE, compress=True, clean=None):
     mv = page_view(pages, "pages")
     va = u64_list(vaddrs, "vaddrs")
     if len(va) * PAGE_SIZE != len(mv):
         raise ValueError(f"pages holds {len(mv) // PAGE_SIZE} pages but vaddrs has {len(va)}")
     check_vaddrs(va, "vaddrs")
+    if clean is not None:
+        clean = bytes(memoryview(clean).cast("B"))
+        if len(clean) != len(va):
+            raise ValueError(f"clean has {len(clean)} bytes for {len(va)} pages")
     pv = u64_list(_EMPTY if prev_vaddrs is None else prev_vaddrs, "prev_vaddrs")
     ph = u64_list(_EMPTY if prev_hashes is None else prev_hashes, "prev_hashes")
     if len(pv) != len(ph):
@@ -33,11 +37,11 @@ def encode_round(pages, vaddrs, prev_vaddrs=None, prev_hashes=None, base_pages=N
     if cache is not None:
         cache.next_round()
     st = dict.fromkeys(["scanned", "zero", "unchanged", "changed", "added", "removed",
-                        "sent_zero", "sent_xor", "sent_full", "xor_too_big", "xor_bytes"], 0)
+                        "sent_zero", "sent_xor", "sent_full", "xor_too_big", "xor_bytes",
+                        "skipped"], 0)
     hashes = array("Q")
     j = 0
     for i, vaddr in enumerate(va):
-        page = bytes(mv[i * PAGE_SIZE:(i + 1) * PAGE_SIZE])
         while j < len(pv) and pv[j] < vaddr:
             j += 1
             st["removed"] += 1
@@ -48,6 +52,16 @@ def encode_round(pages, vaddrs, prev_vaddrs=None, prev_hashes=None, base_pages=N
             if base is not None:
                 held = base[j * PAGE_SIZE:(j + 1) * PAGE_SIZE]
             j += 1
+        if clean is not None and clean[i]:
+            if not have_prev:
+                raise ValueError("encode_round: a page marked clean is not held by the "
+                                 "destination")
+            hashes.append(prev_hash)
+            st["scanned"] += 1
+            st["unchanged"] += 1
+            st["skipped"] += 1
+            continue
+        page = bytes(mv[i * PAGE_SIZE:(i + 1) * PAGE_SIZE])
         is_zero = page == ZERO_PAGE
         h = ZERO_PAGE_HASH if is_zero else xxh3_64(page)
         hashes.append(h)

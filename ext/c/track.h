@@ -1,0 +1,69 @@
+/* Written-page tracking without soft-dirty: a userfaultfd created inside the target
+ * (one injected syscall), set up from our side for asynchronous write-protection, and
+ * PAGEMAP_SCAN to list the pages written since the last scan (re-protecting them in the
+ * same call).  See docs/TRACKING.md for the sequence and what it guarantees. */
+#ifndef DX_TRACK_H
+#define DX_TRACK_H
+
+#include <sys/types.h>
+
+#include "dx_common.h"
+
+/* What happened around an injection, for the caller's report. */
+typedef struct {
+    int signals_requeued;   /* signals that arrived while the target was held, re-sent */
+    int steps;              /* single steps taken to run the injected syscalls */
+    int stage;              /* how far it got: 1 seized, 2 stopped, 3 created, 4 taken,
+                               5 closed in the target, 6 registers restored, 7 detached */
+} dx_inject_info;
+
+/* Seize thread `tid` of process `pid` (ptrace), interrupt it, run
+ * `userfaultfd(uffd_flags)` in it at `syscall_ip` (the address of a `syscall`
+ * instruction mapped executable in the target, e.g. in its vDSO), take the new fd with
+ * pidfd_getfd, run `close(fd)` in the target, restore its registers exactly and detach.
+ * Signals that arrive while it is held are delivered again after the detach.  Returns
+ * our fd (>= 0) or -errno; on failure the target's registers and fd table are as
+ * before (whatever stage it failed at; see info->stage). */
+int dx_inject_userfaultfd(pid_t pid, pid_t tid, uint64_t syscall_ip, int uffd_flags,
+                          dx_inject_info *info);
+
+/* userfaultfd(flags) in our own process (a feature probe): the fd or -errno. */
+int dx_uffd_create(int flags);
+
+/* UFFDIO_API on fd asking for `features`; the kernel's answer in *got. -errno or 0. */
+int dx_uffd_api(int fd, uint64_t features, uint64_t *got);
+/* UFFDIO_REGISTER [start, end) for write-protect faults. -errno or 0. */
+int dx_uffd_register_wp(int fd, uint64_t start, uint64_t end);
+/* UFFDIO_WRITEPROTECT [start, end) (protect != 0) or un-protect. -errno or 0. */
+int dx_uffd_writeprotect(int fd, uint64_t start, uint64_t end, int protect);
+/* UFFDIO_UNREGISTER [start, end). -errno or 0. */
+int dx_uffd_unregister(int fd, uint64_t start, uint64_t end);
+
+/* PAGEMAP_SCAN of [start, end) on an open /proc/PID/pagemap: append the ranges of pages
+ * written since they were last protected to (*out_starts, *out_ends) (malloc'd, grown;
+ * *nout in/out) and, when `reprotect`, write-protect them again in the same walk.  Every
+ * VMA in the range must be registered for asynchronous write-protection (else -EPERM).
+ * Returns pages reported, or -errno. */
+ptrdiff_t dx_scan_written(int pagemap_fd, uint64_t start, uint64_t end, int reprotect,
+                          uint64_t **out_starts, uint64_t **out_ends, size_t *nout,
+                          size_t *cap);
+
+/* Is PAGEMAP_SCAN there?  0 when the ioctl is known (on our own pagemap), else -errno. */
+int dx_pagemap_scan_probe(int pagemap_fd);
+
+/* clean[i] = 1 when page vaddrs[i] lies in one of the tracked ranges, in none of the
+ * written ranges, and in held_vaddrs (the destination holds it): its content is what
+ * was read last time and need not be read again.  All inputs ascending; ranges are
+ * [start, end) pairs, disjoint.  Returns the number of clean pages. */
+size_t dx_clean_mask(const uint64_t *vaddrs, size_t n,
+                     const uint64_t *tr_starts, const uint64_t *tr_ends, size_t ntr,
+                     const uint64_t *wr_starts, const uint64_t *wr_ends, size_t nwr,
+                     const uint64_t *held, size_t nheld, uint8_t *clean);
+
+/* Read the pages with clean[i] == 0 (all when clean is NULL) of process pid into their
+ * slots buf + i * page size.  Unreadable pages are zero-filled and counted in
+ * *pages_failed.  Returns the number of pages read (failed ones included) or -errno. */
+ptrdiff_t dx_read_pages_masked(pid_t pid, const uint64_t *vaddrs, size_t n,
+                               const uint8_t *clean, uint8_t *buf, uint64_t *pages_failed);
+
+#endif

@@ -1,0 +1,211 @@
+"""Which pages a running process wrote since the last round, without soft-dirty.
+
+The kernel tracks it for us once the process's memory is registered with a userfaultfd
+for asynchronous write-protection: a write to a protected page is resolved by the kernel
+itself (no monitor: if we die, the process runs on) and leaves the page unprotected;
+``PAGEMAP_SCAN`` on /proc/PID/pagemap lists the unprotected ("written") pages and
+protects them again in the same walk. The userfaultfd has to belong to the target's mm,
+so it is created inside the target: one ``userfaultfd()`` system call run in one of its
+threads under ptrace (at a ``syscall`` instruction of its vDSO, registers saved and
+restored), taken over with ``pidfd_getfd`` and closed in the target. From then on
+everything happens from our side. Closing our fd releases the registration.
+
+Per round (``ProcessTracker.scan``): scan every registered VMA (which also proves that it
+is still registered: the scan fails on a VMA that is not); register and protect the
+VMAs that are not (new mappings, remapped ones) — their pages count as written this
+round; a VMA that cannot be registered stays "untracked" and its pages are read and
+hashed every round. A page may be skipped (not read, not hashed) only when it lies in a
+VMA tracked since the previous round, was not reported written, and the destination
+holds it: see ``clean_mask``. Content hashes on what is read still skip pages that were
+written with the same bytes.
+
+What it cannot see: writes that take no page fault — DMA into pages pinned before they
+were protected (O_DIRECT reads in flight, io_uring fixed buffers, RDMA). See
+docs/TRACKING.md.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import time
+from array import array
+from dataclasses import dataclass, field
+
+from deltaxfer import _core
+from deltaxfer.core import procmem
+
+O_CLOEXEC = 0o2000000
+O_NONBLOCK = 0o4000
+_SPECIAL = ("[vvar]", "[vvar_vclock]", "[vdso]", "[vsyscall]", "[uprobes]")
+
+
+class TrackingUnavailable(RuntimeError):
+    pass
+
+
+_support: tuple[str | None] | None = None
+
+
+def support() -> str | None:
+    """None when written-page tracking works on this machine, else why not (checked
+    once: userfaultfd with asynchronous write-protect, and PAGEMAP_SCAN)."""
+    global _support
+    if _support is None:
+        _support = (_probe(),)
+    return _support[0]
+
+
+def _probe() -> str | None:
+    if platform.machine() != "x86_64":
+        return f"injecting a system call is implemented for x86-64 only (this is {platform.machine()})"
+    try:
+        fd = _core.uffd_create(O_CLOEXEC | O_NONBLOCK)
+    except OSError as e:
+        return f"userfaultfd() is not available: {e.strerror}"
+    try:
+        got = _core.uffd_api(fd, _core.UFFD_FEATURE_WP_ASYNC)
+        if not got & _core.UFFD_FEATURE_WP_ASYNC:
+            return "the kernel's userfaultfd lacks asynchronous write-protect (Linux >= 6.7)"
+    except OSError as e:
+        return f"userfaultfd asynchronous write-protect is not available (Linux >= 6.7): {e.strerror}"
+    finally:
+        os.close(fd)
+    why = _core.pagemap_scan_probe()
+    if why:
+        return f"{why} (PAGEMAP_SCAN needs Linux >= 6.7)"
+    return None
+
+
+def _status(pid: int) -> dict[str, str]:
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            k, _, v = line.partition(":")
+            out[k] = v.strip()
+    return out
+
+
+def _syscall_ip(pid: int, maps: list[procmem.Vma]) -> int:
+    """An executable `syscall` instruction (0f 05) in the target: its vDSO has some."""
+    for v in maps:
+        if v.path == "[vdso]" and v.perms[2] == "x":
+            with open(f"/proc/{pid}/mem", "rb", buffering=0) as f:
+                f.seek(v.start)
+                code = f.read(v.end - v.start)
+            at = code.find(b"\x0f\x05")
+            if at >= 0:
+                return v.start + at
+    raise TrackingUnavailable("no syscall instruction found in the target's vDSO")
+
+
+def eligible(v: procmem.Vma) -> bool:
+    """The VMAs whose pages CRIU dumps as private memory (what the live rounds read)."""
+    return v.perms[3] == "p" and v.perms[0] == "r" and v.path not in _SPECIAL
+
+
+@dataclass
+class Scan:
+    tracked_starts: array       # VMAs tracked since the previous scan (clean pages possible)
+    tracked_ends: array
+    written_starts: array       # pages written since the previous scan, inside those
+    written_ends: array
+    written_pages: int
+    registered_now: int         # VMAs (re-)registered this time: all their pages count
+    untracked: int              # VMAs that cannot be tracked: hashed every round
+    seconds: float
+
+
+@dataclass
+class ProcessTracker:
+    """Written-page tracking of one process (all its threads share the mm)."""
+    pid: int
+    uffd: int = -1
+    pagemap: int = -1
+    armed_seconds: float = 0.0
+    inject: dict = field(default_factory=dict)
+    untracked_reasons: dict = field(default_factory=dict)
+
+    def arm(self) -> None:
+        """Create the userfaultfd in the target and take it over. Raises
+        TrackingUnavailable with the reason (the target is untouched then)."""
+        t0 = time.monotonic()
+        try:
+            st = _status(self.pid)
+        except FileNotFoundError:
+            raise ProcessLookupError(f"process {self.pid} no longer exists") from None
+        if st.get("Seccomp", "0") != "0":
+            raise TrackingUnavailable("the process runs under a seccomp filter: a system call "
+                                      "injected into it could be refused or kill it")
+        if st.get("TracerPid", "0") != "0":
+            raise TrackingUnavailable(f"the process is traced by pid {st['TracerPid']}")
+        maps = procmem.read_maps(self.pid)
+        ip = _syscall_ip(self.pid, maps)
+        try:
+            fd, self.inject = _core.inject_userfaultfd(self.pid, self.pid, ip,
+                                                       O_CLOEXEC | O_NONBLOCK)
+        except OSError as e:
+            raise TrackingUnavailable(str(e)) from None
+        try:
+            got = _core.uffd_api(fd, _core.UFFD_FEATURE_WP_ASYNC)
+            if not got & _core.UFFD_FEATURE_WP_ASYNC:
+                raise TrackingUnavailable("userfaultfd without asynchronous write-protect")
+            self.pagemap = os.open(f"/proc/{self.pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+        except (OSError, TrackingUnavailable) as e:
+            os.close(fd)
+            raise TrackingUnavailable(str(e)) from None
+        self.uffd = fd
+        self.armed_seconds = time.monotonic() - t0
+
+    def _register(self, v: procmem.Vma) -> bool:
+        """Register v for asynchronous write-protect and protect its populated pages
+        (only those: protecting unpopulated ranges would allocate page tables for all of
+        a sparse reservation; a page populated later is unprotected, i.e. written)."""
+        try:
+            _core.uffd_register_wp(self.uffd, v.start, v.end)
+        except OSError as e:
+            self.untracked_reasons[(v.start, v.end)] = f"{v.path or 'anonymous'}: {e.strerror}"
+            return False
+        run_v, run_l = _core.pagemap_runs(self.pagemap, array("Q", [v.start]),
+                                          array("Q", [v.end]))
+        for a, n in zip(run_v, run_l):
+            _core.uffd_writeprotect(self.uffd, a, a + n, True)
+        return True
+
+    def scan(self) -> Scan:
+        """Pages written since the last scan (re-protected now), per tracked VMA."""
+        t0 = time.monotonic()
+        vmas = [v for v in procmem.read_maps(self.pid) if eligible(v)]
+        starts = array("Q", [v.start for v in vmas])
+        ends = array("Q", [v.end for v in vmas])
+        ws, we, pages, failed = _core.scan_written(self.pagemap, starts, ends, True)
+        failed = set(failed)
+        ts, te = array("Q"), array("Q")
+        registered = untracked = 0
+        for k, v in enumerate(vmas):
+            if k not in failed:
+                ts.append(v.start)
+                te.append(v.end)
+            elif self._register(v):
+                registered += 1
+            else:
+                untracked += 1
+        return Scan(ts, te, ws, we, pages, registered, untracked, time.monotonic() - t0)
+
+    def close(self) -> None:
+        """Release the registration (closing the only reference to the userfaultfd does;
+        the target keeps running as before)."""
+        for fd in (self.uffd, self.pagemap):
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        self.uffd = self.pagemap = -1
+
+
+def clean_mask(vaddrs: array, scan: Scan, held_vaddrs: array | None) -> bytearray | None:
+    """One byte per page of vaddrs: 1 = known unchanged since the destination's copy."""
+    if scan is None or held_vaddrs is None or not len(held_vaddrs):
+        return None
+    return _core.clean_mask(vaddrs, scan.tracked_starts, scan.tracked_ends,
+                            scan.written_starts, scan.written_ends, held_vaddrs)
