@@ -47,10 +47,29 @@ def fake_criu(tmp_path, real: str) -> str:
     return str(path)
 
 
+def tracking_left(pid: int) -> list[str]:
+    """What written-page tracking could leave in a process: VMAs still registered with a
+    userfaultfd (smaps flag "uw") or a userfaultfd in its fd table."""
+    left = []
+    with open(f"/proc/{pid}/smaps") as f:
+        left += [line.strip() for line in f if line.startswith("VmFlags:") and " uw" in line]
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            if "userfaultfd" in os.readlink(f"/proc/{pid}/fd/{fd}"):
+                left.append(f"fd {fd}")
+        except FileNotFoundError:
+            pass
+    return left
+
+
 def assert_source_runs_on(wl, before: dict | None = None):
-    """Not frozen, not gone, memory intact, still dirtying it."""
+    """Not frozen, not gone, memory intact, still dirtying it, no tracking left in it."""
     state = wait_not_frozen(wl.pid, timeout=15)
     assert state in ("R", "S"), f"source pid {wl.pid} left in state {state}"
+    deadline = time.monotonic() + 10
+    while tracking_left(wl.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)   # the agent's fds close as it exits
+    assert tracking_left(wl.pid) == []
     first = wl.verify(timeout=30)
     assert first["ok"], first
     time.sleep(0.3)

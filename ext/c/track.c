@@ -38,6 +38,7 @@ struct dx_pm_scan_arg {
 #define DX_PM_SCAN_CHECK_WPASYNC (1ull << 1)
 #define DX_PAGE_IS_WRITTEN (1ull << 1)
 #define DX_PAGE_IS_PRESENT (1ull << 3)
+#define DX_PAGE_IS_SWAPPED (1ull << 4)
 
 #ifndef SYS_pidfd_open
 #define SYS_pidfd_open 434
@@ -50,7 +51,7 @@ struct dx_pm_scan_arg {
 
 #if defined(__x86_64__)
 
-#define MAX_PARKED 16
+#define MAX_PARKED 256
 typedef struct {
     int n;
     int sig[MAX_PARKED];
@@ -267,7 +268,10 @@ ptrdiff_t dx_scan_written(int fd, uint64_t start, uint64_t end, int reprotect,
         a.vec = (uint64_t)(uintptr_t)vec;
         a.vec_len = SCAN_VEC;
         a.category_mask = DX_PAGE_IS_WRITTEN;
-        a.return_mask = DX_PAGE_IS_WRITTEN;
+        /* not WRITTEN alone: with exactly WRITTEN in both masks the kernel takes a fast
+         * path that counts empty page-table entries as written and puts a uffd-wp marker
+         * in each (pagemap then shows them as swapped pages, which they are not) */
+        a.return_mask = DX_PAGE_IS_WRITTEN | DX_PAGE_IS_PRESENT | DX_PAGE_IS_SWAPPED;
         int n = ioctl(fd, DX_PAGEMAP_SCAN, &a);
         if (n < 0) return -errno;
         for (int i = 0; i < n; i++) {

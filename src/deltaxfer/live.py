@@ -18,6 +18,7 @@ from deltaxfer.core import procmem
 from deltaxfer.criu import images as im
 from deltaxfer.criu.dumpdir import DumpDir
 from deltaxfer.source import SourceImage
+from deltaxfer.tracking import Tracking, clean_mask
 
 
 class LiveError(RuntimeError):
@@ -84,9 +85,11 @@ def process_tree(root: int) -> list[Task]:
 @dataclass
 class Snapshot:
     images: list[SourceImage]
-    bytes_read: int
+    bytes_read: int          # memory of the tree (pages in its images)
     bytes_failed: int
     seconds: float
+    pages_read: int = 0      # pages actually copied out of the processes
+    written_pages: int = 0   # reported written by tracking (None-tracked processes: 0)
 
 
 def _pagemap_of_runs(run_v: array, run_l: array, flags: int) -> im.Pagemap:
@@ -134,6 +137,30 @@ def read_runs(pid: int, run_v: array, run_l: array, view: memoryview) -> tuple[l
     return failed, bad
 
 
+def read_masked(pid: int, vaddrs: array, clean, view: memoryview) -> tuple[int, int]:
+    """Read the pages of vaddrs not marked clean into their slots of view, on several
+    threads when there is much to read. Returns (pages read, pages failed)."""
+    global _readers
+    n = len(vaddrs)
+    todo = n - (clean.count(1) if clean is not None else 0)
+    if READ_THREADS < 2 or todo * PAGE_SIZE < (64 << 20):
+        return _core.read_pages_masked(pid, vaddrs, clean, view)
+    if _readers is None:
+        from concurrent.futures import ThreadPoolExecutor
+        _readers = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="deltaxfer-read")
+    cuts = [n * k // READ_THREADS for k in range(READ_THREADS + 1)]
+    futures = [_readers.submit(_core.read_pages_masked, pid, vaddrs[a:b],
+                               None if clean is None else memoryview(clean)[a:b],
+                               view[a * PAGE_SIZE:b * PAGE_SIZE])
+               for a, b in zip(cuts, cuts[1:]) if b > a]
+    got = failed = 0
+    for f in futures:
+        g, bad = f.result()
+        got += g
+        failed += bad
+    return got, failed
+
+
 def _buffer(buffers: dict | None, image_id: str, size: int) -> bytearray:
     """A buffer of at least ``size`` bytes for an image, reused between rounds: memory
     touched for the first time costs page faults and zeroing (~1 s per GiB here), which
@@ -147,15 +174,20 @@ def _buffer(buffers: dict | None, image_id: str, size: int) -> bytearray:
     return buf
 
 
-def snapshot_tree(tasks: list[Task], buffers: dict | None = None) -> Snapshot:
+def snapshot_tree(tasks: list[Task], buffers: dict | None = None,
+                  tracking: Tracking | None = None, held: dict | None = None) -> Snapshot:
     """Read every present private anonymous page of every task, without freezing them.
 
     ``buffers`` (image id -> bytearray) are reused between rounds to avoid faulting in
-    fresh memory each time."""
+    fresh memory each time. With ``tracking`` (and ``held``, what the destination holds
+    per image), only the pages written since the last round — or not tracked, or not
+    held — are read; the others are marked clean in their image."""
     t0 = time.monotonic()
-    images, read, failed = [], 0, 0
+    images, read, failed, pages_read, written = [], 0, 0, 0, 0
     for task in tasks:
         try:
+            # the scan (which re-protects what it reports) comes before the reads
+            scan = tracking.scan(task.host_pid) if tracking is not None else None
             run_v, run_l = procmem.criu_runs(task.host_pid)
         except (ProcessLookupError, OSError) as e:
             if task.host_pid == tasks[0].host_pid or not _alive(task.host_pid):
@@ -167,21 +199,34 @@ def snapshot_tree(tasks: list[Task], buffers: dict | None = None) -> Snapshot:
         image_id = f"pid-{task.ns_pid}"
         buf = _buffer(buffers, image_id, total)
         view = memoryview(buf)[:total]
-        bad, bad_bytes = read_runs(task.host_pid, run_v, run_l, view)
+        vaddrs = _core.run_page_vaddrs(run_v, run_l)
+        h = held.get(image_id) if held else None
+        clean = clean_mask(vaddrs, scan, h.vaddrs if h is not None else None)
+        if clean is None:
+            bad, bad_bytes = read_runs(task.host_pid, run_v, run_l, view)
+            pages_read += len(vaddrs)
+        else:
+            got, bad_pages = read_masked(task.host_pid, vaddrs, clean, view)
+            bad_bytes = bad_pages * PAGE_SIZE
+            pages_read += got
+        if scan is not None:
+            written += scan.written_pages
         read += total
         failed += bad_bytes
         images.append(SourceImage(image_id, _pagemap_of_runs(run_v, run_l, im.PE_PRESENT),
-                                  view, _core.run_page_vaddrs(run_v, run_l)))
-    return Snapshot(images, read, failed, time.monotonic() - t0)
+                                  view, vaddrs, clean))
+    return Snapshot(images, read, failed, time.monotonic() - t0, pages_read, written)
 
 
-def frozen_images(dump: DumpDir, tasks: list[Task], buffers: dict | None = None
+def frozen_images(dump: DumpDir, tasks: list[Task], buffers: dict | None = None,
+                  tracking: Tracking | None = None, held: dict | None = None
                   ) -> tuple[list[SourceImage], list, int]:
     """The final round's memory images from a (lazy) dump of the frozen tree: LAZY-only
     entries are read from the frozen processes, PRESENT ones from the pages files.
     ``buffers`` are the live rounds' (reused: touching fresh memory inside the freeze
     costs page faults). Returns (images, opened MemoryImages to close, bytes read from
-    process memory)."""
+    process memory). With ``tracking``, lazy pages not written since the last round (and
+    held by the destination) are not read: they are marked clean."""
     host = {t.ns_pid: t.host_pid for t in tasks}
     images, opened, from_memory = [], [], 0
     for name in sorted(os.listdir(dump.path)):
@@ -208,6 +253,35 @@ def frozen_images(dump: DumpDir, tasks: list[Task], buffers: dict | None = None
         entries = [e for e in mem.pagemap.entries if e.present or e.flags & im.PE_LAZY]
         total = sum(e.nr_pages for e in entries) * PAGE_SIZE
         buf = view = memoryview(_buffer(buffers, image_id, total))[:total]
+        pm = im.Pagemap(0, [im.PagemapEntry(e.vaddr, e.nr_pages, e.flags | im.PE_PRESENT)
+                            for e in entries])
+        vaddrs = pm.present_vaddrs()
+        scan = tracking.scan(pid) if tracking is not None else None
+        h = held.get(image_id) if held else None
+        clean = clean_mask(vaddrs, scan, h.vaddrs if h is not None else None)
+        if clean is not None:
+            # pages from the pages file are never clean (their bytes come from the file)
+            # and not read from memory
+            skip = bytearray(clean)
+            at = 0
+            for e in entries:
+                if e.present:
+                    clean[at:at + e.nr_pages] = bytes(e.nr_pages)
+                    skip[at:at + e.nr_pages] = b"\x01" * e.nr_pages
+                at += e.nr_pages
+            got, bad = read_masked(pid, vaddrs, skip, view)
+            if bad:
+                raise LiveError(f"could not read {bad} pages of frozen pid {pid}'s memory")
+            at = file_at = 0
+            for e in entries:
+                n = e.nr_pages * PAGE_SIZE
+                if e.present:
+                    buf[at:at + n] = mem.pages[file_at:file_at + n]
+                    file_at += n
+                at += n
+            from_memory += got * PAGE_SIZE
+            images.append(SourceImage(image_id, pm, view, vaddrs, clean))
+            continue
         at = file_at = 0
         group_at, run_v, run_l = 0, array("Q"), array("Q")
 
@@ -235,7 +309,5 @@ def frozen_images(dump: DumpDir, tasks: list[Task], buffers: dict | None = None
                 run_l.append(n)
             at += n
         read_group()
-        pm = im.Pagemap(0, [im.PagemapEntry(e.vaddr, e.nr_pages, e.flags | im.PE_PRESENT)
-                            for e in entries])
-        images.append(SourceImage(image_id, pm, view, pm.present_vaddrs()))
+        images.append(SourceImage(image_id, pm, view, vaddrs))
     return images, opened, from_memory

@@ -34,6 +34,8 @@ from deltaxfer.live import LiveError, _alive, frozen_images, process_tree, snaps
 from deltaxfer.policy import Convergence, RoundMeasure
 from deltaxfer.send import receive_state, send_files, send_round
 from deltaxfer.source import Pipeline
+from deltaxfer.tracking import Tracking
+from deltaxfer.tracking import support as tracking_support
 from deltaxfer.wire import MsgType
 
 from deltaxfer.hook import AGENT_ENV, LAZY_PORT_ENV, TIMEOUT_ENV
@@ -60,6 +62,7 @@ class Options:
     lazy_port: int = 0
     freeze_timeout: float | None = None   # default: 15 s + 2 s per GiB of memory
     round_timeout: float = 120.0           # a live round that takes longer: give up
+    tracking: str = "auto"           # written-page tracking: auto (if the kernel can), on, off
     progress: object = None          # callable(str) for the per-round line
 
 
@@ -80,6 +83,7 @@ class Report:
     wire_bytes_sent: int = 0
     destination_path: str | None = None
     restored_pid: int | None = None
+    tracking: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -117,6 +121,23 @@ class Agent:
         self.confirmed = False      # the destination runs the process (or holds the images)
         self.frozen_tasks = []
         self.final_result: asyncio.Future | None = None
+        self.tracking: Tracking | None = None
+
+    def start_tracking(self) -> None:
+        """Written-page tracking when asked for and the kernel can (else content hashing,
+        and the report says why)."""
+        mode = self.opts.tracking
+        if mode == "off":
+            self.report.tracking = {"mode": "hashing", "reason": "--tracking off"}
+            return
+        why = tracking_support()
+        if why:
+            if mode == "on":
+                raise MigrationError(f"--tracking on: written-page tracking is not "
+                                     f"available here: {why}")
+            self.report.tracking = {"mode": "hashing", "reason": why}
+            return
+        self.tracking = Tracking()
 
     # -- live rounds -------------------------------------------------------------------------
     def _caches_for(self, images):
@@ -132,7 +153,7 @@ class Agent:
             tasks = process_tree(self.pid)
             t_read = time.monotonic()
             snap = await loop.run_in_executor(self.pipeline.pool, snapshot_tree, tasks,
-                                              self.buffers)
+                                              self.buffers, self.tracking, self.held)
             self.round_no += 1
             self.memory_bytes = snap.bytes_read
             try:
@@ -154,6 +175,8 @@ class Agent:
             rec = {"round": self.round_no, "live": True, "pages": rs.pages, "changed": changed,
                    "sent_full": c["sent_full"], "sent_xor": c["sent_xor"],
                    "sent_zero": c["sent_zero"], "removed": rs.removed,
+                   "written_pages": snap.written_pages, "read_pages": snap.pages_read,
+                   "skipped": c["skipped"],
                    "wire_bytes": c["stored_bytes"], "read_seconds": round(snap.seconds, 6),
                    "seconds": round(m.seconds, 6),
                    "bandwidth_MBps": (c["stored_bytes"] / max(m.seconds - snap.seconds, 1e-6)
@@ -233,7 +256,8 @@ class Agent:
         dump = DumpDir.open(self.dump_dir)
         tasks = self.frozen_tasks = process_tree(self.pid)
         images, opened, from_memory = await loop.run_in_executor(
-            self.pipeline.pool, frozen_images, dump, tasks, self.buffers)
+            self.pipeline.pool, frozen_images, dump, tasks, self.buffers, self.tracking,
+            self.held)
         f["read_memory"] = round(time.monotonic() - t, 6)
         f["read_bytes"] = from_memory
         try:
@@ -248,6 +272,7 @@ class Agent:
                 "round": self.round_no, "live": False, "pages": rs.pages,
                 "changed": c["changed"] + c["added"], "sent_full": c["sent_full"],
                 "sent_xor": c["sent_xor"], "sent_zero": c["sent_zero"], "removed": rs.removed,
+                "read_pages": from_memory // PAGE_SIZE, "skipped": c["skipped"],
                 "wire_bytes": c["stored_bytes"], "seconds": round(rs.seconds, 6)})
             t = time.monotonic()
             names = [n for n in sorted(os.listdir(self.dump_dir))
@@ -329,6 +354,7 @@ class Agent:
         self.work = tempfile.mkdtemp(prefix="deltaxfer-migrate-", dir=self.opts.work_dir)
         os.chmod(self.work, 0o700)
         try:
+            self.start_tracking()
             await self.begin_session()
             await self.live_rounds()
             rc = await self.freeze_and_push()
@@ -369,6 +395,10 @@ class Agent:
                 self.report.wire_bytes_sent = self.conn.stats["bytes_out"]
                 self.conn.close()
             self.pipeline.close()
+            if self.tracking is not None:
+                # releases the write-protection: the source (if it runs on) is as before
+                self.tracking.close()
+                self.report.tracking = self.tracking.summary()
             shutil.rmtree(self.work, ignore_errors=True)
             self.report.total_seconds = round(time.monotonic() - t0, 6)
             self.report.cpu_seconds = round(time.process_time() - cpu0, 6)

@@ -23,16 +23,19 @@ from deltaxfer.store import image_id_of
 
 SLICE_PAGES = 16384          # 64 MiB of pages per encode call: bounded memory, pipelined
 _STAT_KEYS = ("scanned", "zero", "unchanged", "changed", "added", "sent_zero", "sent_xor",
-              "sent_full", "raw_bytes", "stored_bytes", "frames")
+              "sent_full", "raw_bytes", "stored_bytes", "frames", "skipped")
 
 
 @dataclass
 class SourceImage:
-    """One memory image to send: its pagemap, its pages (one buffer) and their vaddrs."""
+    """One memory image to send: its pagemap, its pages (one buffer) and their vaddrs.
+    ``clean`` (one byte per page, optional): pages known unchanged since the destination's
+    copy (written-page tracking); their bytes in ``pages`` were not read."""
     image_id: str
     pagemap: im.Pagemap
     pages: memoryview
     vaddrs: array
+    clean: bytearray | None = None
 
 
 @dataclass
@@ -106,6 +109,8 @@ def encode_slices(img: SourceImage, held: Held | None, *, xor: bool, compress: b
             kwargs = dict(prev_vaddrs=held.vaddrs[plo:phi], prev_hashes=held.hashes[plo:phi])
             if held.base is not None and xor:
                 kwargs["base_pages"] = held.base[plo * PAGE_SIZE:phi * PAGE_SIZE]
+        if img.clean is not None:
+            kwargs["clean"] = memoryview(img.clean)[lo:hi]
         frames, hashes, stats = _core.encode_round(
             img.pages[lo * PAGE_SIZE:hi * PAGE_SIZE], vaddrs, xor=xor, compress=compress,
             cache=cache, **kwargs)

@@ -209,3 +209,59 @@ def clean_mask(vaddrs: array, scan: Scan, held_vaddrs: array | None) -> bytearra
         return None
     return _core.clean_mask(vaddrs, scan.tracked_starts, scan.tracked_ends,
                             scan.written_starts, scan.written_ends, held_vaddrs)
+
+
+class Tracking:
+    """Tracking for every process of a tree, armed on first sight of each; a process
+    that cannot be armed falls back to content hashing (and says why)."""
+
+    def __init__(self):
+        self.trackers: dict[int, ProcessTracker] = {}
+        self.failed: dict[int, str] = {}
+        self.scans = 0
+        self.scan_seconds = 0.0
+
+    def scan(self, pid: int) -> Scan | None:
+        if pid in self.failed:
+            return None
+        t = self.trackers.get(pid)
+        if t is None:
+            t = ProcessTracker(pid)
+            try:
+                t.arm()
+            except TrackingUnavailable as e:
+                self.failed[pid] = str(e)
+                return None
+            self.trackers[pid] = t
+        try:
+            s = t.scan()
+        except ProcessLookupError:
+            raise
+        except OSError as e:
+            if not os.path.exists(f"/proc/{pid}"):
+                raise ProcessLookupError(f"process {pid} no longer exists") from None
+            self.failed[pid] = f"scan failed: {e}"
+            t.close()
+            del self.trackers[pid]
+            return None
+        self.scans += 1
+        self.scan_seconds += s.seconds
+        return s
+
+    def close(self) -> None:
+        for t in self.trackers.values():
+            t.close()
+
+    def summary(self) -> dict:
+        untracked = {}
+        for pid, t in self.trackers.items():
+            for (a, b), why in t.untracked_reasons.items():
+                untracked[f"{pid}:{a:#x}-{b:#x}"] = why
+        return {"mode": "uffd-wp" if self.trackers else "hashing",
+                "armed": sorted(self.trackers), "not_armed": {str(k): v for k, v in
+                                                            self.failed.items()},
+                "arm_seconds": round(sum(t.armed_seconds for t in self.trackers.values()), 6),
+                "signals_requeued": sum(t.inject.get("signals_requeued", 0)
+                                        for t in self.trackers.values()),
+                "untracked_vmas": untracked, "scans": self.scans,
+                "scan_seconds": round(self.scan_seconds, 6)}
