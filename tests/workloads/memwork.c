@@ -23,6 +23,7 @@
  * Result protocol (PATH is always replaced atomically: PATH.tmp + rename):
  *   at start, once memory is filled:  READY pages=... mib=... seed=... pid=...
  *   SIGUSR1 -> verify every page:     OK pages=<n> checked=<n> mutations=<m> pid=<p>
+ *                                     maxgap_us=<g>
  *                                     BAD page=<i> vaddr=0x... ... (first bad pages)
  *   SIGUSR2 ->                        REGION start=0x... pages=N seed=S page_size=P
  *   SIGTERM -> exit(0)  (as PID 1 of its namespace, only handled signals reach it)
@@ -214,6 +215,10 @@ static void mutate_one(void)
     mutations++;
 }
 
+/* The longest time between two turns of the main loop, as the workload's own clock saw
+ * it (verification excluded): the pause a migration caused it, freeze to running again. */
+static double max_gap_s;
+
 static void verify(void)
 {
     uint64_t *buf = aligned_alloc(64, page_size);
@@ -266,8 +271,8 @@ static void verify(void)
                      " pages=%zu checked=%zu pid=%d",
                      vsum, mutations, npages, checked, (int)getpid());
     } else {
-        write_result("OK pages=%zu checked=%zu mutations=%" PRIu64 " pid=%d", npages, checked,
-                     mutations, (int)getpid());
+        write_result("OK pages=%zu checked=%zu mutations=%" PRIu64 " pid=%d maxgap_us=%.0f",
+                     npages, checked, mutations, (int)getpid(), max_gap_s * 1e6);
     }
 }
 
@@ -359,13 +364,19 @@ int main(int argc, char **argv)
     const double pages_per_s = rate * 1048576.0 / (double)page_size;
     double t0 = now_s();
     uint64_t done = 0; /* mutations since t0 */
+    double last_turn = t0;
 
     for (;;) {
+        double turn = now_s();
+        if (turn - last_turn > max_gap_s)
+            max_gap_s = turn - last_turn;
+        last_turn = turn;
         if (want_exit)
             return 0;
         if (want_verify) {
             want_verify = 0;
             verify();
+            last_turn = now_s();
         }
         if (want_region) {
             want_region = 0;
