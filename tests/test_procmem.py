@@ -1,5 +1,6 @@
 """Reading a live child process's memory: process_vm_readv runs, short reads when a page
 is unmapped meanwhile, pagemap runs of present pages; C core and Python reference."""
+import os
 import subprocess
 import sys
 from array import array
@@ -164,3 +165,38 @@ def test_parse_maps():
     picked = [v.path for v in vmas if v.private_writable_anonymous]
     assert picked == ["[heap]", "", "[stack]"]
     assert vmas[0].start == 0x55D0C0000000 and vmas[0].end == 0x55D0C0021000
+
+
+def test_clean_mask_is_tracked_and_not_written_and_held():
+    from deltaxfer import _core
+    P = 4096
+    vaddrs = array("Q", [P * i for i in (1, 2, 3, 4, 5, 8, 9, 10, 20)])
+    tracked = (array("Q", [P * 1, P * 8]), array("Q", [P * 6, P * 11]))   # 1-5, 8-10
+    written = (array("Q", [P * 3, P * 9]), array("Q", [P * 4, P * 10]))   # 3, 9
+    held = array("Q", [P * i for i in (1, 2, 3, 5, 8, 9, 10, 20)])       # not 4
+    m = _core.clean_mask(vaddrs, *tracked, *written, held)
+    #          1  2  3  4  5  8  9  10 20
+    assert list(m) == [1, 1, 0, 0, 1, 1, 0, 1, 0]
+
+
+def test_read_pages_masked_reads_only_unmasked_pages_into_their_slots():
+    import ctypes
+    import mmap
+    from deltaxfer import _core
+    P = 4096
+    m = mmap.mmap(-1, 6 * P)
+    base = ctypes.addressof(ctypes.c_char.from_buffer(m))
+    for i in range(6):
+        m[i * P:(i + 1) * P] = bytes([i + 1]) * P
+    vaddrs = array("Q", [base + i * P for i in (0, 1, 2, 4, 5)])
+    clean = bytes([0, 1, 0, 0, 1])
+    buf = bytearray(b"\xee" * (5 * P))
+    got, failed = _core.read_pages_masked(os.getpid(), vaddrs, clean, buf)
+    assert (got, failed) == (3, 0)
+    assert [buf[i * P] for i in range(5)] == [1, 0xee, 3, 5, 0xee]
+    assert buf[2 * P:3 * P] == bytes([3]) * P
+    # a page unmapped meanwhile: zero-filled and counted, the rest still read
+    vaddrs2 = array("Q", [base, base + 100 * 2**30])
+    buf2 = bytearray(b"\xee" * (2 * P))
+    got, failed = _core.read_pages_masked(os.getpid(), vaddrs2, None, buf2)
+    assert (got, failed) == (2, 1) and buf2[0] == 1 and buf2[P:] == bytes(P)
