@@ -273,7 +273,8 @@ class Agent:
                 "changed": c["changed"] + c["added"], "sent_full": c["sent_full"],
                 "sent_xor": c["sent_xor"], "sent_zero": c["sent_zero"], "removed": rs.removed,
                 "read_pages": from_memory // PAGE_SIZE, "skipped": c["skipped"],
-                "wire_bytes": c["stored_bytes"], "seconds": round(rs.seconds, 6)})
+                "wire_bytes": c["stored_bytes"], "seconds": round(rs.seconds, 6),
+                "send_seconds": round(rs.send_seconds, 6)})
             t = time.monotonic()
             names = [n for n in sorted(os.listdir(self.dump_dir))
                      if not n.startswith(("pagemap-", "pages-")) and not n.endswith(".log")

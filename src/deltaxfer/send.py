@@ -92,6 +92,7 @@ async def send_round(conn, round_no: int, images: list[SourceImage], held: dict[
         stats.images += 1
         stats.pages += len(img.vaddrs)
     await conn.send_control(MsgType.ROUND_END, {"round": round_no})
+    stats.send_seconds = time.monotonic() - t0
     ok = await conn.recv_control(MsgType.ROUND_OK)
     stats.seconds = time.monotonic() - t0
     stats.wire_bytes = ok["bytes"]

@@ -61,6 +61,7 @@ class Receiver:
         loop = asyncio.get_running_loop()
         t0 = time.monotonic()
         records = {"zero": 0, "xor": 0, "full": 0}
+        flushes = []
         try:
             session = self.store.session(name)
             held = session.held()
@@ -126,6 +127,9 @@ class Receiver:
                             "bytes": conn.stats["bytes_in"]})
                         log.info("%s: session %s round %d complete: %d pages held", peer, name,
                                  done["round"], done["pages"])
+                        if begin["mode"] == "migrate":
+                            # while the source runs its next round (see Session.flush_held)
+                            flushes.append(loop.run_in_executor(None, session.flush_held))
                     elif t == MsgType.FILE:
                         files = files or session.begin_files()
                         files.begin(body["name"], body["size"], body["mode"])

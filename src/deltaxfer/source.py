@@ -53,6 +53,7 @@ class RoundStats:
     pages: int = 0
     removed: int = 0
     seconds: float = 0.0
+    send_seconds: float = 0.0   # until the last byte of the round was handed to the link
     wire_bytes: int = 0   # bytes the destination had received when it confirmed
     counts: dict = field(default_factory=lambda: dict.fromkeys(_STAT_KEYS, 0))
 
