@@ -1,12 +1,15 @@
 """Which migrations the benchmark runs: groups of (workload, link, methods), picked by
 ``DX_MATRIX``.
 
-* ``default`` (what ``make bench-migrate`` runs, ~40 min here with 3 repetitions):
-  every method on memwork 1 GiB dirtying 10 MiB/s on all four links (the issue's main
-  question, and the 1 and 10 Gbit/s goals); on the 1 Gbit/s link the size sweep (256 MiB,
-  4 GiB) and the dirty-rate sweep (0, 100 MiB/s) for deltaxfer and the disk-less
-  baselines (page-server; tar-lz4 too where a dump on disk still fits in seconds, i.e.
-  not at 4 GiB); the Python heap and redis with every method on the 1 Gbit/s link.
+* ``default`` (what ``make bench-migrate`` runs; 3 repetitions, 123 migrations, about
+  40 min on a quiet 2-core machine by the per-migration times seen here, more on a busy
+  one): memwork 1 GiB dirtying 10 MiB/s on all four links with deltaxfer and the three
+  baselines, plus deltaxfer's ablations (``--no-xor``, ``--no-lz4``) on the two shaped
+  links (the issue's main question, and the cells of its 1 and 10 Gbit/s goals); on the
+  1 Gbit/s link, the size sweep (256 MiB with deltaxfer, page-server and tar-lz4; 4 GiB
+  with deltaxfer and page-server) and the dirty-rate sweep (0 and 100 MiB/s, deltaxfer
+  and page-server, the goal's baseline); the Python heap (300k objects, ~210 MB, 5000
+  replaced/s) and redis (100k keys, ~150 MB) with every method on the 1 Gbit/s link.
 * ``smoke``: tiny sizes, every method on every link, every workload; one repetition.
 * ``ci``: what ``make test`` runs (``--benchmark-disable``): a 32 MiB memwork over the
   1 Gbit/s link, deltaxfer and page-server, nothing written.
@@ -21,13 +24,13 @@ from __future__ import annotations
 import re
 
 from migration_lab import LINKS, WorkloadSpec, memwork
-from migration_methods import METHODS
+from migration_methods import BASELINES, METHODS
 
 ALL = METHODS
 DISKLESS = ("deltaxfer", "page-server", "tar-lz4")
 WORKLOADS = {
-    "pyheap": WorkloadSpec("pyheap", "pyheap", objects=400_000, mutate=5000),
-    "redis": WorkloadSpec("redis", "redis", keys=200_000),
+    "pyheap": WorkloadSpec("pyheap", "pyheap", objects=300_000, mutate=5000),
+    "redis": WorkloadSpec("redis", "redis", keys=100_000),
     "pyheap-small": WorkloadSpec("pyheap-small", "pyheap", objects=20_000, mutate=2000),
     "redis-small": WorkloadSpec("redis-small", "redis", keys=5_000),
 }
@@ -63,10 +66,13 @@ def _join(groups) -> str:
     return ",".join(f"{w}@{l}:{'+'.join(m)}" for w, l, m in groups)
 
 
+NO_ABLATION = ("deltaxfer", *BASELINES)
+DX_PS = ("deltaxfer", "page-server")
 DEFAULT = _join(
-    [("mem1G-d10", link, ALL) for link in LINK_ORDER]
-    + [("mem256M-d10", "1gbit", DISKLESS), ("mem4G-d10", "1gbit", ("deltaxfer", "page-server")),
-       ("mem1G-d0", "1gbit", DISKLESS), ("mem1G-d100", "1gbit", DISKLESS),
+    [("mem1G-d10", link, NO_ABLATION) for link in ("lo", "veth")]
+    + [("mem1G-d10", link, ALL) for link in ("1gbit", "10gbit")]
+    + [("mem256M-d10", "1gbit", DISKLESS), ("mem4G-d10", "1gbit", DX_PS),
+       ("mem1G-d0", "1gbit", DX_PS), ("mem1G-d100", "1gbit", DX_PS),
        ("pyheap", "1gbit", ALL), ("redis", "1gbit", ALL)])
 SMOKE = _join([("mem32M-d10", link, ALL) for link in LINK_ORDER]
               + [("pyheap-small", "1gbit", ALL), ("redis-small", "1gbit", ALL)])

@@ -252,6 +252,19 @@ def _finish(ctx: Ctx, wl, method, t0, before, restore, restored, cpu_src, cpu_ds
             **breakdown}
 
 
+def _pipe_then_restore(ctx: Ctx, wl, method, t0, before, dump, pipe: ImagePipe, dst: Path,
+                       image_dir: Path, cpu_dst: float = 0.0) -> dict:
+    """After the dump: the image pipe, then the restore; `cpu_dst` adds what the
+    destination already spent (the page-server)."""
+    t_copy = time.monotonic()
+    sent, got = pipe.send()
+    copy_s = time.monotonic() - t_copy
+    restore, restored = criu_restore(ctx, dst)
+    return _finish(ctx, wl, method, t0, before, restore, restored, dump.cpu_s + sent.cpu_s,
+                   cpu_dst + got.cpu_s + restore.cpu_s, dump_s=dump.wall_s, copy_s=copy_s,
+                   restore_s=restore.wall_s, image_bytes=_dir_bytes(image_dir))
+
+
 RSYNCD_CONF = """use chroot = no
 [dx]
 path = {path}
@@ -314,14 +327,7 @@ def run_tar_lz4(ctx: Ctx, wl, tag: str, method: str = "tar-lz4") -> dict:
         before = link_counters(ctx.link)
         t0 = time.monotonic()
         dump = criu_dump(ctx, wl.pid, src)
-        t_copy = time.monotonic()
-        sent, got = pipe.send()
-        copy_s = time.monotonic() - t_copy
-        restore, restored = criu_restore(ctx, dst)
-        return _finish(ctx, wl, method, t0, before, restore, restored,
-                       dump.cpu_s + sent.cpu_s, got.cpu_s + restore.cpu_s,
-                       dump_s=dump.wall_s, copy_s=copy_s, restore_s=restore.wall_s,
-                       image_bytes=_dir_bytes(src))
+        return _pipe_then_restore(ctx, wl, method, t0, before, dump, pipe, dst, src)
     finally:
         pipe.close()
         shutil.rmtree(src, ignore_errors=True)
@@ -366,14 +372,8 @@ def run_page_server(ctx: Ctx, wl, tag: str, method: str = "page-server") -> dict
         if served.returncode:
             raise MethodFailed(f"criu page-server exit {served.returncode}: "
                                f"{log_errors(str(dst / 'page-server.log'))}")
-        t_copy = time.monotonic()
-        sent, got = pipe.send()
-        copy_s = time.monotonic() - t_copy
-        restore, restored = criu_restore(ctx, dst)
-        return _finish(ctx, wl, method, t0, before, restore, restored,
-                       dump.cpu_s + sent.cpu_s, served.cpu_s + got.cpu_s + restore.cpu_s,
-                       dump_s=dump.wall_s, copy_s=copy_s, restore_s=restore.wall_s,
-                       image_bytes=_dir_bytes(dst))
+        return _pipe_then_restore(ctx, wl, method, t0, before, dump, pipe, dst, dst,
+                                  cpu_dst=served.cpu_s)
     finally:
         if pipe is not None:
             pipe.close()
