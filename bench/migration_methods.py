@@ -3,8 +3,7 @@ link's source host to its destination host and returning what it measured.
 
 Every method returns ``downtime_s``, ``total_s``, ``wire_bytes`` (+ ``wire_bytes_fwd``),
 ``cpu_src_s``, ``cpu_dst_s``, ``rounds`` and ``verified`` (the restored copy checked its
-own memory / answered correctly), ``app_pause_s`` where the workload measures its own
-pause (memwork), plus its own breakdown. A method that did not move the
+own memory / answered correctly), plus its own breakdown. A method that did not move the
 workload, or whose restored copy fails its check, raises: a failure fails the run.
 
 * ``deltaxfer`` (and ``dx-noxor``, ``dx-nolz4``: the same with ``--no-xor`` / ``--no-lz4``):
@@ -85,12 +84,6 @@ def check_restored(wl, restored: int, method: str) -> dict:
     return res
 
 
-def app_pause(res: dict) -> dict:
-    """memwork's own longest pause (maxgap_us: the longest stretch its main loop did not
-    run, its checks excluded), i.e. the pause the migration caused as the application saw
-    it; absent for workloads that do not report one."""
-    return {"app_pause_s": res["maxgap_us"] / 1e6} if "maxgap_us" in res else {}
-
 
 # -- deltaxfer --------------------------------------------------------------------------------
 
@@ -134,7 +127,7 @@ def run_deltaxfer(ctx: Ctx, wl, tag: str, method: str) -> dict:
             "downtime_s": report["downtime"], "total_s": done.wall_s,
             "report_total_s": report["total_seconds"], **wire,
             "cpu_src_s": done.cpu_s, "cpu_dst_s": cpu_dst,
-            "rounds": len(rounds), "verified": res["ok"], **app_pause(res),
+            "rounds": len(rounds), "verified": res["ok"],
             "stream_bytes": report["wire_bytes_sent"],
             "tracking": report.get("tracking", {}).get("mode"),
             "predicted_downtime_s": report["predicted_downtime"],
@@ -258,7 +251,7 @@ def _finish(ctx: Ctx, wl, method, t0, before, restore, restored, cpu_src, cpu_ds
         raise MethodFailed(f"{method}: the source is {state}, not stopped by the dump")
     return {"downtime_s": restore.t_end - t0, "total_s": restore.t_end - t0, **wire,
             "cpu_src_s": cpu_src, "cpu_dst_s": cpu_dst, "rounds": 1, "verified": res["ok"],
-            **app_pause(res), **breakdown}
+            **breakdown}
 
 
 def _pipe_then_restore(ctx: Ctx, wl, method, t0, before, dump, pipe: ImagePipe, dst: Path,
