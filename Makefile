@@ -7,7 +7,7 @@ APT_PACKAGES := gcc make pkg-config liblz4-dev libxxhash-dev iproute2 util-linux
 CORE_SOURCES := $(wildcard ext/*.pyx ext/*.pxd ext/*.pxi ext/c/*.c ext/c/*.h) setup.py
 PYTEST_ARGS ?=
 
-.PHONY: all deps criu venv build test demo bench bench-compare clean distclean
+.PHONY: all deps criu venv build test demo bench bench-compare bench-migrate bench-deps clean distclean
 
 all: build
 
@@ -52,6 +52,28 @@ bench: deps criu build
 
 bench-compare: deps criu build
 	$(VENV)/bin/pytest -p no:cacheprovider bench --benchmark-only --benchmark-compare --benchmark-compare-fail=mean:25% $(PYTEST_ARGS)
+
+# The migration matrix (bench/bench_migrate.py): deltaxfer against rsync, criu page-server
+# and tar|lz4, written to docs/RESULTS.md, docs/results/ and the README's results table.
+# MATRIX=default|smoke|full|CELLS (bench/migration_matrix.py), REPS=N to override.
+BENCH_APT_PACKAGES := redis-server redis-tools lz4
+MATRIX ?= default
+bench-deps: .local/.bench-deps-ok
+.local/.bench-deps-ok: Makefile .local/.deps-ok
+	@missing=$$(for p in $(BENCH_APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "bench-deps: installing $$missing (no service is started: policy-rc.d)"; \
+		if [ "$$(id -u)" != 0 ]; then echo "bench-deps: run as root to install: $$missing" >&2; exit 1; fi; \
+		own=; [ -e /usr/sbin/policy-rc.d ] || { printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; chmod 755 /usr/sbin/policy-rc.d; own=1; }; \
+		DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; rc=$$?; \
+		[ -z "$$own" ] || rm -f /usr/sbin/policy-rc.d; [ $$rc = 0 ] || exit $$rc; \
+	fi
+	@touch $@
+
+bench-migrate: deps criu build bench-deps
+	DX_MATRIX=$(MATRIX) DX_MATRIX_OUT=docs $(if $(REPS),DX_MATRIX_REPS=$(REPS)) \
+		$(VENV)/bin/pytest -p no:cacheprovider bench/bench_migrate.py --benchmark-only -s $(PYTEST_ARGS)
 
 clean:
 	rm -rf build src/deltaxfer/_core*.so ext/_core.c $(VENV)/.core-built

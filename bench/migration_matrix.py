@@ -1,0 +1,89 @@
+"""Which migrations the benchmark runs: groups of (workload, link, methods), picked by
+``DX_MATRIX``.
+
+* ``default`` (what ``make bench-migrate`` runs; 3 repetitions, 123 migrations, about
+  40 min on a quiet 2-core machine by the per-migration times seen here, more on a busy
+  one): memwork 1 GiB dirtying 10 MiB/s on all four links with deltaxfer and the three
+  baselines, plus deltaxfer's ablations (``--no-xor``, ``--no-lz4``) on the two shaped
+  links (the issue's main question, and the cells of its 1 and 10 Gbit/s goals); on the
+  1 Gbit/s link, the size sweep (256 MiB with deltaxfer, page-server and tar-lz4; 4 GiB
+  with deltaxfer and page-server) and the dirty-rate sweep (0 and 100 MiB/s, deltaxfer
+  and page-server, the goal's baseline); the Python heap (300k objects, ~210 MB, 5000
+  replaced/s) and redis (100k keys, ~150 MB) with every method on the 1 Gbit/s link.
+* ``smoke``: tiny sizes, every method on every link, every workload; one repetition.
+* ``ci``: what ``make test`` runs (``--benchmark-disable``): a 32 MiB memwork over the
+  1 Gbit/s link, deltaxfer and page-server, nothing written.
+* ``full``: the cross product, memwork {256M, 1G, 4G} x {0, 10, 100} MiB/s x 4 links x
+  6 methods, plus pyheap and redis on every link (hours here).
+* otherwise a comma list of ``WORKLOAD@LINK`` (all methods) or
+  ``WORKLOAD@LINK:METHOD+METHOD``, workloads named as in ``WORKLOADS`` or
+  ``mem<SIZE>-d<RATE>`` (e.g. ``mem512M-d20@10gbit:deltaxfer+page-server``).
+"""
+from __future__ import annotations
+
+import re
+
+from migration_lab import LINKS, WorkloadSpec, memwork
+from migration_methods import BASELINES, METHODS
+
+ALL = METHODS
+DISKLESS = ("deltaxfer", "page-server", "tar-lz4")
+WORKLOADS = {
+    "pyheap": WorkloadSpec("pyheap", "pyheap", objects=300_000, mutate=5000),
+    "redis": WorkloadSpec("redis", "redis", keys=100_000),
+    "pyheap-small": WorkloadSpec("pyheap-small", "pyheap", objects=20_000, mutate=2000),
+    "redis-small": WorkloadSpec("redis-small", "redis", keys=5_000),
+}
+LINK_ORDER = ("lo", "veth", "1gbit", "10gbit")
+
+
+def workload(name: str) -> WorkloadSpec:
+    if name in WORKLOADS:
+        return WORKLOADS[name]
+    m = re.fullmatch(r"mem(\d+)([MG])-d(\d+(?:\.\d+)?)", name)
+    if not m:
+        raise ValueError(f"unknown workload {name!r}: {sorted(WORKLOADS)} or mem<N>[MG]-d<R>")
+    mib = int(m.group(1)) * (1024 if m.group(2) == "G" else 1)
+    return memwork(mib, float(m.group(3)))
+
+
+def _groups(spec: str) -> list[tuple[WorkloadSpec, str, tuple[str, ...]]]:
+    out = []
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        cell, _, methods = item.partition(":")
+        wname, _, link = cell.partition("@")
+        if link not in LINKS:
+            raise ValueError(f"{item}: unknown link {link!r}; links: {list(LINKS)}")
+        ms = tuple(methods.split("+")) if methods else ALL
+        bad = [m for m in ms if m not in METHODS]
+        if bad:
+            raise ValueError(f"{item}: unknown method(s) {bad}; methods: {list(METHODS)}")
+        out.append((workload(wname), link, ms))
+    return out
+
+
+def _join(groups) -> str:
+    return ",".join(f"{w}@{l}:{'+'.join(m)}" for w, l, m in groups)
+
+
+NO_ABLATION = ("deltaxfer", *BASELINES)
+DX_PS = ("deltaxfer", "page-server")
+DEFAULT = _join(
+    [("mem1G-d10", link, NO_ABLATION) for link in ("lo", "veth")]
+    + [("mem1G-d10", link, ALL) for link in ("1gbit", "10gbit")]
+    + [("mem256M-d10", "1gbit", DISKLESS), ("mem4G-d10", "1gbit", DX_PS),
+       ("mem1G-d0", "1gbit", DX_PS), ("mem1G-d100", "1gbit", DX_PS),
+       ("pyheap", "1gbit", ALL), ("redis", "1gbit", ALL)])
+SMOKE = _join([("mem32M-d10", link, ALL) for link in LINK_ORDER]
+              + [("pyheap-small", "1gbit", ALL), ("redis-small", "1gbit", ALL)])
+CI = "mem32M-d10@1gbit:deltaxfer+page-server"
+FULL = _join([(f"mem{s}-d{d}", link, ALL) for s in ("256M", "1G", "4G") for d in (0, 10, 100)
+              for link in LINK_ORDER]
+             + [(w, link, ALL) for w in ("pyheap", "redis") for link in LINK_ORDER])
+NAMED = {"default": DEFAULT, "smoke": SMOKE, "ci": CI, "full": FULL}
+REPS = {"default": 3, "smoke": 1, "ci": 1, "full": 3}
+
+
+def select(name: str) -> tuple[list, int]:
+    """(groups, default repetitions) of a matrix name or cell list."""
+    return _groups(NAMED.get(name, name)), REPS.get(name, 3)

@@ -1,0 +1,404 @@
+"""The migration methods the benchmark compares, each moving one fresh workload from the
+link's source host to its destination host and returning what it measured.
+
+Every method returns ``downtime_s``, ``total_s``, ``wire_bytes`` (+ ``wire_bytes_fwd``),
+``cpu_src_s``, ``cpu_dst_s``, ``rounds`` and ``verified`` (the restored copy checked its
+own memory / answered correctly), plus its own breakdown. A method that did not move the
+workload, or whose restored copy fails its check, raises: a failure fails the run.
+
+* ``deltaxfer`` (and ``dx-noxor``, ``dx-nolz4``: the same with ``--no-xor`` / ``--no-lz4``):
+  ``python -m deltaxfer serve --listen DEST:0 --key-file K --dir D --restore`` in the
+  destination namespace (started before the clock), ``python -m deltaxfer migrate PID
+  --to DEST:PORT --key-file K --report R`` in the source namespace. Downtime is the
+  report's ``downtime`` (the pre-dump hook, just before CRIU freezes the tree -> the
+  destination's copy runs); total is the command's wall time (start -> exit). Rounds: the
+  report's live rounds + the final one.
+* ``rsync`` (the seed's scheme): ``criu dump -t PID -D SRC --leave-stopped --shell-job``,
+  ``rsync -a --stats SRC/ rsync://DEST:PORT/dx/`` to an rsync daemon in the destination
+  namespace (started before the clock), ``criu restore -D DST -d --shell-job``.
+* ``page-server`` (CRIU's disk-less migration): ``criu page-server -D DST --port P`` in
+  the destination namespace (started and ready before the clock), ``criu dump
+  --page-server --address DEST --port P --leave-stopped`` (pages go straight to the
+  page-server), the remaining images (every file but logs) as ``tar | socket``, restore.
+* ``tar-lz4``: ``criu dump`` to a directory, then ``tar -c | lz4 -1 | socket`` into
+  ``socket | lz4 -d | tar -x`` in the destination namespace (the socket ends are a
+  small Python relay, listening before the clock), restore.
+
+For the CRIU baselines a plain dump freezes the tree at its start, so downtime = dump
+start -> ``criu restore -d`` returned (the restored tree runs), and total time is the same
+interval (the listeners started before the clock, as deltaxfer's serve). The frozen
+original is killed afterwards.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from migration_lab import (link_counters, link_delta, run_measured, tree_cpu, wait_gone,
+                           wait_measured)
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+import workloads  # noqa: E402
+from servers import ServeProcess  # noqa: E402
+
+METHODS = ("deltaxfer", "dx-noxor", "dx-nolz4", "rsync", "page-server", "tar-lz4")
+BASELINES = ("rsync", "page-server", "tar-lz4")
+
+
+class MethodFailed(AssertionError):
+    pass
+
+
+class Ctx:
+    """What every method needs: the link, a scratch directory, the key, the criu."""
+
+    def __init__(self, link, tmp: Path, key_file: str, criu, ports):
+        self.link, self.tmp, self.key_file, self.criu, self.ports = \
+            link, tmp, key_file, criu, ports
+
+    def src(self, argv):
+        return self.link.source.command(argv)
+
+    def dst(self, argv):
+        return self.link.dest.command(argv)
+
+
+def log_tail(path: Path, n: int = 3000) -> str:
+    try:
+        return path.read_text(errors="replace")[-n:]
+    except OSError:
+        return ""
+
+
+def check_restored(wl, restored: int, method: str) -> dict:
+    wl.adopt(restored)
+    res = wl.verify(pid=restored, timeout=600)
+    if not res["ok"]:
+        raise MethodFailed(f"{method}: the restored process {restored} failed its check: "
+                           f"{res.get('line', res)}")
+    return res
+
+
+
+# -- deltaxfer --------------------------------------------------------------------------------
+
+DX_FLAGS = {"deltaxfer": [], "dx-noxor": ["--no-xor"], "dx-nolz4": ["--no-lz4"]}
+
+
+def run_deltaxfer(ctx: Ctx, wl, tag: str, method: str) -> dict:
+    server = ServeProcess(ctx.tmp / f"serve-{tag}", ctx.key_file, host=ctx.link.dest.addr,
+                          prefix=ctx.dst([]), extra=["--restore"])
+    try:
+        report_path = ctx.tmp / f"report-{tag}.json"
+        err_path = ctx.tmp / f"migrate-{tag}.err"
+        cpu_dst0 = tree_cpu(server.proc.pid)
+        before = link_counters(ctx.link)
+        with open(err_path, "wb") as err:
+            done = run_measured(ctx.src(
+                [sys.executable, "-m", "deltaxfer", "migrate", str(wl.pid),
+                 "--to", f"{server.host}:{server.port}", "--key-file", ctx.key_file,
+                 "--report", str(report_path), *DX_FLAGS[method]]), stderr=err)
+        wire = link_delta(before, link_counters(ctx.link))
+        if not report_path.exists():
+            raise MethodFailed(f"{method}: no report (exit {done.returncode}): "
+                               f"{log_tail(err_path)}\nserve: {server.log()[-2000:]}")
+        report = json.loads(report_path.read_text())
+        if report["outcome"] != "migrated":
+            raise MethodFailed(f"{method}: {report['outcome']}: {report.get('error')}\n"
+                               f"{log_tail(err_path)}\nserve: {server.log()[-2000:]}")
+        restored = report["restored_pid"]
+        res = check_restored(wl, restored, method)
+        # after the check, which faulted every page in: the lazy-pages daemon's work counts
+        cpu_dst = tree_cpu(server.proc.pid, exclude=[restored]) - cpu_dst0
+        if not wait_gone(wl.pid):
+            raise MethodFailed(f"{method}: the source {wl.pid} is still there")
+        rounds = report["rounds"]
+        t, trace = 0.0, []
+        for r in rounds:
+            t += r["seconds"]
+            trace.append({"t": round(t, 4), "wire_bytes": r["wire_bytes"],
+                          "changed": r["changed"], "live": bool(r.get("live"))})
+        return {
+            "downtime_s": report["downtime"], "total_s": done.wall_s,
+            "report_total_s": report["total_seconds"], **wire,
+            "cpu_src_s": done.cpu_s, "cpu_dst_s": cpu_dst,
+            "rounds": len(rounds), "verified": res["ok"],
+            "stream_bytes": report["wire_bytes_sent"],
+            "tracking": report.get("tracking", {}).get("mode"),
+            "predicted_downtime_s": report["predicted_downtime"],
+            "stop_reason": report["stop_reason"],
+            "freeze": {k: v for k, v in report["freeze"].items() if isinstance(v, float)},
+            "round_trace": trace,
+        }
+    finally:
+        server.stop()
+
+
+# -- the CRIU baselines -----------------------------------------------------------------------
+
+# One end of a byte pipe over TCP: `recv HOST PORT READYFILE` listens, then copies the one
+# connection to stdout; `send HOST PORT` copies stdin to a connection.
+RELAY = r"""
+import os, socket, sys
+mode, host, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+buf = bytearray(1 << 20)
+if mode == "recv":
+    ls = socket.create_server((host, port))
+    open(sys.argv[4], "w").close()
+    conn, _ = ls.accept()
+    out = sys.stdout.buffer
+    while (n := conn.recv_into(buf)):
+        out.write(memoryview(buf)[:n])
+    out.flush()
+else:
+    s = socket.create_connection((host, port))
+    fd = sys.stdin.buffer.fileno()
+    while (n := os.readv(fd, [buf])):
+        s.sendall(memoryview(buf)[:n])
+    s.shutdown(socket.SHUT_WR)
+"""
+
+
+def _relay(mode: str, host: str, port: int, *extra: str) -> str:
+    import shlex
+
+    return " ".join(shlex.quote(x) for x in
+                    (sys.executable, "-c", RELAY, mode, host, str(port), *extra))
+
+
+def _wait_file(path: Path, proc: subprocess.Popen, what: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise MethodFailed(f"{what} did not start (exit {proc.poll()})")
+        time.sleep(0.01)
+
+
+class ImagePipe:
+    """`tar -c SRC [| lz4 -1] | socket` -> `socket [| lz4 -d] | tar -x -C DST`: the
+    receiving end is started (listening) by the constructor, before the clock."""
+
+    def __init__(self, ctx: Ctx, src: Path, dst: Path, *, lz4: bool, exclude=("*.log",)):
+        self.ctx, self.src, self.lz4 = ctx, src, lz4
+        self.exclude = [f"--exclude={x}" for x in exclude]
+        port = next(ctx.ports)
+        self.addr = (ctx.link.dest.addr, port)
+        ready = ctx.tmp / f"relay-{port}.ready"
+        unz = "lz4 -d -c |" if lz4 else ""
+        self.err = open(ctx.tmp / f"relay-{port}.err", "wb")
+        self.t0 = time.monotonic()
+        self.recv = subprocess.Popen(ctx.dst(
+            ["bash", "-c", f"set -o pipefail; {_relay('recv', *self.addr, str(ready))} | "
+                           f"{unz} tar -x -f - -C {dst}"]),
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self.err)
+        _wait_file(ready, self.recv, "the image receiver")
+
+    def send(self):
+        """(sender Done, receiver Done): both ends have finished."""
+        z = "lz4 -1 -c |" if self.lz4 else ""
+        sent = run_measured(self.ctx.src(
+            ["bash", "-c", f"set -o pipefail; tar -c -f - -C {self.src} "
+                           f"{' '.join(self.exclude)} . | {z} {_relay('send', *self.addr)}"]),
+            stderr=self.err)
+        got = wait_measured(self.recv, self.t0, timeout=900)
+        if sent.returncode or got.returncode:
+            self.err.flush()
+            raise MethodFailed(f"image pipe: sender exit {sent.returncode}, receiver exit "
+                               f"{got.returncode}: {log_tail(Path(self.err.name))}")
+        return sent, got
+
+    def close(self):
+        if self.recv.poll() is None:
+            self.recv.kill()
+            self.recv.wait()
+        self.err.close()
+
+
+def criu_dump(ctx: Ctx, pid: int, directory: Path, *extra: str):
+    from deltaxfer.criu.runner import log_errors
+
+    done = run_measured(ctx.src([ctx.criu.path, "dump", "-t", str(pid), "-D", str(directory),
+                                 "--leave-stopped", "--shell-job", "-o", "dump.log",
+                                 *extra]))
+    if done.returncode:
+        raise MethodFailed(f"criu dump: {log_errors(str(directory / 'dump.log'))}")
+    return done
+
+
+def criu_restore(ctx: Ctx, directory: Path):
+    from deltaxfer.criu.runner import log_errors
+
+    pidfile = directory / "restored.pid"
+    done = run_measured(ctx.dst([ctx.criu.path, "restore", "-D", str(directory), "-d",
+                                 "--shell-job", "--pidfile", str(pidfile),
+                                 "-o", "restore.log"]))
+    if done.returncode:
+        raise MethodFailed(f"criu restore: {log_errors(str(directory / 'restore.log'))}")
+    return done, int(pidfile.read_text().strip())
+
+
+def _finish(ctx: Ctx, wl, method, t0, before, restore, restored, cpu_src, cpu_dst,
+            **breakdown) -> dict:
+    wire = link_delta(before, link_counters(ctx.link))
+    res = check_restored(wl, restored, method)
+    state = workloads.proc_state(wl.pid)
+    if state not in ("T", "t"):
+        raise MethodFailed(f"{method}: the source is {state}, not stopped by the dump")
+    return {"downtime_s": restore.t_end - t0, "total_s": restore.t_end - t0, **wire,
+            "cpu_src_s": cpu_src, "cpu_dst_s": cpu_dst, "rounds": 1, "verified": res["ok"],
+            **breakdown}
+
+
+def _pipe_then_restore(ctx: Ctx, wl, method, t0, before, dump, pipe: ImagePipe, dst: Path,
+                       image_dir: Path, cpu_dst: float = 0.0) -> dict:
+    """After the dump: the image pipe, then the restore; `cpu_dst` adds what the
+    destination already spent (the page-server)."""
+    t_copy = time.monotonic()
+    sent, got = pipe.send()
+    copy_s = time.monotonic() - t_copy
+    restore, restored = criu_restore(ctx, dst)
+    return _finish(ctx, wl, method, t0, before, restore, restored, dump.cpu_s + sent.cpu_s,
+                   cpu_dst + got.cpu_s + restore.cpu_s, dump_s=dump.wall_s, copy_s=copy_s,
+                   restore_s=restore.wall_s, image_bytes=_dir_bytes(image_dir))
+
+
+RSYNCD_CONF = """use chroot = no
+[dx]
+path = {path}
+read only = false
+uid = root
+gid = root
+"""
+
+
+def run_rsync(ctx: Ctx, wl, tag: str, method: str = "rsync") -> dict:
+    src, dst = ctx.tmp / f"src-{tag}", ctx.tmp / f"dst-{tag}"
+    src.mkdir()
+    dst.mkdir()
+    conf = ctx.tmp / f"rsyncd-{tag}.conf"
+    conf.write_text(RSYNCD_CONF.format(path=dst))
+    port = next(ctx.ports)
+    url = f"rsync://{ctx.link.dest.addr}:{port}/dx/"
+    daemon = subprocess.Popen(ctx.dst(["rsync", "--daemon", "--no-detach", "--config",
+                                       str(conf), "--address", ctx.link.dest.addr,
+                                       "--port", str(port)]),
+                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while subprocess.run(ctx.src(["rsync", url]), capture_output=True).returncode:
+            if daemon.poll() is not None or time.monotonic() > deadline:
+                raise MethodFailed(f"rsync daemon did not start (exit {daemon.poll()})")
+            time.sleep(0.05)
+        cpu_d0 = tree_cpu(daemon.pid)
+        before = link_counters(ctx.link)
+        t0 = time.monotonic()
+        dump = criu_dump(ctx, wl.pid, src)
+        stats = ctx.tmp / f"rsync-{tag}.out"
+        with open(stats, "wb") as out:
+            copy = run_measured(ctx.src(["rsync", "-a", "--stats", "--exclude=*.log",
+                                         f"{src}/", url]), stdout=out, stderr=out)
+        if copy.returncode:
+            raise MethodFailed(f"rsync exit {copy.returncode}: {log_tail(stats)}")
+        restore, restored = criu_restore(ctx, dst)
+        time.sleep(0.05)    # let the daemon reap its connection's child
+        cpu_d = tree_cpu(daemon.pid) - cpu_d0
+        return _finish(ctx, wl, method, t0, before, restore, restored,
+                       dump.cpu_s + copy.cpu_s, cpu_d + restore.cpu_s,
+                       dump_s=dump.wall_s, copy_s=copy.wall_s, restore_s=restore.wall_s,
+                       image_bytes=_dir_bytes(src))
+    finally:
+        if daemon.poll() is None:
+            daemon.terminate()
+            daemon.wait()
+        shutil.rmtree(src, ignore_errors=True)
+        shutil.rmtree(dst, ignore_errors=True)
+
+
+def run_tar_lz4(ctx: Ctx, wl, tag: str, method: str = "tar-lz4") -> dict:
+    src, dst = ctx.tmp / f"src-{tag}", ctx.tmp / f"dst-{tag}"
+    src.mkdir()
+    dst.mkdir()
+    pipe = ImagePipe(ctx, src, dst, lz4=True)
+    try:
+        before = link_counters(ctx.link)
+        t0 = time.monotonic()
+        dump = criu_dump(ctx, wl.pid, src)
+        return _pipe_then_restore(ctx, wl, method, t0, before, dump, pipe, dst, src)
+    finally:
+        pipe.close()
+        shutil.rmtree(src, ignore_errors=True)
+        shutil.rmtree(dst, ignore_errors=True)
+
+
+def run_page_server(ctx: Ctx, wl, tag: str, method: str = "page-server") -> dict:
+    from deltaxfer.criu.runner import log_errors
+    import select
+
+    src, dst = ctx.tmp / f"src-{tag}", ctx.tmp / f"dst-{tag}"
+    src.mkdir()
+    dst.mkdir()
+    ps = pipe = None
+    try:
+        port = next(ctx.ports)
+        rfd, wfd = os.pipe()
+        try:
+            t_ps = time.monotonic()
+            ps = subprocess.Popen(ctx.dst(
+                [ctx.criu.path, "page-server", "-D", str(dst), "--port", str(port),
+                 "--address", ctx.link.dest.addr, "--status-fd", str(wfd),
+                 "-o", "page-server.log"]),
+                pass_fds=[wfd], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL)
+            os.close(wfd)
+            wfd = -1
+            r, _, _ = select.select([rfd], [], [], 30)
+            if not (r and os.read(rfd, 1) == b"\0"):
+                raise MethodFailed(f"criu page-server not ready: "
+                                   f"{log_tail(dst / 'page-server.log')}")
+        finally:
+            os.close(rfd)
+            if wfd >= 0:
+                os.close(wfd)
+        pipe = ImagePipe(ctx, src, dst, lz4=False)
+        before = link_counters(ctx.link)
+        t0 = time.monotonic()
+        dump = criu_dump(ctx, wl.pid, src, "--page-server", "--address",
+                         ctx.link.dest.addr, "--port", str(port))
+        served = wait_measured(ps, t_ps, timeout=300)
+        if served.returncode:
+            raise MethodFailed(f"criu page-server exit {served.returncode}: "
+                               f"{log_errors(str(dst / 'page-server.log'))}")
+        return _pipe_then_restore(ctx, wl, method, t0, before, dump, pipe, dst, dst,
+                                  cpu_dst=served.cpu_s)
+    finally:
+        if pipe is not None:
+            pipe.close()
+        if ps is not None and ps.poll() is None:
+            ps.kill()
+            ps.wait()
+        shutil.rmtree(src, ignore_errors=True)
+        shutil.rmtree(dst, ignore_errors=True)
+
+
+def _dir_bytes(d: Path) -> int:
+    return sum(p.stat().st_size for p in d.iterdir() if p.is_file() and p.suffix == ".img")
+
+
+RUNNERS = {"deltaxfer": run_deltaxfer, "dx-noxor": run_deltaxfer, "dx-nolz4": run_deltaxfer,
+           "rsync": run_rsync, "page-server": run_page_server, "tar-lz4": run_tar_lz4}
+
+
+def migrate(method: str, ctx: Ctx, spec, tag: str) -> dict:
+    """A fresh workload of `spec`, moved by `method`, checked on the destination; killed
+    (original and copy) afterwards."""
+    wl = spec.start(ctx.link, ctx.tmp)
+    try:
+        return RUNNERS[method](ctx, wl, tag, method)
+    finally:
+        wl.kill()
