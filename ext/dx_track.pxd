@@ -22,3 +22,6 @@ cdef extern from "track.h" nogil:
                          const uint64_t *held, size_t nheld, uint8_t *clean)
     ptrdiff_t dx_read_pages_masked(pid_t pid, const uint64_t *vaddrs, size_t n,
                                    const uint8_t *clean, uint8_t *buf, uint64_t *pages_failed)
+    ptrdiff_t dx_protect_unclean(int uffd, const uint64_t *vaddrs, size_t n,
+                                 const uint8_t *clean, const uint64_t *tr_starts,
+                                 const uint64_t *tr_ends, size_t ntr, size_t *failed)

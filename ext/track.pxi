@@ -168,3 +168,26 @@ def read_pages_masked(int pid, vaddrs, clean, buf):
     if got < 0:
         raise _os_error(got, f"reading the memory of process {pid}")
     return got, failed
+
+
+def protect_unclean(int uffd, vaddrs, clean, tracked_starts, tracked_ends):
+    """Write-protect the pages of vaddrs with clean == 0 (all when None) inside the tracked
+    ranges, before they are read. Returns (runs, runs refused)."""
+    cdef _Buffer vb = u64_buffer(vaddrs, "vaddrs")
+    cdef _Buffer tsb = u64_buffer(tracked_starts, "tracked_starts")
+    cdef _Buffer teb = u64_buffer(tracked_ends, "tracked_ends")
+    cdef size_t n = u64_len(vb), failed = 0
+    if u64_len(tsb) != u64_len(teb):
+        raise ValueError("range starts and ends differ in length")
+    cdef _Buffer cb
+    cdef const uint8_t *cp = NULL
+    if clean is not None:
+        cb = bytes_buffer(clean, "clean", False)
+        if cb.nbytes != n:
+            raise ValueError(f"clean has {cb.nbytes} bytes for {n} pages")
+        cp = cb.ptr
+    cdef ptrdiff_t runs
+    with nogil:
+        runs = dx_protect_unclean(uffd, u64_ptr(vb), n, cp, u64_ptr(tsb), u64_ptr(teb),
+                                  u64_len(tsb), &failed)
+    return runs, failed

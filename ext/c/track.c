@@ -380,3 +380,26 @@ int dx_uffd_create(int flags)
     int fd = (int)syscall(SYS_userfaultfd, flags);
     return fd >= 0 ? fd : -errno;
 }
+
+ptrdiff_t dx_protect_unclean(int uffd, const uint64_t *vaddrs, size_t n, const uint8_t *clean,
+                             const uint64_t *tr_starts, const uint64_t *tr_ends, size_t ntr,
+                             size_t *failed)
+{
+    size_t t = 0, i = 0;
+    ptrdiff_t runs = 0;
+    *failed = 0;
+    while (i < n) {
+        uint64_t v = vaddrs[i];
+        while (t < ntr && tr_ends[t] <= v) t++;
+        if ((clean && clean[i]) || t == ntr || tr_starts[t] > v) { i++; continue; }
+        size_t j = i + 1;
+        while (j < n && !(clean && clean[j]) && vaddrs[j] == vaddrs[j - 1] + DX_PAGE_SIZE
+               && vaddrs[j] < tr_ends[t])
+            j++;
+        if (dx_uffd_writeprotect(uffd, v, vaddrs[j - 1] + DX_PAGE_SIZE, 1) != 0)
+            (*failed)++;   /* left unprotected: reported written next time, never missed */
+        runs++;
+        i = j;
+    }
+    return runs;
+}

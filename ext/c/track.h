@@ -66,4 +66,11 @@ size_t dx_clean_mask(const uint64_t *vaddrs, size_t n,
 ptrdiff_t dx_read_pages_masked(pid_t pid, const uint64_t *vaddrs, size_t n,
                                const uint8_t *clean, uint8_t *buf, uint64_t *pages_failed);
 
+/* Write-protect again the pages about to be read (clean[i] == 0) that lie in tracked
+ * ranges, in runs; *failed counts runs the kernel refused (such pages stay unprotected,
+ * i.e. they will be reported written again). Returns the number of runs. */
+ptrdiff_t dx_protect_unclean(int uffd, const uint64_t *vaddrs, size_t n, const uint8_t *clean,
+                             const uint64_t *tr_starts, const uint64_t *tr_ends, size_t ntr,
+                             size_t *failed);
+
 #endif

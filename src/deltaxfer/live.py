@@ -202,6 +202,8 @@ def snapshot_tree(tasks: list[Task], buffers: dict | None = None,
         vaddrs = _core.run_page_vaddrs(run_v, run_l)
         h = held.get(image_id) if held else None
         clean = clean_mask(vaddrs, scan, h.vaddrs if h is not None else None)
+        if scan is not None:      # protect again what is about to be read, then read it
+            tracking.protect(task.host_pid, vaddrs, clean, scan)
         if clean is None:
             bad, bad_bytes = read_runs(task.host_pid, run_v, run_l, view)
             pages_read += len(vaddrs)

@@ -61,7 +61,6 @@ class Receiver:
         loop = asyncio.get_running_loop()
         t0 = time.monotonic()
         records = {"zero": 0, "xor": 0, "full": 0}
-        flushes = []
         try:
             session = self.store.session(name)
             held = session.held()
@@ -107,6 +106,7 @@ class Receiver:
                             raise StoreError("unexpected", "ROUND inside a round")
                         # optionally, a migration's final round links to the held pages
                         # instead of rewriting them (see Receiver._restore for the cost)
+                        final_round = bool(body["final"])
                         rnd = session.begin_round(
                             body["round"], begin["source"],
                             parent_linked=(self.parent_linked_final and body["final"]
@@ -121,15 +121,17 @@ class Receiver:
                     elif t == MsgType.ROUND_END:
                         self._need(rnd, "ROUND_END")
                         done = rnd.finish()
+                        if begin["mode"] == "migrate" and not final_round:
+                            # a live round: its writes go to disk before it is confirmed, so
+                            # that the final round's layout edit finds nothing to write out
+                            # (see Session.flush_held)
+                            await loop.run_in_executor(None, session.flush_held)
                         rnd = None
                         await conn.send_control(MsgType.ROUND_OK, {
                             "round": done["round"], "pages": done["pages"],
                             "bytes": conn.stats["bytes_in"]})
                         log.info("%s: session %s round %d complete: %d pages held", peer, name,
                                  done["round"], done["pages"])
-                        if begin["mode"] == "migrate":
-                            # while the source runs its next round (see Session.flush_held)
-                            flushes.append(loop.run_in_executor(None, session.flush_held))
                     elif t == MsgType.FILE:
                         files = files or session.begin_files()
                         files.begin(body["name"], body["size"], body["mode"])

@@ -300,8 +300,8 @@ class Session:
         return Round(self, round_no, source)
 
     def flush_held(self) -> None:
-        """Write the held pages files out to disk (call between rounds, off the protocol's
-        path): an in-place layout edit (fallocate INSERT/COLLAPSE_RANGE) first writes out
+        """Write the held pages files out to disk (after a migration's live round): an
+        in-place layout edit (fallocate INSERT/COLLAPSE_RANGE) first writes out
         every dirty page of the file from the edit on, so a migration's final round —
         whose page set usually differs by a page or two from the live rounds' (CRIU's own
         code page) — would otherwise wait there for the live rounds' writes."""

@@ -3,8 +3,8 @@
 The kernel tracks it for us once the process's memory is registered with a userfaultfd
 for asynchronous write-protection: a write to a protected page is resolved by the kernel
 itself (no monitor: if we die, the process runs on) and leaves the page unprotected;
-``PAGEMAP_SCAN`` on /proc/PID/pagemap lists the unprotected ("written") pages and
-protects them again in the same walk. The userfaultfd has to belong to the target's mm,
+``PAGEMAP_SCAN`` on /proc/PID/pagemap lists the unprotected ("written") pages; those
+about to be read are protected again (``UFFDIO_WRITEPROTECT``) before they are read. The userfaultfd has to belong to the target's mm,
 so it is created inside the target: one ``userfaultfd()`` system call run in one of its
 threads under ptrace (at a ``syscall`` instruction of its vDSO, registers saved and
 restored), taken over with ``pidfd_getfd`` and closed in the target. From then on
@@ -124,6 +124,7 @@ class ProcessTracker:
     armed_seconds: float = 0.0
     inject: dict = field(default_factory=dict)
     untracked_reasons: dict = field(default_factory=dict)
+    protect_failures: int = 0
 
     def arm(self) -> None:
         """Create the userfaultfd in the target and take it over. Raises
@@ -177,7 +178,10 @@ class ProcessTracker:
         vmas = [v for v in procmem.read_maps(self.pid) if eligible(v)]
         starts = array("Q", [v.start for v in vmas])
         ends = array("Q", [v.end for v in vmas])
-        ws, we, pages, failed = _core.scan_written(self.pagemap, starts, ends, True)
+        # no PM_SCAN_WP_MATCHING: protecting what the scan matches would also turn the
+        # empty entries it reports into uffd-wp markers, which pagemap (and CRIU) then
+        # count as swapped pages; the pages to be read are protected by protect() instead
+        ws, we, pages, failed = _core.scan_written(self.pagemap, starts, ends, False)
         failed = set(failed)
         ts, te = array("Q"), array("Q")
         registered = untracked = 0
@@ -190,6 +194,15 @@ class ProcessTracker:
             else:
                 untracked += 1
         return Scan(ts, te, ws, we, pages, registered, untracked, time.monotonic() - t0)
+
+    def protect(self, vaddrs: array, clean, scan: "Scan") -> None:
+        """Write-protect the pages about to be read (not clean) in the VMAs tracked by
+        ``scan`` — after the scan, before the read: a write after this is reported by the
+        next scan; one before it is read now."""
+        if len(scan.tracked_starts):
+            _, failed = _core.protect_unclean(self.uffd, vaddrs, clean, scan.tracked_starts,
+                                              scan.tracked_ends)
+            self.protect_failures += failed
 
     def close(self) -> None:
         """Release the registration (closing the only reference to the userfaultfd does;
@@ -247,6 +260,11 @@ class Tracking:
         self.scans += 1
         self.scan_seconds += s.seconds
         return s
+
+    def protect(self, pid: int, vaddrs: array, clean, scan: Scan) -> None:
+        t = self.trackers.get(pid)
+        if t is not None:
+            t.protect(vaddrs, clean, scan)
 
     def close(self) -> None:
         for t in self.trackers.values():

@@ -187,11 +187,19 @@ class Pagemap:
 
     def present_vaddrs(self) -> array:
         """The vaddr of every present page, in pagemap (= pages file) order."""
-        out = array("Q")
+        starts, lens = array("Q"), array("Q")
         for e in self.entries:
             if e.present:
-                out.extend(range(e.vaddr, e.end, PAGE_SIZE))
-        return out
+                starts.append(e.vaddr)
+                lens.append(e.nr_pages * PAGE_SIZE)
+        try:
+            from deltaxfer import _core
+        except ImportError:      # the pure-Python tools work without the compiled core
+            out = array("Q")
+            for v, n in zip(starts, lens):
+                out.extend(range(v, v + n, PAGE_SIZE))
+            return out
+        return _core.run_page_vaddrs(starts, lens)
 
     def coalesced(self) -> "Pagemap":
         """Merge entries that touch and share flags (CRIU restores coalesced maps fine)."""
