@@ -24,7 +24,8 @@ from pathlib import Path
 METHODS = ("deltaxfer", "dx-noxor", "dx-nolz4", "rsync", "page-server", "tar-lz4")
 BASELINES = ("rsync", "page-server", "tar-lz4")
 LINKS = ("lo", "veth", "1gbit", "10gbit")
-METRICS = ("downtime_s", "total_s", "wire_bytes", "cpu_src_s", "cpu_dst_s", "rounds")
+METRICS = ("downtime_s", "app_pause_s", "total_s", "wire_bytes", "cpu_src_s", "cpu_dst_s",
+           "rounds")
 GOAL_CELL = "mem1G-d10"
 README_BEGIN, README_END = "<!-- matrix-results:begin -->", "<!-- matrix-results:end -->"
 
@@ -63,7 +64,7 @@ def fmt(c, m):
         return f"{med / 1e6:.1f} ({lo / 1e6:.1f}–{hi / 1e6:.1f})"
     if m == "rounds":
         return f"{med:g}" if lo == hi else f"{med:g} ({lo:g}–{hi:g})"
-    if m == "downtime_s":
+    if m in ("downtime_s", "app_pause_s"):
         return f"{med:.3f} ({lo:.3f}–{hi:.3f})"
     return f"{med:.2f} ({lo:.2f}–{hi:.2f})"
 
@@ -78,15 +79,16 @@ def tables(cs: dict) -> list[str]:
             if (w, link) not in groups:
                 continue
             lines += [f"#### {w} over {link}", "",
-                      "| method | downtime s | total s | wire MB | CPU s source | "
+                      "| method | downtime s | app pause s | total s | wire MB | CPU s source | "
                       "CPU s destination | rounds | runs |",
-                      "|---|---|---|---|---|---|---|---|"]
+                      "|---|---|---|---|---|---|---|---|---|"]
             for method in METHODS:
                 c = cs.get((w, link, method))
                 if c is None:
                     continue
                 err = f", **{c['errors']} failed**" if c["errors"] else ""
-                lines.append(f"| {method} | {fmt(c, 'downtime_s')} | {fmt(c, 'total_s')} | "
+                lines.append(f"| {method} | {fmt(c, 'downtime_s')} | {fmt(c, 'app_pause_s')} | "
+                             f"{fmt(c, 'total_s')} | "
                              f"{fmt(c, 'wire_bytes')} | {fmt(c, 'cpu_src_s')} | "
                              f"{fmt(c, 'cpu_dst_s')} | {fmt(c, 'rounds')} | {c['n']}{err} |")
             lines.append("")
@@ -321,10 +323,11 @@ from `docs/results/matrix.json`.
 - **Downtime**: deltaxfer: the report's `downtime` (the pre-dump hook, just before CRIU
   freezes the tree → the destination's copy runs). Baselines: `criu dump` start (a plain
   dump freezes at once) → `criu restore -d` returned.
-- Not used: memwork's own longest pause (`maxgap_us`). CRIU restores a task that had its
-  own PID namespace into a new time namespace whose CLOCK_MONOTONIC offset hides the
-  time it was frozen (a copy restored 2 s after its dump showed `timens_offsets`
-  monotonic -3.95 s and a 52 ms longest pause), so the workload cannot see the pause.
+- **App pause** (memwork only): the longest gap between two turns of the workload's
+  main loop on CLOCK_REALTIME, read from the restored copy — freeze to running again as
+  the application saw it, the same measure for every method. (Not CLOCK_MONOTONIC: CRIU
+  restores a task that had its own PID namespace into a new time namespace whose
+  monotonic offset hides the time it was frozen; both hosts here share one clock.)
 - **Total time**: deltaxfer: `deltaxfer migrate` start → exit (live rounds included);
   baselines: the same interval as their downtime (they stop the process for all of it).
 - **Bytes on the wire**: kernel interface counters (`/proc/net/dev`), both directions,

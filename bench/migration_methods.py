@@ -75,6 +75,11 @@ def log_tail(path: Path, n: int = 3000) -> str:
         return ""
 
 
+def app_pause(res: dict) -> float | None:
+    """The longest pause the workload's own (real-time) clock saw: memwork only."""
+    return res["maxgap_us"] / 1e6 if "maxgap_us" in res else None
+
+
 def check_restored(wl, restored: int, method: str) -> dict:
     wl.adopt(restored)
     res = wl.verify(pid=restored, timeout=600)
@@ -127,7 +132,7 @@ def run_deltaxfer(ctx: Ctx, wl, tag: str, method: str) -> dict:
             "downtime_s": report["downtime"], "total_s": done.wall_s,
             "report_total_s": report["total_seconds"], **wire,
             "cpu_src_s": done.cpu_s, "cpu_dst_s": cpu_dst,
-            "rounds": len(rounds), "verified": res["ok"],
+            "rounds": len(rounds), "verified": res["ok"], "app_pause_s": app_pause(res),
             "stream_bytes": report["wire_bytes_sent"],
             "tracking": report.get("tracking", {}).get("mode"),
             "predicted_downtime_s": report["predicted_downtime"],
@@ -251,6 +256,7 @@ def _finish(ctx: Ctx, wl, method, t0, before, restore, restored, cpu_src, cpu_ds
         raise MethodFailed(f"{method}: the source is {state}, not stopped by the dump")
     return {"downtime_s": restore.t_end - t0, "total_s": restore.t_end - t0, **wire,
             "cpu_src_s": cpu_src, "cpu_dst_s": cpu_dst, "rounds": 1, "verified": res["ok"],
+            "app_pause_s": app_pause(res),
             **breakdown}
 
 
