@@ -19,12 +19,12 @@ time gcc -O3 -std=gnu11 -shared -fPIC -fno-strict-aliasing -I"$INC" -Iext -Iext/
 export PYTHONPATH=$PWD/src DELTAXFER_CRIU=$PWD/.local/criu/bin/criu
 $PY -c "from deltaxfer import _core, tracking; print(_core.lib_versions(), 'tracking:', tracking.support())"
 $DELTAXFER_CRIU --version; $DELTAXFER_CRIU check 2>&1 | tail -3
-timeout ${PIPE_T:-150} $PY bench/scale_pipeline.py --mib ${PIPE_MIB:-2048} --threads 1,2,4,8,16 \
+[ "${SKIP_PIPE:-0}" = 1 ] || timeout ${PIPE_T:-150} $PY bench/scale_pipeline.py --mib ${PIPE_MIB:-2048} --threads 1,2,4,8,16 \
     --json "$OUT/pipeline.json" > "$OUT/pipeline.log" 2>&1; echo "pipeline rc=$?"
 grep -E '"(GBps|x_1_thread|memcpy_GBps)"' "$OUT/pipeline.log" | tr -s ' ' | paste -sd ' '
 ulimit -n 1048576 2>/dev/null || ulimit -n 262144 2>/dev/null || ulimit -n 65536
 echo "nofile now $(ulimit -n)"
-timeout ${M8_T:-200} $PY bench/scale_migrate.py --mib ${M8_MIB:-8192} --modes on,off --json "$OUT/m8g.json" \
+timeout ${M8_T:-200} $PY bench/scale_migrate.py --mib ${M8_MIB:-8192} --modes ${M8_MODES:-on,off} --json "$OUT/m8g.json" \
     > "$OUT/m8g.log" 2>&1; echo "8G rc=$?"; cut -c1-600 "$OUT/m8g.log" | tail -4
 if [ "$(ulimit -n)" -lt 40000 ]; then
     echo "16G skipped: a lazy dump keeps ~2048 fds per GiB and open files are capped at $(ulimit -n)"
