@@ -92,15 +92,14 @@ class Snapshot:
     written_pages: int = 0   # reported written by tracking (None-tracked processes: 0)
 
 
-def _pagemap_of_runs(run_v: array, run_l: array, flags: int) -> im.Pagemap:
-    entries: list[im.PagemapEntry] = []
-    for v, n in zip(run_v, run_l):
-        if entries and entries[-1].end == v:
-            e = entries[-1]
-            entries[-1] = im.PagemapEntry(e.vaddr, e.nr_pages + n // PAGE_SIZE, flags)
-        else:
-            entries.append(im.PagemapEntry(v, n // PAGE_SIZE, flags))
-    return im.Pagemap(0, entries)
+def _pairs_of_runs(run_v: array, run_l: array, flags: int) -> array:
+    """PAGEMAP pairs (vaddr, nr_pages | flags << 32) of runs that are already maximal
+    (pagemap_runs merges touching pages), built without a Python object per run."""
+    n = len(run_v)
+    pairs = array("Q", bytes(16 * n))
+    pairs[0::2] = run_v
+    pairs[1::2] = array("Q", [ln // PAGE_SIZE | flags << 32 for ln in run_l])
+    return pairs
 
 
 READ_THREADS = min(4, os.cpu_count() or 1)
@@ -215,8 +214,8 @@ def snapshot_tree(tasks: list[Task], buffers: dict | None = None,
             written += scan.written_pages
         read += total
         failed += bad_bytes
-        images.append(SourceImage(image_id, _pagemap_of_runs(run_v, run_l, im.PE_PRESENT),
-                                  view, vaddrs, clean))
+        images.append(SourceImage(image_id, None, view, vaddrs, clean,
+                                  _pairs_of_runs(run_v, run_l, im.PE_PRESENT)))
     return Snapshot(images, read, failed, time.monotonic() - t0, pages_read, written)
 
 

@@ -51,6 +51,11 @@ async def receive_state(conn) -> tuple[dict, dict[str, Held]]:
     return state, held
 
 
+def image_pairs(img: SourceImage) -> array:
+    """The image's pagemap as (vaddr, nr_pages | flags << 32) pairs, as PAGEMAP carries."""
+    return img.pairs if img.pairs is not None else pagemap_pairs(img.pagemap)
+
+
 def pagemap_pairs(pm: im.Pagemap) -> array:
     out = array("Q")
     for e in pm.entries:
@@ -70,10 +75,11 @@ async def send_round(conn, round_no: int, images: list[SourceImage], held: dict[
     new_held: dict[str, Held] = {}
     await conn.send_control(MsgType.ROUND, {"round": round_no, "final": final})
     for index, img in enumerate(images):
+        pairs = image_pairs(img)
         await conn.send_control(MsgType.IMAGE, {"index": index, "id": img.image_id,
-                                                "entries": len(img.pagemap.entries),
+                                                "entries": len(pairs) // 2,
                                                 "pages": len(img.vaddrs)})
-        for payload in iter_pagemap(index, pagemap_pairs(img.pagemap)):
+        for payload in iter_pagemap(index, pairs):
             await conn.send(MsgType.PAGEMAP, payload)
         h = held.get(img.image_id)
         hashes = array("Q")

@@ -30,12 +30,15 @@ _STAT_KEYS = ("scanned", "zero", "unchanged", "changed", "added", "sent_zero", "
 class SourceImage:
     """One memory image to send: its pagemap, its pages (one buffer) and their vaddrs.
     ``clean`` (one byte per page, optional): pages known unchanged since the destination's
-    copy (written-page tracking); their bytes in ``pages`` were not read."""
+    copy (written-page tracking); their bytes in ``pages`` were not read. ``pairs``
+    (optional): the pagemap as PAGEMAP carries it, (vaddr, nr_pages | flags << 32) —
+    live rounds build only that."""
     image_id: str
-    pagemap: im.Pagemap
+    pagemap: im.Pagemap | None
     pages: memoryview
     vaddrs: array
     clean: bytearray | None = None
+    pairs: array | None = None
 
 
 @dataclass
