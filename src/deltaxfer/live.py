@@ -251,12 +251,23 @@ def frozen_images(dump: DumpDir, tasks: list[Task], buffers: dict | None = None,
         # one buffer in pagemap order: pages-file pages copied in, lazy pages read from the
         # frozen process straight into their places (each group of consecutive lazy
         # entries in one process_vm_readv batch)
-        entries = [e for e in mem.pagemap.entries if e.present or e.flags & im.PE_LAZY]
-        total = sum(e.nr_pages for e in entries) * PAGE_SIZE
+        # one pass over the entries: the pages (lazy + from the pages file) as runs, the
+        # PAGEMAP pairs, and where the pages-file runs go (tens of thousands of entries
+        # per GiB: nothing per entry beyond this loop)
+        starts, lens, pairs, from_file = array("Q"), array("Q"), array("Q"), []
+        at = 0
+        for e in mem.pagemap.entries:
+            if e.present or e.flags & im.PE_LAZY:
+                starts.append(e.vaddr)
+                lens.append(e.nr_pages * PAGE_SIZE)
+                pairs.append(e.vaddr)
+                pairs.append(e.nr_pages | (e.flags | im.PE_PRESENT) << 32)
+                if e.present:
+                    from_file.append((at, e.nr_pages))
+                at += e.nr_pages
+        total = at * PAGE_SIZE
         buf = view = memoryview(_buffer(buffers, image_id, total))[:total]
-        pm = im.Pagemap(0, [im.PagemapEntry(e.vaddr, e.nr_pages, e.flags | im.PE_PRESENT)
-                            for e in entries])
-        vaddrs = pm.present_vaddrs()
+        vaddrs = _core.run_page_vaddrs(starts, lens)
         scan = tracking.scan(pid) if tracking is not None else None
         h = held.get(image_id) if held else None
         clean = clean_mask(vaddrs, scan, h.vaddrs if h is not None else None)
@@ -264,25 +275,21 @@ def frozen_images(dump: DumpDir, tasks: list[Task], buffers: dict | None = None,
             # pages from the pages file are never clean (their bytes come from the file)
             # and not read from memory
             skip = bytearray(clean)
-            at = 0
-            for e in entries:
-                if e.present:
-                    clean[at:at + e.nr_pages] = bytes(e.nr_pages)
-                    skip[at:at + e.nr_pages] = b"\x01" * e.nr_pages
-                at += e.nr_pages
+            for at, n in from_file:
+                clean[at:at + n] = bytes(n)
+                skip[at:at + n] = b"\x01" * n
             got, bad = read_masked(pid, vaddrs, skip, view)
             if bad:
                 raise LiveError(f"could not read {bad} pages of frozen pid {pid}'s memory")
-            at = file_at = 0
-            for e in entries:
-                n = e.nr_pages * PAGE_SIZE
-                if e.present:
-                    buf[at:at + n] = mem.pages[file_at:file_at + n]
-                    file_at += n
-                at += n
+            file_at = 0
+            for at, n in from_file:
+                buf[at * PAGE_SIZE:(at + n) * PAGE_SIZE] = \
+                    mem.pages[file_at * PAGE_SIZE:(file_at + n) * PAGE_SIZE]
+                file_at += n
             from_memory += got * PAGE_SIZE
-            images.append(SourceImage(image_id, pm, view, vaddrs, clean))
+            images.append(SourceImage(image_id, None, view, vaddrs, clean, pairs))
             continue
+        entries = [e for e in mem.pagemap.entries if e.present or e.flags & im.PE_LAZY]
         at = file_at = 0
         group_at, run_v, run_l = 0, array("Q"), array("Q")
 
@@ -310,5 +317,5 @@ def frozen_images(dump: DumpDir, tasks: list[Task], buffers: dict | None = None,
                 run_l.append(n)
             at += n
         read_group()
-        images.append(SourceImage(image_id, pm, view, vaddrs))
+        images.append(SourceImage(image_id, None, view, vaddrs, None, pairs))
     return images, opened, from_memory
