@@ -283,3 +283,36 @@ def test_traced_process_falls_back_with_the_reason(tmp_path):
         tracer.wait()
         p.kill()
         p.wait()
+
+
+@needs_kernel
+def test_a_failed_injection_leaves_the_target_as_it_was(tmp_path):
+    """userfaultfd() fails inside the target (no free fd under its RLIMIT_NOFILE): arming
+    says so, and the target runs on with the same fds, answering as before."""
+    prog = textwrap.dedent("""
+        import os, resource, sys
+        os.closerange(3, 4096)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (3, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+        sys.stdout.write("ready\\n"); sys.stdout.flush()
+        for line in sys.stdin:
+            sys.stdout.write("echo " + line); sys.stdout.flush()
+    """)
+    p = subprocess.Popen([sys.executable, "-c", prog], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline() == "ready\n"
+        time.sleep(0.1)
+        fds_before = sorted(os.listdir(f"/proc/{p.pid}/fd"))
+        tr = tracking.Tracking()
+        assert tr.scan(p.pid) is None
+        why = tr.failed[p.pid]
+        assert "Too many open files" in why and "stage 2" in why, why
+        assert sorted(os.listdir(f"/proc/{p.pid}/fd")) == fds_before
+        with open(f"/proc/{p.pid}/status") as f:
+            assert "TracerPid:\t0" in f.read()
+        p.stdin.write("ping\n")
+        p.stdin.flush()
+        assert p.stdout.readline() == "echo ping\n"
+    finally:
+        p.kill()
+        p.wait()
