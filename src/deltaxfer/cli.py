@@ -61,12 +61,16 @@ def cmd_serve(args) -> int:
 
     from deltaxfer import transport
     from deltaxfer.criu.runner import find_criu
-    from deltaxfer.keys import load_key, parse_hostport, server_tls
+    import os
+
+    from deltaxfer.keys import ConfigError, parse_hostport, server_key, server_tls
     from deltaxfer.serve import serve
+    from deltaxfer.store import StoreError
 
     host, port = parse_hostport(args.listen, what="--listen")
-    key = load_key(args.key_file)
+    key = server_key(args.key_file, args.insecure, host)
     tls = server_tls(args.tls_cert, args.tls_key)
+    os.umask(0o077)     # every file the receiver (and its criu) creates is private
     criu = find_criu(args.criu) if args.restore else None
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s deltaxfer serve: %(message)s")
@@ -76,14 +80,22 @@ def cmd_serve(args) -> int:
             print(json.dumps(report), flush=True)
 
     async def main_loop():
-        server = await serve(host, port, key=key, directory=args.dir, ssl=tls, criu=criu,
-                             quota_bytes=args.quota_mib << 20 if args.quota_mib else None,
-                             max_connections=args.max_connections, on_commit=on_commit,
-                             lazy_restore=not args.no_lazy_restore,
-                             parent_linked_final=args.parent_linked_final)
+        try:
+            server = await serve(
+                host, port, key=key, directory=args.dir, ssl=tls, criu=criu,
+                quota_bytes=args.quota_mib << 20 if args.quota_mib else None,
+                session_quota_bytes=args.session_quota_mib << 20 if args.session_quota_mib
+                else None, max_connections=args.max_connections, on_commit=on_commit,
+                lazy_restore=not args.no_lazy_restore, insecure=args.insecure,
+                parent_linked_final=args.parent_linked_final,
+                idle_timeout=args.idle_timeout or None)
+        except StoreError as e:
+            raise ConfigError(f"--dir {args.dir}: {e.reason}") from None
         addrs = ", ".join(f"{s.getsockname()[0]}:{s.getsockname()[1]}" for s in server.sockets)
-        logging.getLogger("deltaxfer.serve").info("listening on %s, storing in %s%s", addrs,
-                                                  args.dir, " (TLS)" if tls else "")
+        logging.getLogger("deltaxfer.serve").info(
+            "listening on %s, storing in %s%s%s", addrs, args.dir, " (TLS)" if tls else "",
+            " WITHOUT A KEY (--insecure: only local processes of this user are admitted)"
+            if args.insecure else "")
         async with server:
             await server.serve_forever()
 
@@ -219,7 +231,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="receive transfers and migrations (the destination)")
     p.add_argument("--listen", required=True, metavar="ADDR:PORT", help="address to listen on")
-    p.add_argument("--key-file", required=True, help="pre-shared key (mode 0600)")
+    p.add_argument("--key-file", help="pre-shared key (mode 0600); required unless --insecure")
+    p.add_argument("--insecure", action="store_true",
+                   help="no key: only on a loopback --listen address, admitting only local "
+                        "processes of this daemon's user (clients use the published key, "
+                        "see docs/SECURITY.md)")
     p.add_argument("--dir", required=True, help="where sessions and image directories are kept")
     p.add_argument("--restore", action="store_true",
                    help="allow senders to ask for `criu restore` of what they sent")
@@ -231,7 +247,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write a migration's final round as a child image over the held "
                         "pages (only the residual is written; restored eagerly)")
     p.add_argument("--quota-mib", type=int, help="disk quota for transfers in flight")
-    p.add_argument("--max-connections", type=int, default=8)
+    p.add_argument("--session-quota-mib", type=int,
+                   help="disk quota per session (what it keeps plus what it has in flight)")
+    p.add_argument("--max-connections", type=int, default=8,
+                   help="connections at once (default 8); more are refused as busy")
+    p.add_argument("--idle-timeout", type=float, default=300, metavar="S",
+                   help="drop a session silent for this long (default 300 s; 0: never)")
     p.add_argument("--tls-cert", help="serve TLS with this certificate (PEM)")
     p.add_argument("--tls-key", help="private key of --tls-cert (PEM)")
     p.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop")

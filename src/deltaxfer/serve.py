@@ -5,6 +5,7 @@ answered with ERROR, the partial round or send is discarded, and the server keep
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import signal
@@ -19,6 +20,9 @@ from deltaxfer.wire import (MsgType, ProtocolError, decode_control, decode_pagem
 log = logging.getLogger("deltaxfer.serve")
 
 RESUME_TIMEOUT = 30.0   # after COMMITTED, how long the restored copy waits for the source
+# after authentication, how long a client may stay silent before its session is dropped
+# (a migration's longest silence is the source reading its memory between rounds)
+IDLE_TIMEOUT = 300.0
 
 
 def _signal_tree(root: int, sig: int) -> int:
@@ -40,8 +44,9 @@ def _signal_tree(root: int, sig: int) -> int:
 
 class Receiver:
     def __init__(self, store: Store, *, criu=None, on_commit=None, lazy_restore: bool = True,
-                 parent_linked_final: bool = False):
+                 parent_linked_final: bool = False, idle_timeout: float | None = IDLE_TIMEOUT):
         self.store = store
+        self.idle_timeout = idle_timeout
         self.criu = criu
         self.lazy_restore = lazy_restore
         self.parent_linked_final = parent_linked_final
@@ -57,7 +62,7 @@ class Receiver:
             await conn.error("busy", f"session {name!r} is already receiving a transfer")
             return
         self.active.add(name)
-        rnd = files = None
+        rnd = files = session = None
         loop = asyncio.get_running_loop()
         t0 = time.monotonic()
         records = {"zero": 0, "xor": 0, "full": 0}
@@ -79,7 +84,11 @@ class Receiver:
                      begin["source"], begin["mode"], session.round)
 
             while True:
-                msg = await conn.recv()
+                try:
+                    msg = await conn.recv(timeout=self.idle_timeout)
+                except TimeoutError:
+                    raise StoreError("timeout", f"nothing received for {self.idle_timeout:g} s: "
+                                                "the session is dropped") from None
                 t = msg.type
                 if t == MsgType.PAGES:
                     if rnd is None:
@@ -151,12 +160,16 @@ class Receiver:
                         # source has confirmed (RESUME) that it will not resume itself
                         two_phase = begin["mode"] == "migrate"
                         if body["restore"]:
+                            session.mark_restoring()
                             pid = await loop.run_in_executor(None, self._restore, path,
                                                              two_phase)
+                            # until RESUME, a restarted receiver kills this stopped copy
+                            session.restored(pid if two_phase else None)
                         await conn.send_control(MsgType.COMMITTED, {"path": path,
                                                                     "restored_pid": pid})
                         if pid is not None and two_phase:
                             await self._await_resume(conn, peer, name, pid)
+                            session.restored(None)
                         seconds = time.monotonic() - t0
                         wire = conn.stats["bytes_in"]
                         report = {"session": name, "path": path, "restored_pid": pid,
@@ -175,11 +188,19 @@ class Receiver:
         except StoreError as e:
             log.warning("%s: session %s refused: %s (%s)", peer, name, e.reason, e.code)
             await conn.error(e.code, e.reason)
+        except OSError as e:
+            # the disk (ENOSPC, EIO) failed under a round or a file: the session's partial
+            # state is discarded below and the server keeps serving
+            log.warning("%s: session %s failed on the disk: %s", peer, name, e)
+            await conn.error("quota" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "internal",
+                             f"the destination's disk failed: {e.strerror or e}")
         finally:
             if rnd is not None:
                 rnd.abort()
             if files is not None:
                 files.discard()
+            if session is not None and session.meta.get("restoring"):
+                session.restored(None)      # the copy is ours to watch (or gone) now
             self.active.discard(name)
 
     @staticmethod
@@ -217,14 +238,33 @@ class Receiver:
             raise StoreError("restore", str(e)) from None
 
 
+def same_user_only(tp) -> str | None:
+    """`serve --insecure`'s admission: the key is public there, so a peer is admitted only
+    if its socket belongs to this daemon's own user on this host."""
+    from deltaxfer.keys import loopback_peer_uid
+    sock = tp.get_extra_info("socket")
+    uid = loopback_peer_uid(sock) if sock is not None else None
+    if uid is None:
+        return "this server runs without a key (--insecure) and admits only local peers"
+    if uid != os.geteuid():
+        return (f"this server runs without a key (--insecure) and admits only processes of "
+                f"uid {os.geteuid()}; the peer's socket belongs to uid {uid}")
+    return None
+
+
 async def serve(host: str, port: int, *, key: bytes, directory: str, ssl=None, criu=None,
-                quota_bytes: int | None = None, max_connections: int = 8, on_commit=None,
-                lazy_restore: bool = True, parent_linked_final: bool = False):
-    """Start the receiver; returns the asyncio server (serve_forever it, or close it)."""
-    receiver = Receiver(Store(directory, quota_bytes), criu=criu, on_commit=on_commit,
-                        lazy_restore=lazy_restore, parent_linked_final=parent_linked_final)
+                quota_bytes: int | None = None, session_quota_bytes: int | None = None,
+                max_connections: int = 8, on_commit=None, lazy_restore: bool = True,
+                parent_linked_final: bool = False, insecure: bool = False,
+                idle_timeout: float | None = IDLE_TIMEOUT):
+    """Start the receiver; returns the asyncio server (serve_forever it, or close it).
+    ``insecure``: the key is the published one; peers are admitted by their local uid."""
+    store = Store(directory, quota_bytes, session_quota_bytes=session_quota_bytes)
+    receiver = Receiver(store, criu=criu, on_commit=on_commit, lazy_restore=lazy_restore,
+                        parent_linked_final=parent_linked_final, idle_timeout=idle_timeout)
     return await transport.serve(host, port, key=key, handler=receiver.handle, ssl=ssl,
-                                 max_connections=max_connections)
+                                 max_connections=max_connections,
+                                 admit=same_user_only if insecure else None)
 
 
 __all__ = ["Receiver", "serve", "ProtocolError"]

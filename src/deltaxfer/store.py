@@ -36,7 +36,7 @@ from deltaxfer.criu import images as im
 
 log = logging.getLogger("deltaxfer.store")
 
-SESSION_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+SESSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")   # not "." nor ".."
 IMAGE_ID_RE = re.compile(r"^(pid|shmem)-(\d{1,10})$")
 FILE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 MAX_IMAGES = 4096
@@ -75,10 +75,18 @@ def image_id_of(pagemap_file: str) -> str | None:
     return f"shmem-{m.group(1)}" if m else None
 
 
+# names the receiver itself creates in an image directory: a sender may not plant them
+# (a planted restored.pid would name the pid the receiver signals)
+RESERVED_NAMES = frozenset({"parent", "restored.pid", "lazy-pages.socket"})
+
+
 def check_file_name(name: str) -> None:
     if not FILE_NAME_RE.match(name) or ".." in name or im.is_memory_image(name):
         raise StoreError("name", f"refused image file name {name!r}: only CRIU image names "
                                  "(no '/', no '..', not a pagemap or pages image)")
+    if name in RESERVED_NAMES or name.endswith(".log"):
+        raise StoreError("name", f"refused image file name {name!r}: the receiver writes "
+                                 "that file itself")
 
 
 def _mkdir_private(path: str) -> None:
@@ -88,6 +96,43 @@ def _mkdir_private(path: str) -> None:
 
 def _rmtree(path: str) -> None:
     shutil.rmtree(path, ignore_errors=True)
+
+
+def disk_bytes(path: str) -> int:
+    """Bytes allocated on disk under path (hard links counted once)."""
+    seen, total = set(), 0
+    for dirpath, dirnames, filenames in os.walk(path):
+        for n in filenames:
+            try:
+                st = os.lstat(os.path.join(dirpath, n))
+            except OSError:
+                continue
+            if (st.st_dev, st.st_ino) not in seen:
+                seen.add((st.st_dev, st.st_ino))
+                total += st.st_blocks * 512
+    return total
+
+
+def _start_time(pid: int) -> int | None:
+    """A process's start time (clock ticks since boot): with the pid, its identity."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rpartition(")")[2].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _state(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0]
+    except (OSError, IndexError):
+        return None
+
+
+def _boot_ticks_now() -> int:
+    with open("/proc/uptime") as f:
+        return int(float(f.read().split()[0]) * os.sysconf("SC_CLK_TCK"))
 
 
 _FALLOC_FL_COLLAPSE_RANGE = 0x08
@@ -242,6 +287,53 @@ class Session:
     @property
     def round(self) -> int:
         return self.meta["round"]
+
+    # A restore in progress, recorded so that a receiver killed before the source's RESUME
+    # can, when it starts again, kill the stopped copy it left (see Store.recover).
+    def mark_restoring(self) -> None:
+        self.meta["restoring"] = {"since": _boot_ticks_now()}
+        self._save_meta()
+
+    def restored(self, pid: int | None) -> None:
+        if pid is None:
+            if self.meta.pop("restoring", None) is not None:
+                self._save_meta()
+            return
+        self.meta["restoring"] = {"pid": pid, "start": _start_time(pid)}
+        self._save_meta()
+
+    def recover(self) -> list[str]:
+        """After a receiver died: remove every unfinished state of this session and kill
+        a restored copy that never got its RESUME; returns what was done."""
+        done = []
+        for name in os.listdir(self.path):
+            if name.endswith(".tmp") or name == "images.old":
+                _rmtree(os.path.join(self.path, name))
+                try:
+                    os.unlink(os.path.join(self.path, name))
+                except OSError:
+                    pass
+                done.append(f"removed {name}")
+        rec = self.meta.get("restoring")
+        if isinstance(rec, dict):
+            pid, start = rec.get("pid"), rec.get("start")
+            if pid is None:       # killed inside criu restore: its pidfile, if it got there
+                try:
+                    with open(os.path.join(self.path, "images", "restored.pid")) as f:
+                        pid = int(f.read().strip())
+                    start = _start_time(pid)
+                    if start is None or start < int(rec.get("since", 0)):
+                        pid = None
+                except (OSError, ValueError):
+                    pid = None
+            if isinstance(pid, int) and pid > 1 and start is not None \
+                    and _start_time(pid) == start and _state(pid) in ("T", "t"):
+                from deltaxfer.serve import _signal_tree
+                n = _signal_tree(pid, 9)
+                done.append(f"killed the stopped restored copy {pid} ({n} tasks) that never "
+                            "got RESUME")
+            self.restored(None)
+        return done
 
     def held(self) -> dict[str, HeldImage]:
         """The memory images held (from the last completed round), by image id."""
@@ -846,23 +938,56 @@ class FileSet:
 class Store:
     """The serve directory: sessions, and a disk quota shared by everything in flight."""
 
-    def __init__(self, root: str, quota_bytes: int | None = None):
+    def __init__(self, root: str, quota_bytes: int | None = None, *,
+                 session_quota_bytes: int | None = None):
         self.root = os.path.abspath(root)
         _mkdir_private(self.root)
+        st = os.lstat(self.root)
+        if not os.path.isdir(self.root) or os.path.islink(self.root) \
+                or st.st_uid != os.geteuid():
+            # whoever owns it could swap a session's files for links the receiver follows
+            raise StoreError("internal", f"{self.root} is not a directory of uid "
+                                         f"{os.geteuid()} (owner {st.st_uid}); use another --dir")
         self.quota_bytes = quota_bytes
-        self._reserved: dict[int, int] = {}
+        self.session_quota_bytes = session_quota_bytes
+        self._reserved: dict[int, tuple[str, int]] = {}
         self.reshapable = can_reshape(self.root)
+        self.recovered = self.recover()
+
+    def recover(self) -> dict[str, list[str]]:
+        """Clean what a receiver that died (SIGKILL, power) left in every session."""
+        out = {}
+        for name in sorted(os.listdir(self.root)):
+            if SESSION_RE.match(name) and os.path.isdir(os.path.join(self.root, name)) \
+                    and not os.path.islink(os.path.join(self.root, name)):
+                done = Session(self, name).recover()
+                if done:
+                    log.warning("session %s: recovered after an unclean stop: %s", name,
+                                "; ".join(done))
+                    out[name] = done
+        return out
 
     def session(self, name: str) -> Session:
         return Session(self, name)
 
     def reserve(self, owner, nbytes: int) -> None:
-        """Account bytes about to be written by a round or file set against the quota."""
-        used = sum(self._reserved.values())
+        """Account bytes about to be written by a round or file set against the quotas:
+        all transfers in flight together, and one session (what it keeps on disk plus
+        what it has in flight)."""
+        used = sum(n for _, n in self._reserved.values())
         if self.quota_bytes is not None and used + nbytes > self.quota_bytes:
             raise StoreError("quota", f"{nbytes} more bytes would exceed the quota of "
                                       f"{self.quota_bytes} bytes ({used} in flight)")
-        self._reserved[id(owner)] = self._reserved.get(id(owner), 0) + nbytes
+        session = owner.session
+        mine = self._reserved.get(id(owner), (session.name, 0))[1]
+        if self.session_quota_bytes is not None:
+            kept = disk_bytes(session.path)
+            flight = sum(n for s, n in self._reserved.values() if s == session.name)
+            if kept + flight + nbytes > self.session_quota_bytes:
+                raise StoreError("quota", f"session {session.name!r}: {nbytes} more bytes "
+                                          f"would exceed its quota of {self.session_quota_bytes} "
+                                          f"bytes ({kept} on disk, {flight} reserved)")
+        self._reserved[id(owner)] = (session.name, mine + nbytes)
 
     def release(self, owner) -> None:
         self._reserved.pop(id(owner), None)

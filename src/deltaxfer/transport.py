@@ -566,11 +566,15 @@ Handler = Callable[[Connection], Awaitable[None]]
 async def serve(host: str | None, port: int, *, key: bytes, handler: Handler,
                 ssl: _ssl.SSLContext | None = None, max_connections: int = 16,
                 caps: Collection[str] = CAPS, handshake_timeout: float = HANDSHAKE_TIMEOUT,
-                session_limit: int | None = None, **server_kwargs) -> asyncio.Server:
+                session_limit: int | None = None,
+                admit: Callable[[asyncio.Transport], str | None] | None = None,
+                **server_kwargs) -> asyncio.Server:
     """Listen; authenticate each client (server side of the handshake), then run
     ``await handler(conn)``. A client over ``max_connections`` gets ERROR busy. An exception
     in the handler is logged and sent to the peer as ERROR (its code for a ProtocolError,
-    ``internal`` otherwise); the server keeps serving. Returns the asyncio.Server (port 0
+    ``internal`` otherwise); the server keeps serving. ``admit(transport)`` may refuse a
+    connection before the handshake: it returns the reason, sent as ERROR auth. Returns
+    the asyncio.Server (port 0
     picks a free port: ``server.sockets[0].getsockname()``)."""
     hs._check_key(key)
     loop = asyncio.get_running_loop()
@@ -581,6 +585,12 @@ async def serve(host: str | None, port: int, *, key: bytes, handler: Handler,
 
     async def one(proto: _FrameProtocol):
         conn = Connection(proto)
+        refused = admit(proto.transport) if admit is not None else None
+        if refused:
+            log.warning("refusing %s: %s", conn.peer, refused)
+            await conn.error(ErrorCode.AUTH, refused)
+            conn.close()
+            return
         if active["n"] >= max_connections:
             await _refuse_busy(conn, max_connections, handshake_timeout)
             return
