@@ -7,7 +7,7 @@ APT_PACKAGES := gcc make pkg-config liblz4-dev libxxhash-dev iproute2 util-linux
 CORE_SOURCES := $(wildcard ext/*.pyx ext/*.pxd ext/*.pxi ext/c/*.c ext/c/*.h) setup.py
 PYTEST_ARGS ?=
 
-.PHONY: all deps criu venv build test demo bench bench-compare bench-migrate bench-deps clean distclean
+.PHONY: all deps criu venv build test demo bench bench-compare bench-migrate bench-deps fuzz clean distclean
 
 all: build
 
@@ -74,6 +74,13 @@ bench-deps: .local/.bench-deps-ok
 bench-migrate: deps criu build bench-deps
 	DX_MATRIX=$(MATRIX) DX_MATRIX_OUT=docs $(if $(REPS),DX_MATRIX_REPS=$(REPS)) \
 		$(VENV)/bin/pytest -p no:cacheprovider bench/bench_migrate.py --benchmark-only -s $(PYTEST_ARGS)
+
+# Coverage-guided fuzzing (atheris) of the protocol decoder and the image parsers, from
+# the seed corpus in tests/fuzz_corpus/; not part of `make test` (see docs/SECURITY.md).
+FUZZ_RUNS ?= 600000
+fuzz: deps build
+	$(PY) -m pip install -q --disable-pip-version-check atheris
+	$(PY) fuzz/run.py --runs $(FUZZ_RUNS)
 
 clean:
 	rm -rf build src/deltaxfer/_core*.so ext/_core.c $(VENV)/.core-built
