@@ -7,9 +7,14 @@ run without TLS), records what went by, and asks ``rule(direction, type, payload
 before forwarding each frame ("c2s": client to server, "s2c": the other way). The
 payload is given for small frames (control messages) and None for big ones. The rule
 returns None (forward it), ``"cut"`` (reset both connections, nothing more passes: the
-link is gone and both ends know) or ``"stall"`` (stop forwarding and hold both
-connections open: the link is silent, neither end hears anything). ``cut()`` and
-``stall()`` do the same from outside, at any time.
+link is gone and both ends know), ``"stall"`` (stop forwarding and hold both
+connections open: the link is silent, neither end hears anything), ``"truncate"``
+(forward the header and half of this frame's payload, then end that direction with a
+FIN and drop whatever else that side sends: the stream stops inside a frame, while the
+other direction still carries the answer) or ``"corrupt"`` (flip one bit in the middle
+of this frame's payload — in its check field when it has none — and go on forwarding:
+the receiver's integrity check must catch it). ``cut()`` and ``stall()`` do the same
+from outside, at any time.
 
 One thread per proxied connection multiplexes both directions with select, so every
 action happens on the thread that owns the sockets.
@@ -56,6 +61,9 @@ class _Direction:
         self.name, self.src, self.dst = name, src, dst
         self.pending = bytearray()      # received, not yet forwarded
         self.frame_left = 0             # bytes of the current (already ruled) frame to forward
+        self.flip_at = -1               # "corrupt": frame_left value at which to flip a bit
+        self.truncated = False          # "truncate": this direction is over, drop the rest
+        self.truncate_keep = 0          # "truncate": bytes of the frame never forwarded
         self.eof = False
         self.bytes = 0
 
@@ -177,6 +185,8 @@ class LinkProxy:
                             pass
                         continue
                     d.bytes += len(chunk)
+                    if d.truncated:
+                        continue
                     d.pending += chunk
                     action = self._forward(d)
                     if action == "cut":
@@ -195,6 +205,18 @@ class LinkProxy:
         while d.pending:
             if d.frame_left:
                 n = min(d.frame_left, len(d.pending))
+                if d.frame_left >= d.flip_at > d.frame_left - n:
+                    d.pending[d.frame_left - d.flip_at] ^= 0x10
+                    d.flip_at = -1
+                if d.truncated and d.frame_left - n < d.truncate_keep:
+                    n = d.frame_left - d.truncate_keep
+                    d.dst.sendall(d.pending[:n])
+                    d.pending.clear()
+                    try:
+                        d.dst.shutdown(socket.SHUT_WR)
+                    except OSError:
+                        pass
+                    return None
                 d.dst.sendall(d.pending[:n])
                 del d.pending[:n]
                 d.frame_left -= n
@@ -214,6 +236,18 @@ class LinkProxy:
                 return action
             self.frames.append((time.monotonic(), d.name, type_, length))
             d.frame_left = HEADER_SIZE + length
+            if action == "corrupt":
+                # a payload byte in the middle, or the check field of an empty frame
+                at = HEADER_SIZE + length // 2 if length else 20
+                d.flip_at = d.frame_left - at
+            elif action == "truncate":
+                d.truncated = True
+                # half the payload never goes (half the header, for an empty frame)
+                d.truncate_keep = length - length // 2 if length else HEADER_SIZE // 2
+            if action in ("corrupt", "truncate"):
+                self.actions.append((time.monotonic(), action,
+                                     f"{d.name} frame type 0x{type_:02x} of {length} bytes"))
+                self.triggered.set()
         return None
 
 
