@@ -161,6 +161,54 @@ def test_destination_killed(criu, tmp_path, agent_tmp, key_file, phase):
         server.stop()
 
 
+@pytest.mark.slow
+def test_destination_killed_inside_criu_restore(criu, tmp_path, agent_tmp, key_file):
+    """The receiver is SIGKILLed while its `criu restore` runs (a criu wrapper holds the
+    restore 1 s, then runs the real one): criu finishes on its own and leaves a stopped
+    copy that no receiver watches; the source rolls back. A receiver started again
+    finds the copy through the pidfile of the restore it had recorded, and kills it."""
+    mark = tmp_path / "restore-started"
+    slow = tmp_path / "slow-criu"
+    slow.write_text("#!/bin/sh\n"
+                    f'if [ "$1" = restore ]; then touch "{mark}"; sleep 1; fi\n'
+                    f'exec "{criu.path}" "$@"\n')
+    slow.chmod(0o755)
+    server = Server(tmp_path, extra=["--restore", "--criu", str(slow)])
+    left = Held()
+    try:
+        with workloads.start("memwork", mib=MIB, dirty_mib_per_s=DIRTY, tmpdir=tmp_path) as wl:
+            before = wl.verify()
+            t0 = time.monotonic()
+            proc = start_migrate(wl.pid, server.addr, key_file, tmp_path / "r.json",
+                                 env=agent_env(agent_tmp))
+            deadline = time.monotonic() + 90
+            while not mark.exists() and time.monotonic() < deadline and proc.poll() is None:
+                time.sleep(0.01)
+            assert mark.exists(), "the restore never began"
+            left = Held(descendants(server.proc.pid))   # the criu wrapper, lazy-pages
+            server.proc.kill()
+            server.proc.wait(10)
+            m = finish_migrate(proc, tmp_path / "r.json", t0, timeout=120)
+            assert_failed_cleanly(m, outcome="rolled back",
+                                  error_has=("connection", "closed", "reset"))
+            assert_source_runs_on(wl, before)
+            deadline = time.monotonic() + 30        # criu restore finishes without us
+            while time.monotonic() < deadline and not copies_of(wl):
+                time.sleep(0.1)
+            stopped = copies_of(wl)
+            for pid in stopped:
+                wl.adopt(pid)
+            assert len(stopped) == 1 and workloads.proc_state(stopped[0]) in ("T", "t"), stopped
+            server.stop()
+            server = Server(tmp_path, extra=["--restore"])
+            assert_destination_clean(wl, server)
+            log = server.log()
+            assert f"killed the stopped restored copy {stopped[0]}" in log, log[-2000:]
+    finally:
+        server.stop()
+        left.kill()
+
+
 # -- the source's agent killed --------------------------------------------------------------
 
 KILL_SOURCE = {

@@ -289,6 +289,23 @@ def test_session_quota_refuses_one_session_and_not_the_others(tmp_path):
     run(main_())
 
 
+def test_session_count_is_capped(tmp_path):
+    """--max-sessions: a new session beyond the limit is refused (quota); an existing one
+    goes on."""
+    proc, port, read_log = start_serve(tmp_path, "--listen", "127.0.0.1:0", "--key-file",
+                                       write_key(tmp_path / "k", KEY), "--max-sessions", "2")
+    try:
+        run(small_send(port, "a"))
+        run(small_send(port, "b"))
+        with pytest.raises(PeerError) as e:
+            run(small_send(port, "c"))
+        assert e.value.code == "quota" and "2 sessions are kept here" in e.value.reason
+        assert run(small_send(port, "a"))["path"].endswith("/a/images")
+    finally:
+        stop(proc)
+    assert sorted(os.listdir(tmp_path / "serve")) == ["a", "b"]
+
+
 def test_silent_client_is_dropped(tmp_path, caplog):
     """An authenticated client that stops sending in the middle of a round loses its
     session after the idle timeout; the partial round is gone and a slot is free."""

@@ -85,7 +85,8 @@ def cmd_serve(args) -> int:
                 host, port, key=key, directory=args.dir, ssl=tls, criu=criu,
                 quota_bytes=args.quota_mib << 20 if args.quota_mib else None,
                 session_quota_bytes=args.session_quota_mib << 20 if args.session_quota_mib
-                else None, max_connections=args.max_connections, on_commit=on_commit,
+                else None, max_sessions=args.max_sessions,
+                max_connections=args.max_connections, on_commit=on_commit,
                 lazy_restore=not args.no_lazy_restore, insecure=args.insecure,
                 parent_linked_final=args.parent_linked_final,
                 idle_timeout=args.idle_timeout or None)
@@ -249,6 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quota-mib", type=int, help="disk quota for transfers in flight")
     p.add_argument("--session-quota-mib", type=int,
                    help="disk quota per session (what it keeps plus what it has in flight)")
+    p.add_argument("--max-sessions", type=int,
+                   help="sessions kept in --dir at most; a new one beyond is refused")
     p.add_argument("--max-connections", type=int, default=8,
                    help="connections at once (default 8); more are refused as busy")
     p.add_argument("--idle-timeout", type=float, default=300, metavar="S",

@@ -254,12 +254,13 @@ def same_user_only(tp) -> str | None:
 
 async def serve(host: str, port: int, *, key: bytes, directory: str, ssl=None, criu=None,
                 quota_bytes: int | None = None, session_quota_bytes: int | None = None,
-                max_connections: int = 8, on_commit=None, lazy_restore: bool = True,
+                max_sessions: int | None = None, max_connections: int = 8, on_commit=None, lazy_restore: bool = True,
                 parent_linked_final: bool = False, insecure: bool = False,
                 idle_timeout: float | None = IDLE_TIMEOUT):
     """Start the receiver; returns the asyncio server (serve_forever it, or close it).
     ``insecure``: the key is the published one; peers are admitted by their local uid."""
-    store = Store(directory, quota_bytes, session_quota_bytes=session_quota_bytes)
+    store = Store(directory, quota_bytes, session_quota_bytes=session_quota_bytes,
+                  max_sessions=max_sessions)
     receiver = Receiver(store, criu=criu, on_commit=on_commit, lazy_restore=lazy_restore,
                         parent_linked_final=parent_linked_final, idle_timeout=idle_timeout)
     return await transport.serve(host, port, key=key, handler=receiver.handle, ssl=ssl,

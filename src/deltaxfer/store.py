@@ -939,7 +939,7 @@ class Store:
     """The serve directory: sessions, and a disk quota shared by everything in flight."""
 
     def __init__(self, root: str, quota_bytes: int | None = None, *,
-                 session_quota_bytes: int | None = None):
+                 session_quota_bytes: int | None = None, max_sessions: int | None = None):
         self.root = os.path.abspath(root)
         _mkdir_private(self.root)
         st = os.lstat(self.root)
@@ -950,6 +950,7 @@ class Store:
                                          f"{os.geteuid()} (owner {st.st_uid}); use another --dir")
         self.quota_bytes = quota_bytes
         self.session_quota_bytes = session_quota_bytes
+        self.max_sessions = max_sessions
         self._reserved: dict[int, tuple[str, int]] = {}
         self.reshapable = can_reshape(self.root)
         self.recovered = self.recover()
@@ -968,6 +969,14 @@ class Store:
         return out
 
     def session(self, name: str) -> Session:
+        """A session, created if new; with ``max_sessions``, a new one only while fewer
+        are kept (session quota x max sessions bounds the disk a key holder can fill)."""
+        if self.max_sessions is not None and SESSION_RE.match(name) \
+                and not os.path.isdir(os.path.join(self.root, name)):
+            kept = sum(1 for n in os.listdir(self.root) if SESSION_RE.match(n))
+            if kept >= self.max_sessions:
+                raise StoreError("quota", f"{kept} sessions are kept here, the limit: remove "
+                                          f"old ones from {self.root} to start session {name!r}")
         return Session(self, name)
 
     def reserve(self, owner, nbytes: int) -> None:
