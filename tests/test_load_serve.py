@@ -176,3 +176,59 @@ def test_two_migrations_at_once_and_a_third_refused(criu, tmp_path, agent_tmp):
         assert "already serving 2 connections" in refused.reason
         assert tmp_leftovers(server.dir) == []
         del subprocess
+
+
+def test_peers_without_the_key_cannot_take_the_slots():
+    """Silent connections from one address (127.0.0.2) hold at most their share of the
+    handshake slots and none of the session slots: a client with the key, from another
+    address, is served at once. Over max_connections, an authenticated client is told
+    busy; the silent ones get busy or timeout."""
+    import socket
+
+    async def main_():
+        release = asyncio.Event()
+
+        async def held(conn):
+            await release.wait()
+        server = await transport.serve("127.0.0.1", 0, key=KEY, handler=held,
+                                       max_connections=2, max_handshakes_per_host=3,
+                                       handshake_timeout=4)
+        async with server:
+            port = server.sockets[0].getsockname()[1]
+            silent = []
+            for _ in range(5):
+                s = socket.socket()
+                s.bind(("127.0.0.2", 0))
+                s.setblocking(False)
+                await asyncio.get_running_loop().sock_connect(s, ("127.0.0.1", port))
+                silent.append(s)
+            await asyncio.sleep(0.1)
+            t0 = time.monotonic()
+            a = await transport.connect("127.0.0.1", port, key=KEY)
+            b = await transport.connect("127.0.0.1", port, key=KEY)
+            assert time.monotonic() - t0 < 2, "the silent peers delayed a client with the key"
+            with pytest.raises(PeerError) as e:
+                await transport.connect("127.0.0.1", port, key=KEY)
+            assert e.value.code == "busy" and "already serving 2 connections" in e.value.reason
+            # what the silent peers got: 2 refused as busy (over 3 from one host) at once,
+            # 3 timed out in the handshake
+            answers = []
+            for s in silent:
+                data = b""
+                while True:
+                    try:
+                        chunk = await asyncio.wait_for(
+                            asyncio.get_running_loop().sock_recv(s, 65536), 10)
+                    except (ConnectionError, TimeoutError):
+                        break
+                    if not chunk:
+                        break
+                    data += chunk
+                s.close()
+                msgs = wire.Decoder().feed(data)
+                answers.append(wire.decode_control(msgs[0])["code"] if msgs else None)
+            assert sorted(answers) == ["busy", "busy", "timeout", "timeout", "timeout"], answers
+            release.set()
+            await a.wait_closed()
+            await b.wait_closed()
+    run(main_())

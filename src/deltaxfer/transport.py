@@ -568,20 +568,34 @@ async def serve(host: str | None, port: int, *, key: bytes, handler: Handler,
                 caps: Collection[str] = CAPS, handshake_timeout: float = HANDSHAKE_TIMEOUT,
                 session_limit: int | None = None,
                 admit: Callable[[asyncio.Transport], str | None] | None = None,
+                max_handshakes: int | None = None, max_handshakes_per_host: int = 8,
                 **server_kwargs) -> asyncio.Server:
     """Listen; authenticate each client (server side of the handshake), then run
-    ``await handler(conn)``. A client over ``max_connections`` gets ERROR busy. An exception
-    in the handler is logged and sent to the peer as ERROR (its code for a ProtocolError,
-    ``internal`` otherwise); the server keeps serving. ``admit(transport)`` may refuse a
-    connection before the handshake: it returns the reason, sent as ERROR auth. Returns
-    the asyncio.Server (port 0
-    picks a free port: ``server.sockets[0].getsockname()``)."""
+    ``await handler(conn)``. An exception in the handler is logged and sent to the peer
+    as ERROR (its code for a ProtocolError, ``internal`` otherwise); the server keeps
+    serving. ``admit(transport)`` may refuse a connection before the handshake: it returns
+    the reason, sent as ERROR auth. Returns the asyncio.Server (port 0 picks a free port:
+    ``server.sockets[0].getsockname()``).
+
+    Two limits, so that peers without the key cannot starve those with it: connections
+    still in the handshake (``max_handshakes`` in all, default max(16, 2 x
+    max_connections), and ``max_handshakes_per_host`` from one address) and authenticated
+    connections (``max_connections``). Over either, the client gets ERROR busy — over the
+    second only once it has authenticated, so a peer without the key learns nothing."""
     hs._check_key(key)
     loop = asyncio.get_running_loop()
     caps = _with_tls(caps, ssl)
     limit = max_connections if session_limit is None else session_limit
+    max_handshakes = max_handshakes or max(16, 2 * max_connections)
     active = {"n": 0}
+    handshaking: dict[str, int] = {}
     tasks: set[asyncio.Task] = set()
+
+    def claim() -> bool:
+        if active["n"] >= max_connections:
+            return False
+        active["n"] += 1
+        return True
 
     async def one(proto: _FrameProtocol):
         conn = Connection(proto)
@@ -591,12 +605,28 @@ async def serve(host: str | None, port: int, *, key: bytes, handler: Handler,
             await conn.error(ErrorCode.AUTH, refused)
             conn.close()
             return
-        if active["n"] >= max_connections:
-            await _refuse_busy(conn, max_connections, handshake_timeout)
+        peer = proto.transport.get_extra_info("peername")
+        host = peer[0] if isinstance(peer, tuple) else str(peer)
+        if sum(handshaking.values()) >= max_handshakes or \
+                handshaking.get(host, 0) >= max_handshakes_per_host:
+            await _refuse_busy(conn, f"server busy: {sum(handshaking.values())} connections "
+                                     f"({handshaking.get(host, 0)} from {host}) are in the "
+                                     "handshake; try again later", handshake_timeout)
             return
-        active["n"] += 1
+        handshaking[host] = handshaking.get(host, 0) + 1
+        claimed = False
         try:
-            await _serve_one(conn, key, caps, limit, handshake_timeout, handler)
+            claimed = await _handshake_one(conn, key, caps, limit, handshake_timeout, claim,
+                                           max_connections)
+        finally:
+            handshaking[host] -= 1
+            if not handshaking[host]:
+                del handshaking[host]
+        if not claimed:
+            conn.close()
+            return
+        try:
+            await _run_handler(conn, handler)
         finally:
             active["n"] -= 1
             conn.close()
@@ -610,36 +640,48 @@ async def serve(host: str | None, port: int, *, key: bytes, handler: Handler,
                                     **server_kwargs)
 
 
-async def _refuse_busy(conn: Connection, max_connections: int, timeout: float):
-    log.warning("refusing %s: already serving %d connections", conn.peer, max_connections)
+class _Busy(Exception):
+    pass
+
+
+async def _refuse_busy(conn: Connection, reason: str, timeout: float):
+    log.warning("refusing %s: %s", conn.peer, reason)
     try:
         await conn.recv(timeout=min(timeout, 2.0))     # its HELLO, so that ERROR answers it
     except (TimeoutError, TransportError, ProtocolError):
         pass
-    await conn.error(ErrorCode.BUSY, f"server busy: already serving {max_connections} "
-                                     "connections; try again later")
+    await conn.error(ErrorCode.BUSY, reason)
     conn.close()
 
 
-async def _serve_one(conn, key, caps, session_limit, handshake_timeout, handler):
+async def _handshake_one(conn, key, caps, session_limit, handshake_timeout, claim,
+                         max_connections) -> bool:
+    """The server's handshake; True once authenticated and holding a connection slot."""
     peer = conn.peer
     try:
         async with asyncio.timeout(handshake_timeout):
-            await _server_handshake(conn, key, caps, session_limit)
+            await _server_handshake(conn, key, caps, session_limit, claim, max_connections)
     except TimeoutError:
         log.warning("%s: no complete handshake within %s s", peer, handshake_timeout)
         await conn.error(ErrorCode.TIMEOUT, f"handshake took over {handshake_timeout} s")
-        return
+        return False
+    except _Busy:
+        return False
     except AuthError as e:
         log.warning("client failed authentication from %s: %s", peer, e)
-        return
+        return False
     except PeerError as e:
         log.warning("%s ended the handshake: %s", peer, e)
-        return
+        return False
     except (ProtocolError, ConnectionClosed) as e:
         log.warning("handshake with %s failed: %s", peer, e)
-        return
+        return False
     log.info("%s authenticated (version %s, caps %s)", peer, conn.version, conn.caps)
+    return True
+
+
+async def _run_handler(conn, handler):
+    peer = conn.peer
     try:
         await handler(conn)
     except PeerError as e:
@@ -654,7 +696,8 @@ async def _serve_one(conn, key, caps, session_limit, handshake_timeout, handler)
         await conn.error(ErrorCode.INTERNAL, f"the server failed: {type(e).__name__}: {e}")
 
 
-async def _server_handshake(conn: Connection, key, caps, session_limit):
+async def _server_handshake(conn: Connection, key, caps, session_limit, claim=None,
+                            max_connections=None):
     hello = await conn.recv_control(MsgType.HELLO)
     try:
         version = choose_version(hello["versions"])
@@ -676,4 +719,9 @@ async def _server_handshake(conn: Connection, key, caps, session_limit):
                                          "match the server's key")
         raise AuthError("its proof does not match our key")
     conn.version, conn.caps = version, both
+    if claim is not None and not claim():
+        reason = f"server busy: already serving {max_connections} connections; try again later"
+        log.warning("refusing %s: %s", conn.peer, reason)
+        await conn.error(ErrorCode.BUSY, reason)
+        raise _Busy(reason)
     await conn.send_control(MsgType.READY, {"session_limit": session_limit})
