@@ -203,6 +203,102 @@ def test_nothing_but_the_handshake_before_auth(tmp_path):
     assert calls == []
 
 
+def test_a_header_announcing_16_mib_before_auth_is_refused():
+    """Before authentication a frame may carry at most a control message's 64 KiB: a
+    24-byte header announcing 16 MiB of PAGES ends the connection with ERROR too-large
+    before any buffer is reserved for it."""
+    async def main_():
+        async def handler(conn):
+            raise AssertionError("the handler must not run")
+        server = await transport.serve("127.0.0.1", 0, key=KEY, handler=handler)
+        async with server:
+            port = server.sockets[0].getsockname()[1]
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            hdr = bytearray(wire.encode_header(MsgType.PAGES, b"", 0))
+            hdr[4:8] = wire.PAGES_LIMIT.to_bytes(4, "little")
+            writer.write(bytes(hdr))
+            data = await asyncio.wait_for(reader.read(), 10)
+            writer.close()
+            msgs = wire.Decoder().feed(data)
+            assert [m.type for m in msgs] == [MsgType.ERROR], msgs
+            return wire.decode_control(msgs[0])
+    err = run(main_())
+    assert err["code"] == "too-large" and "before authentication" in err["reason"], err
+
+
+class _FakeTransport(asyncio.Transport):
+    def __init__(self):
+        super().__init__()
+        self.out = bytearray()
+        self.closed = False
+
+    def set_write_buffer_limits(self, high=None, low=None):
+        pass
+
+    def get_extra_info(self, name, default=None):
+        return ("127.0.0.9", 9) if name == "peername" else default
+
+    def write(self, data):
+        self.out += data
+
+    def writelines(self, lines):
+        for x in lines:
+            self.out += x
+
+    def is_closing(self):
+        return self.closed
+
+    def can_write_eof(self):
+        return True
+
+    def write_eof(self):
+        pass
+
+    def close(self):
+        self.closed = True
+
+    def pause_reading(self):
+        pass
+
+    def resume_reading(self):
+        pass
+
+
+def test_a_peer_without_the_key_may_send_only_so_much():
+    """However the bytes arrive, more than 256 KiB before authentication (here: control-
+    sized frames that nobody consumes) ends the stream with ERROR too-large; after
+    authentication the protocol's own limits apply."""
+    async def main_():
+        results = {}
+        for authed in (False, True):
+            p = transport._FrameProtocol()
+            t = _FakeTransport()
+            p.connection_made(t)
+            if authed:
+                p.authenticated()
+            blob = wire.encode(MsgType.FILE_DATA, b"x" * (60 << 10), 0)
+            stream = b"".join(wire.encode(MsgType.FILE_DATA, b"x" * (60 << 10), i)
+                              for i in range(8))
+            assert len(stream) == 8 * len(blob)
+            pos = 0
+            while pos < len(stream) and not p.closing:
+                buf = p.get_buffer(-1)
+                n = min(len(buf), len(stream) - pos, 32 << 10)
+                buf[:n] = stream[pos:pos + n]
+                p.buffer_updated(n)
+                pos += n
+            await asyncio.sleep(0)
+            results[authed] = (p.closing, bytes(t.out), len(p._queue))
+        return results
+    res = run(main_())
+    closing, out, _ = res[False]
+    assert closing
+    err = wire.decode_control(wire.Decoder().feed(out)[0])
+    assert err["code"] == "too-large" and "before authentication" in err["reason"], err
+    closing, out, queued = res[True]
+    assert not closing and out == b"" and queued == 8
+
+
 # -- private files, reserved names, session names ----------------------------------------------
 
 def test_serve_directory_is_private(tmp_path):

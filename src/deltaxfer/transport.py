@@ -42,6 +42,10 @@ SOCKET_BUFFER = 4 << 20          # SO_SNDBUF/SO_RCVBUF asked for (the kernel may
 # needs a spare core (on 2 CPUs, sender + receiver + hash thread contend: measured no gain)
 HASH_OFFLOAD: int | None = 512 << 10 if (os.cpu_count() or 1) >= 4 else None
 PIPELINE_BYTES = 8 << 20         # payload bytes being checksummed above which send() waits
+# until the peer has authenticated: one frame's payload at most a control message, and
+# all it may send at most this (HELLO or WELCOME, then AUTH or READY, fit many times)
+PRE_AUTH_PAYLOAD = 64 << 10
+PRE_AUTH_BYTES = 256 << 10
 
 
 class TransportError(Exception):
@@ -101,6 +105,8 @@ class _FrameProtocol(asyncio.BufferedProtocol):
         self._writelines_ok = False
         # receive
         self._decoder = Decoder()
+        self._decoder.max_payload = PRE_AUTH_PAYLOAD
+        self._pre_auth = True
         self._queue: collections.deque[Message] = collections.deque()
         self._queued = 0
         self._reading_paused = False
@@ -168,8 +174,12 @@ class _FrameProtocol(asyncio.BufferedProtocol):
             return
         try:
             messages = self._decoder.buffer_updated(nbytes)
+            if self._pre_auth and self._decoder.bytes_in > PRE_AUTH_BYTES:
+                raise ProtocolError(ErrorCode.TOO_LARGE,
+                                    f"{self._decoder.bytes_in} bytes before authentication "
+                                    f"(at most {PRE_AUTH_BYTES})")
         except ProtocolError as e:
-            messages = e.messages
+            messages = getattr(e, "messages", None) or []
             self._stream_failed(e)
         if not messages:
             return
@@ -212,6 +222,11 @@ class _FrameProtocol(asyncio.BufferedProtocol):
             self._reading_paused = False
             self.transport.resume_reading()
         return m
+
+    def authenticated(self) -> None:
+        """The peer proved the key: from now on the protocol's own limits apply."""
+        self._pre_auth = False
+        self._decoder.max_payload = None
 
     # send
     def write_frame(self, type: MsgType, payload) -> None:
@@ -554,6 +569,7 @@ async def _client_handshake(conn: Connection, key, caps, software, versions):
         if e.code == ErrorCode.AUTH:
             raise AuthError(f"{conn.peer} refused our key: {e.reason}") from e
         raise
+    conn._p.authenticated()
     conn.version, conn.caps = w["version"], hs.common_caps(caps, w["caps"])
     conn.session_limit = ready["session_limit"]
 
@@ -719,6 +735,7 @@ async def _server_handshake(conn: Connection, key, caps, session_limit, claim=No
                                          "match the server's key")
         raise AuthError("its proof does not match our key")
     conn.version, conn.caps = version, both
+    conn._p.authenticated()
     if claim is not None and not claim():
         reason = f"server busy: already serving {max_connections} connections; try again later"
         log.warning("refusing %s: %s", conn.peer, reason)

@@ -122,6 +122,9 @@ class Decoder:
         self._error: ProtocolError | None = None
         self.messages_in = 0
         self.bytes_in = 0
+        # a lower payload limit for every type, set by the transport until the peer has
+        # authenticated: a peer without the key cannot make us reserve a big buffer
+        self.max_payload: int | None = None
 
     # -- introspection (tests, counters) ---------------------------------------------------
     @property
@@ -262,6 +265,10 @@ class Decoder:
             self._fail(ErrorCode.TOO_LARGE,
                        f"{type_name(t)} frame {self._seq} announces {length} payload bytes, "
                        f"over its limit of {limit}", out)
+        if self.max_payload is not None and length > self.max_payload:
+            self._fail(ErrorCode.TOO_LARGE,
+                       f"{type_name(t)} frame {self._seq} announces {length} payload bytes "
+                       f"before authentication (at most {self.max_payload})", out)
         if seq != self._seq:
             self._fail(ErrorCode.BAD_SEQ,
                        f"{type_name(t)} frame has sequence number {seq}, expected {self._seq} "
