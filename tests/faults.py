@@ -475,11 +475,29 @@ def _proc_state(pid: int) -> str | None:
         return None
 
 
+def _stopped_by_criu(pid: int) -> bool:
+    """Stopped, and not by the migration agent's own ptrace (written-page tracking
+    injects a syscall into the source during live rounds): by a `criu dump`, or stopped
+    with no tracer (left stopped)."""
+    if _proc_state(pid) not in ("T", "t"):
+        return False
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            tracer = int(next(x for x in f if x.startswith("TracerPid:")).split()[1])
+        if not tracer:
+            return True
+        with open(f"/proc/{tracer}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+    except (OSError, StopIteration, ValueError):
+        return False
+    return b"dump" in argv and any(a.endswith(b"criu") for a in argv)
+
+
 def freeze_watcher(pid: int, on_freeze, stop: threading.Event) -> threading.Thread:
     """Poll the source's state (every ms) and call on_freeze() when CRIU stops it."""
     def watch():
         while not stop.is_set():
-            if _proc_state(pid) in ("T", "t"):
+            if _stopped_by_criu(pid):
                 on_freeze()
                 return
             time.sleep(0.001)
