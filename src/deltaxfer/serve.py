@@ -254,8 +254,9 @@ def same_user_only(tp) -> str | None:
 
 async def serve(host: str, port: int, *, key: bytes, directory: str, ssl=None, criu=None,
                 quota_bytes: int | None = None, session_quota_bytes: int | None = None,
-                max_sessions: int | None = None, max_connections: int = 8, on_commit=None, lazy_restore: bool = True,
-                parent_linked_final: bool = False, insecure: bool = False,
+                max_sessions: int | None = None, max_connections: int = 8, on_commit=None,
+                lazy_restore: bool = True, parent_linked_final: bool = False,
+                insecure: bool = False,
                 idle_timeout: float | None = IDLE_TIMEOUT):
     """Start the receiver; returns the asyncio server (serve_forever it, or close it).
     ``insecure``: the key is the published one; peers are admitted by their local uid."""
