@@ -360,6 +360,53 @@ def test_store_refuses_a_directory_it_does_not_own(tmp_path):
         Store(str(link))
 
 
+def test_the_only_program_run_is_criu_restore_on_the_directory_it_built(tmp_path):
+    """A COMMIT asking for a restore, with extra fields naming another directory and
+    arguments, makes the receiver run criu (recorded by a stand-in that fails the restore)
+    only as `restore -D <dir>/<session>/images ...` (and `lazy-pages -D` the same): no
+    path or argument from the network reaches the command line."""
+    calls = tmp_path / "calls"
+    fake = tmp_path / "criu"
+    fake.write_text('#!/bin/sh\n'
+                    'if [ "$1" = --version ]; then echo "Version: 4.1.1"; exit 0; fi\n'
+                    f'printf "%s\\n" "$*" >> "{calls}"\n'
+                    'exit 1\n')
+    fake.chmod(0o755)
+    proc, port, read_log = start_serve(tmp_path, "--listen", "127.0.0.1:0", "--key-file",
+                                       write_key(tmp_path / "k", KEY), "--restore",
+                                       "--no-lazy-restore", "--criu", str(fake))
+
+    try:
+        run(small_send(port, "s"))            # a session with images to restore
+
+        async def again():
+            c = await transport.connect("127.0.0.1", port, key=KEY)
+            await c.send(MsgType.BEGIN, json.dumps(
+                {"session": "s", "mode": "send", "source": "t", "images": [], "path": "/etc",
+                 "args": ["--action-script=/x"]}).encode())
+            await c.recv_control(MsgType.STATE)
+            while (await c.recv()).type != MsgType.STATE_END:
+                pass
+            data = b"t"
+            await c.send_control(MsgType.FILE, {"name": "pstree.img", "size": 1, "mode": 384})
+            await c.send(MsgType.FILE_DATA, data)
+            await c.send_control(MsgType.FILE_END, {"xxh3": f"{_core.xxh3_64(data):016x}"})
+            await c.send(MsgType.COMMIT, json.dumps(
+                {"restore": True, "path": "/etc", "args": ["--action-script", "/bin/sh"],
+                 "criu": "/bin/sh"}).encode())
+            with pytest.raises(PeerError) as e:
+                await c.recv()
+            return e.value
+        err = run(again())
+    finally:
+        stop(proc)
+    assert err.code == "restore", err
+    lines = calls.read_text().splitlines()
+    images = str(tmp_path / "serve" / "s" / "images")
+    assert len(lines) == 1 and lines[0].startswith(f"restore -d -D {images} "), lines
+    assert "/etc" not in lines[0] and "action-script" not in lines[0] and "/bin/sh" not in lines[0]
+
+
 # -- quotas and isolation -----------------------------------------------------------------------
 
 def test_session_quota_refuses_one_session_and_not_the_others(tmp_path):
