@@ -408,6 +408,14 @@ def _looks_like_a_copy(pid: int, wl) -> bool:
         return False
     if state in ("Z", "X"):
         return False   # a dead copy of an earlier test, not reaped yet (empty cmdline too)
+    if wl.kind in ("memwork", "shmwork"):
+        # the same program built elsewhere (another checkout's tests running on this
+        # machine restore their own memwork) is not ours: compare the executable
+        try:
+            if os.readlink(f"/proc/{pid}/exe") != os.path.realpath(wl.argv[0]):
+                return False
+        except OSError:
+            return False
     want = "memwork" if wl.kind == "memwork" else "shmwork" if wl.kind == "shmwork" \
         else os.path.basename(wl.argv[0])[:15]
     return comm == want and len(nspid) > 1 and nspid[-1] == "1"
