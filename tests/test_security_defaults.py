@@ -504,3 +504,16 @@ async def small_send_in_process(store):
     server = await transport.serve("127.0.0.1", 0, key=KEY, handler=Receiver(store).handle)
     async with server:
         return await small_send(server.sockets[0].getsockname()[1])
+
+
+@pytest.mark.parametrize("cmd", ["send", "migrate"])
+def test_clients_reach_an_insecure_server_only_on_loopback(tmp_path, capsys, cmd):
+    target = [str(tmp_path)] if cmd == "send" else ["1"]
+    rc = main([cmd, *target, "--to", "10.0.0.1:1", "--insecure"])
+    assert rc == 2 and "only a `serve --insecure` on a loopback" in capsys.readouterr().err
+    rc = main([cmd, *target, "--to", "127.0.0.1:1"])
+    assert rc == 2 and "--key-file is required" in capsys.readouterr().err
+    key = write_key(tmp_path / "k")
+    rc = main([cmd, *target, "--to", "127.0.0.1:1", "--insecure", "--key-file", key])
+    assert rc == 2 and "exclude each other" in capsys.readouterr().err
+    assert keys.client_key(None, True, "127.0.0.1") == keys.INSECURE_KEY

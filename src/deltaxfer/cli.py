@@ -109,11 +109,11 @@ def cmd_serve(args) -> int:
 
 def cmd_send(args) -> int:
     from deltaxfer import transport
-    from deltaxfer.keys import client_tls, load_key, parse_hostport
+    from deltaxfer.keys import client_key, client_tls, parse_hostport
     from deltaxfer.send import render, send_dump
 
     host, port = parse_hostport(args.to, what="--to")
-    key = load_key(args.key_file)
+    key = client_key(args.key_file, args.insecure, host)
     report = transport.run(send_dump(
         args.image_dir, host, port, key, args.session, ssl=client_tls(args.tls_ca),
         restore=args.restore, base=args.base, xor=not args.no_xor,
@@ -125,11 +125,11 @@ def cmd_send(args) -> int:
 def cmd_migrate(args) -> int:
     from deltaxfer import transport
     from deltaxfer.criu.runner import find_criu
-    from deltaxfer.keys import client_tls, load_key, parse_hostport
+    from deltaxfer.keys import client_key, client_tls, parse_hostport
     from deltaxfer.migrate import Options, migrate
 
     host, port = parse_hostport(args.to, what="--to")
-    key = load_key(args.key_file)
+    key = client_key(args.key_file, args.insecure, host)
     criu = find_criu(args.criu)
     tty = sys.stderr.isatty()
 
@@ -265,7 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("send", help="ship a CRIU image directory to a `deltaxfer serve`")
     p.add_argument("image_dir", help="CRIU image directory")
     p.add_argument("--to", required=True, metavar="HOST:PORT")
-    p.add_argument("--key-file", required=True, help="pre-shared key (mode 0600)")
+    p.add_argument("--key-file", help="pre-shared key (mode 0600); required unless --insecure")
+    p.add_argument("--insecure", action="store_true",
+                   help="reach a `serve --insecure` on loopback (its published key)")
     p.add_argument("--session", default="default",
                    help="session name; a later send in the same session sends only the delta")
     p.add_argument("--base", metavar="DIR", help="the dump sent last time, for XOR deltas "
@@ -281,7 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("migrate", help="live-migrate a running process tree to a `deltaxfer serve`")
     p.add_argument("pid", type=int, help="root of the process tree")
     p.add_argument("--to", required=True, metavar="HOST:PORT")
-    p.add_argument("--key-file", required=True, help="pre-shared key (mode 0600)")
+    p.add_argument("--key-file", help="pre-shared key (mode 0600); required unless --insecure")
+    p.add_argument("--insecure", action="store_true",
+                   help="reach a `serve --insecure` on loopback (its published key)")
     p.add_argument("--session", help="session name on the destination (default: unique)")
     p.add_argument("--downtime-target", type=float, default=300, metavar="MS",
                    help="freeze when the predicted downtime is below this (default 300 ms)")

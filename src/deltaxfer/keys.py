@@ -62,6 +62,22 @@ def is_loopback(host: str) -> bool:
     return bool(infos) and all(ipaddress.ip_address(i[4][0]).is_loopback for i in infos)
 
 
+def client_key(key_file: str | None, insecure: bool, host: str) -> bytes:
+    """The key `send`/`migrate` prove: the key file's, or with --insecure the published
+    key of a `serve --insecure`, which only listens on loopback."""
+    if key_file:
+        if insecure:
+            raise ConfigError("--insecure and --key-file exclude each other")
+        return load_key(key_file)
+    if not insecure:
+        raise ConfigError("--key-file is required (the destination's pre-shared key); "
+                          "--insecure only reaches a `serve --insecure` on loopback")
+    if not is_loopback(host):
+        raise ConfigError(f"--insecure reaches only a `serve --insecure` on a loopback "
+                          f"address, not {host!r}; use --key-file")
+    return INSECURE_KEY
+
+
 def server_key(key_file: str | None, insecure: bool, host: str) -> bytes:
     """The key `serve` authenticates clients with. Without a key file the server starts
     only on a loopback address and only when the operator said --insecure."""
