@@ -380,6 +380,11 @@ def page(data: dict, cs: dict, made: list, plots_rel: str) -> str:
         out += [f"![{name}]({plots_rel}/{file})", ""]
     out += ["## Every cell", ""] + tables(cs)
     out += ["## deltaxfer's freeze, step by step (medians, s)", ""] + freeze_lines(cs) + [""]
+    # what the numbers cannot say themselves (the run's conditions, the scale runs on a
+    # lent machine), kept by hand beside the JSON
+    notes = Path(__file__).resolve().parents[1] / "docs" / "results" / "NOTES.md"
+    if notes.exists() and not smoke:
+        out += [notes.read_text().rstrip(), ""]
     out += [HOW]
     return "\n".join(out)
 
