@@ -35,7 +35,8 @@ import workloads  # noqa: E402
 from faults import run_migrate  # noqa: E402
 from servers import Server, write_key  # noqa: E402
 
-from deltaxfer import tracking  # noqa: E402
+from deltaxfer import _core, tracking  # noqa: E402
+from deltaxfer.core import procmem  # noqa: E402
 from deltaxfer.live import process_tree, snapshot_tree  # noqa: E402
 from deltaxfer.source import Held  # noqa: E402
 
@@ -181,8 +182,14 @@ def bench_slowdown(benchmark, needs_tracking, tmp_path, request):
                 last = [time.monotonic()]
 
                 def rescan():
+                    # what a live round does to the target: scan, then protect again
+                    # every page it is about to read (here: all written ones)
                     if time.monotonic() - last[0] >= every:
-                        tr.scan(wl.pid)
+                        sc = tr.scan(wl.pid)
+                        run_v, run_l = procmem.criu_runs(wl.pid)
+                        vaddrs = _core.run_page_vaddrs(run_v, run_l)
+                        clean = tracking.clean_mask(vaddrs, sc, vaddrs)
+                        tr.protect(wl.pid, vaddrs, clean, sc)
                         last[0] = time.monotonic()
                 armed[every] = rate(wl, max(secs, 3 * every), rescan)
             finally:
