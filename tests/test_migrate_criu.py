@@ -80,14 +80,16 @@ def verify_running(wl, pid, expect_pages=None):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("loop,track", [("uvloop", "auto"), ("asyncio", "auto"),
-                                        ("uvloop", "off")])
-def test_memwork_migrates_live(criu, tmp_path, agent_tmp, loop, track):
+@pytest.mark.parametrize("loop,track,freeze", [
+    ("uvloop", "auto", "auto"), ("asyncio", "auto", "auto"), ("uvloop", "off", "auto"),
+    ("uvloop", "auto", "page-server"), ("uvloop", "off", "page-server")])
+def test_memwork_migrates_live(criu, tmp_path, agent_tmp, loop, track, freeze):
     mib = 64
     with Server(tmp_path, loop=loop, extra=["--restore"]) as server, \
             workloads.start("memwork", mib=mib, dirty_mib_per_s=4, tmpdir=tmp_path) as wl:
         r, pid = migrate_ok(tmp_path, agent_tmp, server, wl, "--loop", loop,
-                            "--tracking", track)
+                            "--tracking", track, "--freeze", freeze)
+        assert r["freeze"]["mode"] == ("lazy" if freeze == "auto" else freeze), r["freeze"]
         final = r["rounds"][-1]
         if r["tracking"]["mode"] == "uffd-wp":
             # later rounds and the freeze read what was written, not all of memory
@@ -119,16 +121,23 @@ def test_pyheap_migrates(criu, tmp_path, agent_tmp):
 
 
 @pytest.mark.slow
-def test_process_tree_with_shared_memory_migrates(criu, tmp_path, agent_tmp):
+@pytest.mark.parametrize("freeze", ["lazy", "page-server"])
+def test_process_tree_with_shared_memory_migrates(criu, tmp_path, agent_tmp, freeze):
     """shmwork: a parent, its child and a second thread over MAP_SHARED anonymous memory
     plus private memory; its verify checks the shared region through the child and that
-    the child and the thread are still alive and working."""
+    the child and the thread are still alive and working. Both freezes: the lazy dump,
+    and the plain dump into deltaxfer's page sink (which keeps the shared pages and
+    throws the tasks' away)."""
     with Server(tmp_path, extra=["--restore"]) as server, \
             workloads.start("shmwork", mib=16, tmpdir=tmp_path) as wl:
         with open(f"/proc/{wl.pid}/task/{wl.pid}/children") as f:
             assert f.read().split(), "shmwork has no child"
         assert len(os.listdir(f"/proc/{wl.pid}/task")) >= 2, "shmwork has no second thread"
-        r, pid = migrate_ok(tmp_path, agent_tmp, server, wl)
+        r, pid = migrate_ok(tmp_path, agent_tmp, server, wl, "--freeze", freeze)
+        assert r["freeze"]["mode"] == freeze, r["freeze"]
+        if freeze == "page-server":
+            sink = r["freeze"]["sink"]
+            assert sink["pages_discarded"] > 0 and sink["pages_kept"] > 0, sink
         if r["tracking"]["mode"] == "uffd-wp":   # both processes of the tree were armed
             assert len(r["tracking"]["armed"]) == 2, r["tracking"]
         verify_running(wl, pid)

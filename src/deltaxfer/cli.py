@@ -140,7 +140,7 @@ def cmd_migrate(args) -> int:
     opts = Options(session=args.session, downtime_target=args.downtime_target / 1000,
                    max_rounds=args.max_rounds, xor=not args.no_xor, compress=not args.no_lz4,
                    cache_bytes=args.xor_cache_mib << 20, restore=not args.no_restore,
-                   tracking=args.tracking, ssl=client_tls(args.tls_ca), progress=progress if (tty or args.progress) else None)
+                   tracking=args.tracking, freeze=args.freeze, ssl=client_tls(args.tls_ca), progress=progress if (tty or args.progress) else None)
     report = transport.run(migrate(args.pid, host, port, key, criu, opts), loop=args.loop).as_dict()
     if args.report:
         with open(args.report, "w") as f:
@@ -298,6 +298,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="written-page tracking (userfaultfd write-protect + PAGEMAP_SCAN, "
                         "Linux >= 6.7): auto = when the kernel can, else content hashing "
                         "(default); on = fail without it; off = content hashing only")
+    p.add_argument("--freeze", choices=("auto", "lazy", "page-server"), default="auto",
+                   help="how CRIU dumps in the freeze: lazy (pages stay in the frozen tasks; "
+                        "needs ~2048 open files per GiB), page-server (a plain dump whose "
+                        "pages deltaxfer throws away as they come), auto: lazy when it fits")
     p.add_argument("--no-restore", action="store_true",
                    help="stop after the destination holds the images (the source is killed)")
     p.add_argument("--criu", metavar="PATH", help="criu binary")

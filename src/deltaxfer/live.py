@@ -219,9 +219,36 @@ def snapshot_tree(tasks: list[Task], buffers: dict | None = None,
     return Snapshot(images, read, failed, time.monotonic() - t0, pages_read, written)
 
 
+class _PagesInTasks:
+    """A process's pagemap from a dump to deltaxfer's page sink (criu/sink.py): its pages
+    were not kept — they are in the frozen task and are read from there. Entries in
+    private anonymous mappings are marked lazy, as a lazy dump marks them (the
+    destination's lazy restore serves them); the others (the vDSO, copied-on-write file
+    pages) stay present, restored before the task runs."""
+
+    in_tasks = True
+
+    def __init__(self, path: str, pid: int):
+        pm = im.read_pagemap(path)
+        anon = [(v.start, v.end) for v in procmem.read_maps(pid)
+                if v.perms[3] == "p" and v.inode == 0 and not v.path.startswith("/")
+                and v.path not in ("[vdso]", "[vvar]", "[vvar_vclock]", "[vsyscall]")]
+
+        def lazy_ok(e):
+            return any(a <= e.vaddr and e.end <= b for a, b in anon)
+
+        self.pagemap = im.Pagemap(pm.pages_id, [
+            im.PagemapEntry(e.vaddr, e.nr_pages, e.flags | im.PE_LAZY)
+            if e.present and lazy_ok(e) else e for e in pm.entries])
+        self.pages = memoryview(b"")
+
+    def close(self) -> None:
+        pass
+
+
 def frozen_images(dump: DumpDir, tasks: list[Task], buffers: dict | None = None,
-                  tracking: Tracking | None = None, held: dict | None = None
-                  ) -> tuple[list[SourceImage], list, int]:
+                  tracking: Tracking | None = None, held: dict | None = None,
+                  pages_in_tasks: bool = False) -> tuple[list[SourceImage], list, int]:
     """The final round's memory images from a (lazy) dump of the frozen tree: LAZY-only
     entries are read from the frozen processes, PRESENT ones from the pages files.
     ``buffers`` are the live rounds' (reused: touching fresh memory inside the freeze
@@ -239,10 +266,17 @@ def frozen_images(dump: DumpDir, tasks: list[Task], buffers: dict | None = None,
             image_id = f"shmem-{im.SHMEM_PAGEMAP_RE.match(name).group(1)}"
         if image_id is None:
             continue
-        mem = im.MemoryImage(os.path.join(dump.path, name))
+        in_tasks = bool(pages_in_tasks and m)
+        if in_tasks:
+            ns_pid = int(m.group(1))
+            if ns_pid not in host:
+                raise LiveError(f"{name}: a process not in the frozen tree")
+            mem = _PagesInTasks(os.path.join(dump.path, name), host[ns_pid])
+        else:
+            mem = im.MemoryImage(os.path.join(dump.path, name))
         opened.append(mem)
         lazy = [e for e in mem.pagemap.entries if not e.present and e.flags & im.PE_LAZY]
-        if not lazy:
+        if not lazy and not in_tasks:
             images.append(SourceImage(image_id, mem.pagemap, mem.pages, mem.vaddrs()))
             continue
         if not image_id.startswith("pid-") or int(image_id[4:]) not in host:
@@ -262,7 +296,7 @@ def frozen_images(dump: DumpDir, tasks: list[Task], buffers: dict | None = None,
                 lens.append(e.nr_pages * PAGE_SIZE)
                 pairs.append(e.vaddr)
                 pairs.append(e.nr_pages | (e.flags | im.PE_PRESENT) << 32)
-                if e.present:
+                if e.present and not in_tasks:
                     from_file.append((at, e.nr_pages))
                 at += e.nr_pages
         total = at * PAGE_SIZE
@@ -306,7 +340,7 @@ def frozen_images(dump: DumpDir, tasks: list[Task], buffers: dict | None = None,
 
         for e in entries:
             n = e.nr_pages * PAGE_SIZE
-            if e.present:
+            if e.present and not in_tasks:
                 read_group()
                 buf[at:at + n] = mem.pages[file_at:file_at + n]
                 file_at += n

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from deltaxfer import PAGE_SIZE, _core, transport
 from deltaxfer.criu.dumpdir import DumpDir
 from deltaxfer.criu.lazy import end_lazy_dump
+from deltaxfer.criu.sink import PageSink
 from deltaxfer.criu.runner import Criu, log_errors
 from deltaxfer.live import LiveError, _alive, frozen_images, process_tree, snapshot_tree
 from deltaxfer.policy import Convergence, RoundMeasure
@@ -48,19 +49,18 @@ LAZY_DUMP_FDS_PER_GIB = 2048
 LAZY_DUMP_FDS_BASE = 1024
 
 
-def lazy_dump_fd_check(memory_bytes: int) -> None:
-    """Raise the soft open-files limit to the hard one (criu inherits it) and refuse,
-    before anything is frozen, a tree too large for a lazy dump under that limit."""
+def lazy_dump_fits(memory_bytes: int) -> tuple[bool, str]:
+    """Raise the soft open-files limit to the hard one (criu inherits it); whether a lazy
+    dump of ``memory_bytes`` fits under it, and why not."""
     import resource
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     need = LAZY_DUMP_FDS_BASE + int(LAZY_DUMP_FDS_PER_GIB * memory_bytes / 2**30)
     if hard != resource.RLIM_INFINITY and need > hard:
-        raise MigrationError(
-            f"the freeze (a lazy criu dump) of {memory_bytes / 2**30:.1f} GiB needs about "
-            f"{need} open files but the limit is {hard}: raise it (ulimit -Hn, LimitNOFILE=) "
-            f"or migrate a smaller tree; nothing was frozen")
+        return False, (f"a lazy criu dump of {memory_bytes / 2**30:.1f} GiB needs about "
+                       f"{need} open files, the limit is {hard}")
+    return True, ""
 
 
 class MigrationError(RuntimeError):
@@ -82,6 +82,7 @@ class Options:
     freeze_timeout: float | None = None   # default: 15 s + 2 s per GiB of memory
     round_timeout: float = 120.0           # a live round that takes longer: give up
     tracking: str = "auto"           # written-page tracking: auto (if the kernel can), on, off
+    freeze: str = "auto"             # lazy, page-server, or auto (lazy when it fits)
     progress: object = None          # callable(str) for the per-round line
 
 
@@ -244,6 +245,22 @@ class Agent:
         state, self.held = await receive_state(self.conn)
         self.round_no = state["round"]
 
+    def choose_freeze(self) -> None:
+        """lazy: `criu dump --lazy-pages`, the pages stay in the frozen tasks (the fast
+        path); page-server: a plain `criu dump --page-server` into deltaxfer's page sink,
+        which throws the tasks' pages away as they come (criu/sink.py) — for trees a lazy
+        dump cannot hold under the open-files limit. auto: lazy when it fits."""
+        fits, why = lazy_dump_fits(getattr(self, "memory_bytes", 0))
+        mode = self.opts.freeze
+        if mode == "auto":
+            mode = "lazy" if fits else "page-server"
+        elif mode == "lazy" and not fits:
+            raise MigrationError(f"--freeze lazy: {why}; raise the limit (ulimit -Hn, "
+                                 "LimitNOFILE=) or use --freeze page-server; nothing was frozen")
+        self.freeze_mode = mode
+        self.report.freeze["mode"] = mode if fits or mode != "page-server" else \
+            f"{mode} ({why})"
+
     def set_freeze_deadline(self, memory_bytes: int) -> None:
         self.freeze_timeout = self.opts.freeze_timeout or 15.0 + 2.0 * memory_bytes / 2**30
 
@@ -274,9 +291,14 @@ class Agent:
         t = time.monotonic()
         dump = DumpDir.open(self.dump_dir)
         tasks = self.frozen_tasks = process_tree(self.pid)
+        if getattr(self, "sink", None) is not None:
+            # a dump to the page sink: its pagemaps are written once CRIU closed the stream
+            # (before post-dump); they say which pages the tasks hold
+            await loop.run_in_executor(None, self.sink.wait, 30.0)
+            f["sink"] = dict(self.sink.stats)
         images, opened, from_memory = await loop.run_in_executor(
             self.pipeline.pool, frozen_images, dump, tasks, self.buffers, self.tracking,
-            self.held)
+            self.held, getattr(self, "sink", None) is not None)
         f["read_memory"] = round(time.monotonic() - t, 6)
         f["read_bytes"] = from_memory
         try:
@@ -327,9 +349,9 @@ class Agent:
         os.makedirs(self.dump_dir, mode=0o700)
         sock_path = os.path.join(self.work, "agent.sock")
         server = await asyncio.start_unix_server(self.on_hook, sock_path)
-        lazy_port = self.opts.lazy_port or _free_port()
+        lazy = getattr(self, "freeze_mode", "lazy") == "lazy"
         self.set_freeze_deadline(getattr(self, "memory_bytes", 0))
-        env = dict(os.environ, **{AGENT_ENV: sock_path, LAZY_PORT_ENV: str(lazy_port),
+        env = dict(os.environ, **{AGENT_ENV: sock_path,
                                   TIMEOUT_ENV: str(self.freeze_timeout + 15.0)})
         # CRIU execs the action script's path as is (no shell, no arguments): a wrapper
         hook = os.path.join(self.work, "deltaxfer-hook")
@@ -337,24 +359,32 @@ class Agent:
             f.write(f"#!/bin/sh\nexec {sys.executable} -m deltaxfer.hook\n")
         os.chmod(hook, 0o700)
         args = [self.criu.path, "dump", "-t", str(self.pid), "-D", self.dump_dir,
-                "--shell-job", "--lazy-pages", "--address", "127.0.0.1", "--port",
-                str(lazy_port), "--leave-stopped", "--action-script", hook,
+                "--shell-job", "--leave-stopped", "--action-script", hook,
                 "-o", "dump.log", "-v4"]
+        if lazy:
+            lazy_port = self.opts.lazy_port or _free_port()
+            env[LAZY_PORT_ENV] = str(lazy_port)
+            args += ["--lazy-pages", "--address", "127.0.0.1", "--port", str(lazy_port)]
+        else:
+            self.sink = PageSink(self.dump_dir, self.criu.version)
+            args += ["--page-server", "--address", "127.0.0.1", "--port", str(self.sink.port)]
         proc = await asyncio.create_subprocess_exec(*args, env=env,
                                                     stdin=asyncio.subprocess.DEVNULL,
                                                     stdout=asyncio.subprocess.DEVNULL,
                                                     stderr=asyncio.subprocess.PIPE)
         loop = asyncio.get_running_loop()
+        stop = threading.Event()
         try:
-            # after the post-dump hook, CRIU waits for a lazy-pages client: end it
             waiter = loop.create_task(proc.wait())
-            stop = threading.Event()
-            closer = loop.run_in_executor(None, functools.partial(
-                end_lazy_dump, "127.0.0.1", lazy_port, self.criu.version, timeout=600.0,
-                cancelled=stop.is_set))
-            done, _ = await asyncio.wait({waiter, closer}, return_when=asyncio.FIRST_COMPLETED)
-            if closer in done:
-                self.report.freeze["lazy_close_status"] = closer.result()
+            if lazy:
+                # after the post-dump hook, CRIU waits for a lazy-pages client: end it
+                closer = loop.run_in_executor(None, functools.partial(
+                    end_lazy_dump, "127.0.0.1", lazy_port, self.criu.version, timeout=600.0,
+                    cancelled=stop.is_set))
+                done, _ = await asyncio.wait({waiter, closer},
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if closer in done:
+                    self.report.freeze["lazy_close_status"] = closer.result()
             rc = await waiter
             stop.set()
             self.report.freeze["criu_exit"] = rc
@@ -364,7 +394,10 @@ class Agent:
                                      f"{log_errors(os.path.join(self.dump_dir, 'dump.log')) or err}")
             return rc
         finally:
+            stop.set()
             server.close()
+            if getattr(self, "sink", None) is not None:
+                self.sink.close()
             if proc.returncode is None:
                 proc.kill()
                 await proc.wait()
@@ -377,7 +410,7 @@ class Agent:
             self.start_tracking()
             await self.begin_session()
             await self.live_rounds()
-            lazy_dump_fd_check(getattr(self, "memory_bytes", 0))
+            self.choose_freeze()
             rc = await self.freeze_and_push()
             if rc == 0 and self.confirmed:
                 # the destination runs the process: end the (stopped) source
