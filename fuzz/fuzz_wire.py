@@ -9,21 +9,14 @@ import atheris
 
 with atheris.instrument_imports(include=["deltaxfer"]):
     from deltaxfer import wire
-    from deltaxfer.wire import MsgType as T
+
     from deltaxfer.wire import ProtocolError
 
 
 def payloads(messages):
     for m in messages:
         try:
-            if m.type in wire.CONTROL_TYPES:
-                wire.decode_control(m)
-            elif m.type == T.PAGEMAP:
-                wire.decode_pagemap(m.payload)
-            elif m.type == T.HELD:
-                wire.decode_held(m.payload)
-            elif m.type == T.PAGES:
-                wire.decode_pages(m.payload)
+            wire.decode_payload(m)
         except ProtocolError:
             pass
 

@@ -57,14 +57,7 @@ def check_payloads(messages):
     """Every payload parser raises only ProtocolError on whatever the decoder accepted."""
     for m in messages:
         try:
-            if m.type in wire.CONTROL_TYPES:
-                wire.decode_control(m)
-            elif m.type == T.PAGEMAP:
-                wire.decode_pagemap(m.payload)
-            elif m.type == T.HELD:
-                wire.decode_held(m.payload)
-            elif m.type == T.PAGES:
-                wire.decode_pages(m.payload)
+            wire.decode_payload(m)
         except ProtocolError:
             pass
 

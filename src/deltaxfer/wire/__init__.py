@@ -21,4 +21,21 @@ from .messages import (BINARY_TYPES, CAPS, CONTROL_LIMIT, CONTROL_TYPES, FILE_DA
                        ProtocolError)
 from .names import check_image_id, check_image_name, check_session_name
 
+
+
+def decode_payload(m: Message):
+    """The payload of a decoded message, parsed by its type's parser (control JSON,
+    pagemap, held table, pages); other types' payloads are returned as they are. Raises
+    ProtocolError — only that — on a malformed payload."""
+    if m.type in CONTROL_TYPES:
+        return decode_control(m)
+    if m.type == MsgType.PAGEMAP:
+        return decode_pagemap(m.payload)
+    if m.type == MsgType.HELD:
+        return decode_held(m.payload)
+    if m.type == MsgType.PAGES:
+        return decode_pages(m.payload)
+    return m.payload
+
+
 __all__ = [n for n in dir() if not n.startswith("_")]
