@@ -9,7 +9,6 @@ import atheris
 
 with atheris.instrument_imports(include=["deltaxfer"]):
     from deltaxfer import wire
-
     from deltaxfer.wire import ProtocolError
 
 
