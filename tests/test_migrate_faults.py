@@ -308,16 +308,19 @@ def test_link_silent_during_the_freeze_rolls_back_in_bounded_time(criu, tmp_path
 
 
 @pytest.mark.slow
-def test_agent_killed_during_the_freeze_source_resumes(criu, tmp_path, agent_tmp, key_file):
+@pytest.mark.parametrize("freeze", ["lazy", "page-server"])
+def test_agent_killed_during_the_freeze_source_resumes(criu, tmp_path, agent_tmp, key_file,
+                                                       freeze):
     """`deltaxfer migrate` is SIGKILLed while the post-dump hook waits for it (the link is
     held silent so that the agent is inside the final round). CRIU must resume the
-    source: the hook's fallback has to end the lazy dump."""
+    source: the hook's fallback has to end the lazy dump (with the page sink, CRIU has
+    already closed its page stream and only needs the hook's failure)."""
     stall = lambda d, t, p: "stall" if CUT_POINTS["final-round"](d, t, p) else None  # noqa
     with Server(tmp_path, extra=["--restore"]) as server, \
             workloads.start("memwork", mib=MIB, dirty_mib_per_s=DIRTY, tmpdir=tmp_path) as wl, \
             LinkProxy(server.port, rule=stall) as proxy:
         proc = start_migrate(wl.pid, proxy.addr, key_file, tmp_path / "r.json",
-                             env=agent_env(agent_tmp))
+                             "--freeze", freeze, env=agent_env(agent_tmp))
         left = Held()
         try:
             assert proxy.triggered.wait(60), "the final round never began"
@@ -342,13 +345,17 @@ def test_agent_killed_during_the_freeze_source_resumes(criu, tmp_path, agent_tmp
 # -- 4. the destination cannot restore -------------------------------------------------------
 
 @pytest.mark.slow
-def test_destination_restore_fails_rolls_back(criu, tmp_path, agent_tmp, key_file):
+@pytest.mark.parametrize("freeze", ["lazy", "page-server"])
+def test_destination_restore_fails_rolls_back(criu, tmp_path, agent_tmp, key_file, freeze):
+    """Both freezes: after the lazy dump and after the plain dump into the page sink, a
+    failed restore on the destination has CRIU resume the source."""
     fake = fake_criu(tmp_path, criu.path)
     with Server(tmp_path, extra=["--restore", "--criu", fake]) as server, \
             workloads.start("memwork", mib=MIB, dirty_mib_per_s=DIRTY, tmpdir=tmp_path) as wl:
         before = wl.verify()
         m = run_migrate(wl.pid, server.addr, key_file, tmp_path / "r.json",
-                        env=agent_env(agent_tmp), timeout=120)
+                        "--freeze", freeze, env=agent_env(agent_tmp), timeout=120)
+        assert m.report["freeze"].get("mode") == freeze, m.report["freeze"]
         assert_failed_cleanly(m, outcome="rolled back", error_has=("restore",))
         err = m.report["error"]
         assert "restore refused by the test" in err, err
