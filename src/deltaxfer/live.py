@@ -106,51 +106,27 @@ READ_THREADS = min(4, os.cpu_count() or 1)
 _readers = None
 
 
-def read_runs(pid: int, run_v: array, run_l: array, view: memoryview) -> tuple[list, int]:
-    """process_vm_readv of the runs into ``view`` (their pages back to back), split across
-    threads: the kernel's copy into our buffer is the bound (~1.5 GB/s per core here)
-    and the core releases the GIL. Returns (failed pieces, bytes failed)."""
+def _reader_pool():
     global _readers
-    total = len(view)
-    if READ_THREADS < 2 or total < (64 << 20) or len(run_v) < 2:
-        return _core.read_process_memory(pid, run_v, run_l, view)
     if _readers is None:
         from concurrent.futures import ThreadPoolExecutor
         _readers = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="deltaxfer-read")
-    # cut the run list where the bytes before the cut reach k/threads of the total
-    jobs, start_run, start_byte, acc = [], 0, 0, 0
-    share = total / READ_THREADS
-    for i, n in enumerate(run_l):
-        acc += n
-        if acc >= share * (len(jobs) + 1) and len(jobs) < READ_THREADS - 1:
-            jobs.append((start_run, i + 1, start_byte, acc))
-            start_run, start_byte = i + 1, acc
-    jobs.append((start_run, len(run_l), start_byte, acc))
-    futures = [_readers.submit(_core.read_process_memory, pid, run_v[a:b], run_l[a:b],
-                               view[lo:hi]) for a, b, lo, hi in jobs if b > a]
-    failed, bad = [], 0
-    for f in futures:
-        pieces, n = f.result()
-        failed += pieces
-        bad += n
-    return failed, bad
+    return _readers
 
 
-def read_masked(pid: int, vaddrs: array, clean, view: memoryview) -> tuple[int, int]:
-    """Read the pages of vaddrs not marked clean into their slots of view, on several
-    threads when there is much to read. Returns (pages read, pages failed)."""
-    global _readers
+def read_masked(pid: int, vaddrs: array, skip, view: memoryview) -> tuple[int, int]:
+    """process_vm_readv of the pages of vaddrs not marked in ``skip`` (all when None) into
+    their slots of view (page i at i * PAGE_SIZE), split across threads when there is
+    much to read: the kernel's copy into our buffer is the bound (~1.5 GB/s per core
+    here) and the core releases the GIL. Returns (pages read, pages failed)."""
     n = len(vaddrs)
-    todo = n - (clean.count(1) if clean is not None else 0)
+    todo = n - (skip.count(1) if skip is not None else 0)
     if READ_THREADS < 2 or todo * PAGE_SIZE < (64 << 20):
-        return _core.read_pages_masked(pid, vaddrs, clean, view)
-    if _readers is None:
-        from concurrent.futures import ThreadPoolExecutor
-        _readers = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="deltaxfer-read")
+        return _core.read_pages_masked(pid, vaddrs, skip, view)
     cuts = [n * k // READ_THREADS for k in range(READ_THREADS + 1)]
-    futures = [_readers.submit(_core.read_pages_masked, pid, vaddrs[a:b],
-                               None if clean is None else memoryview(clean)[a:b],
-                               view[a * PAGE_SIZE:b * PAGE_SIZE])
+    futures = [_reader_pool().submit(_core.read_pages_masked, pid, vaddrs[a:b],
+                                     None if skip is None else memoryview(skip)[a:b],
+                                     view[a * PAGE_SIZE:b * PAGE_SIZE])
                for a, b in zip(cuts, cuts[1:]) if b > a]
     got = failed = 0
     for f in futures:
@@ -185,7 +161,7 @@ def snapshot_tree(tasks: list[Task], buffers: dict | None = None,
     images, read, failed, pages_read, written = [], 0, 0, 0, 0
     for task in tasks:
         try:
-            # the scan (which re-protects what it reports) comes before the reads
+            # the scan comes before the reads (see tracking.ProcessTracker.protect)
             scan = tracking.scan(task.host_pid) if tracking is not None else None
             run_v, run_l = procmem.criu_runs(task.host_pid)
         except (ProcessLookupError, OSError) as e:
@@ -203,17 +179,12 @@ def snapshot_tree(tasks: list[Task], buffers: dict | None = None,
         clean = clean_mask(vaddrs, scan, h.vaddrs if h is not None else None)
         if scan is not None:      # protect again what is about to be read, then read it
             tracking.protect(task.host_pid, vaddrs, clean, scan)
-        if clean is None:
-            bad, bad_bytes = read_runs(task.host_pid, run_v, run_l, view)
-            pages_read += len(vaddrs)
-        else:
-            got, bad_pages = read_masked(task.host_pid, vaddrs, clean, view)
-            bad_bytes = bad_pages * PAGE_SIZE
-            pages_read += got
+        got, bad_pages = read_masked(task.host_pid, vaddrs, clean, view)
+        pages_read += got
         if scan is not None:
             written += scan.written_pages
         read += total
-        failed += bad_bytes
+        failed += bad_pages * PAGE_SIZE
         images.append(SourceImage(image_id, None, view, vaddrs, clean,
                                   _pairs_of_runs(run_v, run_l, im.PE_PRESENT)))
     return Snapshot(images, read, failed, time.monotonic() - t0, pages_read, written)
@@ -282,12 +253,10 @@ def frozen_images(dump: DumpDir, tasks: list[Task], buffers: dict | None = None,
         if not image_id.startswith("pid-") or int(image_id[4:]) not in host:
             raise LiveError(f"{name}: lazy pages of a process not in the frozen tree")
         pid = host[int(image_id[4:])]
-        # one buffer in pagemap order: pages-file pages copied in, lazy pages read from the
-        # frozen process straight into their places (each group of consecutive lazy
-        # entries in one process_vm_readv batch)
-        # one pass over the entries: the pages (lazy + from the pages file) as runs, the
-        # PAGEMAP pairs, and where the pages-file runs go (tens of thousands of entries
-        # per GiB: nothing per entry beyond this loop)
+        # one buffer in pagemap order: pages-file pages copied in, the others read from
+        # the frozen process straight into their places. One pass over the entries: the
+        # pages as runs, the PAGEMAP pairs, and where the pages-file runs go (tens of
+        # thousands of entries per GiB: nothing per entry beyond this loop)
         starts, lens, pairs, from_file = array("Q"), array("Q"), array("Q"), []
         at = 0
         for e in mem.pagemap.entries:
@@ -305,51 +274,21 @@ def frozen_images(dump: DumpDir, tasks: list[Task], buffers: dict | None = None,
         scan = tracking.scan(pid) if tracking is not None else None
         h = held.get(image_id) if held else None
         clean = clean_mask(vaddrs, scan, h.vaddrs if h is not None else None)
-        if clean is not None:
-            # pages from the pages file are never clean (their bytes come from the file)
-            # and not read from memory
-            skip = bytearray(clean)
-            for at, n in from_file:
+        # pages from the pages file are never clean (their bytes come from the file) and
+        # not read from memory
+        skip = bytearray(clean) if clean is not None else bytearray(len(vaddrs))
+        for at, n in from_file:
+            if clean is not None:
                 clean[at:at + n] = bytes(n)
-                skip[at:at + n] = b"\x01" * n
-            got, bad = read_masked(pid, vaddrs, skip, view)
-            if bad:
-                raise LiveError(f"could not read {bad} pages of frozen pid {pid}'s memory")
-            file_at = 0
-            for at, n in from_file:
-                buf[at * PAGE_SIZE:(at + n) * PAGE_SIZE] = \
-                    mem.pages[file_at * PAGE_SIZE:(file_at + n) * PAGE_SIZE]
-                file_at += n
-            from_memory += got * PAGE_SIZE
-            images.append(SourceImage(image_id, None, view, vaddrs, clean, pairs))
-            continue
-        entries = [e for e in mem.pagemap.entries if e.present or e.flags & im.PE_LAZY]
-        at = file_at = 0
-        group_at, run_v, run_l = 0, array("Q"), array("Q")
-
-        def read_group():
-            nonlocal from_memory
-            if run_v:
-                n = sum(run_l)
-                bad, bad_bytes = read_runs(pid, run_v, run_l, view[group_at:group_at + n])
-                if bad_bytes:
-                    raise LiveError(f"could not read {bad_bytes} bytes of frozen pid {pid}'s "
-                                    f"memory (first at {bad[0]})")
-                from_memory += n
-                del run_v[:], run_l[:]
-
-        for e in entries:
-            n = e.nr_pages * PAGE_SIZE
-            if e.present and not in_tasks:
-                read_group()
-                buf[at:at + n] = mem.pages[file_at:file_at + n]
-                file_at += n
-            else:
-                if not run_v:
-                    group_at = at
-                run_v.append(e.vaddr)
-                run_l.append(n)
-            at += n
-        read_group()
-        images.append(SourceImage(image_id, None, view, vaddrs, None, pairs))
+            skip[at:at + n] = b"\x01" * n
+        got, bad = read_masked(pid, vaddrs, skip, view)
+        if bad:
+            raise LiveError(f"could not read {bad} pages of frozen pid {pid}'s memory")
+        file_at = 0
+        for at, n in from_file:
+            buf[at * PAGE_SIZE:(at + n) * PAGE_SIZE] = \
+                mem.pages[file_at * PAGE_SIZE:(file_at + n) * PAGE_SIZE]
+            file_at += n
+        from_memory += got * PAGE_SIZE
+        images.append(SourceImage(image_id, None, view, vaddrs, clean, pairs))
     return images, opened, from_memory
