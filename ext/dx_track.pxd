@@ -12,7 +12,7 @@ cdef extern from "track.h" nogil:
     int dx_uffd_register_wp(int fd, uint64_t start, uint64_t end)
     int dx_uffd_writeprotect(int fd, uint64_t start, uint64_t end, int protect)
     int dx_uffd_unregister(int fd, uint64_t start, uint64_t end)
-    ptrdiff_t dx_scan_written(int pagemap_fd, uint64_t start, uint64_t end, int reprotect,
+    ptrdiff_t dx_scan_written(int pagemap_fd, uint64_t start, uint64_t end,
                               uint64_t **out_starts, uint64_t **out_ends, size_t *nout,
                               size_t *cap)
     int dx_pagemap_scan_probe(int pagemap_fd)

@@ -71,9 +71,9 @@ def uffd_unregister(int fd, uint64_t start, uint64_t end):
         raise _os_error(rc, f"UFFDIO_UNREGISTER {start:#x}-{end:#x}")
 
 
-def scan_written(int pagemap_fd, starts, ends, bint reprotect=True):
+def scan_written(int pagemap_fd, starts, ends):
     """PAGEMAP_SCAN each range [starts[k], ends[k]): the ranges of pages written since
-    they were last write-protected, re-protected in the same walk when reprotect.
+    they were last write-protected (nothing is re-protected: see protect_unclean).
     Returns (written_starts, written_ends, pages, failed) where failed lists the indexes
     k whose scan failed with EPERM (that range is not registered any more)."""
     cdef _Buffer sb = u64_buffer(starts, "starts")
@@ -91,7 +91,7 @@ def scan_written(int pagemap_fd, starts, ends, bint reprotect=True):
     try:
         for k in range(n):
             with nogil:
-                got = dx_scan_written(pagemap_fd, sp[k], ep[k], reprotect, &os_, &oe, &nout,
+                got = dx_scan_written(pagemap_fd, sp[k], ep[k], &os_, &oe, &nout,
                                       &cap)
             if got == -_errno.EPERM or got == -_errno.EINVAL:
                 failed.append(k)

@@ -34,7 +34,6 @@ struct dx_pm_scan_arg {
     uint64_t category_inverted, category_mask, category_anyof_mask, return_mask;
 };
 #define DX_PAGEMAP_SCAN _IOWR('f', 16, struct dx_pm_scan_arg)
-#define DX_PM_SCAN_WP_MATCHING (1ull << 0)
 #define DX_PM_SCAN_CHECK_WPASYNC (1ull << 1)
 #define DX_PAGE_IS_WRITTEN (1ull << 1)
 #define DX_PAGE_IS_PRESENT (1ull << 3)
@@ -252,7 +251,7 @@ static int push_range(uint64_t s, uint64_t e, uint64_t **os, uint64_t **oe, size
     return 0;
 }
 
-ptrdiff_t dx_scan_written(int fd, uint64_t start, uint64_t end, int reprotect,
+ptrdiff_t dx_scan_written(int fd, uint64_t start, uint64_t end,
                           uint64_t **out_starts, uint64_t **out_ends, size_t *nout, size_t *cap)
 {
     struct dx_page_region vec[SCAN_VEC];
@@ -262,15 +261,15 @@ ptrdiff_t dx_scan_written(int fd, uint64_t start, uint64_t end, int reprotect,
         struct dx_pm_scan_arg a;
         memset(&a, 0, sizeof a);
         a.size = sizeof a;
-        a.flags = DX_PM_SCAN_CHECK_WPASYNC | (reprotect ? DX_PM_SCAN_WP_MATCHING : 0);
+        a.flags = DX_PM_SCAN_CHECK_WPASYNC;
         a.start = cur;
         a.end = end;
         a.vec = (uint64_t)(uintptr_t)vec;
         a.vec_len = SCAN_VEC;
         a.category_mask = DX_PAGE_IS_WRITTEN;
         /* not WRITTEN alone: with exactly WRITTEN in both masks the kernel takes a fast
-         * path that counts empty page-table entries as written and puts a uffd-wp marker
-         * in each (pagemap then shows them as swapped pages, which they are not) */
+         * path that counts empty page-table entries as written (and, were we to
+         * re-protect here, would put a uffd-wp marker in each) */
         a.return_mask = DX_PAGE_IS_WRITTEN | DX_PAGE_IS_PRESENT | DX_PAGE_IS_SWAPPED;
         int n = ioctl(fd, DX_PAGEMAP_SCAN, &a);
         if (n < 0) return -errno;

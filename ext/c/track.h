@@ -41,10 +41,11 @@ int dx_uffd_unregister(int fd, uint64_t start, uint64_t end);
 
 /* PAGEMAP_SCAN of [start, end) on an open /proc/PID/pagemap: append the ranges of pages
  * written since they were last protected to (*out_starts, *out_ends) (malloc'd, grown;
- * *nout in/out) and, when `reprotect`, write-protect them again in the same walk.  Every
- * VMA in the range must be registered for asynchronous write-protection (else -EPERM).
- * Returns pages reported, or -errno. */
-ptrdiff_t dx_scan_written(int pagemap_fd, uint64_t start, uint64_t end, int reprotect,
+ * *nout in/out).  Nothing is re-protected here (PM_SCAN_WP_MATCHING would also turn
+ * empty entries into uffd-wp markers): dx_protect_unclean protects what is about to be
+ * read.  Every VMA in the range must be registered for asynchronous write-protection
+ * (else -EPERM).  Returns pages reported, or -errno. */
+ptrdiff_t dx_scan_written(int pagemap_fd, uint64_t start, uint64_t end,
                           uint64_t **out_starts, uint64_t **out_ends, size_t *nout,
                           size_t *cap);
 

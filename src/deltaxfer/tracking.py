@@ -178,10 +178,10 @@ class ProcessTracker:
         vmas = [v for v in procmem.read_maps(self.pid) if eligible(v)]
         starts = array("Q", [v.start for v in vmas])
         ends = array("Q", [v.end for v in vmas])
-        # no PM_SCAN_WP_MATCHING: protecting what the scan matches would also turn the
-        # empty entries it reports into uffd-wp markers, which pagemap (and CRIU) then
-        # count as swapped pages; the pages to be read are protected by protect() instead
-        ws, we, pages, failed = _core.scan_written(self.pagemap, starts, ends, False)
+        # the scan re-protects nothing (PM_SCAN_WP_MATCHING would also turn the empty
+        # entries it reports into uffd-wp markers, which pagemap and CRIU count as
+        # swapped pages): the pages to be read are protected by protect()
+        ws, we, pages, failed = _core.scan_written(self.pagemap, starts, ends)
         failed = set(failed)
         ts, te = array("Q"), array("Q")
         registered = untracked = 0
