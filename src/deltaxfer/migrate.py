@@ -142,6 +142,9 @@ class Agent:
         self.frozen_tasks = []
         self.final_result: asyncio.Future | None = None
         self.tracking: Tracking | None = None
+        self.memory_bytes = 0              # of the tree, as the last live round read it
+        self.freeze_mode = "lazy"          # see choose_freeze
+        self.sink: PageSink | None = None  # the page sink of a page-server freeze
 
     def start_tracking(self) -> None:
         """Written-page tracking when asked for and the kernel can (else content hashing,
@@ -250,7 +253,7 @@ class Agent:
         path); page-server: a plain `criu dump --page-server` into deltaxfer's page sink,
         which throws the tasks' pages away as they come (criu/sink.py) — for trees a lazy
         dump cannot hold under the open-files limit. auto: lazy when it fits."""
-        fits, why = lazy_dump_fits(getattr(self, "memory_bytes", 0))
+        fits, why = lazy_dump_fits(self.memory_bytes)
         mode = self.opts.freeze
         if mode == "auto":
             mode = "lazy" if fits else "page-server"
@@ -291,14 +294,14 @@ class Agent:
         t = time.monotonic()
         dump = DumpDir.open(self.dump_dir)
         tasks = self.frozen_tasks = process_tree(self.pid)
-        if getattr(self, "sink", None) is not None:
+        if self.sink is not None:
             # a dump to the page sink: its pagemaps are written once CRIU closed the stream
             # (before post-dump); they say which pages the tasks hold
             await loop.run_in_executor(None, self.sink.wait, 30.0)
             f["sink"] = dict(self.sink.stats)
         images, opened, from_memory = await loop.run_in_executor(
             self.pipeline.pool, frozen_images, dump, tasks, self.buffers, self.tracking,
-            self.held, getattr(self, "sink", None) is not None)
+            self.held, self.sink is not None)
         f["read_memory"] = round(time.monotonic() - t, 6)
         f["read_bytes"] = from_memory
         try:
@@ -349,8 +352,8 @@ class Agent:
         os.makedirs(self.dump_dir, mode=0o700)
         sock_path = os.path.join(self.work, "agent.sock")
         server = await asyncio.start_unix_server(self.on_hook, sock_path)
-        lazy = getattr(self, "freeze_mode", "lazy") == "lazy"
-        self.set_freeze_deadline(getattr(self, "memory_bytes", 0))
+        lazy = self.freeze_mode == "lazy"
+        self.set_freeze_deadline(self.memory_bytes)
         env = dict(os.environ, **{AGENT_ENV: sock_path,
                                   TIMEOUT_ENV: str(self.freeze_timeout + 15.0)})
         # CRIU execs the action script's path as is (no shell, no arguments): a wrapper
@@ -396,7 +399,7 @@ class Agent:
         finally:
             stop.set()
             server.close()
-            if getattr(self, "sink", None) is not None:
+            if self.sink is not None:
                 self.sink.close()
             if proc.returncode is None:
                 proc.kill()
