@@ -203,7 +203,7 @@ class _PagesInTasks:
         pm = im.read_pagemap(path)
         anon = [(v.start, v.end) for v in procmem.read_maps(pid)
                 if v.perms[3] == "p" and v.inode == 0 and not v.path.startswith("/")
-                and v.path not in ("[vdso]", "[vvar]", "[vvar_vclock]", "[vsyscall]")]
+                and v.path not in procmem.SPECIAL_MAPPINGS]
 
         def lazy_ok(e):
             return any(a <= e.vaddr and e.end <= b for a, b in anon)

@@ -36,7 +36,6 @@ from deltaxfer.core import procmem
 
 O_CLOEXEC = 0o2000000
 O_NONBLOCK = 0o4000
-_SPECIAL = ("[vvar]", "[vvar_vclock]", "[vdso]", "[vsyscall]", "[uprobes]")
 
 
 class TrackingUnavailable(RuntimeError):
@@ -100,7 +99,7 @@ def _syscall_ip(pid: int, maps: list[procmem.Vma]) -> int:
 
 def eligible(v: procmem.Vma) -> bool:
     """The VMAs whose pages CRIU dumps as private memory (what the live rounds read)."""
-    return v.perms[3] == "p" and v.perms[0] == "r" and v.path not in _SPECIAL
+    return v.perms[3] == "p" and v.perms[0] == "r" and v.path not in procmem.SPECIAL_MAPPINGS
 
 
 @dataclass

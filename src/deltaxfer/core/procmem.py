@@ -13,7 +13,7 @@ from . import native
 
 PAGE_SIZE = 4096
 # kernel-provided special mappings that CRIU does not dump as memory
-_SPECIAL = ("[vvar]", "[vvar_vclock]", "[vdso]", "[vsyscall]", "[uprobes]")
+SPECIAL_MAPPINGS = ("[vvar]", "[vvar_vclock]", "[vdso]", "[vsyscall]", "[uprobes]")
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,7 @@ class Vma:
         anonymous = self.inode == 0 and (self.path in ("", "[heap]") or
                                          self.path.startswith(("[stack", "[anon:")))
         return (self.perms[1] == "w" and self.perms[3] == "p" and anonymous
-                and self.path not in _SPECIAL)
+                and self.path not in SPECIAL_MAPPINGS)
 
 
 def parse_maps(text: str) -> list[Vma]:
@@ -97,7 +97,7 @@ def zero_page_pfn() -> int:
 
 
 _ZERO_PFN: int | None = None
-_NOT_DUMPED = ("[vvar]", "[vvar_vclock]", "[vsyscall]", "[uprobes]")
+_NOT_DUMPED = tuple(m for m in SPECIAL_MAPPINGS if m != "[vdso]")   # CRIU dumps the vDSO
 
 
 def criu_runs(pid: int, impl=native) -> tuple[array, array]:
