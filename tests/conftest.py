@@ -20,3 +20,9 @@ def criu():
     except CriuError as e:
         pytest.fail(str(e))
     return c
+
+
+@pytest.fixture(params=["uvloop", "asyncio"])
+def loop_kind(request):
+    """Each transport test runs on both event loops."""
+    return request.param

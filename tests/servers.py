@@ -1,5 +1,6 @@
 """A `deltaxfer serve` subprocess for tests: started on a free loopback port, its log
 kept, stopped and checked for leftovers at the end."""
+import asyncio
 import os
 import re
 import select
@@ -25,6 +26,27 @@ def wait_listening(proc, read_log, timeout: float = 30) -> int:
             return int(m.group(1))
         time.sleep(0.05)
     raise RuntimeError(f"deltaxfer serve did not start: {read_log()}")
+
+
+def run_bounded(kind: str, coro, timeout: float):
+    """Run coro on the named event loop (uvloop or asyncio), failing after timeout s."""
+    from deltaxfer import transport
+
+    async def bounded():
+        async with asyncio.timeout(timeout):
+            return await coro
+    return transport.run(bounded(), loop=kind)
+
+
+def terminate(proc: subprocess.Popen, timeout: float = 10) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within timeout s."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def write_key(path, key=KEY, mode=0o600):
@@ -83,13 +105,7 @@ class Server:
         return self.proc.poll() is None
 
     def stop(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc)
         self.log()
         self._log.close()
 
@@ -125,11 +141,5 @@ class ServeProcess:
         return self.log_path.read_text(errors="replace")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc)
         shutil.rmtree(self.dir, ignore_errors=True)

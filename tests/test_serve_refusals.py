@@ -13,21 +13,15 @@ from deltaxfer.store import Store, image_digest
 from deltaxfer.transport import PeerError
 from deltaxfer.wire import MsgType, encode_header, encode_pages, iter_pagemap
 
+from servers import run_bounded
+
 KEY = b"r" * 32
 VADDRS = array("Q", [0x400000 + i * PAGE_SIZE for i in range(32)])
 PAGES = b"".join(bytes([i + 1]) * PAGE_SIZE for i in range(32))
 
 
-@pytest.fixture(params=["uvloop", "asyncio"])
-def loop_kind(request):
-    return request.param
-
-
 def run(kind, coro, timeout=30):
-    async def bounded():
-        async with asyncio.timeout(timeout):
-            return await coro
-    return transport.run(bounded(), loop=kind)
+    return run_bounded(kind, coro, timeout)
 
 
 async def start(tmp_path):

@@ -14,20 +14,14 @@ from deltaxfer import _core, transport, wire
 from deltaxfer.transport import AuthError, ConnectionClosed, PeerError
 from deltaxfer.wire import ErrorCode, MsgType, ProtocolError
 
+from servers import run_bounded
+
 KEY = b"k" * 32
 MiB = 1 << 20
 
 
-@pytest.fixture(params=["uvloop", "asyncio"])
-def loop_kind(request):
-    return request.param
-
-
 def run(kind, coro, timeout=20):
-    async def bounded():
-        async with asyncio.timeout(timeout):
-            return await coro
-    return transport.run(bounded(), loop=kind)
+    return run_bounded(kind, coro, timeout)
 
 
 async def start(handler, **kw):
