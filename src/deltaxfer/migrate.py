@@ -389,7 +389,6 @@ class Agent:
                 if closer in done:
                     self.report.freeze["lazy_close_status"] = closer.result()
             rc = await waiter
-            stop.set()
             self.report.freeze["criu_exit"] = rc
             if rc != 0 and not self.report.error:
                 err = (await proc.stderr.read()).decode(errors="replace").strip()

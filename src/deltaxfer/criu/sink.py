@@ -110,7 +110,10 @@ class PageSink:
                             if f is None:
                                 f = shmem_files[ident] = open(
                                     os.path.join(self.image_dir, f"pages-sink-{ident}.tmp"), "wb")
-                            f.write(self._recv_exact(conn, n))
+                            while n:      # in chunks: a shared region may be GiBs
+                                chunk = self._recv_exact(conn, min(n, 1 << 20))
+                                f.write(chunk)
+                                n -= len(chunk)
                             self.stats["pages_kept"] += nr
                         else:
                             self._discard(conn, r, w, null, n)
