@@ -7,7 +7,7 @@ APT_PACKAGES := gcc make pkg-config liblz4-dev libxxhash-dev iproute2 util-linux
 CORE_SOURCES := $(wildcard ext/*.pyx ext/*.pxd ext/*.pxi ext/c/*.c ext/c/*.h) setup.py
 PYTEST_ARGS ?=
 
-.PHONY: all deps criu venv build test demo bench bench-compare bench-migrate bench-deps fuzz clean distclean
+.PHONY: all deps criu runc venv build test demo bench bench-compare bench-migrate bench-deps fuzz clean distclean
 
 all: build
 
@@ -27,6 +27,23 @@ deps: .local/.deps-ok
 criu: deps
 	@bash scripts/install-criu.sh
 
+# runc containers (src/deltaxfer/runc.py, tests/test_runc.py, docs/CONTAINERS.md): Debian's
+# runc, a static busybox for the test containers' rootfs, iptables (runc's CRIU restore of
+# a container with its own network namespace runs iptables-restore). runc is pointed at the
+# project's criu with its global --criu option (deltaxfer.runc), not through PATH.
+RUNC_APT_PACKAGES := runc busybox-static iptables
+runc: .local/.runc-ok
+.local/.runc-ok: Makefile .local/.deps-ok
+	@missing=$$(for p in $(RUNC_APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "runc: installing $$missing"; \
+		if [ "$$(id -u)" != 0 ]; then echo "runc: run as root to install: $$missing" >&2; exit 1; fi; \
+		DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+	@runc --version >/dev/null
+	@touch $@
+
 venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml .local/.deps-ok
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "deltaxfer needs Python >= 3.11" or 0)'
@@ -41,7 +58,7 @@ $(VENV)/.core-built: $(VENV)/.installed $(CORE_SOURCES)
 	$(PY) setup.py -q build_ext --inplace
 	@touch $@
 
-test: deps criu build
+test: deps criu runc build
 	$(VENV)/bin/pytest -p no:cacheprovider --benchmark-disable $(PYTEST_ARGS)
 
 demo: deps criu build
