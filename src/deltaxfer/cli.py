@@ -322,6 +322,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("hook", help="CRIU action script (criu dump --action-script "
                                     "'deltaxfer hook'); configured by the environment")
     p.set_defaults(func=cmd_hook)
+
+    from deltaxfer.sessions import add_arguments as sessions_arguments, cmd_sessions
+    p = sub.add_parser("sessions", help="list or remove the sessions a `deltaxfer serve` "
+                                        "keeps in its --dir")
+    sessions_arguments(p, _json_flag)
+    p.set_defaults(func=cmd_sessions)
     return parser
 
 
