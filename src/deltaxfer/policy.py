@@ -34,6 +34,7 @@ class Decision:
     predicted_downtime: float
     dirty_pages_per_s: float
     bandwidth: float
+    throttle: float = 0.0    # the share of time the tree is to spend stopped from now on
 
 
 @dataclass
@@ -43,7 +44,11 @@ class Convergence:
     min_rounds: int = 2          # the first round copies everything: it says nothing of dirtying
     shrink: float = 0.9          # a round must send < 90 % of the previous one to go on
     freeze_overhead: float = 0.35  # CRIU freeze + metadata dump + lazy restore: ~0.35-0.55 s measured here
+    # auto-converge (throttle.py): the duty-cycle levels to climb, one per round, when the
+    # rounds stop shrinking and the predicted downtime is over the target; () = never
+    throttle_levels: tuple = ()
     history: list[RoundMeasure] = field(default_factory=list)
+    throttle: float = 0.0          # the level in force
 
     def predict(self, m: RoundMeasure) -> tuple[float, float, float]:
         """(predicted downtime, dirty pages/s, bandwidth B/s) if we froze after round m.
@@ -65,7 +70,7 @@ class Convergence:
         n = len(self.history)
 
         def decide(stop, reason):
-            return Decision(stop, reason, predicted, dirty_rate, bandwidth)
+            return Decision(stop, reason, predicted, dirty_rate, bandwidth, self.throttle)
 
         if n < self.min_rounds:
             return decide(False, "first rounds")
@@ -74,11 +79,22 @@ class Convergence:
         if predicted <= self.downtime_target:
             return decide(True, f"converged: predicted downtime {predicted * 1000:.0f} ms "
                                 f"<= target {self.downtime_target * 1000:.0f} ms")
-        if n >= self.max_rounds:
-            return decide(True, f"max rounds ({self.max_rounds}) reached")
+        stalled = None
         if n >= 2:
             prev = self.history[-2]
             if prev.changed and m.changed >= self.shrink * prev.changed:
-                return decide(True, f"rounds stopped shrinking ({prev.changed} -> {m.changed} "
-                                    "pages)")
+                stalled = f"rounds stopped shrinking ({prev.changed} -> {m.changed} pages)"
+        if stalled or n >= self.max_rounds:
+            # QEMU's auto-converge: rather than freeze with a residual over the target,
+            # slow the tree one step more and try another round
+            higher = [lv for lv in self.throttle_levels if lv > self.throttle]
+            if higher and n < self.max_rounds + len(self.throttle_levels):
+                self.throttle = higher[0]
+                return decide(False, f"{stalled or 'max rounds reached'}, predicted downtime "
+                                     f"{predicted * 1000:.0f} ms: throttling the tree to "
+                                     f"{self.throttle:.0%} stopped")
+            if stalled:
+                return decide(True, stalled + (f" at {self.throttle:.0%} throttle"
+                                               if self.throttle else ""))
+            return decide(True, f"max rounds ({self.max_rounds}) reached")
         return decide(False, "shrinking")
