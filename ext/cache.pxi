@@ -7,12 +7,13 @@ DEFAULT_XOR_CACHE_BYTES = 64 * 1024 * 1024
 cdef class XorCache:
     """Last-sent version of pages, keyed by vaddr, the XOR base for deltas.
 
-    capacity_bytes bounds all of its memory (pages + tags), allocated once here.
-    Not thread-safe: use one cache per shard; using one from two threads at once
-    raises RuntimeError instead of corrupting it.
+    capacity_bytes bounds all of its memory (pages + tags + one lock byte per set),
+    allocated once here. Thread-safe per page: encode_round on several threads may share
+    one cache (each set is locked while one of its pages is looked up, XOR-encoded
+    against and replaced), as long as the threads encode disjoint vaddrs; next_round
+    only between rounds, while no thread uses it.
     """
     cdef dx_xor_cache c
-    cdef bint busy
 
     def __cinit__(self, size_t capacity_bytes=DEFAULT_XOR_CACHE_BYTES):
         cdef int rc = dx_cache_init(&self.c, capacity_bytes)
@@ -26,30 +27,36 @@ cdef class XorCache:
         dx_cache_free(&self.c)
 
     cdef dx_xor_cache *acquire(self) except NULL:
-        if self.busy:
-            raise RuntimeError("XorCache is in use by another thread; use one cache per shard")
-        self.busy = True
         return &self.c
 
     cdef void release(self):
-        self.busy = False
+        pass
 
     def lookup(self, uint64_t vaddr):
         """The cached page for vaddr as bytes, or None."""
-        cdef uint8_t *p = dx_cache_lookup(self.acquire(), vaddr)
-        self.release()
-        return None if p == NULL else PyBytes_FromStringAndSize(<char *>p, DX_PAGE_SIZE)
+        cdef uint8_t *p
+        dx_cache_lock(&self.c, vaddr)
+        try:
+            p = dx_cache_lookup(&self.c, vaddr)
+            return None if p == NULL else PyBytes_FromStringAndSize(<char *>p, DX_PAGE_SIZE)
+        finally:
+            dx_cache_unlock(&self.c, vaddr)
 
     def insert(self, uint64_t vaddr, page):
         cdef _Buffer b = _one_page(page, "page")
         if vaddr % DX_PAGE_SIZE:
             raise ValueError(f"vaddr {vaddr:#x} is not page aligned")
-        dx_cache_insert(self.acquire(), vaddr, b.ptr)
-        self.release()
+        cdef const uint8_t *pp = b.ptr
+        with nogil:
+            dx_cache_lock(&self.c, vaddr)
+            dx_cache_insert(&self.c, vaddr, pp)
+            dx_cache_unlock(&self.c, vaddr)
 
     def drop(self, uint64_t vaddr):
-        dx_cache_drop(self.acquire(), vaddr)
-        self.release()
+        with nogil:
+            dx_cache_lock(&self.c, vaddr)
+            dx_cache_drop(&self.c, vaddr)
+            dx_cache_unlock(&self.c, vaddr)
 
     def next_round(self):
         """Start a new round: entries inserted from now on are younger than all before."""

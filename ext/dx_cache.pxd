@@ -13,3 +13,5 @@ cdef extern from "cache.h" nogil:
     void dx_cache_insert(dx_xor_cache *c, uint64_t vaddr, const uint8_t *page)
     void dx_cache_drop(dx_xor_cache *c, uint64_t vaddr)
     size_t dx_cache_count(const dx_xor_cache *c)
+    void dx_cache_lock(dx_xor_cache *c, uint64_t vaddr)
+    void dx_cache_unlock(dx_xor_cache *c, uint64_t vaddr)

@@ -5,13 +5,17 @@ _EMPTY_U64 = array.array("Q")
 
 def encode_round(pages, vaddrs, prev_vaddrs=None, prev_hashes=None, base_pages=None,
                  XorCache cache=None, bint xor=True, size_t xor_cap=DX_DELTA_DEFAULT_CAP,
-                 size_t frame_size=DX_FRAME_DEFAULT_SIZE, bint compress=True, clean=None):
+                 size_t frame_size=DX_FRAME_DEFAULT_SIZE, bint compress=True, clean=None,
+                 bint next_round=True):
     """Encode one round; returns (frames bytes, hashes array('Q'), stats dict).
 
     See deltaxfer.core.pipeline.encode_round for the meaning of each argument.
     clean: None or one byte per page, nonzero for a page known unchanged since the
     destination's version (written-page tracking); such a page must be held, its bytes
     are not read, its hash is the held one.
+    next_round: advance the cache's round first (one call = one round). A round encoded
+    as several windows, possibly on several threads sharing the cache, passes False and
+    calls cache.next_round() once before its first window.
     """
     cdef _Buffer pb = pages_buffer(pages, "pages")
     cdef _Buffer vb = u64_buffer(vaddrs, "vaddrs")
@@ -51,7 +55,8 @@ def encode_round(pages, vaddrs, prev_vaddrs=None, prev_hashes=None, base_pages=N
     cdef dx_xor_cache *cp = NULL
     if cache is not None:
         cp = cache.acquire()
-        cp.round += 1
+        if next_round:
+            cp.round += 1
     cdef int rc
     try:
         with nogil:

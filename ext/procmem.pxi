@@ -111,3 +111,37 @@ def run_page_vaddrs(run_vaddrs, run_lens):
                 k += 1
                 off += DX_PAGE_SIZE
     return out
+
+
+def read_pages(int pid, vaddrs, skip, buf, int memfd=-1):
+    """Read the pages of vaddrs (ascending, one per page) whose skip byte is 0 (all when
+    skip is None) from process pid into their slots of buf (page i at i * 4096): batched
+    process_vm_readv, and what it cannot read (PROT_NONE pages) with one pread of memfd,
+    an open /proc/PID/mem (-1: none), per failed run. Returns (pages read, pages failed:
+    unreadable even so, zero-filled, pages read through memfd)."""
+    cdef _Buffer vb = u64_buffer(vaddrs, "vaddrs")
+    cdef _Buffer bb = bytes_buffer(buf, "buf", True)
+    cdef size_t n = u64_len(vb)
+    if bb.nbytes != n * DX_PAGE_SIZE:
+        raise ValueError(f"buf holds {bb.nbytes} bytes for {n} pages")
+    cdef _Buffer sb
+    cdef const uint8_t *sp = NULL
+    if skip is not None:
+        sb = bytes_buffer(skip, "skip", False)
+        if sb.nbytes != n:
+            raise ValueError(f"skip has {sb.nbytes} bytes for {n} pages")
+        sp = sb.ptr
+    check_vaddrs(vb, "vaddrs")
+    cdef uint64_t failed = 0, forced = 0
+    cdef ptrdiff_t got
+    with nogil:
+        got = dx_read_pages(pid, memfd, u64_ptr(vb), n, sp, bb.ptr, &failed, &forced)
+    if got < 0:
+        err = -got
+        if err == _errno.ESRCH:
+            raise ProcessLookupError(err, f"process {pid} no longer exists")
+        if err == _errno.EPERM:
+            raise PermissionError(err, f"not allowed to read the memory of process {pid} "
+                                       f"(needs CAP_SYS_PTRACE or the same user)")
+        raise OSError(err, f"process_vm_readv on process {pid}: {_os.strerror(err)}")
+    return got, failed, forced

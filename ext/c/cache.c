@@ -11,9 +11,10 @@ int dx_cache_init(dx_xor_cache *c, size_t capacity_bytes)
     c->nslots = nsets * DX_CACHE_WAYS;
     c->tags = calloc(c->nslots, sizeof *c->tags);
     c->rounds = calloc(c->nslots, sizeof *c->rounds);
+    c->locks = calloc(c->nsets, 1);
     if (posix_memalign((void **)&c->pages, 64, c->nslots * DX_PAGE_SIZE)) c->pages = NULL;
-    if (!c->tags || !c->rounds || !c->pages) { dx_cache_free(c); return -DX_E_NOMEM; }
-    c->nbytes = c->nslots * (DX_PAGE_SIZE + sizeof *c->tags + sizeof *c->rounds);
+    if (!c->tags || !c->rounds || !c->locks || !c->pages) { dx_cache_free(c); return -DX_E_NOMEM; }
+    c->nbytes = c->nslots * (DX_PAGE_SIZE + sizeof *c->tags + sizeof *c->rounds) + c->nsets;
     return 0;
 }
 
@@ -22,6 +23,8 @@ void dx_cache_free(dx_xor_cache *c)
     free(c->tags);
     free(c->rounds);
     free(c->pages);
+    free(c->locks);
+    c->locks = NULL;
     c->tags = NULL;
     c->rounds = NULL;
     c->pages = NULL;
@@ -38,8 +41,8 @@ static inline ptrdiff_t find_slot(const dx_xor_cache *c, uint64_t vaddr)
 uint8_t *dx_cache_lookup(dx_xor_cache *c, uint64_t vaddr)
 {
     ptrdiff_t s = find_slot(c, vaddr);
-    if (s < 0) { c->misses++; return NULL; }
-    c->hits++;
+    if (s < 0) { __atomic_fetch_add(&c->misses, 1, __ATOMIC_RELAXED); return NULL; }
+    __atomic_fetch_add(&c->hits, 1, __ATOMIC_RELAXED);
     return c->pages + (size_t)s * DX_PAGE_SIZE;
 }
 
@@ -54,19 +57,19 @@ void dx_cache_insert(dx_xor_cache *c, uint64_t vaddr, const uint8_t *page)
             if (!c->tags[i]) { victim = i; break; }
             if (c->rounds[i] < c->rounds[victim]) victim = i;
         }
-        if (c->tags[victim]) c->evictions++;
+        if (c->tags[victim]) __atomic_fetch_add(&c->evictions, 1, __ATOMIC_RELAXED);
         s = (ptrdiff_t)victim;
         c->tags[s] = vaddr | 1;
     }
     c->rounds[s] = c->round;
     memcpy(c->pages + (size_t)s * DX_PAGE_SIZE, page, DX_PAGE_SIZE);
-    c->inserts++;
+    __atomic_fetch_add(&c->inserts, 1, __ATOMIC_RELAXED);
 }
 
 void dx_cache_drop(dx_xor_cache *c, uint64_t vaddr)
 {
     ptrdiff_t s = find_slot(c, vaddr);
-    if (s >= 0) { c->tags[s] = 0; c->drops++; }
+    if (s >= 0) { c->tags[s] = 0; __atomic_fetch_add(&c->drops, 1, __ATOMIC_RELAXED); }
 }
 
 size_t dx_cache_count(const dx_xor_cache *c)

@@ -6,6 +6,10 @@
  * and so stays; pages that changed once and then settled age out.  A page sent as zero is
  * dropped (the XOR base of a zero page is the page itself).  All memory is allocated once
  * at creation: slots = capacity / (4096 + metadata), whatever the process size.
+ *
+ * Thread safety: lookup, insert and drop of one vaddr must run under dx_cache_lock of
+ * that vaddr (its set's lock); the statistics are updated atomically.  ``round`` is
+ * advanced only while no thread uses the cache (between rounds).
  */
 #ifndef DX_CACHE_H
 #define DX_CACHE_H
@@ -19,6 +23,7 @@ typedef struct {
     uint64_t *tags;     /* vaddr | 1 when valid, 0 when empty */
     uint32_t *rounds;   /* round of the last insert */
     uint8_t *pages;
+    uint8_t *locks;     /* one spin lock per set: encoders on several threads share a cache */
     size_t nsets, nslots, nbytes;
     uint32_t round;
     uint64_t hits, misses, inserts, evictions, drops;
@@ -39,4 +44,22 @@ static inline size_t dx_cache_set_of(size_t nsets, uint64_t vaddr)
     return (size_t)(((unsigned __int128)h * nsets) >> 64);
 }
 
+/* Hold the set of vaddr while looking up, XOR-encoding against and replacing its page:
+ * threads encode disjoint vaddrs, so they contend only when two vaddrs share a set. */
+static inline void dx_cache_lock(dx_xor_cache *c, uint64_t vaddr)
+{
+    uint8_t *l = &c->locks[dx_cache_set_of(c->nsets, vaddr)];
+    while (__atomic_test_and_set(l, __ATOMIC_ACQUIRE)) {
+        while (__atomic_load_n(l, __ATOMIC_RELAXED)) {
+#if defined(__x86_64__) || defined(__i386__)
+            __builtin_ia32_pause();
+#endif
+        }
+    }
+}
+
+static inline void dx_cache_unlock(dx_xor_cache *c, uint64_t vaddr)
+{
+    __atomic_clear(&c->locks[dx_cache_set_of(c->nsets, vaddr)], __ATOMIC_RELEASE);
+}
 #endif

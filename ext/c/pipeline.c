@@ -44,16 +44,23 @@ int dx_encode_round(const uint8_t *pages, const uint64_t *vaddrs, const uint8_t 
             if (!dx_fw_reserve(fw, 0)) return -DX_E_NOMEM;
             dx_fw_commit(fw, vaddr, DX_REC_ZERO, 0);
             st->sent_zero++;
-            if (cache) dx_cache_drop(cache, vaddr);
+            if (cache) {
+                dx_cache_lock(cache, vaddr);
+                dx_cache_drop(cache, vaddr);
+                dx_cache_unlock(cache, vaddr);
+            }
             continue;
         }
         /* XOR only against a page the destination holds (have_prev): the cache keeps
          * what we last sent, which equals the destination's copy while it holds it. */
+        /* the set stays locked from the lookup to the insert: another thread's insert
+         * into the same set could otherwise overwrite the base while we XOR against it */
+        if (cache) dx_cache_lock(cache, vaddr);
         if (use_xor && have_prev && !held && cache) held = dx_cache_lookup(cache, vaddr);
         int sent = 0;
         if (use_xor && held) {
             uint8_t *dst = dx_fw_reserve(fw, xor_cap);
-            if (!dst) return -DX_E_NOMEM;
+            if (!dst) { if (cache) dx_cache_unlock(cache, vaddr); return -DX_E_NOMEM; }
             ptrdiff_t n = dx_xor_encode(held, page, dst, xor_cap);
             if (n > 0) {
                 dx_fw_commit(fw, vaddr, DX_REC_XOR, (size_t)n);
@@ -69,12 +76,15 @@ int dx_encode_round(const uint8_t *pages, const uint64_t *vaddrs, const uint8_t 
         }
         if (!sent) {
             uint8_t *dst = dx_fw_reserve(fw, DX_PAGE_SIZE);
-            if (!dst) return -DX_E_NOMEM;
+            if (!dst) { if (cache) dx_cache_unlock(cache, vaddr); return -DX_E_NOMEM; }
             memcpy(dst, page, DX_PAGE_SIZE);
             dx_fw_commit(fw, vaddr, DX_REC_FULL, DX_PAGE_SIZE);
             st->sent_full++;
         }
-        if (cache) dx_cache_insert(cache, vaddr, page);
+        if (cache) {
+            dx_cache_insert(cache, vaddr, page);
+            dx_cache_unlock(cache, vaddr);
+        }
     }
     st->removed += nprev - j;
     return dx_fw_flush(fw);

@@ -130,3 +130,97 @@ ptrdiff_t dx_pagemap_runs(int fd, const uint64_t *starts, const uint64_t *ends, 
     free(entries);
     return (ptrdiff_t)nruns;
 }
+
+#define READ_RUN_MAX_PAGES 65536u     /* 256 MiB per iovec at most */
+
+/* pread of [addr, addr + len) from /proc/PID/mem into dst: what process_vm_readv could
+ * not read (PROT_NONE pages: the kernel reads them with FOLL_FORCE).  A page that even
+ * this cannot read (unmapped meanwhile) is zero-filled and counted; reading resumes at
+ * the next page.  Returns the pages read through memfd, or -errno. */
+static ptrdiff_t pread_run(pid_t pid, int memfd, uint64_t addr, uint8_t *dst, size_t len,
+                           uint64_t *pages_failed)
+{
+    size_t off = 0;
+    ptrdiff_t forced = 0;
+    while (off < len) {
+        if (memfd < 0) {   /* no /proc/PID/mem: page by page with process_vm_readv */
+            struct iovec l1 = {dst + off, DX_PAGE_SIZE};
+            struct iovec r1 = {(void *)(uintptr_t)(addr + off), DX_PAGE_SIZE};
+            ssize_t g = process_vm_readv(pid, &l1, 1, &r1, 1, 0);
+            if (g < 0 && errno != EFAULT) return -errno;
+            if (g != (ssize_t)DX_PAGE_SIZE) {
+                memset(dst + off, 0, DX_PAGE_SIZE);
+                (*pages_failed)++;
+            }
+            off += DX_PAGE_SIZE;
+            continue;
+        }
+        ssize_t g = pread(memfd, dst + off, len - off, (off_t)(addr + off));
+        if (g < 0 && errno == EINTR) continue;
+        if (g > 0) {
+            forced += (ptrdiff_t)((size_t)g / DX_PAGE_SIZE);
+            off += (size_t)g;
+            if (off % DX_PAGE_SIZE) {   /* a partial page: finish it below */
+                size_t rest = DX_PAGE_SIZE - off % DX_PAGE_SIZE;
+                memset(dst + off, 0, rest);
+                off += rest;
+                (*pages_failed)++;
+            }
+            continue;
+        }
+        /* nothing readable at addr + off: this page is lost (unmapped meanwhile) */
+        memset(dst + off, 0, DX_PAGE_SIZE);
+        (*pages_failed)++;
+        off += DX_PAGE_SIZE;
+    }
+    return forced;
+}
+
+ptrdiff_t dx_read_pages(pid_t pid, int memfd, const uint64_t *vaddrs, size_t n,
+                        const uint8_t *skip, uint8_t *buf, uint64_t *pages_failed,
+                        uint64_t *pages_forced)
+{
+    struct iovec loc[IOV_MAX], rem[IOV_MAX];
+    ptrdiff_t read = 0;
+    size_t i = 0;
+    *pages_failed = 0;
+    *pages_forced = 0;
+    while (i < n) {
+        size_t k = 0, total = 0;
+        while (i < n && k < IOV_MAX) {
+            if (skip && skip[i]) { i++; continue; }
+            size_t j = i + 1;
+            while (j < n && !(skip && skip[j]) && vaddrs[j] == vaddrs[j - 1] + DX_PAGE_SIZE
+                   && j - i < READ_RUN_MAX_PAGES)
+                j++;
+            size_t len = (j - i) * DX_PAGE_SIZE;
+            rem[k].iov_base = (void *)(uintptr_t)vaddrs[i];
+            rem[k].iov_len = len;
+            loc[k].iov_base = buf + i * DX_PAGE_SIZE;
+            loc[k].iov_len = len;
+            k++;
+            total += len;
+            i = j;
+        }
+        if (!k) break;
+        ssize_t got = process_vm_readv(pid, loc, (unsigned long)k, rem, (unsigned long)k, 0);
+        if (got < 0 && errno != EFAULT) return -errno;
+        if (got < 0) got = 0;
+        read += (ptrdiff_t)(total / DX_PAGE_SIZE);
+        if (got == (ssize_t)total) continue;
+        /* process_vm_readv stopped at an unreadable page (PROT_NONE, or unmapped
+         * meanwhile): the rest of this batch through /proc/PID/mem, one pread per run */
+        size_t done = (size_t)got;
+        for (size_t q = 0; q < k; q++) {
+            size_t len = loc[q].iov_len;
+            if (done >= len) { done -= len; continue; }
+            ptrdiff_t f = pread_run(pid, memfd, (uint64_t)(uintptr_t)rem[q].iov_base + done,
+                                    (uint8_t *)loc[q].iov_base + done, len - done,
+                                    pages_failed);
+            if (f < 0) return f;
+            *pages_forced += (uint64_t)f;
+            done = 0;
+        }
+    }
+    return read;
+}

@@ -32,4 +32,15 @@ ptrdiff_t dx_pagemap_runs(int fd, const uint64_t *starts, const uint64_t *ends, 
                           const uint8_t *skip_file, uint64_t zero_pfn,
                           uint64_t **run_vaddrs, uint64_t **run_lens);
 
+/* process_vm_readv of the pages of vaddrs (ascending, one per page) whose skip byte is 0
+ * (all when skip is NULL) into their slots of buf (page i at i * 4096), touching runs
+ * batched (IOV_MAX iovecs per call).  What process_vm_readv cannot read — PROT_NONE
+ * pages (guard pages, GC heaps), or pages unmapped meanwhile — is read with one pread of
+ * /proc/PID/mem (memfd, opened by the caller; -1: none) per failed run: the kernel reads
+ * PROT_NONE private pages for it (FOLL_FORCE).  Pages that still cannot be read are
+ * zero-filled and counted in *pages_failed; *pages_forced counts those read through
+ * memfd.  Returns the pages read (skipped ones not counted) or -errno (ESRCH, EPERM). */
+ptrdiff_t dx_read_pages(pid_t pid, int memfd, const uint64_t *vaddrs, size_t n,
+                        const uint8_t *skip, uint8_t *buf, uint64_t *pages_failed,
+                        uint64_t *pages_forced);
 #endif
