@@ -58,16 +58,20 @@ class WorkloadError(RuntimeError):
 
 # --------------------------------------------------------------------------- build
 
-def build(kind: str) -> Path:
+def build(kind: str, static: bool = False) -> Path:
     """Return the path of the program for `kind`, compiling C workloads with gcc
     into tests/workloads/bin/ when the binary is missing or was built from a
-    source with another mtime.  pyheap needs no build: its .py path is returned."""
+    source with another mtime.  pyheap needs no build: its .py path is returned.
+    static=True links with -static (bin/KIND-static): for a container rootfs that
+    holds no libc (tests/containers.py)."""
     if kind == "pyheap":
+        if static:
+            raise ValueError("pyheap is a Python script: no static build")
         return HERE / "pyheap.py"
     if kind not in _C_FLAGS:
         raise ValueError(f"unknown workload kind {kind!r}; expected one of {KINDS}")
     src = HERE / f"{kind}.c"
-    out = BIN_DIR / kind
+    out = BIN_DIR / (f"{kind}-static" if static else kind)
     src_mtime = src.stat().st_mtime_ns
     try:
         if out.stat().st_mtime_ns == src_mtime:
@@ -83,7 +87,8 @@ def build(kind: str) -> Path:
     # Build under a private name and rename: parallel builders never see a
     # half-written binary.
     tmp = BIN_DIR / f".{kind}.{os.getpid()}.{next(_counter)}"
-    cmd = [gcc, "-O2", "-Wall", *_C_FLAGS[kind], "-o", str(tmp), str(src)]
+    cmd = [gcc, "-O2", "-Wall", *_C_FLAGS[kind], *(["-static"] if static else []),
+           "-o", str(tmp), str(src)]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
         tmp.unlink(missing_ok=True)
