@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-KEY = b"test-key-0123456789abcdef"
+KEY = b"test-key-0123456789abcdef\x00\x01\x02\x03\x04\x05\x06"  # 32 bytes, not all printable
 
 
 LISTENING_RE = re.compile(r"listening on [^:]+:(\d+)")

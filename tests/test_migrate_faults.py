@@ -111,7 +111,7 @@ def key_file(tmp_path):
 # -- 1. wrong key ---------------------------------------------------------------------------
 
 def test_wrong_key_is_refused_at_once(criu, tmp_path, agent_tmp):
-    bad = write_key(tmp_path / "bad.key", b"not-the-key-the-server-has")
+    bad = write_key(tmp_path / "bad.key", b"not-the-key-the-server-has" + bytes(6))
     with Server(tmp_path, extra=["--restore"]) as server, \
             workloads.start("memwork", mib=8, dirty_mib_per_s=DIRTY, tmpdir=tmp_path) as wl:
         m = run_migrate(wl.pid, server.addr, bad, tmp_path / "r.json", env=agent_env(agent_tmp),

@@ -22,7 +22,7 @@ from deltaxfer.wire import MsgType
 from servers import wait_listening, write_key
 from test_serve_refusals import PAGES, VADDRS, leftovers  # noqa: F401  (shared fixtures)
 
-KEY = b"s" * 32
+KEY = b"s" * 31 + b"\x00"       # a key file refuses printable-only keys
 
 
 def run(coro, timeout=30):

@@ -67,7 +67,7 @@ def test_wrong_key_is_refused_and_server_keeps_serving(criu, tmp_path, capsys):
     with Server(tmp_path) as server, \
             workloads.start("memwork", mib=8, tmpdir=tmp_path) as wl:
         criu.dump(wl.pid, str(dump), leave="running")
-        bad_key = write_key(tmp_path / "bad.key", b"not-the-right-key-at-all")
+        bad_key = write_key(tmp_path / "bad.key", b"not-the-right-key-at-all" + bytes(8))
         rc = main(["send", str(dump), "--to", server.addr, "--key-file", bad_key])
         err = capsys.readouterr().err
         assert rc == 2 and "key" in err and "Traceback" not in err, err

@@ -342,10 +342,11 @@ def _self_signed(tmp_path):
 
 
 def test_tls(loop_kind, tmp_path):
+    from deltaxfer import keys
     cert, key = _self_signed(tmp_path)
-    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    server_ctx.load_cert_chain(cert, key)
-    client_ctx = ssl.create_default_context(cafile=str(cert))
+    # keys.server_tls records the certificate's channel binding, which the proofs include
+    server_ctx = keys.server_tls(str(cert), str(key))
+    client_ctx = keys.client_tls(str(cert))
 
     async def main():
         server, port = await start(echo, ssl=server_ctx)

@@ -1,6 +1,8 @@
 """Pre-shared keys, addresses and TLS contexts for `serve`, `send` and `migrate`."""
 from __future__ import annotations
 
+import errno
+import hashlib
 import ipaddress
 import os
 import socket
@@ -8,12 +10,14 @@ import ssl
 import stat
 import sys
 
-MIN_KEY_BYTES = 16
+MIN_KEY_BYTES = 32
+KEY_HOWTO = "head -c 32 /dev/urandom > {path}; chmod 600 {path}"
 
 # The key of `serve --insecure` (loopback only). It is published, so it proves nothing:
 # there the handshake still runs (same protocol, same framing), and the server admits
-# only peers whose socket belongs to its own user (see loopback_peer_uid). A client
-# reaches such a server with a key file holding exactly these bytes.
+# only peers whose socket belongs to its own user (see loopback_peer_uid); a client
+# proving it (`--insecure`) likewise talks only to a listener of root or its own user.
+# It is all printable, so no key file can hold it: only --insecure uses it.
 INSECURE_KEY = b"deltaxfer-insecure-loopback-only"
 
 
@@ -21,28 +25,69 @@ class ConfigError(ValueError):
     """A key file, address or TLS setting an operator must fix; the message says how."""
 
 
-def load_key(path: str) -> bytes:
-    """The key file's contents are the key (one trailing newline is not part of it).
-    A key file that others can read is refused, as ssh refuses such private keys."""
+def read_owned_file(path: str, what: str, *, private: bool, limit: int = 1 << 16) -> bytes:
+    """The contents of a file that only root or this user can have written: opened with
+    O_NOFOLLOW (a symbolic link is refused, not followed), a regular file owned by root
+    or the effective uid, not writable by group or others; ``private``: not readable by
+    them either (a key). At most ``limit`` bytes are read."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK   # a FIFO: no hang
     try:
-        st = os.stat(path)
+        fd = os.open(path, flags)
     except OSError as e:
-        raise ConfigError(f"key file {path}: {e.strerror}") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise ConfigError(f"key file {path} is not a regular file")
-    if st.st_mode & 0o077:
-        raise ConfigError(f"key file {path} is readable by group or others (mode "
-                          f"{stat.S_IMODE(st.st_mode):04o}); run: chmod 600 {path}")
-    with open(path, "rb") as f:
-        key = f.read(1 << 16)
-    if key.endswith(b"\r\n"):
-        key = key[:-2]
-    elif key.endswith(b"\n"):
-        key = key[:-1]
+        if e.errno == errno.ELOOP:
+            raise ConfigError(f"{what} {path} is a symbolic link; name the file itself") \
+                from None
+        raise ConfigError(f"{what} {path}: {e.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        mode = stat.S_IMODE(st.st_mode)
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError(f"{what} {path} is not a regular file")
+        if st.st_uid not in (0, os.geteuid()):
+            raise ConfigError(f"{what} {path} belongs to uid {st.st_uid}, not to root or to "
+                              f"uid {os.geteuid()} (who runs this): whoever owns it decides "
+                              f"what it says; run: chown {os.geteuid()} {path}")
+        if private and mode & 0o077:
+            raise ConfigError(f"{what} {path} is readable by group or others (mode "
+                              f"{mode:04o}); run: chmod 600 {path}")
+        if mode & 0o022:
+            raise ConfigError(f"{what} {path} is writable by group or others (mode "
+                              f"{mode:04o}); run: chmod go-w {path}")
+        chunks, n = [], 0
+        while n < limit:
+            chunk = os.read(fd, limit - n)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            n += len(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def _printable(data: bytes) -> bool:
+    return all(32 <= b < 127 or b in (9, 10, 13) for b in data)
+
+
+def load_key(path: str) -> bytes:
+    """The key file's contents are the key: at least MIN_KEY_BYTES random bytes (one
+    trailing newline is not part of it when what remains is still long enough). A key
+    file that others can read or write, that another user owns, or a symbolic link is
+    refused, as ssh refuses such private keys; so is a key of printable characters only
+    (a passphrase: guessable offline from one recorded handshake)."""
+    key = read_owned_file(path, "key file", private=True)
+    for newline in (b"\r\n", b"\n"):
+        if key.endswith(newline) and len(key) - len(newline) >= MIN_KEY_BYTES:
+            key = key[:-len(newline)]
+            break
+    howto = KEY_HOWTO.format(path=path)
     if len(key) < MIN_KEY_BYTES:
-        raise ConfigError(f"key file {path} holds {len(key)} bytes; use at least "
-                          f"{MIN_KEY_BYTES}, e.g.: head -c 32 /dev/urandom > {path}; "
-                          f"chmod 600 {path}")
+        raise ConfigError(f"key file {path} holds {len(key)} bytes; a key is at least "
+                          f"{MIN_KEY_BYTES} random bytes: {howto}")
+    if _printable(key):
+        raise ConfigError(f"key file {path} holds only printable characters, like a "
+                          f"passphrase (which one recorded handshake lets anyone guess "
+                          f"offline); a key is {MIN_KEY_BYTES} random bytes: {howto}")
     return key
 
 
@@ -140,27 +185,79 @@ def parse_hostport(text: str, *, what: str = "address") -> tuple[str, int]:
     return host, int(port)
 
 
-def server_tls(cert: str | None, key: str | None) -> ssl.SSLContext | None:
+class ServerTLSContext(ssl.SSLContext):
+    """A server context that knows its certificate's channel binding (``end_point``:
+    SHA-256 of the certificate's DER), which the handshake's proofs include."""
+    end_point: bytes | None = None
+
+
+class ClientTLSContext(ssl.SSLContext):
+    """A client context with deltaxfer's checks: ``server_name`` (None: the host of
+    --to) is the name or IP address the certificate must carry; ``pin`` (None: any
+    certificate the CA signed) the SHA-256 of the one certificate accepted."""
+    server_name: str | None = None
+    pin: bytes | None = None
+
+
+def _first_cert_der(path: str) -> bytes:
+    """DER of the first certificate in a PEM file (the server's own; a chain follows)."""
+    begin, end = "-----BEGIN CERTIFICATE-----", "-----END CERTIFICATE-----"
+    try:
+        with open(path) as f:
+            text = f.read(1 << 20)
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read TLS certificate {path}: {e}") from None
+    i = text.find(begin)
+    j = text.find(end, i)
+    if i < 0 or j < 0:
+        raise ConfigError(f"TLS certificate {path} holds no PEM certificate")
+    return ssl.PEM_cert_to_DER_cert(text[i:j + len(end)])
+
+
+def server_tls(cert: str | None, key: str | None) -> ServerTLSContext | None:
     if not cert and not key:
         return None
     if not (cert and key):
         raise ConfigError("TLS needs both --tls-cert and --tls-key")
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx = ServerTLSContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
         ctx.load_cert_chain(cert, key)
     except (OSError, ssl.SSLError) as e:
         raise ConfigError(f"cannot load TLS certificate {cert} / key {key}: {e}") from None
+    ctx.end_point = hashlib.sha256(_first_cert_der(cert)).digest()
     return ctx
 
 
-def client_tls(ca: str | None, server_name: str | None = None) -> ssl.SSLContext | None:
+def parse_pin(text: str) -> bytes:
+    """``sha256:HEX`` (colons between bytes allowed) -> the 32 bytes."""
+    algo, sep, digits = text.partition(":")
+    try:
+        value = bytes.fromhex(digits.replace(":", "")) if sep else b""
+    except ValueError:
+        value = b""
+    if algo.lower() != "sha256" or len(value) != 32:
+        raise ConfigError(f"--tls-pin {text!r} is not sha256:<64 hex digits>; the server "
+                          "certificate's: openssl x509 -in CERT -outform DER | sha256sum")
+    return value
+
+
+def client_tls(ca: str | None, server_name: str | None = None,
+               pin: str | None = None) -> ClientTLSContext | None:
+    """TLS that trusts only the CA in ``ca`` (not the system's store), TLS >= 1.2, and
+    checks the server's name (``server_name``, else the host the client connects to; an
+    IP address matches an IP SAN) and, with ``pin``, the certificate itself."""
     if not ca:
+        if server_name or pin:
+            raise ConfigError("--tls-server-name and --tls-pin need --tls-ca (the CA that "
+                              "signed the server's certificate)")
         return None
-    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    ctx = ClientTLSContext(ssl.PROTOCOL_TLS_CLIENT)     # verifies and checks the name
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
         ctx.load_verify_locations(ca)
     except (OSError, ssl.SSLError) as e:
         raise ConfigError(f"cannot load TLS CA {ca}: {e}") from None
-    if server_name is None:
-        ctx.check_hostname = False  # the pre-shared key authenticates the server's identity
+    ctx.server_name = server_name or None
+    ctx.pin = parse_pin(pin) if pin else None
     return ctx

@@ -28,6 +28,7 @@ from .wire import (CAPS, HANDSHAKE_TIMEOUT, HEADER_SIZE, LIMITS, VERSIONS, Decod
                    MsgType, ProtocolError, choose_version, decode_control, encode_control,
                    encode_header)
 from .wire import handshake as hs
+from .keys import INSECURE_KEY, loopback_peer_uid
 
 log = logging.getLogger("deltaxfer.transport")
 
@@ -46,6 +47,8 @@ PIPELINE_BYTES = 8 << 20         # payload bytes being checksummed above which s
 # all it may send at most this (HELLO or WELCOME, then AUTH or READY, fit many times)
 PRE_AUTH_PAYLOAD = 64 << 10
 PRE_AUTH_BYTES = 256 << 10
+PEER_TEXT_LOGGED = 200           # characters of an unauthenticated peer's text put in the log
+DROP_LOG_INTERVAL = 10.0         # seconds between log lines about connections over the cap
 
 
 class TransportError(Exception):
@@ -65,7 +68,17 @@ class PeerError(TransportError):
 
 
 class AuthError(TransportError):
-    """The peers do not share the pre-shared key."""
+    """The peers do not share the pre-shared key (or, over TLS, the same connection), or
+    the listener of an --insecure client is not trusted."""
+
+
+def peer_text(text, limit: int = PEER_TEXT_LOGGED) -> str:
+    """Text a peer sent (an ERROR's code or reason), fit for a log line: its repr (no
+    newlines or terminal escapes reach the log), at most ``limit`` characters of it."""
+    text = str(text)
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text)} characters)"
 
 
 # -- event loops ------------------------------------------------------------------------------
@@ -103,9 +116,9 @@ class _FrameProtocol(asyncio.BufferedProtocol):
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
         self._writelines_ok = False
-        # receive
-        self._decoder = Decoder()
-        self._decoder.max_payload = PRE_AUTH_PAYLOAD
+        # receive: the decoder (and its buffer) exists from the first byte received, so a
+        # connection that sends nothing costs no buffer
+        self._decoder: Decoder | None = None
         self._pre_auth = True
         self._queue: collections.deque[Message] = collections.deque()
         self._queued = 0
@@ -134,11 +147,6 @@ class _FrameProtocol(asyncio.BufferedProtocol):
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
-                try:
-                    sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
-                except OSError:
-                    pass
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
         # uvloop (and asyncio from 3.12) write a list of buffers with one sendmsg; 3.11's
@@ -164,19 +172,26 @@ class _FrameProtocol(asyncio.BufferedProtocol):
             self.closed.set_result(None)
 
     # receive
+    @property
+    def decoder(self) -> Decoder:
+        if self._decoder is None:
+            self._decoder = Decoder()
+            self._decoder.max_payload = PRE_AUTH_PAYLOAD if self._pre_auth else None
+        return self._decoder
+
     def get_buffer(self, sizehint):
         if self._discard is not None:
             return self._discard
-        return self._decoder.get_buffer(sizehint)
+        return self.decoder.get_buffer(sizehint)
 
     def buffer_updated(self, nbytes):
         if self._discard is not None:
             return
         try:
-            messages = self._decoder.buffer_updated(nbytes)
-            if self._pre_auth and self._decoder.bytes_in > PRE_AUTH_BYTES:
+            messages = self.decoder.buffer_updated(nbytes)
+            if self._pre_auth and self.decoder.bytes_in > PRE_AUTH_BYTES:
                 raise ProtocolError(ErrorCode.TOO_LARGE,
-                                    f"{self._decoder.bytes_in} bytes before authentication "
+                                    f"{self.decoder.bytes_in} bytes before authentication "
                                     f"(at most {PRE_AUTH_BYTES})")
         except ProtocolError as e:
             messages = getattr(e, "messages", None) or []
@@ -193,7 +208,8 @@ class _FrameProtocol(asyncio.BufferedProtocol):
 
     def eof_received(self):
         try:
-            self._decoder.eof()
+            if self._decoder is not None:
+                self._decoder.eof()
         except ProtocolError as e:
             self._exc = self._exc or e
         self._wake_recv()
@@ -224,9 +240,18 @@ class _FrameProtocol(asyncio.BufferedProtocol):
         return m
 
     def authenticated(self) -> None:
-        """The peer proved the key: from now on the protocol's own limits apply."""
+        """The peer proved the key: from now on the protocol's own limits apply, and the
+        socket gets its big buffers (an unauthenticated peer gets the kernel's default)."""
         self._pre_auth = False
-        self._decoder.max_payload = None
+        if self._decoder is not None:
+            self._decoder.max_payload = None
+        sock = self.transport.get_extra_info("socket") if self.transport is not None else None
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
+                except OSError:
+                    pass
 
     # send
     def write_frame(self, type: MsgType, payload) -> None:
@@ -379,6 +404,21 @@ class _FrameProtocol(asyncio.BufferedProtocol):
         if not self.transport.is_closing() and self.transport.can_write_eof():
             self.transport.write_eof()
 
+    def refuse_now(self, code: str, reason: str) -> None:
+        """Send ERROR and drop the connection at once: no reading, no lingering (a peer
+        refused before the handshake must not hold a descriptor or a buffer). On loopback
+        the ERROR is delivered before the reset; further away it may be lost."""
+        if self.closing or self.transport is None:
+            return
+        try:
+            self.write_frame(MsgType.ERROR, encode_control(
+                MsgType.ERROR, {"code": str(code), "reason": str(reason)[:2000]}))
+        except (ProtocolError, TransportError):
+            pass
+        self.flush()
+        self.closing = True
+        self.transport.abort()
+
     def abort_if_open(self):
         if self.transport is not None and not self.closed.done():
             self.transport.close()
@@ -419,7 +459,8 @@ class Connection:
         """Frames and bytes (headers included) each way."""
         d = self._p._decoder
         return {"frames_out": self._p.frames_out, "bytes_out": self._p.bytes_out,
-                "frames_in": d.messages_in, "bytes_in": d.bytes_in}
+                "frames_in": d.messages_in if d is not None else 0,
+                "bytes_in": d.bytes_in if d is not None else 0}
 
     @property
     def transport(self) -> asyncio.Transport | None:
@@ -522,18 +563,28 @@ async def connect(host: str, port: int, *, key: bytes, ssl: _ssl.SSLContext | No
                   software: str = f"deltaxfer {__version__}",
                   versions: Collection[int] = VERSIONS) -> Connection:
     """Connect and authenticate: HELLO -> WELCOME (the server's proof is checked first) ->
-    AUTH -> READY. Raises AuthError if the keys differ, PeerError if the server refuses
-    (``version``, ``busy``, ...), TimeoutError, OSError for the connection itself."""
+    AUTH -> READY. Raises AuthError if the keys differ (or a relay terminates TLS, or the
+    certificate is not the pinned one, or with the published --insecure key the listener
+    belongs to another user), PeerError if the server refuses (``version``, ``busy``,
+    ...), TimeoutError, OSError or ssl.SSLError for the connection itself.
+
+    With ``ssl`` the certificate must carry ``ssl.server_name`` if the context has one
+    (deltaxfer.keys.client_tls), else ``host``; and be the one ``ssl.pin`` names, if set."""
     hs._check_key(key)
     loop = asyncio.get_running_loop()
+    server_name = (getattr(ssl, "server_name", None) or host) if ssl is not None else None
     _, proto = await asyncio.wait_for(
         loop.create_connection(_FrameProtocol, host, port, ssl=ssl,
-                               server_hostname=host if ssl is not None else None),
+                               server_hostname=server_name),
         handshake_timeout)
     conn = Connection(proto)
     try:
+        if bytes(key) == INSECURE_KEY:
+            await _check_insecure_listener(proto, host, port)
+        binding = _client_binding(proto, ssl, host, port)
         async with asyncio.timeout(handshake_timeout):
-            await _client_handshake(conn, key, _with_tls(caps, ssl), software, versions)
+            await _client_handshake(conn, key, _with_tls(caps, ssl), software, versions,
+                                    binding)
     except TimeoutError:
         await conn.error(ErrorCode.TIMEOUT, f"handshake took over {handshake_timeout} s")
         raise TimeoutError(f"{host}:{port}: no complete handshake within "
@@ -544,12 +595,47 @@ async def connect(host: str, port: int, *, key: bytes, ssl: _ssl.SSLContext | No
     return conn
 
 
+async def _check_insecure_listener(proto: _FrameProtocol, host: str, port: int) -> None:
+    """The published key proves nothing, so before a byte goes out the listener must be
+    root's or ours: another local user could have taken the port of a `serve --insecure`
+    and would otherwise receive the process's memory."""
+    sock = proto.transport.get_extra_info("socket")
+    uid = None
+    for _ in range(20):          # the server's end appears once the kernel has our ACK
+        uid = loopback_peer_uid(sock) if sock is not None else None
+        if uid is not None:
+            break
+        await asyncio.sleep(0.005)
+    if uid is None:
+        raise AuthError(f"{host}:{port}: --insecure talks only to a local `serve --insecure`, "
+                        "and no local socket answers on this port (is it a loopback "
+                        "address?); use --key-file")
+    if uid not in (0, os.geteuid()):
+        raise AuthError(f"{host}:{port} is a socket of uid {uid}, not of root or of uid "
+                        f"{os.geteuid()} (us): with --insecure (a published key) nothing is "
+                        "sent to another user's listener; use --key-file")
+
+
+def _client_binding(proto: _FrameProtocol, ssl_context, host, port) -> bytes:
+    """The channel binding the client proves: SHA-256 of the certificate the server
+    showed (b"" without TLS), after checking it against the pin, if one is set."""
+    if ssl_context is None:
+        return b""
+    der = proto.transport.get_extra_info("ssl_object").getpeercert(binary_form=True)
+    binding = hs.tls_server_end_point(der)
+    pin = getattr(ssl_context, "pin", None)
+    if pin is not None and binding != pin:
+        raise AuthError(f"{host}:{port}: its TLS certificate is sha256:{binding.hex()}, not "
+                        f"the pinned sha256:{pin.hex()} (--tls-pin)")
+    return binding
+
+
 def _with_tls(caps, ssl_context) -> list[str]:
     caps = [c for c in caps if c != "tls"]
     return caps + ["tls"] if ssl_context is not None else caps
 
 
-async def _client_handshake(conn: Connection, key, caps, software, versions):
+async def _client_handshake(conn: Connection, key, caps, software, versions, binding=b""):
     nonce_c = hs.new_nonce()
     await conn.send_control(MsgType.HELLO, hs.hello(nonce_c, caps, software, versions))
     w = await conn.recv_control(MsgType.WELCOME)
@@ -558,11 +644,19 @@ async def _client_handshake(conn: Connection, key, caps, software, versions):
         await conn.error(ErrorCode.VERSION, reason)
         raise ProtocolError(ErrorCode.VERSION, reason)
     nonce_s = bytes.fromhex(w["nonce"])
-    if not hs.proof_matches(hs.server_proof(key, nonce_c, nonce_s), w["proof"]):
+    if not hs.proof_matches(hs.server_proof(key, nonce_c, nonce_s, binding), w["proof"]):
+        if binding:
+            await conn.error(ErrorCode.AUTH, "the server's proof does not match our key and "
+                                             "the TLS certificate we were shown")
+            raise AuthError(f"{conn.peer}: the server's proof does not match our key and the "
+                            f"TLS certificate we were shown (sha256:{binding.hex()}): either "
+                            "the keys differ, or something between us terminates TLS with "
+                            "another certificate (a relay); use the same key on both hosts, "
+                            "and check the certificate (--tls-pin)")
         await conn.error(ErrorCode.AUTH, "the server's proof does not match our key")
         raise AuthError(f"{conn.peer}: the server does not know our key (its proof does not "
                         "match); use the same key on both hosts")
-    await conn.send_control(MsgType.AUTH, hs.auth(key, nonce_c, nonce_s))
+    await conn.send_control(MsgType.AUTH, hs.auth(key, nonce_c, nonce_s, binding))
     try:
         ready = await conn.recv_control(MsgType.READY)
     except PeerError as e:
@@ -585,7 +679,7 @@ async def serve(host: str | None, port: int, *, key: bytes, handler: Handler,
                 session_limit: int | None = None,
                 admit: Callable[[asyncio.Transport], str | None] | None = None,
                 max_handshakes: int | None = None, max_handshakes_per_host: int = 8,
-                **server_kwargs) -> asyncio.Server:
+                max_sockets: int | None = None, **server_kwargs) -> asyncio.Server:
     """Listen; authenticate each client (server side of the handshake), then run
     ``await handler(conn)``. An exception in the handler is logged and sent to the peer
     as ERROR (its code for a ProtocolError, ``internal`` otherwise); the server keeps
@@ -597,12 +691,27 @@ async def serve(host: str | None, port: int, *, key: bytes, handler: Handler,
     still in the handshake (``max_handshakes`` in all, default max(16, 2 x
     max_connections), and ``max_handshakes_per_host`` from one address) and authenticated
     connections (``max_connections``). Over either, the client gets ERROR busy — over the
-    second only once it has authenticated, so a peer without the key learns nothing."""
+    second only once it has authenticated, so a peer without the key learns nothing; over
+    the first at once, and the connection is dropped (no linger). Above all of them a hard
+    cap on open connections (``max_sockets``, default max_handshakes + max_connections +
+    8): one over it is closed as soon as it is accepted (with TLS: once its TLS handshake,
+    bounded by ``handshake_timeout``, is done), before a receive buffer exists.
+
+    With ``ssl`` the context must come from deltaxfer.keys.server_tls, which records the
+    certificate's channel binding (``ssl.end_point``) that the proofs include."""
     hs._check_key(key)
     loop = asyncio.get_running_loop()
     caps = _with_tls(caps, ssl)
+    binding = b""
+    if ssl is not None:
+        binding = getattr(ssl, "end_point", None)
+        if not binding:
+            raise ValueError("a TLS server context needs its certificate's channel binding: "
+                             "build it with deltaxfer.keys.server_tls(cert, key)")
     limit = max_connections if session_limit is None else session_limit
     max_handshakes = max_handshakes or max(16, 2 * max_connections)
+    max_sockets = max_sockets or max_handshakes + max_connections + 8
+    sockets = {"open": 0, "dropped": 0, "logged": 0.0}
     active = {"n": 0}
     handshaking: dict[str, int] = {}
     tasks: set[asyncio.Task] = set()
@@ -618,22 +727,23 @@ async def serve(host: str | None, port: int, *, key: bytes, handler: Handler,
         refused = admit(proto.transport) if admit is not None else None
         if refused:
             log.warning("refusing %s: %s", conn.peer, refused)
-            await conn.error(ErrorCode.AUTH, refused)
-            conn.close()
+            proto.refuse_now(ErrorCode.AUTH, refused)
             return
         peer = proto.transport.get_extra_info("peername")
         host = peer[0] if isinstance(peer, tuple) else str(peer)
         if sum(handshaking.values()) >= max_handshakes or \
                 handshaking.get(host, 0) >= max_handshakes_per_host:
-            await _refuse_busy(conn, f"server busy: {sum(handshaking.values())} connections "
-                                     f"({handshaking.get(host, 0)} from {host}) are in the "
-                                     "handshake; try again later", handshake_timeout)
+            reason = (f"server busy: {sum(handshaking.values())} connections "
+                      f"({handshaking.get(host, 0)} from {host}) are in the handshake; "
+                      "try again later")
+            log.warning("refusing %s: %s", conn.peer, reason)
+            proto.refuse_now(ErrorCode.BUSY, reason)
             return
         handshaking[host] = handshaking.get(host, 0) + 1
         claimed = False
         try:
             claimed = await _handshake_one(conn, key, caps, limit, handshake_timeout, claim,
-                                           max_connections)
+                                           max_connections, binding)
         finally:
             handshaking[host] -= 1
             if not handshaking[host]:
@@ -648,10 +758,32 @@ async def serve(host: str | None, port: int, *, key: bytes, handler: Handler,
             conn.close()
 
     def connected(proto: _FrameProtocol):
+        if sockets["open"] >= max_sockets:
+            proto.closing = True
+            proto.transport.abort()
+            dropped()
+            return
+        sockets["open"] += 1
+        proto.closed.add_done_callback(released)
         task = loop.create_task(one(proto))
         tasks.add(task)
         task.add_done_callback(tasks.discard)
 
+    def released(_):
+        sockets["open"] -= 1
+
+    def dropped():
+        sockets["dropped"] += 1
+        now = loop.time()
+        if now - sockets["logged"] >= DROP_LOG_INTERVAL:
+            sockets["logged"] = now
+            log.warning("%d open connections, the most this server keeps (handshake and "
+                        "session slots, and room to answer busy): dropped %d connection(s) "
+                        "at once since the last such line", max_sockets, sockets["dropped"])
+            sockets["dropped"] = 0
+
+    if ssl is not None:
+        server_kwargs.setdefault("ssl_handshake_timeout", handshake_timeout)
     return await loop.create_server(lambda: _FrameProtocol(connected), host, port, ssl=ssl,
                                     **server_kwargs)
 
@@ -660,23 +792,14 @@ class _Busy(Exception):
     pass
 
 
-async def _refuse_busy(conn: Connection, reason: str, timeout: float):
-    log.warning("refusing %s: %s", conn.peer, reason)
-    try:
-        await conn.recv(timeout=min(timeout, 2.0))     # its HELLO, so that ERROR answers it
-    except (TimeoutError, TransportError, ProtocolError):
-        pass
-    await conn.error(ErrorCode.BUSY, reason)
-    conn.close()
-
-
 async def _handshake_one(conn, key, caps, session_limit, handshake_timeout, claim,
-                         max_connections) -> bool:
+                         max_connections, binding=b"") -> bool:
     """The server's handshake; True once authenticated and holding a connection slot."""
     peer = conn.peer
     try:
         async with asyncio.timeout(handshake_timeout):
-            await _server_handshake(conn, key, caps, session_limit, claim, max_connections)
+            await _server_handshake(conn, key, caps, session_limit, claim, max_connections,
+                                    binding)
     except TimeoutError:
         log.warning("%s: no complete handshake within %s s", peer, handshake_timeout)
         await conn.error(ErrorCode.TIMEOUT, f"handshake took over {handshake_timeout} s")
@@ -687,7 +810,8 @@ async def _handshake_one(conn, key, caps, session_limit, handshake_timeout, clai
         log.warning("client failed authentication from %s: %s", peer, e)
         return False
     except PeerError as e:
-        log.warning("%s ended the handshake: %s", peer, e)
+        log.warning("%s ended the handshake: ERROR %s %s", peer, peer_text(e.code, 40),
+                    peer_text(e.reason))
         return False
     except (ProtocolError, ConnectionClosed) as e:
         log.warning("handshake with %s failed: %s", peer, e)
@@ -713,7 +837,7 @@ async def _run_handler(conn, handler):
 
 
 async def _server_handshake(conn: Connection, key, caps, session_limit, claim=None,
-                            max_connections=None):
+                            max_connections=None, binding=b""):
     hello = await conn.recv_control(MsgType.HELLO)
     try:
         version = choose_version(hello["versions"])
@@ -722,15 +846,23 @@ async def _server_handshake(conn: Connection, key, caps, session_limit, claim=No
         raise
     nonce_c, nonce_s = bytes.fromhex(hello["nonce"]), hs.new_nonce()
     both = hs.common_caps(caps, hello["caps"])
-    await conn.send_control(MsgType.WELCOME, hs.welcome(key, version, both, nonce_c, nonce_s))
+    await conn.send_control(MsgType.WELCOME, hs.welcome(key, version, both, nonce_c, nonce_s,
+                                                        binding))
     try:
         proof = (await conn.recv_control(MsgType.AUTH))["proof"]
     except PeerError as e:
         if e.code == ErrorCode.AUTH:
-            raise AuthError(f"the client does not hold our key (it rejected our proof: "
-                            f"{e.reason})") from e
+            tls = " (or saw another TLS certificate)" if binding else ""
+            raise AuthError(f"the client does not hold our key{tls}: it rejected our "
+                            f"proof: {peer_text(e.reason)}") from e
         raise
-    if not hs.proof_matches(hs.client_proof(key, nonce_c, nonce_s), proof):
+    if not hs.proof_matches(hs.client_proof(key, nonce_c, nonce_s, binding), proof):
+        if binding:
+            await conn.error(ErrorCode.AUTH, "client failed authentication: its proof does "
+                                             "not match the server's key and TLS certificate")
+            raise AuthError("its proof does not match our key and our TLS certificate: "
+                            "either the keys differ, or a relay terminates TLS between us "
+                            "with another certificate")
         await conn.error(ErrorCode.AUTH, "client failed authentication: its proof does not "
                                          "match the server's key")
         raise AuthError("its proof does not match our key")

@@ -1,9 +1,14 @@
 """The handshake's pure parts: nonces, HMAC proofs, version and capability negotiation.
 
-    proof_s = HMAC-SHA256(key, "deltaxfer/1 server" || nonce_c || nonce_s)
-    proof_c = HMAC-SHA256(key, "deltaxfer/1 client" || nonce_c || nonce_s)
+    proof_s = HMAC-SHA256(key, "deltaxfer/1 server" || nonce_c || nonce_s || binding)
+    proof_c = HMAC-SHA256(key, "deltaxfer/1 client" || nonce_c || nonce_s || binding)
 
 Different labels, so neither side's proof can be obtained from the other as an oracle.
+``binding`` ties the proofs to the TLS connection they travel in: over TLS it is the
+"tls-server-end-point" value (RFC 5929; here always SHA-256 of the server certificate's
+DER), which the client computes from the certificate it was shown and the server from its
+own. A relay that terminates TLS with another certificate makes the two sides compute
+different proofs, so it cannot pass the handshake along. Without TLS it is empty.
 """
 import hashlib
 import hmac
@@ -12,6 +17,7 @@ import secrets
 from .messages import CAPS, PROTOCOL_NAME, VERSIONS, ErrorCode, ProtocolError
 
 NONCE_SIZE = 32
+BINDING_SIZE = 32                # SHA-256 of the server certificate; b"" without TLS
 _SERVER_LABEL = b"deltaxfer/1 server"
 _CLIENT_LABEL = b"deltaxfer/1 client"
 
@@ -26,18 +32,27 @@ def _check_key(key) -> bytes:
     return bytes(key)
 
 
-def _proof(label: bytes, key: bytes, nonce_c: bytes, nonce_s: bytes) -> bytes:
+def tls_server_end_point(cert_der: bytes) -> bytes:
+    """The channel binding of a TLS connection: SHA-256 of the server certificate (DER)."""
+    return hashlib.sha256(cert_der).digest()
+
+
+def _proof(label: bytes, key: bytes, nonce_c: bytes, nonce_s: bytes,
+           binding: bytes = b"") -> bytes:
     if len(nonce_c) != NONCE_SIZE or len(nonce_s) != NONCE_SIZE:
         raise ValueError(f"nonces are {NONCE_SIZE} bytes")
-    return hmac.new(_check_key(key), label + nonce_c + nonce_s, hashlib.sha256).digest()
+    if len(binding) not in (0, BINDING_SIZE):
+        raise ValueError(f"the channel binding is {BINDING_SIZE} bytes, or empty without TLS")
+    return hmac.new(_check_key(key), label + nonce_c + nonce_s + bytes(binding),
+                    hashlib.sha256).digest()
 
 
-def server_proof(key: bytes, nonce_c: bytes, nonce_s: bytes) -> bytes:
-    return _proof(_SERVER_LABEL, key, nonce_c, nonce_s)
+def server_proof(key: bytes, nonce_c: bytes, nonce_s: bytes, binding: bytes = b"") -> bytes:
+    return _proof(_SERVER_LABEL, key, nonce_c, nonce_s, binding)
 
 
-def client_proof(key: bytes, nonce_c: bytes, nonce_s: bytes) -> bytes:
-    return _proof(_CLIENT_LABEL, key, nonce_c, nonce_s)
+def client_proof(key: bytes, nonce_c: bytes, nonce_s: bytes, binding: bytes = b"") -> bytes:
+    return _proof(_CLIENT_LABEL, key, nonce_c, nonce_s, binding)
 
 
 def proof_matches(expected: bytes, received_hex: str) -> bool:
@@ -70,10 +85,11 @@ def hello(nonce_c: bytes, caps=CAPS, software: str = "", versions=VERSIONS) -> d
             "nonce": nonce_c.hex(), "software": software}
 
 
-def welcome(key: bytes, version: int, caps, nonce_c: bytes, nonce_s: bytes) -> dict:
+def welcome(key: bytes, version: int, caps, nonce_c: bytes, nonce_s: bytes,
+            binding: bytes = b"") -> dict:
     return {"version": version, "caps": list(caps), "nonce": nonce_s.hex(),
-            "proof": server_proof(key, nonce_c, nonce_s).hex()}
+            "proof": server_proof(key, nonce_c, nonce_s, binding).hex()}
 
 
-def auth(key: bytes, nonce_c: bytes, nonce_s: bytes) -> dict:
-    return {"proof": client_proof(key, nonce_c, nonce_s).hex()}
+def auth(key: bytes, nonce_c: bytes, nonce_s: bytes, binding: bytes = b"") -> dict:
+    return {"proof": client_proof(key, nonce_c, nonce_s, binding).hex()}
