@@ -24,24 +24,67 @@ DEFAULT_CONFIG = "/etc/deltaxfer/hook.conf"
 _CONFIG_KEYS = ("to", "key_file", "session", "downtime_target_ms", "max_rounds", "criu")
 
 
+HELP = f"""\
+usage: deltaxfer-hook            (run by CRIU, not by hand)
+
+deltaxfer's CRIU action script: `criu dump --action-script PATH` (or `action-script PATH`
+in a CRIU configuration file), where PATH is this program. CRIU runs it with no arguments
+and says what is happening in the environment: CRTOOLS_SCRIPT_ACTION (pre-dump,
+post-dump, pre-restore, post-restore, ...), CRTOOLS_IMAGE_DIR, CRTOOLS_INIT_PID.
+
+- Started by `deltaxfer migrate` ({AGENT_ENV} set): reports to that migration agent and
+  exits with its verdict; a non-zero exit at post-dump makes CRIU resume the tasks.
+- Started by a plain `criu dump`: migrates the tree itself (live rounds at pre-dump, the
+  residual and the restore at post-dump) to the destination set by:
+    {CONFIG_ENV}=FILE  a KEY = VALUE file (default {DEFAULT_CONFIG}); it names the criu
+                      binary run as root, so it must be a regular file (not a symbolic
+                      link) owned by root or by the user running the hook, and not
+                      writable by group or others
+    keys: to (HOST:PORT of `deltaxfer serve`), key_file (the pre-shared key, mode 0600),
+          session, downtime_target_ms, max_rounds, criu
+    DELTAXFER_TO, DELTAXFER_KEY_FILE, DELTAXFER_SESSION, DELTAXFER_DOWNTIME_TARGET_MS,
+    DELTAXFER_MAX_ROUNDS, DELTAXFER_CRIU override the file's keys.
+- pre-restore, on a directory `deltaxfer serve` received: refuses one that is not a
+  completed transfer. post-restore: logs the restored tree.
+
+{TIMEOUT_ENV}: seconds to wait for the agent's verdict (default: no limit).
+"""
+
+
+class HookConfigError(ValueError):
+    """The hook's configuration file must not be used; the message says why and how."""
+
+
+def _read_config_file(path: str) -> str | None:
+    """The configuration file's text, None if there is none. It names the criu that the
+    hook runs as root: opened without following a symbolic link, and refused unless
+    owned by root (or us) and not writable by group or others."""
+    if not os.path.lexists(path):
+        return None
+    from deltaxfer.keys import ConfigError, read_owned_file   # only here: no agent
+    try:
+        return read_owned_file(path, "hook configuration", private=False).decode(
+            "utf-8", "replace")
+    except ConfigError as e:
+        raise HookConfigError(str(e)) from None
+
+
 def hook_config(env=os.environ) -> dict:
     """Settings for a hook run by a plain `criu dump` (CRIU closes stdin and keeps the
     command line to the script path): a KEY=VALUE file ($DELTAXFER_CONFIG, else
     /etc/deltaxfer/hook.conf, keys: to, key_file, session, downtime_target_ms,
-    max_rounds, criu), overridden by DELTAXFER_TO, DELTAXFER_KEY_FILE, ... variables."""
+    max_rounds, criu), overridden by DELTAXFER_TO, DELTAXFER_KEY_FILE, ... variables.
+    A file that is a symbolic link, owned by another user or writable by group or
+    others raises HookConfigError; a missing file is no file."""
     path = env.get(CONFIG_ENV, DEFAULT_CONFIG)
     out = {"_file": path}
-    try:
-        with open(path) as f:
-            for line in f:
-                line = line.strip()
-                if line and not line.startswith("#") and "=" in line:
-                    k, v = line.split("=", 1)
-                    k = k.strip().lower().replace("-", "_")
-                    if k in _CONFIG_KEYS:
-                        out[k] = v.strip()
-    except OSError:
-        pass
+    for line in (_read_config_file(path) or "").splitlines():
+        line = line.strip()
+        if line and not line.startswith("#") and "=" in line:
+            k, v = line.split("=", 1)
+            k = k.strip().lower().replace("-", "_")
+            if k in _CONFIG_KEYS:
+                out[k] = v.strip()
     for k in _CONFIG_KEYS:
         v = env.get("DELTAXFER_" + k.upper())
         if v:
@@ -96,7 +139,11 @@ def run_hook(env=os.environ) -> int:
         return 0
     agent = env.get(AGENT_ENV)
     if not agent:
-        config = hook_config(env)
+        try:
+            config = hook_config(env)
+        except HookConfigError as e:
+            print(f"deltaxfer hook: {action}: {e}", file=sys.stderr)
+            return 1 if action == "post-dump" else 0
         if config.get("to"):
             if action not in ("pre-dump", "post-dump"):
                 return 0
@@ -145,7 +192,21 @@ def _end_lazy_dump_later(port: int) -> None:
                      stderr=subprocess.DEVNULL)
 
 
-def main() -> int:
+def main(argv=None) -> int:
+    """`deltaxfer-hook`: CRIU runs it without arguments; --help says what it is."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    if args in (["--help"], ["-h"]):
+        sys.stdout.write(HELP)
+        sys.exit(0)
+    if args:
+        print(f"deltaxfer-hook: unexpected arguments {args!r}: CRIU runs this action script "
+              "without arguments (see deltaxfer-hook --help)", file=sys.stderr)
+        sys.exit(2)
+    if not os.environ.get("CRTOOLS_SCRIPT_ACTION"):
+        print("deltaxfer-hook: CRTOOLS_SCRIPT_ACTION is not set: this is CRIU's action "
+              "script, run by `criu dump --action-script`, not by hand (see deltaxfer-hook "
+              "--help)", file=sys.stderr)
+        sys.exit(2)
     sys.exit(run_hook())
 
 
