@@ -115,7 +115,8 @@ def cmd_send(args) -> int:
     host, port = parse_hostport(args.to, what="--to")
     key = client_key(args.key_file, args.insecure, host)
     report = transport.run(send_dump(
-        args.image_dir, host, port, key, args.session, ssl=client_tls(args.tls_ca),
+        args.image_dir, host, port, key, args.session,
+        ssl=client_tls(args.tls_ca, args.tls_server_name, args.tls_pin),
         restore=args.restore, base=args.base, xor=not args.no_xor,
         compress=not args.no_lz4), loop=args.loop)
     _emit(args, report, render)
@@ -140,7 +141,8 @@ def cmd_migrate(args) -> int:
     opts = Options(session=args.session, downtime_target=args.downtime_target / 1000,
                    max_rounds=args.max_rounds, xor=not args.no_xor, compress=not args.no_lz4,
                    cache_bytes=args.xor_cache_mib << 20, restore=not args.no_restore,
-                   tracking=args.tracking, freeze=args.freeze, ssl=client_tls(args.tls_ca), progress=progress if (tty or args.progress) else None)
+                   tracking=args.tracking, freeze=args.freeze, ssl=client_tls(args.tls_ca, args.tls_server_name, args.tls_pin),
+                   progress=progress if (tty or args.progress) else None)
     report = transport.run(migrate(args.pid, host, port, key, criu, opts), loop=args.loop).as_dict()
     if args.report:
         with open(args.report, "w") as f:
@@ -232,7 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="receive transfers and migrations (the destination)")
     p.add_argument("--listen", required=True, metavar="ADDR:PORT", help="address to listen on")
-    p.add_argument("--key-file", help="pre-shared key (mode 0600); required unless --insecure")
+    p.add_argument("--key-file", help="pre-shared key: >= 32 random bytes (head -c 32 "
+                   "/dev/urandom > key), mode 0600, owned by root or you; required unless "
+                   "--insecure")
     p.add_argument("--insecure", action="store_true",
                    help="no key: only on a loopback --listen address, admitting only local "
                         "processes of this daemon's user (clients use the published key, "
@@ -265,7 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("send", help="ship a CRIU image directory to a `deltaxfer serve`")
     p.add_argument("image_dir", help="CRIU image directory")
     p.add_argument("--to", required=True, metavar="HOST:PORT")
-    p.add_argument("--key-file", help="pre-shared key (mode 0600); required unless --insecure")
+    p.add_argument("--key-file", help="pre-shared key: >= 32 random bytes (head -c 32 "
+                   "/dev/urandom > key), mode 0600, owned by root or you; required unless "
+                   "--insecure")
     p.add_argument("--insecure", action="store_true",
                    help="reach a `serve --insecure` on loopback (its published key)")
     p.add_argument("--session", default="default",
@@ -275,7 +281,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--restore", action="store_true", help="have the receiver restore it")
     p.add_argument("--no-xor", action="store_true", help="send changed pages whole")
     p.add_argument("--no-lz4", action="store_true", help="do not compress page frames")
-    p.add_argument("--tls-ca", help="use TLS; verify the server against this CA (PEM)")
+    p.add_argument("--tls-ca", help="use TLS; trust only this CA (PEM) for the server's "
+                   "certificate, which must name the host of --to (or --tls-server-name)")
+    p.add_argument("--tls-server-name", metavar="NAME",
+                   help="the name (or IP address) the server's certificate must carry, in "
+                        "place of the host of --to")
+    p.add_argument("--tls-pin", metavar="sha256:HEX",
+                   help="accept only the server certificate with this SHA-256 (of its DER: "
+                        "openssl x509 -in CERT -outform DER | sha256sum)")
     p.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop")
     _json_flag(p)
     p.set_defaults(func=cmd_send)
@@ -283,7 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("migrate", help="live-migrate a running process tree to a `deltaxfer serve`")
     p.add_argument("pid", type=int, help="root of the process tree")
     p.add_argument("--to", required=True, metavar="HOST:PORT")
-    p.add_argument("--key-file", help="pre-shared key (mode 0600); required unless --insecure")
+    p.add_argument("--key-file", help="pre-shared key: >= 32 random bytes (head -c 32 "
+                   "/dev/urandom > key), mode 0600, owned by root or you; required unless "
+                   "--insecure")
     p.add_argument("--insecure", action="store_true",
                    help="reach a `serve --insecure` on loopback (its published key)")
     p.add_argument("--session", help="session name on the destination (default: unique)")
@@ -305,7 +320,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-restore", action="store_true",
                    help="stop after the destination holds the images (the source is killed)")
     p.add_argument("--criu", metavar="PATH", help="criu binary")
-    p.add_argument("--tls-ca", help="use TLS; verify the server against this CA (PEM)")
+    p.add_argument("--tls-ca", help="use TLS; trust only this CA (PEM) for the server's "
+                   "certificate, which must name the host of --to (or --tls-server-name)")
+    p.add_argument("--tls-server-name", metavar="NAME",
+                   help="the name (or IP address) the server's certificate must carry, in "
+                        "place of the host of --to")
+    p.add_argument("--tls-pin", metavar="sha256:HEX",
+                   help="accept only the server certificate with this SHA-256 (of its DER: "
+                        "openssl x509 -in CERT -outform DER | sha256sum)")
     p.add_argument("--report", metavar="FILE", help="write the JSON report here too")
     p.add_argument("--progress", action="store_true", help="per-round lines even without a terminal")
     p.add_argument("--quiet", action="store_true", help="no per-round lines")
