@@ -2,16 +2,19 @@
 dump in the same session sends only what changed since what the receiver holds."""
 from __future__ import annotations
 
+import asyncio
+import functools
 import os
 import socket
 import time
 from array import array
+from collections import deque
 
 from deltaxfer import PAGE_SIZE, _core, transport
 from deltaxfer.criu import images as im
 from deltaxfer.criu.dumpdir import DumpDir
 from deltaxfer.source import (Held, Pipeline, RoundStats, SourceImage, base_for, dump_images,
-                              encode_slices, split_frames)
+                              split_frames)
 from deltaxfer.store import image_digest, pagemap_name
 from deltaxfer.wire import MsgType, ProtocolError, decode_held, encode_pages, iter_pagemap
 from deltaxfer.wire import iter_file_data
@@ -64,39 +67,84 @@ def pagemap_pairs(pm: im.Pagemap) -> array:
     return out
 
 
+def _windows(images: list[SourceImage], window_pages: int):
+    """(image index, lo, hi, first, last) of every window, in wire order; an image without
+    pages has one empty window (it still reports the held pages it removes)."""
+    for index, img in enumerate(images):
+        n = len(img.vaddrs)
+        los = range(0, n, window_pages) if n else [0]
+        for k, lo in enumerate(los):
+            yield index, lo, min(lo + window_pages, n), k == 0, k == len(los) - 1
+
+
 async def send_round(conn, round_no: int, images: list[SourceImage], held: dict[str, Held], *,
                      final: bool, xor: bool = True, compress: bool = True, pipeline: Pipeline,
                      caches: dict | None = None) -> RoundStats:
     """One round: every memory image's pagemap, then the records of its pages that the
     destination lacks, then its digest; returns when the destination confirmed, with
-    ``held`` updated to what the destination now holds."""
+    ``held`` updated to what the destination now holds.
+
+    The pages are read and encoded window by window on the pipeline's threads, at most
+    ``pipeline.inflight`` windows ahead of the one being sent; frames go out strictly in
+    window order (ascending vaddrs per image, as the protocol wants)."""
+    loop = asyncio.get_running_loop()
     stats = RoundStats()
     t0 = time.monotonic()
     new_held: dict[str, Held] = {}
     await conn.send_control(MsgType.ROUND, {"round": round_no, "final": final})
-    for index, img in enumerate(images):
-        pairs = image_pairs(img)
-        await conn.send_control(MsgType.IMAGE, {"index": index, "id": img.image_id,
-                                                "entries": len(pairs) // 2,
-                                                "pages": len(img.vaddrs)})
-        for payload in iter_pagemap(index, pairs):
-            await conn.send(MsgType.PAGEMAP, payload)
-        h = held.get(img.image_id)
-        hashes = array("Q")
+    todo = _windows(images, pipeline.window_pages)
+    pending: deque = deque()
+
+    def submit() -> None:
+        job = next(todo, None)
+        if job is None:
+            return
+        index, lo, hi, first, _ = job
+        img = images[index]
         cache = caches.get(img.image_id) if caches is not None else None
-        async for frames, slice_hashes, st in pipeline.iterate(
-                encode_slices(img, h, xor=xor, compress=compress, cache=cache)):
+        if first and cache is not None:
+            cache.next_round()      # one round per image; its windows share the cache
+        fut = loop.run_in_executor(pipeline.pool, functools.partial(
+            pipeline.encode, img, held.get(img.image_id), lo, hi, xor=xor,
+            compress=compress, cache=cache))
+        pending.append((job, fut))
+
+    try:
+        for _ in range(pipeline.inflight):
+            submit()
+        hashes = array("Q")
+        while pending:
+            (index, lo, hi, first, last), fut = pending[0]
+            img = images[index]
+            if first:
+                pairs = image_pairs(img)
+                await conn.send_control(MsgType.IMAGE, {"index": index, "id": img.image_id,
+                                                        "entries": len(pairs) // 2,
+                                                        "pages": len(img.vaddrs)})
+                for payload in iter_pagemap(index, pairs):
+                    await conn.send(MsgType.PAGEMAP, payload)
+                hashes = array("Q")
+            frames, window_hashes, st, read_s, encode_s = await fut
+            pending.popleft()
+            submit()
             for frame in split_frames(frames):
                 await conn.send(MsgType.PAGES, encode_pages(index, frame))
-            hashes.extend(slice_hashes)
+            hashes.extend(window_hashes)
             stats.add(st)
             stats.removed += st.get("removed", 0)
-        await conn.send_control(MsgType.IMAGE_END, {"index": index,
-                                                    "digest": f"{image_digest(hashes):016x}"})
-        # what the destination will hold once the round is confirmed
-        new_held[img.image_id] = Held(array("Q", img.vaddrs), hashes)
-        stats.images += 1
-        stats.pages += len(img.vaddrs)
+            stats.read_seconds += read_s
+            stats.encode_seconds += encode_s
+            stats.windows += 1
+            if last:
+                await conn.send_control(MsgType.IMAGE_END, {
+                    "index": index, "digest": f"{image_digest(hashes):016x}"})
+                # what the destination will hold once the round is confirmed
+                new_held[img.image_id] = Held(array("Q", img.vaddrs), hashes)
+                stats.images += 1
+                stats.pages += len(img.vaddrs)
+    finally:
+        for _, fut in pending:     # an error or a cancellation: drop what is queued
+            fut.cancel()
     await conn.send_control(MsgType.ROUND_END, {"round": round_no})
     stats.send_seconds = time.monotonic() - t0
     ok = await conn.recv_control(MsgType.ROUND_OK)

@@ -1,15 +1,20 @@
-"""The source side of a transfer: memory images of a dump (or, later, of a live process)
-encoded against what the destination holds, pipelined with sending.
+"""The source side of a transfer: memory images of a dump or of a live (or frozen)
+process, encoded against what the destination holds, streamed to the link.
 
-Per memory image the core encodes slices of pages (hash, compare with the held hash,
-zero / XOR delta / full, frames, lz4) in a worker thread with the GIL released while the
-event loop sends the previous slice's frames, so the link stays busy.
+An image is encoded in windows of pages (``WINDOW_PAGES``) on ``Pipeline.threads``
+threads: each fills its window into a per-thread buffer (process_vm_readv of the process,
+or a slice of the dump's mmapped pages file without a copy) and encodes it (hash,
+compare with the held hash, zero / XOR delta / full, frames, lz4; the core releases the
+GIL). The event loop sends the windows' frames strictly in window order as each is ready,
+with at most ``Pipeline.inflight`` windows submitted ahead, so reading, encoding and
+sending overlap and the memory used is O(threads x window), not O(process).
 """
 from __future__ import annotations
 
 import asyncio
 import os
 import socket
+import threading
 import time
 from array import array
 from bisect import bisect_left
@@ -21,24 +26,42 @@ from deltaxfer.criu import images as im
 from deltaxfer.criu.dumpdir import DumpDir
 from deltaxfer.store import image_id_of
 
-SLICE_PAGES = 16384          # 64 MiB of pages per encode call: bounded memory, pipelined
+# 2048 pages = 8 MiB per window: per-call overhead (Python, frame flush, a future) is
+# small against ~3 ms of encoding, and 2 x threads windows in flight stay a few tens of MiB
+WINDOW_PAGES = 2048
+ENCODER_THREADS_ENV = "DELTAXFER_ENCODER_THREADS"
+WINDOW_PAGES_ENV = "DELTAXFER_WINDOW_PAGES"
 _STAT_KEYS = ("scanned", "zero", "unchanged", "changed", "added", "sent_zero", "sent_xor",
               "sent_full", "raw_bytes", "stored_bytes", "frames", "skipped")
 
 
 @dataclass
 class SourceImage:
-    """One memory image to send: its pagemap, its pages (one buffer) and their vaddrs.
-    ``clean`` (one byte per page, optional): pages known unchanged since the destination's
-    copy (written-page tracking); their bytes in ``pages`` were not read. ``pairs``
-    (optional): the pagemap as PAGEMAP carries it, (vaddr, nr_pages | flags << 32) —
-    live rounds build only that."""
+    """One memory image to send: its vaddrs (one per page, ascending), its PAGEMAP
+    (``pagemap``, or ``pairs``: (vaddr, nr_pages | flags << 32) as PAGEMAP carries it —
+    live rounds build only that), and its pages: either ``pages``, all of them in one
+    buffer (a dump's mmapped pages file), or ``reader``, a callable(lo, hi, buf) that
+    fills pages [lo, hi) into buf (a writable buffer of at least (hi - lo) pages) and
+    returns a view of exactly those pages (called on encoder threads, concurrently for
+    disjoint windows). ``clean`` (one byte per page, optional): pages known unchanged
+    since the destination's copy (written-page tracking); readers leave them unread."""
     image_id: str
     pagemap: im.Pagemap | None
-    pages: memoryview
+    pages: memoryview | None
     vaddrs: array
     clean: bytearray | None = None
     pairs: array | None = None
+    reader: object = None
+
+    def window(self, lo: int, hi: int, buf) -> memoryview:
+        if self.reader is not None:
+            return self.reader(lo, hi, buf)
+        return self.pages[lo * PAGE_SIZE:hi * PAGE_SIZE]
+
+    def close(self) -> None:
+        close = getattr(self.reader, "close", None)
+        if close is not None:
+            close()
 
 
 @dataclass
@@ -58,6 +81,11 @@ class RoundStats:
     seconds: float = 0.0
     send_seconds: float = 0.0   # until the last byte of the round was handed to the link
     wire_bytes: int = 0   # bytes the destination had received when it confirmed
+    # summed over the encoder threads (they overlap each other and the sending): filling
+    # windows (reading process memory) and encoding them
+    read_seconds: float = 0.0
+    encode_seconds: float = 0.0
+    windows: int = 0
     counts: dict = field(default_factory=lambda: dict.fromkeys(_STAT_KEYS, 0))
 
     def add(self, st: dict) -> None:
@@ -66,7 +94,9 @@ class RoundStats:
 
     def as_dict(self) -> dict:
         return {"images": self.images, "pages": self.pages, "removed": self.removed,
-                "seconds": round(self.seconds, 6), **self.counts}
+                "seconds": round(self.seconds, 6), "windows": self.windows,
+                "read_thread_seconds": round(self.read_seconds, 6),
+                "encode_thread_seconds": round(self.encode_seconds, 6), **self.counts}
 
 
 def dump_images(dump: DumpDir) -> tuple[list[SourceImage], list, list[str]]:
@@ -95,30 +125,30 @@ def base_for(held: Held, base_image: im.MemoryImage | None) -> memoryview | None
     return base_image.pages if hashes == held.hashes else None
 
 
-def encode_slices(img: SourceImage, held: Held | None, *, xor: bool, compress: bool,
-                  cache=None, slice_pages: int = SLICE_PAGES):
-    """Yield (frames, hashes, stats) for consecutive slices of ``img`` (called in a worker
-    thread; every call into the core releases the GIL)."""
+def encode_window(img: SourceImage, held: Held | None, lo: int, hi: int, buf, *, xor: bool,
+                  compress: bool, cache=None):
+    """Fill pages [lo, hi) of ``img`` into ``buf`` (or take a view of them) and encode
+    them against the held pages of that vaddr range (called on an encoder thread; the
+    core releases the GIL). Returns (frames, hashes, stats, read seconds, encode seconds).
+    The windows of one image partition the held pages too: the first takes those below
+    its range, the last those above, so 'removed' counts each held page once."""
+    t0 = time.perf_counter()
+    pages = img.window(lo, hi, buf)
+    t1 = time.perf_counter()
     n = len(img.vaddrs)
-    for lo in range(0, max(n, 1), slice_pages):
-        hi = min(lo + slice_pages, n)
-        vaddrs = img.vaddrs[lo:hi]
-        kwargs = {}
-        if held is not None and len(held.vaddrs):
-            # the held pages whose vaddrs fall in this slice's range
-            first = img.vaddrs[lo] if lo < n else 0
-            last = img.vaddrs[hi] if hi < n else 1 << 64
-            plo = bisect_left(held.vaddrs, first) if lo else 0
-            phi = bisect_left(held.vaddrs, last) if hi < n else len(held.vaddrs)
-            kwargs = dict(prev_vaddrs=held.vaddrs[plo:phi], prev_hashes=held.hashes[plo:phi])
-            if held.base is not None and xor:
-                kwargs["base_pages"] = held.base[plo * PAGE_SIZE:phi * PAGE_SIZE]
-        if img.clean is not None:
-            kwargs["clean"] = memoryview(img.clean)[lo:hi]
-        frames, hashes, stats = _core.encode_round(
-            img.pages[lo * PAGE_SIZE:hi * PAGE_SIZE], vaddrs, xor=xor, compress=compress,
-            cache=cache, **kwargs)
-        yield frames, hashes, stats
+    kwargs = {}
+    if held is not None and len(held.vaddrs):
+        plo = bisect_left(held.vaddrs, img.vaddrs[lo]) if lo else 0
+        phi = bisect_left(held.vaddrs, img.vaddrs[hi]) if hi < n else len(held.vaddrs)
+        kwargs = dict(prev_vaddrs=held.vaddrs[plo:phi], prev_hashes=held.hashes[plo:phi])
+        if held.base is not None and xor:
+            kwargs["base_pages"] = held.base[plo * PAGE_SIZE:phi * PAGE_SIZE]
+    if img.clean is not None:
+        kwargs["clean"] = memoryview(img.clean)[lo:hi]
+    frames, hashes, stats = _core.encode_round(pages, img.vaddrs[lo:hi], xor=xor,
+                                               compress=compress, cache=cache,
+                                               next_round=False, **kwargs)
+    return frames, hashes, stats, t1 - t0, time.perf_counter() - t1
 
 
 def split_frames(frames: bytes):
@@ -135,23 +165,49 @@ def hostname_source(image_dir: str) -> str:
     return f"{socket.gethostname()}:{os.path.abspath(image_dir)}"
 
 
+def _env_int(name: str) -> int | None:
+    v = os.environ.get(name)
+    if not v:
+        return None
+    try:
+        n = int(v)
+    except ValueError:
+        raise ValueError(f"${name}={v!r}: expected a positive integer") from None
+    if n < 1:
+        raise ValueError(f"${name}={v!r}: expected a positive integer")
+    return n
+
+
 class Pipeline:
-    """Run blocking core work in one worker thread (the event loop keeps the link full)."""
+    """The encoder threads of a transfer and their window buffers.
 
-    def __init__(self):
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="deltaxfer-encode")
+    threads: how many windows are filled and encoded at once (default:
+    $DELTAXFER_ENCODER_THREADS, else os.cpu_count()); window_pages: pages per window
+    (default: $DELTAXFER_WINDOW_PAGES, else WINDOW_PAGES); inflight: windows submitted
+    ahead of the one being sent (2 x threads). Each thread keeps its window buffer for
+    the life of the Pipeline: an agent keeps one across its rounds, so the final round
+    (inside the freeze) touches no fresh memory."""
 
-    async def iterate(self, gen):
-        """Drive a blocking generator in the worker, one item ahead of the consumer."""
-        loop = asyncio.get_running_loop()
-        sentinel = object()
-        nxt = loop.run_in_executor(self.pool, next, gen, sentinel)
-        while True:
-            item = await nxt
-            if item is sentinel:
-                return
-            nxt = loop.run_in_executor(self.pool, next, gen, sentinel)
-            yield item
+    def __init__(self, threads: int | None = None, window_pages: int | None = None):
+        self.threads = threads or _env_int(ENCODER_THREADS_ENV) or os.cpu_count() or 1
+        self.window_pages = window_pages or _env_int(WINDOW_PAGES_ENV) or WINDOW_PAGES
+        self.inflight = 2 * self.threads
+        self.pool = ThreadPoolExecutor(max_workers=self.threads,
+                                       thread_name_prefix="deltaxfer-encode")
+        self._local = threading.local()
+
+    def buffer(self) -> bytearray:
+        """This thread's window buffer (allocated on its first window, then reused)."""
+        buf = getattr(self._local, "buf", None)
+        if buf is None:
+            buf = self._local.buf = bytearray(self.window_pages * PAGE_SIZE)
+        return buf
+
+    def encode(self, img: SourceImage, held: Held | None, lo: int, hi: int, *, xor: bool,
+               compress: bool, cache=None):
+        """encode_window into this thread's buffer (run on the pool)."""
+        return encode_window(img, held, lo, hi, self.buffer(), xor=xor, compress=compress,
+                             cache=cache)
 
     def close(self):
         self.pool.shutdown(wait=True)
