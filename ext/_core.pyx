@@ -23,6 +23,7 @@ from dx_cache cimport *
 from dx_procmem cimport *
 from dx_pipeline cimport *
 from dx_track cimport *
+from dx_apply cimport *
 
 cdef extern from "lz4.h":
     int LZ4_versionNumber() nogil
@@ -53,5 +54,6 @@ include "cache.pxi"
 include "procmem.pxi"
 include "pipeline.pxi"
 include "store.pxi"
+include "apply.pxi"
 include "images.pxi"
 include "track.pxi"

@@ -1,0 +1,270 @@
+/* The destination's page applier (see apply.h). */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <stdlib.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#include "apply.h"
+#include "delta.h"
+#include "frame.h"
+#include "hash.h"
+
+static const uint8_t apply_zero_page[DX_PAGE_SIZE];
+
+const char *dx_apply_strerror(int code)
+{
+    switch (-code) {
+    case DX_E_APPLY_ORDER: return "page records out of order (vaddrs must ascend within an image)";
+    case DX_E_APPLY_NOT_HELD: return "XOR delta for a page the destination does not hold";
+    case DX_E_APPLY_IO: return "writing the pages file failed";
+    case DX_E_APPLY_HELD_SHORT: return "the held pages file is shorter than its pagemap";
+    case DX_E_APPLY_NO_PAGES: return "page records for an image without present pages";
+    case DX_E_UNKNOWN_VADDR: return "page record for a vaddr outside the image's pagemap";
+    default: return dx_strerror(code);
+    }
+}
+
+int dx_applier_init(dx_applier *a, const uint64_t *vaddrs, size_t npages, int fd, int mode,
+                    const uint64_t *held_vaddrs, size_t nheld, int held_fd,
+                    uint64_t *hashes, uint64_t *recv_vaddrs, uint8_t *src)
+{
+    memset(a, 0, sizeof *a);
+    a->vaddrs = vaddrs;
+    a->npages = npages;
+    a->held_vaddrs = held_vaddrs;
+    a->fd = fd;
+    a->mode = mode;
+    a->hashes = hashes;
+    a->recv_vaddrs = recv_vaddrs;
+    a->src = src;
+    if (mode != DX_APPLY_AT_INDEX && mode != DX_APPLY_APPEND) return -DX_E_ARG;
+    if (mode == DX_APPLY_AT_INDEX && npages && !src) return -DX_E_ARG;
+    if (mode == DX_APPLY_APPEND && npages && !recv_vaddrs) return -DX_E_ARG;
+    if (nheld) {
+        struct stat st;
+        if (held_fd < 0) return -DX_E_ARG;
+        if (fstat(held_fd, &st)) { a->err_errno = errno; return -DX_E_APPLY_IO; }
+        if ((uint64_t)st.st_size < (uint64_t)nheld * DX_PAGE_SIZE) return -DX_E_APPLY_HELD_SHORT;
+        void *m = mmap(NULL, nheld * DX_PAGE_SIZE, PROT_READ, MAP_SHARED, held_fd, 0);
+        if (m == MAP_FAILED) { a->err_errno = errno; return -DX_E_APPLY_IO; }
+        a->held_pages = m;
+        a->nheld = nheld;
+    }
+    a->scratch = malloc((size_t)DX_APPLY_RUN_PAGES * DX_PAGE_SIZE);
+    if (!a->scratch) { dx_applier_free(a); return -DX_E_NOMEM; }
+    if (src) memset(src, DX_SRC_NONE, npages);
+    return 0;
+}
+
+void dx_applier_free(dx_applier *a)
+{
+    if (a->held_pages) munmap((void *)a->held_pages, a->nheld * DX_PAGE_SIZE);
+    a->held_pages = NULL;
+    a->nheld = 0;
+    free(a->raw);
+    free(a->scratch);
+    a->raw = a->scratch = NULL;
+    a->raw_cap = 0;
+}
+
+int64_t dx_applier_share_held(dx_applier *a, int held_fd, const uint64_t *held_hashes)
+{
+    if (a->mode != DX_APPLY_AT_INDEX) return -DX_E_ARG;
+    size_t i = 0, j = 0;
+    int64_t shared = 0;
+    while (i < a->nheld && j < a->npages) {
+        if (a->held_vaddrs[i] < a->vaddrs[j]) { i++; continue; }
+        if (a->vaddrs[j] < a->held_vaddrs[i]) { j++; continue; }
+        size_t n = 0;          /* a run: consecutive in both files */
+        while (i + n < a->nheld && j + n < a->npages && a->held_vaddrs[i + n] == a->vaddrs[j + n])
+            n++;
+        loff_t off_in = (loff_t)i * DX_PAGE_SIZE, off_out = (loff_t)j * DX_PAGE_SIZE;
+        size_t left = n * DX_PAGE_SIZE;
+        while (left) {
+            ssize_t k = copy_file_range(held_fd, &off_in, a->fd, &off_out, left, 0);
+            if (k < 0 && errno == EINTR) continue;
+            if (k < 0) { a->err_errno = errno; return -DX_E_APPLY_IO; }
+            if (k == 0) return -DX_E_APPLY_HELD_SHORT;
+            left -= (size_t)k;
+        }
+        for (size_t k = 0; k < n; k++) {
+            a->hashes[j + k] = held_hashes[i + k];
+            a->src[j + k] = DX_SRC_HELD;
+        }
+        i += n;
+        j += n;
+        shared += (int64_t)n;
+    }
+    return shared;
+}
+
+/* Write iov[0..n) at page `at` of the output, finishing short writes. */
+static int write_run(dx_applier *a, struct iovec *iov, int n, uint64_t at)
+{
+    off_t off = (off_t)(at * DX_PAGE_SIZE);
+    while (n > 0) {
+        ssize_t k = pwritev(a->fd, iov, n, off);
+        if (k < 0 && errno == EINTR) continue;
+        if (k <= 0) { a->err_errno = k < 0 ? errno : ENOSPC; return -DX_E_APPLY_IO; }
+        off += k;
+        while (n > 0 && (size_t)k >= iov->iov_len) { k -= (ssize_t)iov->iov_len; iov++; n--; }
+        if (n > 0) { iov->iov_base = (uint8_t *)iov->iov_base + k; iov->iov_len -= (size_t)k; }
+    }
+    return 0;
+}
+
+/* Where the record for vaddr goes: its layout index at or after *cur, or an error. */
+static int locate(const dx_applier *a, size_t cur, uint64_t vaddr, size_t *idx)
+{
+    if (cur > 0 && vaddr <= a->vaddrs[cur - 1]) return -DX_E_APPLY_ORDER;
+    ptrdiff_t k = dx_find_vaddr(a->vaddrs + cur, a->npages - cur, vaddr);
+    if (k < 0) return -DX_E_UNKNOWN_VADDR;
+    *idx = cur + (size_t)k;
+    return 0;
+}
+
+static int apply_one(dx_applier *a, const uint8_t *raw, size_t raw_len, uint64_t counts[3])
+{
+    size_t cur = a->next, idx;
+    int rc;
+    /* 1. every record checked before any page is written */
+    for (size_t p = 0; p < raw_len; p += DX_RECORD_HEADER_SIZE + dx_load16(raw + p + 9)) {
+        uint64_t vaddr = dx_load64(raw + p);
+        a->err_vaddr = vaddr;
+        if ((rc = locate(a, cur, vaddr, &idx))) return rc;
+        if (raw[p + 8] == DX_REC_XOR && dx_find_vaddr(a->held_vaddrs, a->nheld, vaddr) < 0)
+            return -DX_E_APPLY_NOT_HELD;
+        cur = idx + 1;
+    }
+    /* 2. build, hash and write, in runs of consecutive file pages */
+    const uint64_t zh = dx_zero_page_hash();
+    struct iovec iov[DX_APPLY_RUN_PAGES];
+    int nrun = 0;
+    uint64_t run_at = 0;
+    size_t held_cur = 0;
+    for (size_t p = 0; p < raw_len;) {
+        uint64_t vaddr = dx_load64(raw + p);
+        uint8_t kind = raw[p + 8];
+        size_t plen = dx_load16(raw + p + 9);
+        const uint8_t *payload = raw + p + DX_RECORD_HEADER_SIZE;
+        p += DX_RECORD_HEADER_SIZE + plen;
+        locate(a, a->next, vaddr, &idx);          /* checked above */
+        a->next = idx + 1;
+        uint64_t at = a->mode == DX_APPLY_AT_INDEX ? idx : a->append_pages;
+        /* a zero page needs no write where nothing was written (a hole, or preallocated) */
+        int write = !(kind == DX_REC_ZERO &&
+                      (a->mode == DX_APPLY_APPEND || a->src[idx] == DX_SRC_NONE));
+        if (write && nrun && (at != run_at + (uint64_t)nrun || nrun == (int)DX_APPLY_RUN_PAGES)) {
+            if ((rc = write_run(a, iov, nrun, run_at))) return rc;
+            nrun = 0;
+        }
+        const uint8_t *page;
+        uint64_t h;
+        if (kind == DX_REC_ZERO) {
+            page = apply_zero_page;
+            h = zh;
+        } else if (kind == DX_REC_FULL) {
+            page = payload;
+            h = dx_page_is_zero(page) ? zh : dx_xxh3(page, DX_PAGE_SIZE);
+        } else {
+            ptrdiff_t j = dx_find_vaddr(a->held_vaddrs + held_cur, a->nheld - held_cur, vaddr);
+            held_cur += (size_t)j;                /* checked above: found */
+            uint8_t *slot = a->scratch + (size_t)nrun * DX_PAGE_SIZE;
+            memcpy(slot, a->held_pages + held_cur * DX_PAGE_SIZE, DX_PAGE_SIZE);
+            dx_xor_decode(slot, payload, plen);   /* validated with the frame */
+            page = slot;
+            h = dx_page_is_zero(page) ? zh : dx_xxh3(page, DX_PAGE_SIZE);
+        }
+        if (write) {
+            if (!nrun) run_at = at;
+            iov[nrun].iov_base = (void *)page;
+            iov[nrun].iov_len = DX_PAGE_SIZE;
+            nrun++;
+        }
+        if (a->mode == DX_APPLY_AT_INDEX) {
+            a->hashes[idx] = h;
+            a->src[idx] = DX_SRC_RECEIVED;
+        } else {
+            a->recv_vaddrs[a->nrecv] = vaddr;
+            a->hashes[a->nrecv] = h;
+            a->append_pages++;
+        }
+        a->nrecv++;
+        a->counts[kind]++;
+        counts[kind]++;
+    }
+    if (nrun && (rc = write_run(a, iov, nrun, run_at))) return rc;
+    return 0;
+}
+
+int dx_applier_apply(dx_applier *a, const uint8_t *buf, size_t len, size_t max_raw,
+                     uint64_t counts[3])
+{
+    size_t off = 0;
+    int rc;
+    counts[0] = counts[1] = counts[2] = 0;
+    while (off < len) {
+        dx_frame_header h;
+        a->err_offset = off;
+        a->err_vaddr = 0;
+        if ((rc = dx_frame_header_parse(buf + off, len - off, max_raw, &h))) return rc;
+        if (h.raw_len > a->raw_cap) {
+            uint8_t *r = realloc(a->raw, h.raw_len);
+            if (!r) return -DX_E_NOMEM;
+            a->raw = r;
+            a->raw_cap = h.raw_len;
+        }
+        if ((rc = dx_frame_decode(buf + off, &h, a->raw))) return rc;
+        if (h.record_count && !a->npages) return -DX_E_APPLY_NO_PAGES;
+        if ((rc = apply_one(a, a->raw, h.raw_len, counts))) return rc;
+        off += DX_FRAME_HEADER_SIZE + h.stored_len;
+    }
+    return 0;
+}
+
+int64_t dx_applier_finish(dx_applier *a)
+{
+    if (a->mode == DX_APPLY_APPEND) {
+        if (ftruncate(a->fd, (off_t)(a->append_pages * DX_PAGE_SIZE))) {
+            a->err_errno = errno;
+            return -DX_E_APPLY_IO;
+        }
+        return 0;
+    }
+    int64_t missing = 0;
+    for (size_t i = 0; i < a->npages; i++) missing += a->src[i] == DX_SRC_NONE;
+    return missing;
+}
+
+int dx_pagemap_check(const uint64_t *pairs, size_t n, uint64_t max_nr, uint64_t *present,
+                     size_t *err_index)
+{
+    unsigned __int128 prev_end = 0;
+    uint64_t total = 0;
+    for (size_t i = 0; i < n; i++) {
+        uint64_t vaddr = pairs[2 * i], nr = pairs[2 * i + 1] & 0xffffffffu;
+        uint32_t flags = (uint32_t)(pairs[2 * i + 1] >> 32);
+        unsigned __int128 end = (unsigned __int128)vaddr + (unsigned __int128)nr * DX_PAGE_SIZE;
+        *err_index = i;
+        if (vaddr & (DX_PAGE_SIZE - 1)) return -DX_E_UNALIGNED;
+        if (nr == 0 || nr > max_nr || end > ((unsigned __int128)1 << 64)) return -DX_E_ARG;
+        if ((unsigned __int128)vaddr < prev_end) return -DX_E_UNSORTED;
+        prev_end = end;
+        if (flags & DX_PE_PRESENT) total += nr;
+    }
+    *present = total;
+    return 0;
+}
+
+void dx_pagemap_present_vaddrs(const uint64_t *pairs, size_t n, uint64_t *out)
+{
+    size_t k = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (!((pairs[2 * i + 1] >> 32) & DX_PE_PRESENT)) continue;
+        uint64_t v = pairs[2 * i], nr = pairs[2 * i + 1] & 0xffffffffu;
+        for (uint64_t j = 0; j < nr; j++) out[k++] = v + j * DX_PAGE_SIZE;
+    }
+}

@@ -1,0 +1,96 @@
+/* The destination's page applier: frames of page records become pages of a pages file.
+ *
+ * One applier per memory image being received.  Each call takes frames (back to back),
+ * checks every record of a frame before any of it is written (records strictly ascending
+ * across the whole image, vaddrs in the image's layout, XOR deltas only for pages the
+ * destination holds), builds each page (zero / full / XOR against the held page, read
+ * from a read-only mapping of the held pages file), hashes it (XXH3-64, as dx_hash_pages)
+ * and writes runs of consecutive pages with pwritev -- never through a writable mapping.
+ *
+ * Two output modes:
+ *   DX_APPLY_AT_INDEX  page i of the layout at byte i * 4096 of the output file (a full
+ *                      round: the file is preallocated by the caller; zero records for
+ *                      pages nothing was written to are not written at all);
+ *   DX_APPLY_APPEND    received pages appended in arrival order (a round over held pages:
+ *                      its side file, or a final round's child image); zero pages become
+ *                      holes, made part of the file by dx_applier_finish.
+ * Scratch memory is bounded: the largest frame's raw payload (<= 16 MiB) plus one run
+ * (DX_APPLY_RUN_PAGES pages).  Per-page state is 9 bytes (hash + source) in at-index mode,
+ * 16 bytes per received page (vaddr + hash) in append mode.
+ */
+#ifndef DX_APPLY_H
+#define DX_APPLY_H
+
+#include "dx_common.h"
+
+#define DX_APPLY_RUN_PAGES 256u
+
+enum { DX_APPLY_AT_INDEX = 0, DX_APPLY_APPEND = 1 };
+
+/* source of each page in at-index mode */
+enum { DX_SRC_NONE = 0, DX_SRC_HELD = 1, DX_SRC_RECEIVED = 2 };
+
+/* errors of the applier, beside dx_error's (dx_apply_strerror names both) */
+enum {
+    DX_E_APPLY_ORDER = 40,      /* a record at or below the previous one's vaddr */
+    DX_E_APPLY_NOT_HELD = 41,   /* an XOR delta for a page the destination does not hold */
+    DX_E_APPLY_IO = 42,         /* a write or copy failed: errno in err_errno */
+    DX_E_APPLY_HELD_SHORT = 43, /* the held pages file is shorter than its pagemap */
+    DX_E_APPLY_NO_PAGES = 44,   /* records for an image without present pages */
+};
+
+typedef struct {
+    const uint64_t *vaddrs;     /* the image's layout, strictly ascending */
+    size_t npages;
+    const uint64_t *held_vaddrs;/* the held image (XOR bases), may be empty */
+    size_t nheld;
+    const uint8_t *held_pages;  /* read-only mapping, nheld pages (owned) */
+    int fd, mode;
+    uint64_t *hashes;           /* at-index: [npages]; append: received pages' [npages] */
+    uint64_t *recv_vaddrs;      /* append: [npages] */
+    uint8_t *src;               /* at-index: [npages], DX_SRC_* */
+    size_t next;                /* layout index after the last record applied */
+    size_t nrecv;               /* records applied */
+    uint64_t append_pages;      /* append: file length in pages */
+    uint64_t counts[3];
+    uint8_t *raw;               /* scratch: one frame's raw payload */
+    size_t raw_cap;
+    uint8_t *scratch;           /* scratch: built pages of one run */
+    /* last error */
+    size_t err_offset;
+    uint64_t err_vaddr;
+    int err_errno;
+} dx_applier;
+
+/* hashes/recv_vaddrs/src are the caller's arrays of npages entries (recv_vaddrs only
+ * in append mode, src only in at-index mode).  held_fd may be -1 (nothing held). */
+int dx_applier_init(dx_applier *a, const uint64_t *vaddrs, size_t npages, int fd, int mode,
+                    const uint64_t *held_vaddrs, size_t nheld, int held_fd,
+                    uint64_t *hashes, uint64_t *recv_vaddrs, uint8_t *src);
+void dx_applier_free(dx_applier *a);
+
+/* At-index mode: copy every page the held image and the layout share into the output
+ * file (copy_file_range, in ascending runs) and take its hash from held_hashes[nheld].
+ * Returns the number of pages shared, or a negative error. */
+int64_t dx_applier_share_held(dx_applier *a, int held_fd, const uint64_t *held_hashes);
+
+/* Apply the frames in buf[0..len).  counts[3] gets this call's records by kind. */
+int dx_applier_apply(dx_applier *a, const uint8_t *buf, size_t len, size_t max_raw,
+                     uint64_t counts[3]);
+
+/* End of the image.  At-index: returns the number of pages neither held nor received.
+ * Append: sets the file's length (trailing zero pages) and returns 0. */
+int64_t dx_applier_finish(dx_applier *a);
+
+const char *dx_apply_strerror(int code);
+
+/* Check pagemap pairs (vaddr, nr_pages | flags << 32): aligned, 0 < nr_pages <= max_nr,
+ * ascending, not overlapping, no vaddr past 2^64.  *present gets the number of present
+ * pages; on error *err_index is the entry (0-based). */
+#define DX_PE_PRESENT 4u
+int dx_pagemap_check(const uint64_t *pairs, size_t n, uint64_t max_nr, uint64_t *present,
+                     size_t *err_index);
+/* The vaddr of every present page of checked pairs into out[present]. */
+void dx_pagemap_present_vaddrs(const uint64_t *pairs, size_t n, uint64_t *out);
+
+#endif
