@@ -4,9 +4,14 @@ from posix.types cimport pid_t
 
 cdef extern from "track.h" nogil:
     ctypedef struct dx_inject_info:
-        int signals_requeued, steps, stage
+        int signals_requeued, steps, stage, refused
+    enum:
+        DX_REFUSED_NOT_SYSCALL
+        DX_REFUSED_NOT_UFFD
     int dx_inject_userfaultfd(pid_t pid, pid_t tid, uint64_t syscall_ip, int uffd_flags,
                               dx_inject_info *info)
+    int dx_inject_fd_syscall(pid_t pid, pid_t tid, uint64_t syscall_ip, long nr, long arg,
+                             dx_inject_info *info)
     int dx_uffd_create(int flags)
     int dx_uffd_api(int fd, uint64_t features, uint64_t *got)
     int dx_uffd_register_wp(int fd, uint64_t start, uint64_t end)

@@ -2,6 +2,7 @@
 
 UFFD_FEATURE_WP_UNPOPULATED = 1 << 13
 UFFD_FEATURE_WP_ASYNC = 1 << 15
+_SYS_USERFAULTFD = 323      # x86-64 (injection is x86-64 only)
 
 
 def _os_error(int rc, str what):
@@ -13,21 +14,44 @@ def _os_error(int rc, str what):
     return OSError(err, f"{what}: {_os.strerror(err)}")
 
 
-def inject_userfaultfd(int pid, int tid, uint64_t syscall_ip, int flags):
-    """Create a userfaultfd inside process pid (by running the system call in its thread
-    tid at syscall_ip, an executable `syscall` instruction), take it over, close it in
-    the target.  Returns (our fd, info dict).  Raises OSError (with .info) on failure;
-    the target is left as it was."""
+_REFUSED = {
+    DX_REFUSED_NOT_SYSCALL: "the bytes at the chosen address are not a `syscall` "
+                            "instruction (they changed since they were read); nothing was run",
+    DX_REFUSED_NOT_UFFD: "the fd the injected call returned is not a userfaultfd (the call "
+                         "did not do what was asked); it was neither used nor closed in the "
+                         "target",
+}
+
+
+cdef _inject(int pid, int tid, uint64_t syscall_ip, long nr, long arg):
     cdef dx_inject_info info
     cdef int rc
     with nogil:
-        rc = dx_inject_userfaultfd(pid, tid, syscall_ip, flags, &info)
+        rc = dx_inject_fd_syscall(pid, tid, syscall_ip, nr, arg, &info)
     d = {"signals_requeued": info.signals_requeued, "steps": info.steps, "stage": info.stage}
     if rc < 0:
-        e = _os_error(rc, f"injecting userfaultfd() into pid {pid} (stage {info.stage})")
+        what = f"injecting userfaultfd() into pid {pid} (stage {info.stage})"
+        if info.refused:
+            e = OSError(-rc, f"{what}: refused: {_REFUSED[info.refused]}")
+        else:
+            e = _os_error(rc, what)
         e.info = d
         raise e
     return rc, d
+
+
+def inject_userfaultfd(int pid, int tid, uint64_t syscall_ip, int flags):
+    """Create a userfaultfd inside process pid (by running the system call in its thread
+    tid at syscall_ip, an executable `syscall` instruction, re-checked once the thread is
+    stopped), take it over, check it is a userfaultfd, close it in the target.  Returns
+    (our fd, info dict).  Raises OSError (with .info) on failure; the target is left as
+    it was."""
+    return _inject(pid, tid, syscall_ip, _SYS_USERFAULTFD, flags)
+
+
+def _inject_fd_syscall(int pid, int tid, uint64_t syscall_ip, long nr, long arg):
+    """inject_userfaultfd with system call nr(arg) instead: for the tests of its checks."""
+    return _inject(pid, tid, syscall_ip, nr, arg)
 
 
 def uffd_create(int flags):

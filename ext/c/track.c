@@ -1,7 +1,9 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <signal.h>
+#include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 #include <sys/ioctl.h>
 #include <sys/ptrace.h>
 #include <sys/syscall.h>
@@ -121,8 +123,25 @@ static int run_syscall(pid_t tid, const struct user_regs_struct *saved, uint64_t
     return -ETIMEDOUT;
 }
 
+/* Is fd (of process pid, or ours when pid is 0) a userfaultfd? Its /proc link says. */
+static int is_userfaultfd(pid_t pid, long fd)
+{
+    static const char want[] = "anon_inode:[userfaultfd]";
+    char path[64], link[sizeof want + 1];
+    if (pid) snprintf(path, sizeof path, "/proc/%d/fd/%ld", (int)pid, fd);
+    else snprintf(path, sizeof path, "/proc/self/fd/%ld", fd);
+    ssize_t n = readlink(path, link, sizeof link);
+    return n == (ssize_t)(sizeof want - 1) && memcmp(link, want, sizeof want - 1) == 0;
+}
+
 int dx_inject_userfaultfd(pid_t pid, pid_t tid, uint64_t syscall_ip, int uffd_flags,
                           dx_inject_info *info)
+{
+    return dx_inject_fd_syscall(pid, tid, syscall_ip, SYS_userfaultfd, uffd_flags, info);
+}
+
+int dx_inject_fd_syscall(pid_t pid, pid_t tid, uint64_t syscall_ip, long nr, long arg,
+                         dx_inject_info *info)
 {
     parked_t parked = {0};
     struct user_regs_struct saved;
@@ -144,13 +163,25 @@ int dx_inject_userfaultfd(pid_t pid, pid_t tid, uint64_t syscall_ip, int uffd_fl
         if (ptrace(PTRACE_CONT, tid, 0, 0) != 0) return -errno;
     }
     info->stage = 2;
+    /* The address was chosen from a read of the target's memory before it was stopped;
+     * what runs is what is there now: check it is still `syscall` (0f 05). */
+    errno = 0;
+    long word = ptrace(PTRACE_PEEKTEXT, tid, (void *)syscall_ip, 0);
+    if (errno != 0) {
+        rc = -errno;
+        goto detach;
+    }
+    if ((word & 0xffff) != 0x050f) {
+        info->refused = DX_REFUSED_NOT_SYSCALL;
+        rc = -EINVAL;
+        goto detach;
+    }
     if (ptrace(PTRACE_GETREGS, tid, 0, &saved) != 0) {
         rc = -errno;
         goto detach;
     }
     long remote = -1, closed = 0;
-    rc = run_syscall(tid, &saved, syscall_ip, SYS_userfaultfd, uffd_flags, 0, &remote,
-                     &parked, info);
+    rc = run_syscall(tid, &saved, syscall_ip, nr, arg, 0, &remote, &parked, info);
     if (rc == 0 && remote < 0) rc = (int)remote;         /* userfaultfd() failed in there */
     if (rc == 0) {
         info->stage = 3;
@@ -162,6 +193,15 @@ int dx_inject_userfaultfd(pid_t pid, pid_t tid, uint64_t syscall_ip, int uffd_fl
         } else {
             rc = -errno;
         }
+        /* Only a userfaultfd is what our call created: anything else is an fd the target
+         * already had (the call did not do what we asked); never use it, never close it. */
+        if (ours >= 0 ? !is_userfaultfd(0, ours) : !is_userfaultfd(pid, remote)) {
+            info->refused = DX_REFUSED_NOT_UFFD;
+            if (ours >= 0) close(ours);
+            ours = -1;
+            rc = -EINVAL;
+            goto restore;
+        }
         if (ours >= 0) info->stage = 4;
         /* close it in the target whatever happened: the target must not keep it */
         int rc2 = run_syscall(tid, &saved, syscall_ip, SYS_close, remote, 0, &closed, &parked,
@@ -172,6 +212,7 @@ int dx_inject_userfaultfd(pid_t pid, pid_t tid, uint64_t syscall_ip, int uffd_fl
             rc = rc2 ? rc2 : (int)closed;
         }
     }
+restore:
     if (ptrace(PTRACE_SETREGS, tid, 0, &saved) != 0 && rc == 0) rc = -errno;
     else if (info->stage >= 5) info->stage = 6;
 detach:
@@ -193,6 +234,14 @@ int dx_inject_userfaultfd(pid_t pid, pid_t tid, uint64_t syscall_ip, int uffd_fl
     (void)pid; (void)tid; (void)syscall_ip; (void)uffd_flags;
     memset(info, 0, sizeof *info);
     return -ENOSYS;   /* the register layout used above is x86-64's */
+}
+
+int dx_inject_fd_syscall(pid_t pid, pid_t tid, uint64_t syscall_ip, long nr, long arg,
+                         dx_inject_info *info)
+{
+    (void)pid; (void)tid; (void)syscall_ip; (void)nr; (void)arg;
+    memset(info, 0, sizeof *info);
+    return -ENOSYS;
 }
 
 #endif

@@ -15,17 +15,32 @@ typedef struct {
     int steps;              /* single steps taken to run the injected syscalls */
     int stage;              /* how far it got: 1 seized, 2 stopped, 3 created, 4 taken,
                                5 closed in the target, 6 registers restored, 7 detached */
+    int refused;            /* why it was refused (returns -EINVAL), DX_REFUSED_* */
 } dx_inject_info;
+
+/* The bytes at syscall_ip, re-read once the thread is stopped, are not `syscall`
+ * (0f 05): nothing was run in the target. */
+#define DX_REFUSED_NOT_SYSCALL 1
+/* The fd the system call returned is not a userfaultfd (/proc/self/fd/N of our copy, or
+ * /proc/PID/fd/N where it could not be taken): our copy is closed and the target's fd is
+ * left alone (it is not ours to close). */
+#define DX_REFUSED_NOT_UFFD 2
 
 /* Seize thread `tid` of process `pid` (ptrace), interrupt it, run
  * `userfaultfd(uffd_flags)` in it at `syscall_ip` (the address of a `syscall`
  * instruction mapped executable in the target, e.g. in its vDSO), take the new fd with
- * pidfd_getfd, run `close(fd)` in the target, restore its registers exactly and detach.
+ * pidfd_getfd, check that it is a userfaultfd, run `close(fd)` in the target, restore
+ * its registers exactly and detach.  The two bytes at syscall_ip are re-read once the
+ * thread is stopped and must still be `syscall`.
  * Signals that arrive while it is held are delivered again after the detach.  Returns
  * our fd (>= 0) or -errno; on failure the target's registers and fd table are as
  * before (whatever stage it failed at; see info->stage). */
 int dx_inject_userfaultfd(pid_t pid, pid_t tid, uint64_t syscall_ip, int uffd_flags,
                           dx_inject_info *info);
+/* The same with system call `nr`(arg) in place of userfaultfd(): for tests of the
+ * checks above (a call that returns some other fd number must be refused). */
+int dx_inject_fd_syscall(pid_t pid, pid_t tid, uint64_t syscall_ip, long nr, long arg,
+                         dx_inject_info *info);
 
 /* userfaultfd(flags) in our own process (a feature probe): the fd or -errno. */
 int dx_uffd_create(int flags);

@@ -1,0 +1,91 @@
+"""A reference to one process that outlives its PID: a pidfd plus its start time.
+
+A PID names whichever process holds it now: once the process exits and is reaped, the
+kernel may give the number to another one. Between the live rounds, the dump and the
+final SIGKILL, the agent must act on the process it was asked to migrate, never on a
+stranger that inherited its number. ``PidRef`` is taken once (``pidfd_open`` and the
+start time from /proc/PID/stat, read while the pidfd shows the process alive, so both
+name the same process); ``check()`` says whether the PID still names it; ``kill()``
+signals through the pidfd, which can only ever reach the process it was opened on.
+"""
+from __future__ import annotations
+
+import os
+import select
+import signal
+
+
+class ProcessChanged(ProcessLookupError):
+    """The referenced process exited, or its PID now names another process."""
+
+
+def start_time(pid: int) -> int:
+    """Field 22 of /proc/PID/stat: when the process started, in clock ticks since boot.
+    Raises ProcessLookupError when there is no such process."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        raise ProcessLookupError(f"process {pid} does not exist") from None
+    # the command name (field 2) may hold spaces and parentheses: split after the last ')'
+    return int(stat[stat.rindex(b")") + 2:].split()[19])
+
+
+class PidRef:
+    def __init__(self, pid: int, what: str = "process"):
+        self.pid, self.what = pid, what
+        try:
+            self.fd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            raise ProcessChanged(f"{what} {pid} does not exist") from None
+        try:
+            self.start = start_time(pid)
+            if self.exited():
+                raise ProcessChanged(f"{what} {pid} exited")
+        except ProcessLookupError as e:
+            os.close(self.fd)
+            self.fd = -1
+            raise ProcessChanged(str(e)) from None
+
+    def exited(self) -> bool:
+        """True once the process has exited (a zombie too): its pidfd is readable."""
+        return bool(select.select([self.fd], [], [], 0)[0])
+
+    def check(self) -> None:
+        """Raise ProcessChanged if the process exited or its PID names another process."""
+        if self.fd < 0:
+            raise ProcessChanged(f"{self.what} {self.pid}: the reference was closed")
+        if self.exited():
+            raise ProcessChanged(f"{self.what} {self.pid} has exited")
+        try:
+            now = start_time(self.pid)
+        except ProcessLookupError:
+            raise ProcessChanged(f"{self.what} {self.pid} has exited") from None
+        if now != self.start:
+            raise ProcessChanged(
+                f"pid {self.pid} now names another process (started at tick {now}, the "
+                f"{self.what} started at tick {self.start}): the {self.what} exited and its "
+                "pid was reused; nothing was done to the new process")
+
+    def kill(self, sig: int = signal.SIGKILL) -> bool:
+        """Send sig to the referenced process (never to a later holder of its PID);
+        False when it has already exited."""
+        try:
+            signal.pidfd_send_signal(self.fd, sig)
+            return True
+        except ProcessLookupError:
+            return False
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> "PidRef":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<PidRef {self.what} {self.pid} start={self.start} fd={self.fd}>"
