@@ -1,16 +1,23 @@
 """The memory of a live (or frozen) process tree as memory images to send.
 
-Live rounds read the present pages of every process's private writable anonymous VMAs
-with process_vm_readv (the process keeps running). The final round reads what a lazy
+Live rounds read the pages CRIU would dump of every process (procmem.criu_runs) with
+process_vm_readv while the process keeps running. The final round reads what a lazy
 `criu dump --lazy-pages` left in the frozen processes (pagemap entries flagged LAZY only)
 and takes the rest from the dump's pages files. Memory images are named like CRIU's
 files: ``pid-N`` with N the pid inside the tree's PID namespace.
+
+Nothing here reads the pages themselves: an image carries a reader (``TaskPages``) that
+the send pipeline calls window by window on its encoder threads, into per-thread
+buffers (source.py). What process_vm_readv cannot read (PROT_NONE pages that hold data:
+guard pages, GC heaps) is read through /proc/PID/mem (_core.read_pages).
 """
 from __future__ import annotations
 
 import os
+import threading
 import time
 from array import array
+from bisect import bisect_right
 from dataclasses import dataclass
 
 from deltaxfer import PAGE_SIZE, _core
@@ -86,10 +93,27 @@ def process_tree(root: int) -> list[Task]:
 class Snapshot:
     images: list[SourceImage]
     bytes_read: int          # memory of the tree (pages in its images)
-    bytes_failed: int
-    seconds: float
-    pages_read: int = 0      # pages actually copied out of the processes
+    bytes_failed: int        # always 0 here: reads happen as the round is sent (see failed)
+    seconds: float           # the round's serial part: maps, tracking scan, clean mask,
+                             # write-protection; reading the pages overlaps the sending
+    pages_to_read: int = 0   # pages not clean, read by the send pipeline
     written_pages: int = 0   # reported written by tracking (None-tracked processes: 0)
+
+    def readers(self) -> list:
+        return [img.reader for img in self.images if isinstance(img.reader, TaskPages)]
+
+    @property
+    def pages_read(self) -> int:
+        """Pages copied out of the processes so far (complete once the round is sent)."""
+        return sum(r.read for r in self.readers())
+
+    @property
+    def pages_failed(self) -> int:
+        return sum(r.failed for r in self.readers())
+
+    def close(self) -> None:
+        for img in self.images:
+            img.close()
 
 
 def _pairs_of_runs(run_v: array, run_l: array, flags: int) -> array:
@@ -102,63 +126,86 @@ def _pairs_of_runs(run_v: array, run_l: array, flags: int) -> array:
     return pairs
 
 
-READ_THREADS = min(4, os.cpu_count() or 1)
-_readers = None
+class TaskPages:
+    """The pages of one process's image, read window by window (a SourceImage reader).
+
+    ``skip`` (one byte per page, optional): pages not to read from the process — clean
+    ones, and in the final round those that come from the pages file: ``file_at`` /
+    ``file_len`` / ``file_from`` (ascending page index runs of the image, and where each
+    starts in ``file_pages``, the dump's mmapped pages file) are copied from there.
+    process_vm_readv reads the rest; what it cannot (PROT_NONE pages) goes through
+    /proc/PID/mem, opened here once. ``strict`` (the frozen tree): a page that cannot
+    be read at all is an error; otherwise (live rounds: unmapped meanwhile) it is sent as
+    zeros and counted, and the next round or the final dump corrects it. Thread-safe for
+    disjoint windows."""
+
+    def __init__(self, pid: int, vaddrs: array, skip, *, root: bool, strict: bool = False,
+                 file_at: array | None = None, file_len: array | None = None,
+                 file_from: array | None = None, file_pages=None):
+        self.pid, self.vaddrs, self.skip = pid, vaddrs, skip
+        self.root, self.strict = root, strict
+        self.file_at, self.file_len, self.file_from = file_at, file_len, file_from
+        self.file_pages = file_pages
+        self.read = self.failed = self.forced = 0
+        self._lock = threading.Lock()
+        try:
+            self.memfd = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            self.memfd = -1    # process_vm_readv alone (PROT_NONE pages then fail)
+
+    def __call__(self, lo: int, hi: int, buf) -> memoryview:
+        view = memoryview(buf)[:(hi - lo) * PAGE_SIZE]
+        skip = None if self.skip is None else memoryview(self.skip)[lo:hi]
+        try:
+            got, bad, forced = _core.read_pages(self.pid, self.vaddrs[lo:hi], skip, view,
+                                                self.memfd)
+        except ProcessLookupError:
+            if self.root or self.strict:
+                raise LiveError(f"the process to migrate ({self.pid}) has exited"
+                                if self.root else
+                                f"frozen pid {self.pid} is gone (killed?)") from None
+            # a child exited during the round: the final dump will not have it
+            view[:] = bytes(len(view))
+            got, bad, forced = 0, hi - lo, 0
+        if bad and self.strict:
+            raise LiveError(f"could not read {bad} pages of frozen pid {self.pid}'s memory "
+                            f"(neither process_vm_readv nor /proc/{self.pid}/mem)")
+        if self.file_at is not None and len(self.file_at):
+            self._copy_file_runs(lo, hi, view)
+        with self._lock:
+            self.read += got
+            self.failed += bad
+            self.forced += forced
+        return view
+
+    def _copy_file_runs(self, lo: int, hi: int, view: memoryview) -> None:
+        k = max(bisect_right(self.file_at, lo) - 1, 0)
+        while k < len(self.file_at) and self.file_at[k] < hi:
+            at, n, src = self.file_at[k], self.file_len[k], self.file_from[k]
+            a, b = max(at, lo), min(at + n, hi)
+            if a < b:
+                s = src + (a - at)
+                view[(a - lo) * PAGE_SIZE:(b - lo) * PAGE_SIZE] = \
+                    self.file_pages[s * PAGE_SIZE:(s + b - a) * PAGE_SIZE]
+            k += 1
+
+    def close(self) -> None:
+        if self.memfd >= 0:
+            os.close(self.memfd)
+            self.memfd = -1
 
 
-def _reader_pool():
-    global _readers
-    if _readers is None:
-        from concurrent.futures import ThreadPoolExecutor
-        _readers = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="deltaxfer-read")
-    return _readers
+def snapshot_tree(tasks: list[Task], tracking: Tracking | None = None,
+                  held: dict | None = None) -> Snapshot:
+    """The memory images of every task, to be read as they are sent (the tasks keep
+    running): every present private page CRIU would dump, with a reader each.
 
-
-def read_masked(pid: int, vaddrs: array, skip, view: memoryview) -> tuple[int, int]:
-    """process_vm_readv of the pages of vaddrs not marked in ``skip`` (all when None) into
-    their slots of view (page i at i * PAGE_SIZE), split across threads when there is
-    much to read: the kernel's copy into our buffer is the bound (~1.5 GB/s per core
-    here) and the core releases the GIL. Returns (pages read, pages failed)."""
-    n = len(vaddrs)
-    todo = n - (skip.count(1) if skip is not None else 0)
-    if READ_THREADS < 2 or todo * PAGE_SIZE < (64 << 20):
-        return _core.read_pages_masked(pid, vaddrs, skip, view)
-    cuts = [n * k // READ_THREADS for k in range(READ_THREADS + 1)]
-    futures = [_reader_pool().submit(_core.read_pages_masked, pid, vaddrs[a:b],
-                                     None if skip is None else memoryview(skip)[a:b],
-                                     view[a * PAGE_SIZE:b * PAGE_SIZE])
-               for a, b in zip(cuts, cuts[1:]) if b > a]
-    got = failed = 0
-    for f in futures:
-        g, bad = f.result()
-        got += g
-        failed += bad
-    return got, failed
-
-
-def _buffer(buffers: dict | None, image_id: str, size: int) -> bytearray:
-    """A buffer of at least ``size`` bytes for an image, reused between rounds: memory
-    touched for the first time costs page faults and zeroing (~1 s per GiB here), which
-    must not happen inside the freeze. New buffers get 1/16 headroom, as the final dump
-    has a few more pages than the live rounds saw (e.g. a vdso page)."""
-    buf = buffers.get(image_id) if buffers is not None else None
-    if buf is None or len(buf) < size:
-        buf = bytearray(size + max(size // 16, 1 << 20))
-        if buffers is not None:
-            buffers[image_id] = buf
-    return buf
-
-
-def snapshot_tree(tasks: list[Task], buffers: dict | None = None,
-                  tracking: Tracking | None = None, held: dict | None = None) -> Snapshot:
-    """Read every present private anonymous page of every task, without freezing them.
-
-    ``buffers`` (image id -> bytearray) are reused between rounds to avoid faulting in
-    fresh memory each time. With ``tracking`` (and ``held``, what the destination holds
-    per image), only the pages written since the last round — or not tracked, or not
-    held — are read; the others are marked clean in their image."""
+    With ``tracking`` (and ``held``, what the destination holds per image), only the
+    pages written since the last round — or not tracked, or not held — will be read;
+    the others are marked clean in their image. The order matters: scan, clean mask,
+    write-protect what will be read, and only then (in send_round) read."""
     t0 = time.monotonic()
-    images, read, failed, pages_read, written = [], 0, 0, 0, 0
+    images, total_bytes, to_read, written = [], 0, 0, 0
     for task in tasks:
         try:
             # the scan comes before the reads (see tracking.ProcessTracker.protect)
@@ -170,24 +217,19 @@ def snapshot_tree(tasks: list[Task], buffers: dict | None = None,
                     raise LiveError(f"the process to migrate ({task.host_pid}) has exited") from None
                 continue  # a child exited between rounds: the final dump will not have it
             raise LiveError(f"cannot read the memory map of pid {task.host_pid}: {e}") from None
-        total = sum(run_l)
         image_id = f"pid-{task.ns_pid}"
-        buf = _buffer(buffers, image_id, total)
-        view = memoryview(buf)[:total]
         vaddrs = _core.run_page_vaddrs(run_v, run_l)
         h = held.get(image_id) if held else None
         clean = clean_mask(vaddrs, scan, h.vaddrs if h is not None else None)
-        if scan is not None:      # protect again what is about to be read, then read it
+        if scan is not None:      # protect again what is about to be read
             tracking.protect(task.host_pid, vaddrs, clean, scan)
-        got, bad_pages = read_masked(task.host_pid, vaddrs, clean, view)
-        pages_read += got
-        if scan is not None:
             written += scan.written_pages
-        read += total
-        failed += bad_pages * PAGE_SIZE
-        images.append(SourceImage(image_id, None, view, vaddrs, clean,
-                                  _pairs_of_runs(run_v, run_l, im.PE_PRESENT)))
-    return Snapshot(images, read, failed, time.monotonic() - t0, pages_read, written)
+        total_bytes += sum(run_l)
+        to_read += len(vaddrs) - (clean.count(1) if clean is not None else 0)
+        reader = TaskPages(task.host_pid, vaddrs, clean, root=task is tasks[0])
+        images.append(SourceImage(image_id, None, None, vaddrs, clean,
+                                  _pairs_of_runs(run_v, run_l, im.PE_PRESENT), reader))
+    return Snapshot(images, total_bytes, 0, time.monotonic() - t0, to_read, written)
 
 
 class _PagesInTasks:
@@ -217,15 +259,15 @@ class _PagesInTasks:
         pass
 
 
-def frozen_images(dump: DumpDir, tasks: list[Task], buffers: dict | None = None,
-                  tracking: Tracking | None = None, held: dict | None = None,
+def frozen_images(dump: DumpDir, tasks: list[Task], tracking: Tracking | None = None,
+                  held: dict | None = None,
                   pages_in_tasks: bool = False) -> tuple[list[SourceImage], list, int]:
     """The final round's memory images from a (lazy) dump of the frozen tree: LAZY-only
-    entries are read from the frozen processes, PRESENT ones from the pages files.
-    ``buffers`` are the live rounds' (reused: touching fresh memory inside the freeze
-    costs page faults). Returns (images, opened MemoryImages to close, bytes read from
-    process memory). With ``tracking``, lazy pages not written since the last round (and
-    held by the destination) are not read: they are marked clean."""
+    entries are read from the frozen processes, PRESENT ones from the pages files, both
+    window by window as the round is sent (TaskPages). Returns (images, opened
+    MemoryImages and readers to close, bytes to read from process memory). With
+    ``tracking``, lazy pages not written since the last round (and held by the
+    destination) are not read: they are marked clean."""
     host = {t.ns_pid: t.host_pid for t in tasks}
     images, opened, from_memory = [], [], 0
     for name in sorted(os.listdir(dump.path)):
@@ -253,12 +295,11 @@ def frozen_images(dump: DumpDir, tasks: list[Task], buffers: dict | None = None,
         if not image_id.startswith("pid-") or int(image_id[4:]) not in host:
             raise LiveError(f"{name}: lazy pages of a process not in the frozen tree")
         pid = host[int(image_id[4:])]
-        # one buffer in pagemap order: pages-file pages copied in, the others read from
-        # the frozen process straight into their places. One pass over the entries: the
-        # pages as runs, the PAGEMAP pairs, and where the pages-file runs go (tens of
-        # thousands of entries per GiB: nothing per entry beyond this loop)
-        starts, lens, pairs, from_file = array("Q"), array("Q"), array("Q"), []
-        at = 0
+        # one pass over the entries (tens of thousands per GiB: nothing per entry beyond
+        # this loop): the pages as runs, the PAGEMAP pairs, and the pages-file runs
+        starts, lens, pairs = array("Q"), array("Q"), array("Q")
+        file_at, file_len, file_from = array("Q"), array("Q"), array("Q")
+        at = file_pos = 0
         for e in mem.pagemap.entries:
             if e.present or e.flags & im.PE_LAZY:
                 starts.append(e.vaddr)
@@ -266,10 +307,11 @@ def frozen_images(dump: DumpDir, tasks: list[Task], buffers: dict | None = None,
                 pairs.append(e.vaddr)
                 pairs.append(e.nr_pages | (e.flags | im.PE_PRESENT) << 32)
                 if e.present and not in_tasks:
-                    from_file.append((at, e.nr_pages))
+                    file_at.append(at)
+                    file_len.append(e.nr_pages)
+                    file_from.append(file_pos)
+                    file_pos += e.nr_pages
                 at += e.nr_pages
-        total = at * PAGE_SIZE
-        buf = view = memoryview(_buffer(buffers, image_id, total))[:total]
         vaddrs = _core.run_page_vaddrs(starts, lens)
         scan = tracking.scan(pid) if tracking is not None else None
         h = held.get(image_id) if held else None
@@ -277,18 +319,13 @@ def frozen_images(dump: DumpDir, tasks: list[Task], buffers: dict | None = None,
         # pages from the pages file are never clean (their bytes come from the file) and
         # not read from memory
         skip = bytearray(clean) if clean is not None else bytearray(len(vaddrs))
-        for at, n in from_file:
+        for a, n in zip(file_at, file_len):
             if clean is not None:
-                clean[at:at + n] = bytes(n)
-            skip[at:at + n] = b"\x01" * n
-        got, bad = read_masked(pid, vaddrs, skip, view)
-        if bad:
-            raise LiveError(f"could not read {bad} pages of frozen pid {pid}'s memory")
-        file_at = 0
-        for at, n in from_file:
-            buf[at * PAGE_SIZE:(at + n) * PAGE_SIZE] = \
-                mem.pages[file_at * PAGE_SIZE:(file_at + n) * PAGE_SIZE]
-            file_at += n
-        from_memory += got * PAGE_SIZE
-        images.append(SourceImage(image_id, None, view, vaddrs, clean, pairs))
+                clean[a:a + n] = bytes(n)
+            skip[a:a + n] = b"\x01" * n
+        from_memory += (len(vaddrs) - skip.count(1)) * PAGE_SIZE
+        reader = TaskPages(pid, vaddrs, skip, root=False, strict=True, file_at=file_at,
+                           file_len=file_len, file_from=file_from, file_pages=mem.pages)
+        opened.append(reader)
+        images.append(SourceImage(image_id, None, None, vaddrs, clean, pairs, reader))
     return images, opened, from_memory

@@ -84,6 +84,7 @@ class Options:
     tracking: str = "auto"           # written-page tracking: auto (if the kernel can), on, off
     freeze: str = "auto"             # lazy, page-server, or auto (lazy when it fits)
     progress: object = None          # callable(str) for the per-round line
+    encoder_threads: int | None = None   # None: $DELTAXFER_ENCODER_THREADS, else all cores
 
 
 @dataclass
@@ -131,10 +132,11 @@ class Agent:
         self.session = opts.session or f"migrate-{socket.gethostname()}-{pid}-{int(time.time())}"
         self.report = Report(pid, f"{host}:{port}", self.session)
         self.policy = Convergence(opts.downtime_target, opts.max_rounds)
-        self.pipeline = Pipeline()
+        # the encoder threads; their window buffers live across rounds (no fresh memory
+        # touched inside the freeze)
+        self.pipeline = Pipeline(opts.encoder_threads)
         self.held: dict = {}
         self.caches: dict = {}
-        self.buffers: dict = {}
         self.conn = None
         self.round_no = 0
         self.resume_sent = False    # past this point the source must not resume by itself
@@ -176,7 +178,7 @@ class Agent:
             tasks = process_tree(self.pid)
             t_read = time.monotonic()
             snap = await loop.run_in_executor(self.pipeline.pool, snapshot_tree, tasks,
-                                              self.buffers, self.tracking, self.held)
+                                              self.tracking, self.held)
             self.round_no += 1
             self.memory_bytes = snap.bytes_read
             try:
@@ -188,6 +190,8 @@ class Agent:
             except TimeoutError:
                 raise MigrationError(f"live round {self.round_no} did not complete within "
                                      f"{self.opts.round_timeout:.0f} s (link stalled?)") from None
+            finally:
+                snap.close()
             c = rs.counts
             changed = c["changed"] + c["added"]
             m = RoundMeasure(self.round_no, rs.pages, changed, c["stored_bytes"],
@@ -200,6 +204,8 @@ class Agent:
                    "sent_zero": c["sent_zero"], "removed": rs.removed,
                    "written_pages": snap.written_pages, "read_pages": snap.pages_read,
                    "skipped": c["skipped"],
+                   "failed_pages": snap.pages_failed,
+                   "read_thread_seconds": round(rs.read_seconds, 6),
                    "wire_bytes": c["stored_bytes"], "read_seconds": round(snap.seconds, 6),
                    "seconds": round(m.seconds, 6),
                    "bandwidth_MBps": (c["stored_bytes"] / max(m.seconds - snap.seconds, 1e-6)
@@ -300,7 +306,7 @@ class Agent:
             await loop.run_in_executor(None, self.sink.wait, 30.0)
             f["sink"] = dict(self.sink.stats)
         images, opened, from_memory = await loop.run_in_executor(
-            self.pipeline.pool, frozen_images, dump, tasks, self.buffers, self.tracking,
+            self.pipeline.pool, frozen_images, dump, tasks, self.tracking,
             self.held, self.sink is not None)
         f["read_memory"] = round(time.monotonic() - t, 6)
         f["read_bytes"] = from_memory
@@ -311,6 +317,7 @@ class Agent:
                                   xor=self.opts.xor, compress=self.opts.compress,
                                   pipeline=self.pipeline, caches=self._caches_for(images))
             f["residual"] = round(time.monotonic() - t, 6)
+            f["read_thread_seconds"] = round(rs.read_seconds, 6)
             c = rs.counts
             self.report.rounds.append({
                 "round": self.round_no, "live": False, "pages": rs.pages,
