@@ -5,6 +5,7 @@ answered with ERROR, the partial round or send is discarded, and the server keep
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import errno
 import logging
 import os
@@ -64,6 +65,10 @@ class Receiver:
         self.active.add(name)
         rnd = files = session = None
         loop = asyncio.get_running_loop()
+        # the session's disk work (applying frames, verifying, swapping rounds) runs on one
+        # worker thread, in arrival order: each step is awaited before the next message is
+        # read, so the transport's flow control bounds what waits in memory
+        worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"dx-{name}")
         t0 = time.monotonic()
         records = {"zero": 0, "xor": 0, "full": 0}
         try:
@@ -71,7 +76,8 @@ class Receiver:
             held = session.held()
             tables = {}
             for image_id in held:
-                tables[image_id] = await loop.run_in_executor(None, session.held_hashes, image_id)
+                tables[image_id] = await loop.run_in_executor(worker, session.held_hashes,
+                                                              image_id)
             await conn.send_control(MsgType.STATE, {
                 "session": name, "round": session.round, "source": session.meta["source"],
                 "images": [{"id": i, "pages": len(v), "digest": f"{image_digest(h):016x}"}
@@ -94,14 +100,14 @@ class Receiver:
                     if rnd is None:
                         raise StoreError("unexpected", "PAGES outside a round")
                     index, frame = decode_pages(msg.payload)
-                    counts = await loop.run_in_executor(None, rnd.add_pages, index, frame)
+                    counts = await loop.run_in_executor(worker, rnd.add_pages, index, frame)
                     for k, v in counts.items():
                         records[k] += v
                 elif t == MsgType.PAGEMAP:
                     if rnd is None:
                         raise StoreError("unexpected", "PAGEMAP outside a round")
                     pm = decode_pagemap(msg.payload)
-                    rnd.add_pagemap(pm.index, zip(pm.vaddrs, pm.nr_pages, pm.flags))
+                    rnd.add_pagemap(pm.index, pm.entries)     # u64 pairs, kept as arrays
                 elif t == MsgType.FILE_DATA:
                     if files is None:
                         raise StoreError("unexpected", "FILE_DATA outside a file")
@@ -125,16 +131,16 @@ class Receiver:
                         rnd.begin_image(body["index"], body["id"], body["entries"], body["pages"])
                     elif t == MsgType.IMAGE_END:
                         self._need(rnd, "IMAGE_END")
-                        await loop.run_in_executor(None, rnd.end_image, body["index"],
+                        await loop.run_in_executor(worker, rnd.end_image, body["index"],
                                                    int(body["digest"], 16))
                     elif t == MsgType.ROUND_END:
                         self._need(rnd, "ROUND_END")
-                        done = rnd.finish()
+                        done = await loop.run_in_executor(worker, rnd.finish)
                         if begin["mode"] == "migrate" and not final_round:
                             # a live round: its writes go to disk before it is confirmed, so
                             # that the final round's layout edit finds nothing to write out
                             # (see Session.flush_held)
-                            await loop.run_in_executor(None, session.flush_held)
+                            await loop.run_in_executor(worker, session.flush_held)
                         rnd = None
                         await conn.send_control(MsgType.ROUND_OK, {
                             "round": done["round"], "pages": done["pages"],
@@ -195,13 +201,17 @@ class Receiver:
             await conn.error("quota" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "internal",
                              f"the destination's disk failed: {e.strerror or e}")
         finally:
-            if rnd is not None:
-                rnd.abort()
-            if files is not None:
-                files.discard()
-            if session is not None and session.meta.get("restoring"):
-                session.restored(None)      # the copy is ours to watch (or gone) now
-            self.active.discard(name)
+            try:
+                if rnd is not None:
+                    # on the worker, after whatever it is still doing with the round
+                    await asyncio.shield(loop.run_in_executor(worker, rnd.abort))
+            finally:
+                worker.shutdown(wait=False)
+                if files is not None:
+                    files.discard()
+                if session is not None and session.meta.get("restoring"):
+                    session.restored(None)      # the copy is ours to watch (or gone) now
+                self.active.discard(name)
 
     @staticmethod
     def _need(rnd, what):
