@@ -104,9 +104,10 @@ def criu_runs(pid: int, impl=native) -> tuple[array, array]:
     """(run_vaddrs, run_lens) of the pages CRIU dumps as the process's private memory:
     every present or swapped page of its private mappings, except pages of private file
     mappings not yet copied-on-write and pages mapped to the shared zero page. A live
-    round over this set has the layout of the final dump's pagemap."""
-    vmas = [v for v in read_maps(pid)
-            if v.perms[3] == "p" and v.perms[0] == "r" and v.path not in _NOT_DUMPED]
+    round over this set has the layout of the final dump's pagemap. PROT_NONE mappings
+    count (CRIU dumps their pages: guard pages, GC heaps); process_vm_readv cannot read
+    them, _core.read_pages reads them through /proc/PID/mem."""
+    vmas = [v for v in read_maps(pid) if v.perms[3] == "p" and v.path not in _NOT_DUMPED]
     file_backed = bytes(1 if (v.inode or v.path.startswith("/")) else 0 for v in vmas)
     try:
         fd = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY)
