@@ -200,3 +200,75 @@ def test_read_pages_masked_reads_only_unmasked_pages_into_their_slots():
     buf2 = bytearray(b"\xee" * (2 * P))
     got, failed = _core.read_pages_masked(os.getpid(), vaddrs2, None, buf2)
     assert (got, failed) == (2, 1) and buf2[0] == 1 and buf2[P:] == bytes(P)
+
+
+def test_clean_mask_c_equals_reference():
+    import random
+    from deltaxfer import _core
+    from deltaxfer.core.reference import track as ref
+    P = 4096
+    rng = random.Random(12)
+    for _ in range(200):
+        vaddrs = array("Q", sorted(P * x for x in rng.sample(range(64), rng.randint(0, 40))))
+
+        def ranges():
+            cuts = sorted(rng.sample(range(70), 2 * rng.randint(0, 5)))
+            return (array("Q", [P * c for c in cuts[0::2]]),
+                    array("Q", [P * c for c in cuts[1::2]]))
+        held = array("Q", sorted(P * x for x in rng.sample(range(64), rng.randint(0, 50))))
+        args = (vaddrs, *ranges(), *ranges(), held)
+        assert _core.clean_mask(*args) == ref.clean_mask(*args), args
+
+
+def _own_pages():
+    """Six pages of our memory, page i filled with i + 1, page 3 PROT_NONE."""
+    import ctypes
+    import mmap
+    P = 4096
+    m = mmap.mmap(-1, 6 * P)
+    for i in range(6):
+        m[i * P:(i + 1) * P] = bytes([i + 1]) * P
+    base = ctypes.addressof(ctypes.c_char.from_buffer(m))
+    libc = ctypes.CDLL(None)
+    libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    assert libc.mprotect(base + 3 * P, P, 0) == 0
+    return m, base, libc
+
+
+def test_read_pages_masked_and_read_pages_c_equal_reference():
+    """C == reference, bytes and counts: clean pages left alone, an unmapped page
+    zero-filled and counted, a PROT_NONE page failed by process_vm_readv alone and read
+    through /proc/PID/mem by read_pages."""
+    from deltaxfer import _core
+    from deltaxfer.core.reference import track as ref
+    P = 4096
+    m, base, libc = _own_pages()
+    try:
+        vaddrs = array("Q", [base + i * P for i in range(6)] + [base + 100 * 2**30])
+        clean = bytes([0, 1, 0, 0, 0, 0, 0])
+        out = {}
+        for name, impl in (("c", _core), ("ref", ref)):
+            buf = bytearray(b"\xee" * (7 * P))
+            out[name, "masked"] = impl.read_pages_masked(os.getpid(), vaddrs, clean, buf), buf
+            fd = os.open("/proc/self/mem", os.O_RDONLY)
+            try:
+                buf2 = bytearray(b"\xee" * (7 * P))
+                got, failed, forced = impl.read_pages(os.getpid(), vaddrs, clean, buf2, fd)
+                out[name, "pages"] = (got, failed), buf2
+                assert forced >= 1
+                buf3 = bytearray(7 * P)
+                got, failed, forced = impl.read_pages(os.getpid(), vaddrs, None, buf3, -1)
+                out[name, "nofd"] = (got, failed, forced), buf3
+            finally:
+                os.close(fd)
+        assert out["c", "masked"] == out["ref", "masked"]
+        assert out["c", "masked"][0] == (6, 2)       # PROT_NONE and unmapped failed
+        assert out["c", "pages"] == out["ref", "pages"]
+        assert out["c", "pages"][0] == (6, 1)        # only the unmapped page failed
+        buf2 = out["c", "pages"][1]
+        assert [buf2[i * P] for i in range(7)] == [1, 0xee, 3, 4, 5, 6, 0]
+        assert out["c", "nofd"] == out["ref", "nofd"]
+        assert out["c", "nofd"][0] == (7, 2, 0)
+    finally:
+        libc.mprotect(base + 3 * P, P, 3)
+        m.close()
