@@ -856,7 +856,8 @@ class FileSet:
         _mkdir_private(self.path)
         self.count = 0
         self.bytes = 0
-        self._f = None
+        self._f = None              # the raw fd of the file being written, or None
+        self._hash = None           # its XXH3, updated as data is written
         self._name = None
         self._left = 0
 
@@ -872,8 +873,9 @@ class FileSet:
         if os.path.lexists(path):
             raise StoreError("name", f"file {name!r} sent twice")
         self.session.store.reserve(self, size)
-        self._f = open(path, "xb")
-        os.fchmod(self._f.fileno(), (mode & 0o600) | 0o400)
+        self._f = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        os.fchmod(self._f, (mode & 0o600) | 0o400)
+        self._hash = _core.Xxh3Stream()
         self._name, self._left = name, size
 
     def data(self, chunk) -> None:
@@ -882,33 +884,37 @@ class FileSet:
         n = len(chunk)
         if n > self._left:
             raise StoreError("bad-payload", f"file {self._name!r}: more data than announced")
+        view = memoryview(chunk).cast("B")
         try:
-            self._f.write(chunk)
+            done = 0
+            while done < n:                     # a short write is continued, not lost
+                k = os.write(self._f, view[done:])
+                if k <= 0:
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                done += k
         except OSError as e:
             raise StoreError("quota", f"writing {self._name!r}: {e.strerror}") from None
+        self._hash.update(view)                 # hashed as written: nothing is read back
         self._left -= n
         self.bytes += n
 
     def end(self, xxh3: int) -> None:
         if self._f is None:
             raise StoreError("unexpected", "file end outside a file")
-        name, f = self._name, self._f
+        name, fd = self._name, self._f
         self._f = None
         try:
-            f.flush()
             if self._left:
                 raise StoreError("bad-payload", f"file {name!r}: {self._left} bytes short")
-            with open(os.path.join(self.path, name), "rb") as r:
-                got = _core.xxh3_64(r.read())
-            if got != xxh3:
+            if self._hash.digest() != xxh3:
                 raise StoreError("digest", f"file {name!r}: content hash mismatch")
         finally:
-            f.close()
+            os.close(fd)
         self.count += 1
 
     def discard(self) -> None:
         if self._f is not None:
-            self._f.close()
+            os.close(self._f)
             self._f = None
         _rmtree(self.path)
         self.session.store.release(self)

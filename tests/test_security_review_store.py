@@ -1,0 +1,147 @@
+"""Security review of the destination store (issue 15 items 4, 6 and 7-serve): what a key
+holder can make the receiver allocate or write, the serve directory's trust, and the
+signalling of a restored tree. Every test here failed on the code before the fix."""
+import os
+import resource
+import subprocess
+import sys
+import textwrap
+import tracemalloc
+from array import array
+
+import pytest
+
+from deltaxfer import PAGE_SIZE, _core
+from deltaxfer.store import Store, StoreError, image_digest
+
+from test_store import pagemap_of, pages_of, send_round
+
+
+def _held_session(tmp_path, n=16):
+    s = Store(str(tmp_path / "serve")).session("s")
+    v = array("Q", (0x400000 + i * PAGE_SIZE for i in range(n)))
+    send_round(s, 1, v, pages_of(v, 1))
+    return s, v
+
+
+def _begin(rnd, v, index=0):
+    pm = pagemap_of(v)
+    rnd.begin_image(index, "pid-1", len(pm.entries), len(v))
+    rnd.add_pagemap(index, [(e.vaddr, e.nr_pages, e.flags) for e in pm.entries])
+
+
+# -- item 4: key-holder limits ------------------------------------------------------------
+
+@pytest.mark.parametrize("parent_linked", [True, False])
+def test_zero_record_flood_is_refused_before_anything_is_allocated(tmp_path, parent_linked):
+    """One frame of ~100k zero-page records for an image of 16 pages: refused from the
+    records alone; before, the final round allocated records x 4 KiB (here 400 MiB; a
+    16 MiB frame asked for ~5.8 GiB) and wrote it before checking any vaddr."""
+    s, v = _held_session(tmp_path)
+    fw = _core.FrameWriter(frame_size=_core.FRAME_MAX_RAW)
+    for i in range(100_000):
+        fw.add_zero(0x400000 + i * PAGE_SIZE)
+    frame = fw.finish()
+    rnd = s.begin_round(2, "test", parent_linked=parent_linked)
+    _begin(rnd, v)
+    tracemalloc.start()
+    try:
+        with pytest.raises(StoreError) as e:
+            rnd.add_pages(0, frame)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+        rnd.abort()
+    assert e.value.code == "bad-payload" and "outside the image's pagemap" in e.value.reason
+    assert peak < 8 << 20, peak
+    assert not os.path.exists(os.path.join(s.path, "final.tmp"))
+
+
+def test_huge_pagemap_entry_count_is_refused(tmp_path):
+    """An image announcing 2^36 entries (kept as one Python object each, before) for a
+    handful of pages is refused at IMAGE: at most one entry per present page."""
+    s, _ = _held_session(tmp_path)
+    rnd = s.begin_round(2, "test")
+    try:
+        with pytest.raises(StoreError) as e:
+            rnd.begin_image(0, "pid-1", 1 << 36, 16)
+        assert e.value.code == "too-large" and "entries" in e.value.reason
+    finally:
+        rnd.abort()
+
+
+def test_more_entries_than_announced_are_refused_before_they_are_kept(tmp_path):
+    s, v = _held_session(tmp_path)
+    rnd = s.begin_round(2, "test")
+    rnd.begin_image(0, "pid-1", 1, 16)
+    pairs = array("Q")
+    for i in range(4):
+        pairs.extend((0x400000 + 2 * i * PAGE_SIZE, 1 | 4 << 32))
+    try:
+        with pytest.raises(StoreError, match="more pagemap entries"):
+            rnd.add_pagemap(0, memoryview(pairs))
+    finally:
+        rnd.abort()
+
+
+def test_large_file_end_keeps_memory_bounded(tmp_path):
+    """FILE_END hashes what was written as it was written: a 128 MiB file costs no 128 MiB
+    read at its end (before, FileSet.end read the whole file, up to 1 GiB, into memory on
+    the event loop)."""
+    s, _ = _held_session(tmp_path)
+    files = s.begin_files()
+    chunk = os.urandom(1 << 20)
+    total = 128
+    files.begin("core-1.img", total << 20)
+    h = _core.Xxh3Stream()
+    tracemalloc.start()
+    try:
+        for _ in range(total):
+            files.data(chunk)
+            h.update(chunk)
+        files.end(h.digest())
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+        files.discard()
+    assert peak < 16 << 20, peak
+
+
+_SHORT_WRITE = textwrap.dedent("""
+    import resource, sys
+    from array import array
+    sys.path.insert(0, sys.argv[2])
+    from deltaxfer import PAGE_SIZE, _core
+    from deltaxfer.store import Store, StoreError, image_digest
+    from test_store import pagemap_of, pages_of, send_round
+    s = Store(sys.argv[1]).session("s")
+    v = array("Q", (0x400000 + i * PAGE_SIZE for i in range(16)))
+    send_round(s, 1, v, pages_of(v, 1))
+    new = bytearray(pages_of(v, 2))
+    frames, hashes, _ = _core.encode_round(new, v, xor=False)
+    rnd = s.begin_round(2, "t", parent_linked=True)
+    pm = pagemap_of(v)
+    rnd.begin_image(0, "pid-1", len(pm.entries), len(v))
+    rnd.add_pagemap(0, [(e.vaddr, e.nr_pages, e.flags) for e in pm.entries])
+    # files may grow to 5 pages and a half from here on: the child's pages file is cut short
+    resource.setrlimit(resource.RLIMIT_FSIZE, (5 * PAGE_SIZE + 100, resource.RLIM_INFINITY))
+    try:
+        rnd.add_pages(0, frames)
+        rnd.end_image(0, image_digest(hashes))
+        rnd.finish()
+        print("ACCEPTED")
+    except StoreError as e:
+        print("REFUSED", e.code, e.reason)
+""")
+
+
+def test_short_write_of_the_final_round_is_an_error(tmp_path):
+    """A pages file that could not be written whole (RLIMIT_FSIZE: a short write, then
+    EFBIG) fails the round; before, a short os.write went unnoticed and the round was
+    confirmed over a truncated child image."""
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    r = subprocess.run([sys.executable, "-c", _SHORT_WRITE, str(tmp_path / "serve"), tests_dir],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("REFUSED quota"), r.stdout + r.stderr
+    assert "File too large" in r.stdout
