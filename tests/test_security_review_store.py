@@ -145,3 +145,129 @@ def test_short_write_of_the_final_round_is_an_error(tmp_path):
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("REFUSED quota"), r.stdout + r.stderr
     assert "File too large" in r.stdout
+
+
+# -- item 6: the serve directory -----------------------------------------------------------
+
+def _mode(p):
+    return os.lstat(p).st_mode & 0o7777
+
+
+def test_serve_dir_that_is_a_symlink_is_refused(tmp_path):
+    real = tmp_path / "real"
+    real.mkdir(mode=0o755)
+    os.chmod(real, 0o755)
+    (tmp_path / "link").symlink_to(real)
+    with pytest.raises(StoreError, match="not a directory this receiver can trust"):
+        Store(str(tmp_path / "link"))
+    assert _mode(real) == 0o755              # nothing chmodded through the link
+
+
+def test_serve_dir_under_an_ancestor_writable_by_others_is_refused(tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o777)                  # world-writable, not sticky
+    (shared / "serve").mkdir(mode=0o755)
+    os.chmod(shared / "serve", 0o755)
+    with pytest.raises(StoreError, match="writable by group/others without the sticky bit"):
+        Store(str(shared / "serve"))
+    assert _mode(shared / "serve") == 0o755
+    assert not os.path.exists(shared / "other")
+    with pytest.raises(StoreError):
+        Store(str(shared / "other"))         # not created there either
+    assert not os.path.exists(shared / "other")
+
+
+def test_serve_dir_under_a_sticky_world_writable_ancestor_is_accepted(tmp_path):
+    """Like /tmp: sticky, so others cannot rename or remove the receiver's directory."""
+    sticky = tmp_path / "sticky"
+    sticky.mkdir()
+    os.chmod(sticky, 0o1777)
+    st = Store(str(sticky / "serve"))
+    assert _mode(sticky / "serve") == 0o700 and st.root == str(sticky / "serve")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown to another uid needs root")
+def test_serve_dir_of_another_uid_is_refused_untouched(tmp_path):
+    d = tmp_path / "theirs"
+    d.mkdir()
+    os.chmod(d, 0o755)
+    os.chown(d, 12345, 12345)
+    with pytest.raises(StoreError, match="belongs to uid 12345"):
+        Store(str(d))
+    st = os.lstat(d)
+    assert (st.st_uid, st.st_mode & 0o7777) == (12345, 0o755)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown to another uid needs root")
+def test_serve_dir_under_an_ancestor_of_another_uid_is_refused(tmp_path):
+    a = tmp_path / "a"
+    a.mkdir(mode=0o755)
+    os.chown(a, 12345, 12345)
+    with pytest.raises(StoreError, match=r"ancestor of .* is owned by uid 12345"):
+        Store(str(a / "serve"))
+    assert not os.path.exists(a / "serve")
+
+
+def test_session_dir_planted_as_a_link_is_refused(tmp_path):
+    st = Store(str(tmp_path / "serve"))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir(mode=0o755)
+    os.chmod(elsewhere, 0o755)
+    os.symlink(elsewhere, os.path.join(st.root, "s"))
+    with pytest.raises(StoreError, match="not a directory this receiver can trust"):
+        st.session("s")
+    assert _mode(elsewhere) == 0o755
+
+
+# -- item 7 (destination): signalling the restored tree ------------------------------------
+
+def _sleeper():
+    p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    from deltaxfer.pidref import start_time
+    for _ in range(100):
+        try:
+            return p, start_time(p.pid)
+        except ProcessLookupError:
+            pass
+    raise AssertionError("no start time")
+
+
+def test_signal_tree_spares_a_pid_with_another_start_time():
+    """A pid whose start time differs from the recorded one names another process (the
+    restored copy exited, its number reused): it is not signalled."""
+    from deltaxfer.serve import _signal_tree
+    p, start = _sleeper()
+    try:
+        assert _signal_tree(p.pid, 9, start + 1) == 0
+        assert _signal_tree(p.pid, 9, None) == 0
+        assert p.poll() is None                    # still running
+        assert _signal_tree(p.pid, 9, start) == 1
+        assert p.wait(timeout=10) == -9
+    finally:
+        p.kill()
+        p.wait()
+
+
+def test_await_resume_kills_only_the_process_it_restored():
+    """No RESUME: the copy is killed -- unless its pid has been reused meanwhile."""
+    import asyncio
+    import signal as _signal
+    from deltaxfer.serve import Receiver
+
+    class Silent:
+        async def recv_control(self, *a, **k):
+            raise TimeoutError
+
+    p, start = _sleeper()
+    rcv = Receiver.__new__(Receiver)
+    try:
+        with pytest.raises(TimeoutError):
+            asyncio.run(rcv._await_resume(Silent(), "peer", "s", p.pid, start + 5))
+        assert p.poll() is None
+        with pytest.raises(TimeoutError):
+            asyncio.run(rcv._await_resume(Silent(), "peer", "s", p.pid, start))
+        assert p.wait(timeout=10) == -_signal.SIGKILL
+    finally:
+        p.kill()
+        p.wait()

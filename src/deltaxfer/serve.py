@@ -26,21 +26,55 @@ RESUME_TIMEOUT = 30.0   # after COMMITTED, how long the restored copy waits for 
 IDLE_TIMEOUT = 300.0
 
 
-def _signal_tree(root: int, sig: int) -> int:
-    """Signal every process of a restored tree (SIGCONT reaches all its threads)."""
-    from deltaxfer.live import LiveError, process_tree
+def _ppid(pid: int) -> int | None:
     try:
-        pids = [t.host_pid for t in process_tree(root)]
-    except LiveError:
-        pids = [root]
-    n = 0
-    for pid in pids:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        return int(stat[stat.rindex(b")") + 2:].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _signal_tree(root: int, sig: int, start: int | None) -> int:
+    """Signal every process of a restored tree (SIGCONT reaches all its threads), through
+    pidfds: the root only if it still has the recorded start time (``start``; None: the
+    tree is not signalled at all), each descendant only if, with its pidfd open, its
+    parent is still a member of the tree -- never a process that inherited a number.
+    Returns how many were signalled."""
+    from deltaxfer.live import LiveError, process_tree
+    from deltaxfer.pidref import PidRef, ProcessChanged
+    if start is None:
+        log.warning("restored process %d: no start time recorded, not signalled", root)
+        return 0
+    try:
+        ref = PidRef(root, "restored process")
+    except ProcessChanged:
+        return 0
+    refs = [ref]
+    try:
+        if ref.start != start:
+            log.warning("pid %d now names another process (started at tick %d, the restored "
+                        "copy at %d): not signalled", root, ref.start, start)
+            return 0
         try:
-            os.kill(pid, sig)
-            n += 1
-        except ProcessLookupError:
-            pass
-    return n
+            pids = [t.host_pid for t in process_tree(root)][1:]
+        except LiveError:
+            pids = []
+        members = {root}
+        for pid in pids:                       # parents come before their children
+            try:
+                r = PidRef(pid, "restored process")
+            except ProcessChanged:
+                continue
+            if _ppid(pid) in members and not r.exited():
+                refs.append(r)
+                members.add(pid)
+            else:
+                r.close()
+        return sum(1 for r in refs if r.kill(sig))
+    finally:
+        for r in refs:
+            r.close()
 
 
 class Receiver:
@@ -174,7 +208,8 @@ class Receiver:
                         await conn.send_control(MsgType.COMMITTED, {"path": path,
                                                                     "restored_pid": pid})
                         if pid is not None and two_phase:
-                            await self._await_resume(conn, peer, name, pid)
+                            await self._await_resume(conn, peer, name, pid,
+                                                     session.meta["restoring"].get("start"))
                             session.restored(None)
                         seconds = time.monotonic() - t0
                         wire = conn.stats["bytes_in"]
@@ -218,18 +253,22 @@ class Receiver:
         if rnd is None:
             raise StoreError("unexpected", f"{what} outside a round")
 
-    async def _await_resume(self, conn, peer: str, name: str, pid: int) -> None:
+    async def _await_resume(self, conn, peer: str, name: str, pid: int,
+                            start: int | None) -> None:
         """RESUME from the source: let the restored tree run. Anything else — silence, a
-        lost connection, an ERROR — means the source may run on: kill the copy."""
+        lost connection, an ERROR — means the source may run on: kill the copy. The tree
+        is signalled only while ``pid`` still has the start time recorded at restore."""
         try:
             await conn.recv_control(MsgType.RESUME, timeout=RESUME_TIMEOUT)
         except BaseException as e:
-            killed = _signal_tree(pid, signal.SIGKILL)
+            killed = _signal_tree(pid, signal.SIGKILL, start)
             log.warning("%s: session %s: no RESUME from the source (%s): killed the restored "
                         "copy (%d tasks) so that only one runs", peer, name,
                         type(e).__name__ if not str(e) else e, killed)
             raise
-        _signal_tree(pid, signal.SIGCONT)
+        if not _signal_tree(pid, signal.SIGCONT, start):
+            raise StoreError("restore", f"the restored process {pid} is gone (or its pid now "
+                                        "names another process): nothing was resumed")
         await conn.send_control(MsgType.RESUMED, {"pid": pid})
         log.info("%s: session %s: the restored process %d runs", peer, name, pid)
 

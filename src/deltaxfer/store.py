@@ -91,9 +91,76 @@ def check_file_name(name: str) -> None:
                                  "that file itself")
 
 
-def _mkdir_private(path: str) -> None:
-    os.makedirs(path, mode=0o700, exist_ok=True)
-    os.chmod(path, 0o700)
+def _mkdir_private(path: str, *, dir_fd: int | None = None) -> None:
+    """A directory of this uid, mode 0700: created, or an existing one checked first (a
+    real directory, not a link, ours) and only then chmodded, through its fd."""
+    try:
+        os.mkdir(path, 0o700, dir_fd=dir_fd)
+    except FileExistsError:
+        pass
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dir_fd)
+    except OSError as e:
+        raise StoreError("internal", f"{path}: not a directory this receiver can trust "
+                                     f"({e.strerror}: a link or another file?)") from None
+    try:
+        st = os.fstat(fd)
+        if st.st_uid != os.geteuid():
+            raise StoreError("internal", f"{path} belongs to uid {st.st_uid}, not to this "
+                                         f"receiver's uid {os.geteuid()}: left as it is")
+        if st.st_mode & 0o7777 != 0o700:
+            os.fchmod(fd, 0o700)
+    finally:
+        os.close(fd)
+
+
+def _trusted_ancestor(st: os.stat_result) -> bool:
+    """An ancestor of the serve directory: owned by root or this uid, and not writable by
+    group or others -- unless sticky (like /tmp: others cannot rename or remove what is
+    not theirs in it)."""
+    import stat as _stat
+    if st.st_uid not in (0, os.geteuid()) or not _stat.S_ISDIR(st.st_mode):
+        return False
+    return not (st.st_mode & 0o022) or bool(st.st_mode & _stat.S_ISVTX)
+
+
+def open_serve_dir(path: str) -> tuple[str, int]:
+    """The serve directory, opened and checked: (its resolved path, an O_DIRECTORY fd).
+
+    Links in the ancestors are resolved first (a root-owned /var/run -> /run is fine);
+    then every ancestor is opened from / down, each relative to the one above with
+    O_NOFOLLOW, and must be a trusted ancestor (_trusted_ancestor); the directory itself
+    is created if missing, must not be a link, must belong to this uid, and only then is
+    made mode 0700 (fchmod on its fd). Anything else is refused and left untouched."""
+    path = os.path.abspath(path)
+    parent, name = os.path.split(path)
+    if not name:
+        raise StoreError("internal", "--dir / : use a directory of its own")
+    parent = os.path.realpath(parent)
+    fd = os.open("/", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        at = "/"
+        for comp in [c for c in parent.split("/") if c]:
+            if not _trusted_ancestor(os.fstat(fd)):
+                break
+            nfd = os.open(comp, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+            os.close(fd)
+            fd, at = nfd, os.path.join(at, comp)
+        st = os.fstat(fd)
+        if not _trusted_ancestor(st):
+            raise StoreError("internal", f"{at} (an ancestor of {path}) is owned by uid "
+                                         f"{st.st_uid} or writable by group/others without "
+                                         f"the sticky bit (mode {st.st_mode & 0o7777:o}): "
+                                         "whoever can write there could swap the serve "
+                                         "directory; use a --dir whose every ancestor is "
+                                         "root's (or this user's) and not writable by others")
+        _mkdir_private(name, dir_fd=fd)
+        root_fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+    except FileNotFoundError as e:
+        raise StoreError("internal", f"{path}: {e.strerror}: create its parent first") from None
+    finally:
+        os.close(fd)
+    return os.path.join(parent, name), root_fd
 
 
 def _rmtree(path: str) -> None:
@@ -258,7 +325,7 @@ class Session:
         self.store, self.name = store, name
         self.path = os.path.join(store.root, name)
         self.held_dir = os.path.join(self.path, "held")
-        _mkdir_private(self.path)
+        _mkdir_private(name, dir_fd=store.root_fd)
         self.meta = self._load_meta()
         self._held: dict[str, HeldImage] | None = None
         if os.path.exists(os.path.join(self.held_dir, ".dirty")):
@@ -329,7 +396,7 @@ class Session:
             if isinstance(pid, int) and pid > 1 and start is not None \
                     and _start_time(pid) == start and _state(pid) in ("T", "t"):
                 from deltaxfer.serve import _signal_tree
-                n = _signal_tree(pid, 9)
+                n = _signal_tree(pid, 9, start)
                 done.append(f"killed the stopped restored copy {pid} ({n} tasks) that never "
                             "got RESUME")
             self.restored(None)
@@ -925,14 +992,9 @@ class Store:
 
     def __init__(self, root: str, quota_bytes: int | None = None, *,
                  session_quota_bytes: int | None = None, max_sessions: int | None = None):
-        self.root = os.path.abspath(root)
-        _mkdir_private(self.root)
-        st = os.lstat(self.root)
-        if not os.path.isdir(self.root) or os.path.islink(self.root) \
-                or st.st_uid != os.geteuid():
-            # whoever owns it could swap a session's files for links the receiver follows
-            raise StoreError("internal", f"{self.root} is not a directory of uid "
-                                         f"{os.geteuid()} (owner {st.st_uid}); use another --dir")
+        # whoever could write the directory or an ancestor could swap a session's files
+        # for links the receiver follows: see open_serve_dir
+        self.root, self.root_fd = open_serve_dir(root)
         self.quota_bytes = quota_bytes
         self.session_quota_bytes = session_quota_bytes
         self.max_sessions = max_sessions
@@ -985,3 +1047,10 @@ class Store:
 
     def release(self, owner) -> None:
         self._reserved.pop(id(owner), None)
+
+    def close(self) -> None:
+        fd, self.root_fd = getattr(self, "root_fd", -1), -1
+        if fd >= 0:
+            os.close(fd)
+
+    __del__ = close
