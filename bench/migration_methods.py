@@ -46,8 +46,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import workloads  # noqa: E402
 from servers import ServeProcess  # noqa: E402
 
-METHODS = ("deltaxfer", "dx-noxor", "dx-nolz4", "rsync", "page-server", "tar-lz4")
-BASELINES = ("rsync", "page-server", "tar-lz4")
+METHODS = ("deltaxfer", "dx-noxor", "dx-nolz4", "rsync", "page-server", "tar-lz4",
+           "lazy-floor")
+BASELINES = ("rsync", "page-server", "tar-lz4", "lazy-floor")
 
 
 class MethodFailed(AssertionError):
@@ -392,12 +393,119 @@ def run_page_server(ctx: Ctx, wl, tag: str, method: str = "page-server") -> dict
         shutil.rmtree(dst, ignore_errors=True)
 
 
+TIMING_SCRIPT = """#!/bin/sh
+echo "$CRTOOLS_SCRIPT_ACTION $(date +%s.%N)" >> "{out}"
+"""
+
+
+def _actions(path: Path) -> dict[str, float]:
+    out = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            action, _, t = line.partition(" ")
+            out.setdefault(action, float(t))
+    return out
+
+
+def run_lazy_floor(ctx: Ctx, wl, tag: str, method: str = "lazy-floor") -> dict:
+    """CRIU's floor under deltaxfer's freeze (issue 17), in two measured halves of the
+    same workload, because CRIU's own lazy migration cannot run here (its page server's
+    tee(2) of the page pipes fails with EPERM on this kernel: "Lazy pages transfer
+    FAILED"):
+
+    * ``freeze_dump_s``: ``criu dump --lazy-pages`` with an action script that only
+      records the time: pre-dump (CRIU freezes right after it) -> post-dump, i.e. what
+      deltaxfer's freeze starts with before it does anything. With --leave-running the
+      tree runs on; the dump, then waiting for a lazy-pages client, is killed.
+    * ``restore_s``: a plain dump of the same workload, its images piped across, then
+      ``criu lazy-pages`` + ``criu restore --lazy-pages`` from them: restore start ->
+      the restored tree runs (its pages are then served on demand by the local daemon),
+      what deltaxfer's commit ends with.
+
+    ``downtime_s`` = the sum: the least a lazy CRIU migration can freeze here."""
+    from deltaxfer.criu.runner import log_errors
+
+    lazy_dir, src, dst = (ctx.tmp / f"{d}-{tag}" for d in ("lazy", "src", "dst"))
+    for d in (lazy_dir, src, dst):
+        d.mkdir()
+    times = ctx.tmp / f"actions-{tag}.txt"
+    script = ctx.tmp / f"action-{tag}.sh"
+    script.write_text(TIMING_SCRIPT.format(out=times))
+    script.chmod(0o700)
+    lazy = pipe = lazy_dump = None
+    try:
+        t_ld = time.monotonic()
+        lazy_dump = subprocess.Popen(ctx.src(
+            [ctx.criu.path, "dump", "-t", str(wl.pid), "-D", str(lazy_dir), "--lazy-pages",
+             "--address", ctx.link.source.addr, "--port", str(next(ctx.ports)),
+             "--shell-job", "--leave-running", "--action-script", str(script),
+             "-o", "dump.log"]),
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 300
+        while "post-dump" not in _actions(times):
+            if lazy_dump.poll() is not None or time.monotonic() > deadline:
+                raise MethodFailed(f"criu dump --lazy-pages (exit {lazy_dump.poll()}) did "
+                                   f"not reach post-dump: "
+                                   f"{log_errors(str(lazy_dir / 'dump.log'))}")
+            time.sleep(0.002)
+        lazy_dump.kill()
+        lazy_done = wait_measured(lazy_dump, t_ld, timeout=30)
+        acts = _actions(times)
+        freeze_dump_s = acts["post-dump"] - acts["pre-dump"]
+        time.sleep(0.2)
+        if workloads.proc_state(wl.pid) in ("T", "t", None):
+            raise MethodFailed("the workload did not run on after the lazy dump")
+        pipe = ImagePipe(ctx, src, dst, lz4=False)
+        before = link_counters(ctx.link)
+        dump = criu_dump(ctx, wl.pid, src)
+        sent, got = pipe.send()
+        t_lazy = time.monotonic()
+        lazy = subprocess.Popen(ctx.dst(
+            [ctx.criu.path, "lazy-pages", "-D", str(dst), "-o", "lazy-pages.log"]),
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        sock, deadline = dst / "lazy-pages.socket", time.monotonic() + 30
+        while not sock.exists():
+            if lazy.poll() is not None or time.monotonic() > deadline:
+                raise MethodFailed(f"criu lazy-pages (exit {lazy.poll()}): "
+                                   f"{log_errors(str(dst / 'lazy-pages.log'))}")
+            time.sleep(0.002)
+        pidfile = dst / "restored.pid"
+        restore = run_measured(ctx.dst([ctx.criu.path, "restore", "-D", str(dst), "-d",
+                                        "--shell-job", "--lazy-pages", "--pidfile",
+                                        str(pidfile), "-o", "restore.log"]))
+        if restore.returncode:
+            raise MethodFailed(f"criu restore --lazy-pages: "
+                               f"{log_errors(str(dst / 'restore.log'))}; lazy-pages: "
+                               f"{log_errors(str(dst / 'lazy-pages.log'))}")
+        restored = int(pidfile.read_text().strip())
+        res = check_restored(wl, restored, method)     # faults every page in
+        served = wait_measured(lazy, t_lazy, timeout=300)
+        wire = link_delta(before, link_counters(ctx.link))
+        return {"downtime_s": freeze_dump_s + restore.wall_s,
+                "total_s": freeze_dump_s + restore.wall_s, **wire,
+                "cpu_src_s": lazy_done.cpu_s, "cpu_dst_s": served.cpu_s + restore.cpu_s,
+                "rounds": 1, "verified": res["ok"], "app_pause_s": None,
+                "freeze_dump_s": freeze_dump_s, "restore_s": restore.wall_s,
+                "plain_dump_s": dump.wall_s, "lazy_rc": served.returncode,
+                "image_bytes": _dir_bytes(src)}
+    finally:
+        if pipe is not None:
+            pipe.close()
+        for p in (lazy, lazy_dump):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait()
+        for d in (lazy_dir, src, dst):
+            shutil.rmtree(d, ignore_errors=True)
+
+
 def _dir_bytes(d: Path) -> int:
     return sum(p.stat().st_size for p in d.iterdir() if p.is_file() and p.suffix == ".img")
 
 
 RUNNERS = {"deltaxfer": run_deltaxfer, "dx-noxor": run_deltaxfer, "dx-nolz4": run_deltaxfer,
-           "rsync": run_rsync, "page-server": run_page_server, "tar-lz4": run_tar_lz4}
+           "rsync": run_rsync, "page-server": run_page_server, "tar-lz4": run_tar_lz4,
+           "lazy-floor": run_lazy_floor}
 
 
 def migrate(method: str, ctx: Ctx, spec, tag: str) -> dict:
