@@ -468,11 +468,30 @@ class Connection:
 
     # send
     async def send(self, type: MsgType, payload=b"") -> None:
-        """Send one message; waits while the transport's buffer is over its high water mark."""
+        """Send one message; waits while the transport's buffer is over its high water mark.
+        When the peer closed the connection after an ERROR (a streaming sender is usually
+        still sending then), that ERROR is raised as PeerError: it names the cause."""
         p = self._p
-        p.write_frame(type, payload)
-        if p.must_wait:
-            await p.drain()
+        try:
+            p.write_frame(type, payload)
+            if p.must_wait:
+                await p.drain()
+        except ConnectionClosed:
+            err = self._queued_peer_error()
+            if err is not None:
+                raise err from None
+            raise
+
+    def _queued_peer_error(self) -> "PeerError | None":
+        for m in self._p._queue:
+            if m.type == MsgType.ERROR:
+                try:
+                    e = decode_control(m)
+                except ProtocolError as bad:
+                    e = {"code": ErrorCode.INTERNAL,
+                         "reason": f"(unreadable ERROR: {bad.reason})"}
+                return PeerError(e["code"], e["reason"])
+        return None
 
     async def send_control(self, type: MsgType, obj: dict) -> None:
         await self.send(type, encode_control(type, obj))
