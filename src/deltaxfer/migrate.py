@@ -10,6 +10,10 @@
    exits 0 only when the destination confirmed: otherwise CRIU resumes the tree — the
    rollback. Then the agent ends the lazy dump (no pages are sent through it) and CRIU
    kills the source (migration done) or has resumed it (rolled back).
+
+CRIU's page server (the lazy dump's, or the page sink's stream) runs over a socketpair
+handed to criu with --ps-socket: no TCP port. The process is named by a pidfd and its
+start time (pidref.py), not by its PID alone, and every wait on criu has a deadline.
 """
 from __future__ import annotations
 
@@ -31,6 +35,7 @@ from deltaxfer.criu.dumpdir import DumpDir
 from deltaxfer.criu.lazy import end_lazy_dump
 from deltaxfer.criu.sink import PageSink
 from deltaxfer.criu.runner import Criu, log_errors
+from deltaxfer.pidref import PidRef, ProcessChanged
 from deltaxfer.live import LiveError, _alive, frozen_images, process_tree, snapshot_tree
 from deltaxfer.policy import Convergence, RoundMeasure
 from deltaxfer.send import receive_state, send_files, send_round
@@ -39,7 +44,7 @@ from deltaxfer.tracking import Tracking
 from deltaxfer.tracking import support as tracking_support
 from deltaxfer.wire import MsgType
 
-from deltaxfer.hook import AGENT_ENV, LAZY_PORT_ENV, TIMEOUT_ENV
+from deltaxfer.hook import AGENT_ENV, TIMEOUT_ENV
 
 
 RESUMED_TIMEOUT = 10.0   # for the destination to confirm that its copy runs
@@ -47,6 +52,9 @@ RESUMED_TIMEOUT = 10.0   # for the destination to confirm that its copy runs
 # files per GiB measured with CRIU 4.1.1 (DESIGN.md), plus CRIU's own.
 LAZY_DUMP_FDS_PER_GIB = 2048
 LAZY_DUMP_FDS_BASE = 1024
+# criu may run this much longer than the freeze deadline (the hook waits the deadline +
+# 15 s for the agent; then criu resumes or kills the tree): past it, criu is killed
+CRIU_MARGIN = 30.0
 
 
 def lazy_dump_fits(memory_bytes: int) -> tuple[bool, str]:
@@ -78,7 +86,6 @@ class Options:
     restore: bool = True
     ssl: object = None
     work_dir: str | None = None
-    lazy_port: int = 0
     freeze_timeout: float | None = None   # default: 15 s + 2 s per GiB of memory
     round_timeout: float = 120.0           # a live round that takes longer: give up
     tracking: str = "auto"           # written-page tracking: auto (if the kernel can), on, off
@@ -108,12 +115,6 @@ class Report:
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def progress_line(r: dict) -> str:
@@ -147,6 +148,8 @@ class Agent:
         self.memory_bytes = 0              # of the tree, as the last live round read it
         self.freeze_mode = "lazy"          # see choose_freeze
         self.sink: PageSink | None = None  # the page sink of a page-server freeze
+        self.source: PidRef | None = None  # the process to migrate, taken in run()
+        self.frozen_refs: list[PidRef] = []  # the tree's tasks, taken when it was frozen
 
     def start_tracking(self) -> None:
         """Written-page tracking when asked for and the kernel can (else content hashing,
@@ -175,6 +178,7 @@ class Agent:
         loop = asyncio.get_running_loop()
         last_read = None
         while True:
+            self.source.check()
             tasks = process_tree(self.pid)
             t_read = time.monotonic()
             snap = await loop.run_in_executor(self.pipeline.pool, snapshot_tree, tasks,
@@ -242,6 +246,20 @@ class Agent:
         finally:
             writer.close()
 
+    def take_frozen_refs(self) -> None:
+        """pidfds for every task of the frozen tree (nothing in it can exit or fork while
+        it is frozen): the final SIGKILL goes through them, never through bare PIDs."""
+        self.source.check()
+        for t in process_tree(self.pid):
+            try:
+                self.frozen_refs.append(PidRef(t.host_pid, "task"))
+            except ProcessChanged:
+                pass   # killed by someone else inside the freeze: nothing to signal
+
+    def signal_frozen_tree(self, sig: int) -> None:
+        for ref in self.frozen_refs:
+            ref.kill(sig)
+
     async def begin_session(self) -> None:
         """Connect, name the tree's memory images, and learn what the destination holds."""
         self.conn = await transport.connect(self.host, self.port, key=self.key,
@@ -279,6 +297,7 @@ class Agent:
         went out, because then the copy may run and the source must not resume."""
         try:
             async with asyncio.timeout(self.freeze_timeout):
+                self.take_frozen_refs()
                 await self.final_round()
             return True
         except TimeoutError:
@@ -368,34 +387,48 @@ class Agent:
         with open(hook, "w") as f:
             f.write(f"#!/bin/sh\nexec {sys.executable} -m deltaxfer.hook\n")
         os.chmod(hook, 0o700)
+        # CRIU's page server runs over a socketpair (--ps-socket), not a TCP port that
+        # another local user could bind first or connect to first
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         args = [self.criu.path, "dump", "-t", str(self.pid), "-D", self.dump_dir,
                 "--shell-job", "--leave-stopped", "--action-script", hook,
-                "-o", "dump.log", "-v4"]
+                "-o", "dump.log", "-v4", "--ps-socket", str(theirs.fileno())]
         if lazy:
-            lazy_port = self.opts.lazy_port or _free_port()
-            env[LAZY_PORT_ENV] = str(lazy_port)
-            args += ["--lazy-pages", "--address", "127.0.0.1", "--port", str(lazy_port)]
+            args += ["--lazy-pages"]
         else:
-            self.sink = PageSink(self.dump_dir, self.criu.version)
-            args += ["--page-server", "--address", "127.0.0.1", "--port", str(self.sink.port)]
-        proc = await asyncio.create_subprocess_exec(*args, env=env,
-                                                    stdin=asyncio.subprocess.DEVNULL,
-                                                    stdout=asyncio.subprocess.DEVNULL,
-                                                    stderr=asyncio.subprocess.PIPE)
+            self.sink = PageSink(self.dump_dir, self.criu.version, ours)
+            args += ["--page-server"]
+        self.source.check()
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *args, env=env, pass_fds=(theirs.fileno(),), stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+        finally:
+            theirs.close()   # criu holds the only copy: our end sees criu go away
+        self.report.freeze["criu_argv"] = args[1:]
         loop = asyncio.get_running_loop()
         stop = threading.Event()
+        criu_limit = self.freeze_timeout + CRIU_MARGIN
+        deadline = loop.time() + criu_limit
         try:
             waiter = loop.create_task(proc.wait())
             if lazy:
-                # after the post-dump hook, CRIU waits for a lazy-pages client: end it
+                # after the post-dump hook, CRIU serves lazy pages on the socket: end it
                 closer = loop.run_in_executor(None, functools.partial(
-                    end_lazy_dump, "127.0.0.1", lazy_port, self.criu.version, timeout=600.0,
+                    end_lazy_dump, ours, self.criu.version, timeout=criu_limit,
                     cancelled=stop.is_set))
-                done, _ = await asyncio.wait({waiter, closer},
+                done, _ = await asyncio.wait({waiter, closer}, timeout=criu_limit,
                                              return_when=asyncio.FIRST_COMPLETED)
                 if closer in done:
-                    self.report.freeze["lazy_close_status"] = closer.result()
-            rc = await waiter
+                    try:
+                        self.report.freeze["lazy_close_status"] = closer.result()
+                    except (OSError, TimeoutError) as e:
+                        self.report.freeze["lazy_close_status"] = f"{type(e).__name__}: {e}"
+            try:
+                rc = await asyncio.wait_for(asyncio.shield(waiter),
+                                            max(deadline - loop.time(), 0.0))
+            except TimeoutError:
+                return await self.kill_hung_criu(proc, criu_limit)
             self.report.freeze["criu_exit"] = rc
             if rc != 0 and not self.report.error:
                 err = (await proc.stderr.read()).decode(errors="replace").strip()
@@ -407,27 +440,50 @@ class Agent:
             server.close()
             if self.sink is not None:
                 self.sink.close()
+            else:
+                ours.close()
             if proc.returncode is None:
                 proc.kill()
                 await proc.wait()
+
+    async def kill_hung_criu(self, proc, limit: float) -> int:
+        """criu ran past the freeze deadline + margin (blocked on its page-server socket,
+        its hook, a task): kill it. The tree is what matters. Confirmed: the destination
+        runs the process, so the source is killed first. RESUME sent but not confirmed:
+        the source is stopped first (SIGSTOP, a group stop the tasks keep when criu's
+        ptrace lets go), left for the operator. Otherwise: criu's ptrace lets go and the
+        tree runs on — the rollback."""
+        if self.confirmed:
+            self.signal_frozen_tree(signal.SIGKILL)
+        elif self.resume_sent:
+            self.signal_frozen_tree(signal.SIGSTOP)
+        proc.kill()
+        rc = await proc.wait()
+        self.report.freeze["criu_exit"] = rc
+        self.report.freeze["criu_killed"] = (f"criu did not finish within {limit:.0f} s (the "
+                                             "freeze deadline + margin): killed")
+        if not self.confirmed:
+            hung = (f"criu dump hung: not finished within {limit:.0f} s (the freeze deadline "
+                    f"{self.freeze_timeout:.0f} s + {CRIU_MARGIN:.0f} s); killed it, see "
+                    f"{os.path.join(self.dump_dir, 'dump.log')}")
+            self.report.error = f"{self.report.error}; {hung}" if self.report.error else hung
+        return 0 if self.confirmed else rc
 
     async def run(self) -> Report:
         t0, cpu0 = time.monotonic(), time.process_time()
         self.work = tempfile.mkdtemp(prefix="deltaxfer-migrate-", dir=self.opts.work_dir)
         os.chmod(self.work, 0o700)
         try:
+            self.source = PidRef(self.pid)
             self.start_tracking()
             await self.begin_session()
             await self.live_rounds()
             self.choose_freeze()
             rc = await self.freeze_and_push()
             if rc == 0 and self.confirmed:
-                # the destination runs the process: end the (stopped) source
-                for task in self.frozen_tasks:
-                    try:
-                        os.kill(task.host_pid, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
+                # the destination runs the process: end the (stopped) source, through
+                # the pidfds taken while it was frozen (never a reused PID)
+                self.signal_frozen_tree(signal.SIGKILL)
                 self.report.outcome = "migrated"
                 await self.conn.goodbye()
             elif rc == 0 and self.resume_sent:
@@ -440,7 +496,12 @@ class Agent:
                     self.report.error = "the final round did not complete"
         except (LiveError, MigrationError, transport.TransportError, OSError, ValueError) as e:
             self.report.error = f"{type(e).__name__}: {e}"
-            source_alive = os.path.exists(f"/proc/{self.pid}") and _alive(self.pid)
+            if isinstance(e, ProcessChanged):
+                source_alive = False
+            elif self.source is not None:
+                source_alive = not self.source.exited()
+            else:
+                source_alive = os.path.exists(f"/proc/{self.pid}") and _alive(self.pid)
             if not source_alive:
                 self.report.outcome = "aborted: the source process exited"
             elif "dump" not in self.report.freeze:
@@ -462,6 +523,9 @@ class Agent:
                 # releases the write-protection: the source (if it runs on) is as before
                 self.tracking.close()
                 self.report.tracking = self.tracking.summary()
+            for ref in self.frozen_refs + [self.source]:
+                if ref is not None:
+                    ref.close()
             shutil.rmtree(self.work, ignore_errors=True)
             self.report.total_seconds = round(time.monotonic() - t0, 6)
             self.report.cpu_seconds = round(time.process_time() - cpu0, 6)
@@ -513,6 +577,7 @@ def run_standalone_hook(action: str, config: dict, env) -> int:
 
 async def _standalone(agent: "Agent", action: str, image_dir: str) -> bool:
     try:
+        agent.source = PidRef(agent.pid)
         await agent.begin_session()
         if action == "pre-dump":
             await agent.live_rounds()

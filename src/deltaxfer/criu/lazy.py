@@ -1,12 +1,14 @@
 """Ending a `criu dump --lazy-pages` without sending it any page.
 
 A lazy dump leaves the pages in CRIU's page pipes and, after the post-dump action
-script, waits on --address/--port for a lazy-pages client. deltaxfer reads those pages
-itself (from the frozen tasks) while the post-dump hook runs, so afterwards it only has
-to tell CRIU to finish: connect, send one page-server CLOSE command, shut down our
-sending side (CRIU corks the socket; without the shutdown its reply waits ~200 ms),
-read the 4-byte status. CRIU then kills the tasks (migration done) or resumes them (the
-hook failed).
+script, serves them to a lazy-pages client. deltaxfer reads those pages itself (from the
+frozen tasks) while the post-dump hook runs, so afterwards it only has to tell CRIU to
+finish. CRIU is given its end of a socketpair with --ps-socket FD (no TCP port that
+another local user could take or connect to first; criu/page-xfer.c `cr_page_server`
+serves the inherited socket as is). deltaxfer writes one page-server CLOSE command into
+its end — CRIU reads it once it serves, after post-dump — and reads the 4-byte status.
+CRIU then kills the tasks (migration done) or resumes them (the hook failed). If the
+agent dies instead, CRIU reads end-of-file on the socket and ends the dump the same way.
 """
 from __future__ import annotations
 
@@ -25,29 +27,30 @@ def close_header(criu_version: tuple[int, ...]) -> bytes:
     return struct.pack("<IIQQ", PS_IOV_CLOSE, 0, 0, 0)
 
 
-def end_lazy_dump(host: str, port: int, criu_version: tuple[int, ...], *,
+def end_lazy_dump(sock: socket.socket, criu_version: tuple[int, ...], *,
                   timeout: float = 30.0, cancelled=lambda: False) -> int | None:
-    """Connect to the lazy dump's page server (retrying until it listens) and close it;
-    returns CRIU's status word (0 on success), or None if ``cancelled()`` became true
-    first (the dump ended some other way)."""
+    """Close the lazy dump's page server on ``sock`` (our end of the --ps-socket pair);
+    returns CRIU's status word (0 on success), -1 if CRIU closed the socket without one,
+    or None if ``cancelled()`` became true first (the dump ended some other way).
+    Raises TimeoutError after ``timeout`` seconds without an answer."""
     deadline = time.monotonic() + timeout
-    while True:
+    sock.settimeout(timeout)
+    sock.sendall(close_header(criu_version))
+    sock.shutdown(socket.SHUT_WR)
+    status = b""
+    while len(status) < 4:
         if cancelled():
             return None
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"criu's lazy page server did not answer CLOSE within "
+                               f"{timeout:.0f} s")
+        sock.settimeout(min(left, 0.1))   # wakes up to see cancelled()
         try:
-            sock = socket.create_connection((host, port), timeout=timeout)
-            break
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.005)
-    with sock:
-        sock.sendall(close_header(criu_version))
-        sock.shutdown(socket.SHUT_WR)
-        status = b""
-        while len(status) < 4:
             chunk = sock.recv(4 - len(status))
-            if not chunk:
-                break
-            status += chunk
+        except TimeoutError:
+            continue
+        if not chunk:
+            break
+        status += chunk
     return struct.unpack("<i", status)[0] if len(status) == 4 else -1

@@ -9,6 +9,10 @@ so they are kept in a pages file. Either way the pagemaps the page server must w
 written into the dump directory (a dump to a page server writes none itself), process
 images with PE_PRESENT entries and no pages file ("in the tasks").
 
+CRIU reaches the sink through its end of a socketpair (``criu dump --page-server
+--ps-socket FD``): no TCP listener that another local user could connect to first or
+bind before us. With an inherited socket CRIU ends the stream with FORCE_CLOSE.
+
 Protocol (criu/page-xfer.c, server side): 24-byte commands in CRIU 4.1 (cmd u32 with the
 flags in its upper 16 bits, nr_pages u32, vaddr u64, dst_id u64; nr_pages is u64 from
 4.2: 32 bytes); OPEN2 is answered with one byte (has a parent: 0), PARENT with an int,
@@ -37,11 +41,13 @@ class SinkError(RuntimeError):
 
 
 class PageSink:
-    def __init__(self, image_dir: str, criu_version: tuple[int, ...]):
+    """Serves one page stream on ``sock``, our end of the socketpair whose other end
+    CRIU gets with --ps-socket; the sink owns (and closes) ``sock``."""
+
+    def __init__(self, image_dir: str, criu_version: tuple[int, ...], sock: socket.socket):
         self.image_dir = image_dir
         self.header = struct.Struct("<IQQQ" if criu_version >= (4, 2) else "<IIQQ")
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
+        self.sock = sock
         self.error: str | None = None
         self.done = threading.Event()
         self.stats = {"pages_discarded": 0, "pages_kept": 0, "seconds": 0.0}
@@ -52,12 +58,10 @@ class PageSink:
 
     def _run(self) -> None:
         try:
-            self.listener.settimeout(None)
-            conn, _ = self.listener.accept()
-            with conn:
-                t0 = time.monotonic()
-                self._serve(conn)
-                self.stats["seconds"] = round(time.monotonic() - t0, 6)
+            self.sock.settimeout(None)
+            t0 = time.monotonic()
+            self._serve(self.sock)
+            self.stats["seconds"] = round(time.monotonic() - t0, 6)
             self._write_pagemaps()
         except Exception as e:   # reported to the agent, which fails the freeze
             self.error = f"{type(e).__name__}: {e}"
@@ -164,7 +168,10 @@ class PageSink:
             raise SinkError(self.error)
 
     def close(self) -> None:
+        """Ends a stream still in progress (CRIU sees the socket close) and frees it."""
         try:
-            self.listener.close()
+            self.sock.shutdown(socket.SHUT_RDWR)   # wakes the thread if it waits in recv
         except OSError:
             pass
+        self._thread.join(5.0)
+        self.sock.close()
