@@ -547,7 +547,10 @@ class Connection:
     async def error(self, code: str, reason: str) -> None:
         """Send ERROR {code, reason} to the peer, then close (after the peer closes, or
         after ERROR_LINGER seconds)."""
-        if self._p.send_error(code, reason):
+        # also when the ERROR already went out (a broken stream is answered by the protocol
+        # itself): linger, reading and discarding, so that closing now with the peer's data
+        # unread does not reset the connection before the peer has read our ERROR
+        if self._p.send_error(code, reason) or self._p._discard is not None:
             try:
                 async with asyncio.timeout(ERROR_LINGER + 0.5):
                     await asyncio.shield(self._p.closed)
