@@ -144,7 +144,8 @@ def test_hung_criu_is_killed_and_the_source_runs_on(criu, tmp_path, agent_tmp, m
         return None
 
     monkeypatch.setattr(mig.Agent, "final_round", failing_final_round)
-    monkeypatch.setattr(mig, "end_lazy_dump", never_close)
+    monkeypatch.setattr(mig, "close_lazy_dump", never_close, raising=False)
+    monkeypatch.setattr(mig, "end_lazy_dump", never_close, raising=False)   # the old name
     monkeypatch.setattr(mig, "CRIU_MARGIN", 4.0, raising=False)
     result, criu_pids = {}, []
     with Server(tmp_path, extra=["--restore"]) as server, \

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 from deltaxfer import PAGE_SIZE, _core, transport
 from deltaxfer.criu.dumpdir import DumpDir
-from deltaxfer.criu.lazy import end_lazy_dump
+from deltaxfer.criu.lazy import close_lazy_dump
 from deltaxfer.criu.sink import PageSink
 from deltaxfer.criu.runner import Criu, log_errors
 from deltaxfer.pidref import PidRef, ProcessChanged
@@ -252,7 +252,7 @@ class Agent:
         self.source.check()
         for t in process_tree(self.pid):
             try:
-                self.frozen_refs.append(PidRef(t.host_pid, "task"))
+                self.frozen_refs.append(PidRef(t.host_pid, "the task"))
             except ProcessChanged:
                 pass   # killed by someone else inside the freeze: nothing to signal
 
@@ -415,7 +415,7 @@ class Agent:
             if lazy:
                 # after the post-dump hook, CRIU serves lazy pages on the socket: end it
                 closer = loop.run_in_executor(None, functools.partial(
-                    end_lazy_dump, ours, self.criu.version, timeout=criu_limit,
+                    close_lazy_dump, ours, self.criu.version, timeout=criu_limit,
                     cancelled=stop.is_set))
                 done, _ = await asyncio.wait({waiter, closer}, timeout=criu_limit,
                                              return_when=asyncio.FIRST_COMPLETED)
@@ -474,7 +474,7 @@ class Agent:
         self.work = tempfile.mkdtemp(prefix="deltaxfer-migrate-", dir=self.opts.work_dir)
         os.chmod(self.work, 0o700)
         try:
-            self.source = PidRef(self.pid)
+            self.source = PidRef(self.pid, "the process to migrate")
             self.start_tracking()
             await self.begin_session()
             await self.live_rounds()
@@ -577,7 +577,7 @@ def run_standalone_hook(action: str, config: dict, env) -> int:
 
 async def _standalone(agent: "Agent", action: str, image_dir: str) -> bool:
     try:
-        agent.source = PidRef(agent.pid)
+        agent.source = PidRef(agent.pid, "the process to migrate")
         await agent.begin_session()
         if action == "pre-dump":
             await agent.live_rounds()

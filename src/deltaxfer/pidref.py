@@ -32,16 +32,16 @@ def start_time(pid: int) -> int:
 
 
 class PidRef:
-    def __init__(self, pid: int, what: str = "process"):
+    def __init__(self, pid: int, what: str = "the process"):
         self.pid, self.what = pid, what
         try:
             self.fd = os.pidfd_open(pid)
         except ProcessLookupError:
-            raise ProcessChanged(f"{what} {pid} does not exist") from None
+            raise ProcessChanged(f"{what} ({pid}) does not exist") from None
         try:
             self.start = start_time(pid)
             if self.exited():
-                raise ProcessChanged(f"{what} {pid} exited")
+                raise ProcessChanged(f"{what} ({pid}) has exited")
         except ProcessLookupError as e:
             os.close(self.fd)
             self.fd = -1
@@ -54,17 +54,17 @@ class PidRef:
     def check(self) -> None:
         """Raise ProcessChanged if the process exited or its PID names another process."""
         if self.fd < 0:
-            raise ProcessChanged(f"{self.what} {self.pid}: the reference was closed")
+            raise ProcessChanged(f"{self.what} ({self.pid}): the reference was closed")
         if self.exited():
-            raise ProcessChanged(f"{self.what} {self.pid} has exited")
+            raise ProcessChanged(f"{self.what} ({self.pid}) has exited")
         try:
             now = start_time(self.pid)
         except ProcessLookupError:
-            raise ProcessChanged(f"{self.what} {self.pid} has exited") from None
+            raise ProcessChanged(f"{self.what} ({self.pid}) has exited") from None
         if now != self.start:
             raise ProcessChanged(
-                f"pid {self.pid} now names another process (started at tick {now}, the "
-                f"{self.what} started at tick {self.start}): the {self.what} exited and its "
+                f"pid {self.pid} now names another process (started at tick {now}; "
+                f"{self.what} started at tick {self.start}): {self.what} exited and its "
                 "pid was reused; nothing was done to the new process")
 
     def kill(self, sig: int = signal.SIGKILL) -> bool:

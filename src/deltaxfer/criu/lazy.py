@@ -9,6 +9,10 @@ serves the inherited socket as is). deltaxfer writes one page-server CLOSE comma
 its end — CRIU reads it once it serves, after post-dump — and reads the 4-byte status.
 CRIU then kills the tasks (migration done) or resumes them (the hook failed). If the
 agent dies instead, CRIU reads end-of-file on the socket and ends the dump the same way.
+
+``end_lazy_dump`` does the same over TCP for a dump that listens on --address/--port:
+runc's checkpoint cannot hand criu a socket (see docs/CONTAINERS.md). Anyone who can
+connect to that port first can hold the dump, so `deltaxfer migrate` does not use it.
 """
 from __future__ import annotations
 
@@ -27,8 +31,8 @@ def close_header(criu_version: tuple[int, ...]) -> bytes:
     return struct.pack("<IIQQ", PS_IOV_CLOSE, 0, 0, 0)
 
 
-def end_lazy_dump(sock: socket.socket, criu_version: tuple[int, ...], *,
-                  timeout: float = 30.0, cancelled=lambda: False) -> int | None:
+def close_lazy_dump(sock: socket.socket, criu_version: tuple[int, ...], *,
+                    timeout: float = 30.0, cancelled=lambda: False) -> int | None:
     """Close the lazy dump's page server on ``sock`` (our end of the --ps-socket pair);
     returns CRIU's status word (0 on success), -1 if CRIU closed the socket without one,
     or None if ``cancelled()`` became true first (the dump ended some other way).
@@ -54,3 +58,23 @@ def end_lazy_dump(sock: socket.socket, criu_version: tuple[int, ...], *,
             break
         status += chunk
     return struct.unpack("<i", status)[0] if len(status) == 4 else -1
+
+
+def end_lazy_dump(host: str, port: int, criu_version: tuple[int, ...], *,
+                  timeout: float = 30.0, cancelled=lambda: False) -> int | None:
+    """close_lazy_dump for a lazy dump listening on TCP host:port: connect (retrying until
+    it listens, up to ``timeout``), then close it; None if ``cancelled()`` first."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if cancelled():
+            return None
+        try:
+            sock = socket.create_connection((host, port), timeout=timeout)
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.005)
+    with sock:
+        return close_lazy_dump(sock, criu_version, timeout=max(deadline - time.monotonic(), 1.0),
+                               cancelled=cancelled)
