@@ -351,8 +351,9 @@ def test_store_refuses_a_directory_it_does_not_own(tmp_path):
     d = tmp_path / "theirs"
     d.mkdir()
     os.chown(d, 65534, 65534)
-    with pytest.raises(StoreError, match="not a directory of uid 0"):
+    with pytest.raises(StoreError, match="belongs to uid 65534, not to this receiver's uid 0"):
         Store(str(d))
+    assert os.stat(d).st_uid == 65534 and (os.stat(d).st_mode & 0o777) == 0o755  # untouched
     link = tmp_path / "link"
     (tmp_path / "mine").mkdir()
     link.symlink_to(tmp_path / "mine")
