@@ -141,7 +141,8 @@ def cmd_migrate(args) -> int:
     opts = Options(session=args.session, downtime_target=args.downtime_target / 1000,
                    max_rounds=args.max_rounds, xor=not args.no_xor, compress=not args.no_lz4,
                    cache_bytes=args.xor_cache_mib << 20, restore=not args.no_restore,
-                   tracking=args.tracking, freeze=args.freeze, ssl=client_tls(args.tls_ca, args.tls_server_name, args.tls_pin),
+                   tracking=args.tracking, freeze=args.freeze, converge=args.converge,
+                   ssl=client_tls(args.tls_ca, args.tls_server_name, args.tls_pin),
                    progress=progress if (tty or args.progress) else None)
     report = transport.run(migrate(args.pid, host, port, key, criu, opts), loop=args.loop).as_dict()
     if args.report:
@@ -313,6 +314,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="written-page tracking (userfaultfd write-protect + PAGEMAP_SCAN, "
                         "Linux >= 6.7): auto = when the kernel can, else content hashing "
                         "(default); on = fail without it; off = content hashing only")
+    p.add_argument("--converge", choices=("auto", "off"), default="auto",
+                   help="when the rounds stop shrinking with the predicted downtime over the "
+                        "target: auto = slow the process tree in steps (a stop/continue duty "
+                        "cycle of 30..95 %%, released before the freeze and on every exit) "
+                        "and go on (default); off = freeze with what is left")
     p.add_argument("--freeze", choices=("auto", "lazy", "page-server"), default="auto",
                    help="how CRIU dumps in the freeze: lazy (pages stay in the frozen tasks; "
                         "needs ~2048 open files per GiB), page-server (a plain dump whose "

@@ -38,6 +38,7 @@ from deltaxfer.criu.runner import Criu, log_errors
 from deltaxfer.pidref import PidRef, ProcessChanged
 from deltaxfer.live import LiveError, _alive, frozen_images, process_tree, snapshot_tree
 from deltaxfer.policy import Convergence, RoundMeasure
+from deltaxfer.throttle import LEVELS as THROTTLE_LEVELS, Throttle, ThrottleError
 from deltaxfer.send import receive_state, send_files, send_round
 from deltaxfer.source import Pipeline
 from deltaxfer.tracking import Tracking
@@ -92,6 +93,7 @@ class Options:
     freeze: str = "auto"             # lazy, page-server, or auto (lazy when it fits)
     progress: object = None          # callable(str) for the per-round line
     encoder_threads: int | None = None   # None: $DELTAXFER_ENCODER_THREADS, else all cores
+    converge: str = "auto"           # auto: throttle the tree when rounds stall (throttle.py); off
 
 
 @dataclass
@@ -107,6 +109,7 @@ class Report:
     downtime: float | None = None
     freeze: dict = field(default_factory=dict)
     total_seconds: float = 0.0
+    converge: dict = field(default_factory=dict)   # auto-converge: levels and time throttled
     cpu_seconds: float = 0.0
     wire_bytes_sent: int = 0
     destination_path: str | None = None
@@ -132,7 +135,10 @@ class Agent:
         self.criu, self.opts = criu, opts
         self.session = opts.session or f"migrate-{socket.gethostname()}-{pid}-{int(time.time())}"
         self.report = Report(pid, f"{host}:{port}", self.session)
-        self.policy = Convergence(opts.downtime_target, opts.max_rounds)
+        self.policy = Convergence(opts.downtime_target, opts.max_rounds,
+                                  throttle_levels=THROTTLE_LEVELS if opts.converge == "auto"
+                                  else ())
+        self.throttle = Throttle()
         # the encoder threads; their window buffers live across rounds (no fresh memory
         # touched inside the freeze)
         self.pipeline = Pipeline(opts.encoder_threads)
@@ -203,6 +209,12 @@ class Agent:
                              t_read - last_read if last_read else float("inf"))
             last_read = t_read
             d = self.policy.observe(m)
+            if d.throttle and not d.stop:
+                # auto-converge: slow the tree (its current tasks) one step more
+                try:
+                    self.throttle.set(d.throttle, [t.host_pid for t in tasks])
+                except ThrottleError as e:
+                    raise MigrationError(f"auto-converge: {e}") from None
             rec = {"round": self.round_no, "live": True, "pages": rs.pages, "changed": changed,
                    "sent_full": c["sent_full"], "sent_xor": c["sent_xor"],
                    "sent_zero": c["sent_zero"], "removed": rs.removed,
@@ -216,7 +228,7 @@ class Agent:
                                       / 1e6),
                    "dirty_MBps": d.dirty_pages_per_s * PAGE_SIZE / 1e6,
                    "predicted_downtime": round(d.predicted_downtime, 6),
-                   "decision": d.reason}
+                   "decision": d.reason, "throttle": d.throttle}
             self.report.rounds.append(rec)
             if self.opts.progress:
                 self.opts.progress(progress_line(rec))
@@ -478,6 +490,9 @@ class Agent:
             self.start_tracking()
             await self.begin_session()
             await self.live_rounds()
+            # the freeze must find every task running: a task stopped by the duty cycle
+            # would be dumped, and restored, stopped
+            self.throttle.release()
             self.choose_freeze()
             rc = await self.freeze_and_push()
             if rc == 0 and self.confirmed:
@@ -518,6 +533,8 @@ class Agent:
             if self.conn is not None:
                 self.report.wire_bytes_sent = self.conn.stats["bytes_out"]
                 self.conn.close()
+            self.throttle.release()     # on every exit path (the guardian also on our death)
+            self.report.converge = {"mode": self.opts.converge, **self.throttle.summary()}
             self.pipeline.close()
             if self.tracking is not None:
                 # releases the write-protection: the source (if it runs on) is as before
