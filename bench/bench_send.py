@@ -259,7 +259,7 @@ s.shutdown(socket.SHUT_WR); s.recv(1); s.close()
 
 @pytest.fixture(scope="module")
 def lab():
-    from deltaxfer.lab import TwoHosts
+    from lab import TwoHosts  # tests/lab.py
 
     with TwoHosts(rate=SHAPED_RATE) as lab:
         yield lab

@@ -7,7 +7,7 @@ running argv in that host's network namespace):
 
 * ``lo``: one private network namespace with only its loopback up; both sides run in it
   and talk over 127.0.0.1.
-* ``veth``: ``deltaxfer.lab.TwoHosts()``, two namespaces joined by an unshaped veth pair.
+* ``veth``: ``TwoHosts (tests/lab.py)()``, two namespaces joined by an unshaped veth pair.
 * ``1gbit`` / ``10gbit``: the same, shaped with ``tc ... tbf rate R burst 1mb latency
   50ms`` on both ends.
 
@@ -78,10 +78,10 @@ class Loopback:
 
 
 class Veth:
-    """deltaxfer.lab.TwoHosts, shaped to `rate` (tbf) or not."""
+    """TwoHosts (tests/lab.py), shaped to `rate` (tbf) or not."""
 
     def __init__(self, rate: str | None):
-        from deltaxfer.lab import TwoHosts
+        from lab import TwoHosts  # tests/lab.py
 
         self.kind = rate or "veth"
         self._lab = TwoHosts(rate=rate)

@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 import workloads  # noqa: E402  (the self-checking workloads of the test suite)
 
 from deltaxfer.criu.runner import CriuError, find_criu  # noqa: E402
-from deltaxfer.lab import TwoHosts  # noqa: E402
+from lab import TwoHosts  # noqa: E402  (tests/lab.py)
 
 PORT = 7411
 

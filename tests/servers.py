@@ -118,7 +118,7 @@ class Server:
 
 class ServeProcess:
     """`deltaxfer serve` on any address — optionally inside a network namespace of
-    deltaxfer.lab (``prefix=host.command([])``) — on a port it picks, logging to a file
+    tests/lab.py (``prefix=host.command([])``) — on a port it picks, logging to a file
     beside its directory; ``stop()`` also removes the directory (the benchmarks' server)."""
 
     def __init__(self, directory: Path, key_file: str, *, host: str = "127.0.0.1",

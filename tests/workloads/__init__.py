@@ -24,7 +24,8 @@ Kinds: "memwork" (private anon memory, mixed page kinds, optional dirtying),
 CPython heap of small objects, optional mutation).  Each runs as
 ``unshare --pid --fork setsid PROGRAM`` so it is PID 1 of its own PID
 namespace: CRIU can then restore a copy while the frozen original still exists
-(see DESIGN.md, "Two hosts on one machine").
+(the copy's PIDs are those of a new PID namespace, so they cannot collide with the
+original's).
 """
 
 from __future__ import annotations
@@ -376,7 +377,7 @@ def start(kind: str, *, tmpdir, mib: float = 64, objects: int = 10000,
     pyheap:  `objects` Python objects, `mutate_per_s` replaced per second.
     The result file lives in `tmpdir`. `prefix` runs it through another command that
     execs its arguments, e.g. `nsenter --net=/run/netns/NAME --` to start it in a host
-    of deltaxfer.lab."""
+    of tests/lab.py."""
     if kind not in KINDS:
         raise ValueError(f"unknown workload kind {kind!r}; expected one of {KINDS}")
     if dirty_mib_per_s and kind != "memwork":

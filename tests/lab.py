@@ -1,9 +1,11 @@
 """Two hosts on one machine: network namespaces joined by a veth pair, optionally
-shaped with `tc ... tbf`. Used by the demo, the tests and the benchmarks.
+shaped with `tc ... tbf`. A test rig, not part of the package: used by the demo
+(scripts/demo.py), the benchmarks (bench/) and scripts/soak.py, which put tests/ on
+sys.path and ``from lab import TwoHosts``.
 
 Processes are put into a host with ``nsenter --net=/run/netns/NAME`` — only the network
-namespace: `ip netns exec` would also give them a new mount namespace, which CRIU then
-refuses to dump (DESIGN.md).
+namespace: `ip netns exec` would also give them a mount namespace of their own, which
+CRIU then dumps too and here refuses to (docs/OPERATIONS.md, section 6).
 """
 from __future__ import annotations
 
