@@ -7,7 +7,7 @@ APT_PACKAGES := gcc make pkg-config liblz4-dev libxxhash-dev iproute2 util-linux
 CORE_SOURCES := $(wildcard ext/*.pyx ext/*.pxd ext/*.pxi ext/c/*.c ext/c/*.h) setup.py
 PYTEST_ARGS ?=
 
-.PHONY: all deps criu runc venv build test demo bench bench-compare bench-migrate bench-deps fuzz clean distclean
+.PHONY: all deps criu runc programs venv build test demo bench bench-compare bench-migrate bench-deps fuzz clean distclean
 
 all: build
 
@@ -44,6 +44,24 @@ runc: .local/.runc-ok
 	@runc --version >/dev/null
 	@touch $@
 
+# Real programs from Debian migrated by tests/test_real_programs.py (memcached on a unix
+# socket, nginx on a unix socket); numpy comes from PyPI through the test extra. No
+# service is started by the install (policy-rc.d, as bench-deps does).
+PROGRAMS_APT_PACKAGES := memcached nginx
+programs: .local/.programs-ok
+.local/.programs-ok: Makefile .local/.deps-ok
+	@missing=$$(for p in $(PROGRAMS_APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "programs: installing $$missing (no service is started: policy-rc.d)"; \
+		if [ "$$(id -u)" != 0 ]; then echo "programs: run as root to install: $$missing" >&2; exit 1; fi; \
+		own=; [ -e /usr/sbin/policy-rc.d ] || { printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; chmod 755 /usr/sbin/policy-rc.d; own=1; }; \
+		DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; rc=$$?; \
+		[ -z "$$own" ] || rm -f /usr/sbin/policy-rc.d; [ $$rc = 0 ] || exit $$rc; \
+	fi
+	@memcached -h >/dev/null && nginx -v 2>/dev/null
+	@touch $@
+
 venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml .local/.deps-ok
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "deltaxfer needs Python >= 3.11" or 0)'
@@ -58,7 +76,7 @@ $(VENV)/.core-built: $(VENV)/.installed $(CORE_SOURCES)
 	$(PY) setup.py -q build_ext --inplace
 	@touch $@
 
-test: deps criu runc build
+test: deps criu runc programs build
 	$(VENV)/bin/pytest -p no:cacheprovider --benchmark-disable $(PYTEST_ARGS)
 
 demo: deps criu build

@@ -1,6 +1,6 @@
 """The memory of a live (or frozen) process tree as memory images to send.
 
-Live rounds read the pages CRIU would dump of every process (procmem.criu_runs) with
+Live rounds read the pages CRIU would dump of every process (procmem.migrated_runs) with
 process_vm_readv while the process keeps running. The final round reads what a lazy
 `criu dump --lazy-pages` left in the frozen processes (pagemap entries flagged LAZY only)
 and takes the rest from the dump's pages files. Memory images are named like CRIU's
@@ -210,7 +210,7 @@ def snapshot_tree(tasks: list[Task], tracking: Tracking | None = None,
         try:
             # the scan comes before the reads (see tracking.ProcessTracker.protect)
             scan = tracking.scan(task.host_pid) if tracking is not None else None
-            run_v, run_l = procmem.criu_runs(task.host_pid)
+            run_v, run_l = procmem.migrated_runs(task.host_pid)
         except (ProcessLookupError, OSError) as e:
             if task.host_pid == tasks[0].host_pid or not _alive(task.host_pid):
                 if task.host_pid == tasks[0].host_pid:
@@ -235,20 +235,21 @@ def snapshot_tree(tasks: list[Task], tracking: Tracking | None = None,
 class _PagesInTasks:
     """A process's pagemap from a dump to deltaxfer's page sink (criu/sink.py): its pages
     were not kept — they are in the frozen task and are read from there. Entries in
-    private anonymous mappings are marked lazy, as a lazy dump marks them (the
-    destination's lazy restore serves them); the others (the vDSO, copied-on-write file
-    pages) stay present, restored before the task runs."""
+    the page set's lazy mappings (procmem.page_rule: private anonymous) are marked lazy,
+    as a lazy dump marks them (the destination's lazy restore serves them); the others
+    (the vDSO, copied-on-write file pages) stay present, restored before the task runs."""
 
     in_tasks = True
 
     def __init__(self, path: str, pid: int):
         pm = im.read_pagemap(path)
-        anon = [(v.start, v.end) for v in procmem.read_maps(pid)
-                if v.perms[3] == "p" and v.inode == 0 and not v.path.startswith("/")
-                and v.path not in procmem.SPECIAL_MAPPINGS]
+        anon = [(v.start, v.end) for v, r in procmem.page_set_vmas(procmem.read_maps(pid))
+                if r.lazy]
+        anon_starts = [a for a, _ in anon]      # ascending (maps order): one bisect each
 
         def lazy_ok(e):
-            return any(a <= e.vaddr and e.end <= b for a, b in anon)
+            k = bisect_right(anon_starts, e.vaddr) - 1
+            return k >= 0 and e.end <= anon[k][1]
 
         self.pagemap = im.Pagemap(pm.pages_id, [
             im.PagemapEntry(e.vaddr, e.nr_pages, e.flags | im.PE_LAZY)

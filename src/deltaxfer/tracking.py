@@ -98,8 +98,10 @@ def _syscall_ip(pid: int, maps: list[procmem.Vma]) -> int:
 
 
 def eligible(v: procmem.Vma) -> bool:
-    """The VMAs whose pages CRIU dumps as private memory (what the live rounds read)."""
-    return v.perms[3] == "p" and v.perms[0] == "r" and v.path not in procmem.SPECIAL_MAPPINGS
+    """The VMAs tracked: those of the page set (procmem.page_rule, what the live rounds
+    read) that userfaultfd can watch — all but the vDSO, whose few pages are read every
+    round. PROT_NONE ones included: their pages are in the page set too."""
+    return procmem.page_rule(v).trackable
 
 
 @dataclass

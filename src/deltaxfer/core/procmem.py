@@ -97,28 +97,111 @@ def zero_page_pfn() -> int:
 
 
 _ZERO_PFN: int | None = None
-_NOT_DUMPED = tuple(m for m in SPECIAL_MAPPINGS if m != "[vdso]")   # CRIU dumps the vDSO
 
 
-def criu_runs(pid: int, impl=native) -> tuple[array, array]:
-    """(run_vaddrs, run_lens) of the pages CRIU dumps as the process's private memory:
-    every present or swapped page of its private mappings, except pages of private file
-    mappings not yet copied-on-write and pages mapped to the shared zero page. A live
-    round over this set has the layout of the final dump's pagemap. PROT_NONE mappings
-    count (CRIU dumps their pages: guard pages, GC heaps); process_vm_readv cannot read
-    them, _core.read_pages reads them through /proc/PID/mem."""
-    vmas = [v for v in read_maps(pid) if v.perms[3] == "p" and v.path not in _NOT_DUMPED]
-    file_backed = bytes(1 if (v.inode or v.path.startswith("/")) else 0 for v in vmas)
+# --------------------------------------------------------------------------- the page set
+#
+# One definition of which pages move (docs/CORE.md, "The page set"): the pages CRIU dumps
+# as a process's private memory (its pagemap-N / pages-N images). The live rounds read
+# them (migrated_runs), written-page tracking watches the VMAs that hold them
+# (PageRule.trackable, tracking.eligible), and the page sink's freeze leaves the lazy
+# ones in the frozen tasks (PageRule.lazy, live._PagesInTasks).
+
+@dataclass(frozen=True)
+class PageRule:
+    """What happens to one VMA's pages, and why (CRIU's rule it mirrors)."""
+    moves: bool          # its pages are in the page set (CRIU's pagemap-N)
+    all_pages: bool      # every page, present or not (the vDSO) — else present/swapped ones
+    cow_only: bool       # a private file mapping: only pages copied on write
+    lazy: bool           # a lazy dump may leave its pages in the task (PE_LAZY)
+    trackable: bool      # userfaultfd write-protect can watch it
+    why: str
+
+
+_NOT_MOVED_SPECIAL = {
+    "[vvar]": "the kernel's vDSO data: CRIU never dumps it (VMA_AREA_VVAR), the "
+              "restored task gets the kernel's own",
+    "[vvar_vclock]": "the kernel's vDSO clock data: as [vvar]",
+    "[vsyscall]": "above the task size, provided by the kernel (VMA_AREA_VSYSCALL)",
+    "[uprobes]": "the kernel's uprobe trampolines (xol area), not the process's memory",
+}
+
+
+def page_rule(v: Vma) -> PageRule:
+    """The page set's rule for one VMA of /proc/PID/maps (CRIU: vma_area_is_private,
+    should_dump_page, vma_entry_can_be_lazy)."""
+    if v.path in _NOT_MOVED_SPECIAL:
+        return PageRule(False, False, False, False, False, _NOT_MOVED_SPECIAL[v.path])
+    if v.perms[3] != "p":
+        return PageRule(False, False, False, False, False,
+                        "shared: CRIU dumps anonymous, memfd and SysV shared memory once "
+                        "through its shmem/memfd/IPC images (not per process); a shared "
+                        "file mapping's pages are the file's")
+    if v.path == "[vdso]":
+        return PageRule(True, True, False, False, False,
+                        "the vDSO: CRIU dumps every page of it (should_dump_entire_vma), "
+                        "not lazily; userfaultfd cannot watch a special mapping")
+    if v.inode or v.path.startswith("/"):
+        return PageRule(True, False, True, False, True,
+                        "private file mapping (also memfd, hugetlbfs): CRIU dumps the pages "
+                        "copied on write, not those still the file's (PME_FILE)")
+    return PageRule(True, False, False, True, True,
+                    "private anonymous (heap, stacks, mmaps, PROT_NONE included): every "
+                    "present or swapped page not mapped to the zero page")
+
+
+def page_set_vmas(maps: list[Vma]) -> list[tuple[Vma, PageRule]]:
+    """The VMAs whose pages move, with their rule, ascending."""
+    out = []
+    for v in maps:
+        r = page_rule(v)
+        if r.moves:
+            out.append((v, r))
+    return out
+
+
+def _add_range(run_v: array, run_l: array, start: int, end: int) -> tuple[array, array]:
+    """The runs with [start, end) added (runs stay ascending and maximal)."""
+    from bisect import bisect_left, bisect_right
+    ends = [a + n for a, n in zip(run_v, run_l)]
+    lo = bisect_left(ends, start)           # first run ending at or after start
+    hi = bisect_right(run_v, end)           # runs starting at or before end
+    if lo < hi:
+        start = min(start, run_v[lo])
+        end = max(end, ends[hi - 1])
+    nv = run_v[:lo] + array("Q", [start]) + run_v[hi:]
+    nl = run_l[:lo] + array("Q", [end - start]) + run_l[hi:]
+    return nv, nl
+
+
+def migrated_runs(pid: int, impl=native, maps: list[Vma] | None = None) -> tuple[array, array]:
+    """(run_vaddrs, run_lens) of the page set of pid: the pages CRIU dumps as the
+    process's private memory (page_rule per VMA). A live round over this set has the
+    layout of the final dump's pagemap. PROT_NONE pages count (process_vm_readv cannot
+    read them; _core.read_pages reads them through /proc/PID/mem)."""
+    if maps is None:
+        maps = read_maps(pid)
+    chosen = page_set_vmas(maps)
     try:
         fd = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY)
     except FileNotFoundError:
         raise ProcessLookupError(f"process {pid} no longer exists") from None
     try:
-        return impl.pagemap_runs(fd, array("Q", [v.start for v in vmas]),
-                                 array("Q", [v.end for v in vmas]), file_backed,
-                                 zero_page_pfn())
+        run_v, run_l = impl.pagemap_runs(
+            fd, array("Q", [v.start for v, _ in chosen]),
+            array("Q", [v.end for v, _ in chosen]),
+            bytes(1 if r.cow_only else 0 for _, r in chosen), zero_page_pfn())
     finally:
         os.close(fd)
+    for v, r in chosen:
+        if r.all_pages:
+            run_v, run_l = _add_range(run_v, run_l, v.start, v.end)
+    return run_v, run_l
+
+
+def criu_runs(pid: int, impl=native) -> tuple[array, array]:
+    """The page set of pid (migrated_runs), under its historical name."""
+    return migrated_runs(pid, impl=impl)
 
 
 @dataclass(frozen=True)
