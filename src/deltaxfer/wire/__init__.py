@@ -15,7 +15,8 @@ from .control import SCHEMAS, decode_control, encode_control, parse_control, val
 from .framing import Decoder, Message, encode, encode_header
 from .handshake import (NONCE_SIZE, choose_version, client_proof, common_caps, new_nonce,
                         proof_matches, server_proof)
-from .messages import (BINARY_TYPES, CAPS, CONTROL_LIMIT, CONTROL_TYPES, FILE_DATA_LIMIT,
+from .messages import (BINARY_TYPES, CAPS, CONTROL_LIMIT, CONTROL_TYPES, DEFINED_CAPS,
+                       FILE_DATA_LIMIT, RUNC_CAP,
                        HANDSHAKE_TIMEOUT, HEADER_SIZE, LIMITS, MAGIC, MAX_FILE_SIZE, MAX_FILES,
                        MAX_IMAGES, PAGES_LIMIT, TABLE_LIMIT, VERSIONS, ErrorCode, MsgType,
                        ProtocolError)

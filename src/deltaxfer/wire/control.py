@@ -2,7 +2,8 @@
 
 A schema maps each required key to a checker ``(value, where) -> value`` that raises
 ProtocolError saying which key of which message was wrong. Unknown keys are dropped, so
-minor additions stay compatible and the caller sees only what it knows.
+minor additions stay compatible and the caller sees only what it knows. OPTIONAL lists
+the keys a message may carry (checked when present, absent from the result otherwise).
 """
 import json
 import re
@@ -132,6 +133,13 @@ SCHEMAS: dict[MsgType, dict] = {
 }
 assert set(SCHEMAS) == CONTROL_TYPES
 
+# Keys added after version 1's first form: old peers drop them, so a sender must learn
+# first (a capability) that the receiver understands them.
+OPTIONAL: dict[MsgType, dict] = {
+    # a runc container to restore (capability "runc"): its ID and bundle directory
+    MsgType.BEGIN: {"container": _obj({"id": _str, "bundle": _str})},
+}
+
 
 def _check_keys(schema, obj, where):
     out = {}
@@ -148,7 +156,11 @@ def validate_control(type: MsgType, obj) -> dict:
         raise ProtocolError(ErrorCode.BAD_TYPE, f"{type_name(type)} is not a control message")
     if not isinstance(obj, dict):
         _bad(type_name(type), "a JSON object", obj)
-    return _check_keys(SCHEMAS[type], obj, type_name(type))
+    out = _check_keys(SCHEMAS[type], obj, type_name(type))
+    for key, check in OPTIONAL.get(type, {}).items():
+        if key in obj:
+            out[key] = check(obj[key], f"{type_name(type)}.{key}")
+    return out
 
 
 def encode_control(type: MsgType, obj: dict) -> bytes:

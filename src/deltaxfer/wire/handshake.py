@@ -14,7 +14,7 @@ import hashlib
 import hmac
 import secrets
 
-from .messages import CAPS, PROTOCOL_NAME, VERSIONS, ErrorCode, ProtocolError
+from .messages import CAPS, DEFINED_CAPS, PROTOCOL_NAME, VERSIONS, ErrorCode, ProtocolError
 
 NONCE_SIZE = 32
 BINDING_SIZE = 32                # SHA-256 of the server certificate; b"" without TLS
@@ -77,7 +77,7 @@ def choose_version(offered, supported=VERSIONS) -> int:
 
 def common_caps(ours, theirs) -> list[str]:
     """The capabilities both sides list (only those version 1 defines), sorted."""
-    return sorted(set(ours) & set(theirs) & set(CAPS))
+    return sorted(set(ours) & set(theirs) & set(DEFINED_CAPS))
 
 
 def hello(nonce_c: bytes, caps=CAPS, software: str = "", versions=VERSIONS) -> dict:

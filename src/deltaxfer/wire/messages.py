@@ -3,7 +3,9 @@ from enum import IntEnum, StrEnum
 
 PROTOCOL_NAME = "deltaxfer"
 VERSIONS = (1,)                       # the protocol versions this implementation speaks
-CAPS = ("lz4", "xor", "tls")          # the capabilities version 1 defines
+CAPS = ("lz4", "xor", "tls")          # the capabilities version 1 defines, offered by default
+RUNC_CAP = "runc"   # offered by a receiver that restores runc containers (serve --runc-root)
+DEFINED_CAPS = CAPS + (RUNC_CAP,)
 
 MAGIC = b"\xd8X"
 HEADER_SIZE = 24
