@@ -170,15 +170,17 @@ class Receiver:
                     elif t == MsgType.ROUND_END:
                         self._need(rnd, "ROUND_END")
                         done = await loop.run_in_executor(worker, rnd.finish)
-                        if begin["mode"] == "migrate" and not final_round:
-                            # a live round: its writes go to disk before it is confirmed, so
-                            # that the final round's layout edit finds nothing to write out
-                            # (see Session.flush_held)
-                            await loop.run_in_executor(worker, session.flush_held)
                         rnd = None
                         await conn.send_control(MsgType.ROUND_OK, {
                             "round": done["round"], "pages": done["pages"],
                             "bytes": conn.stats["bytes_in"]})
+                        if begin["mode"] == "migrate" and not final_round:
+                            # a live round's writes go to disk after it is confirmed, so that
+                            # the final round's layout edit finds nothing to write out (see
+                            # Session.flush_held); queued on the session's one worker thread,
+                            # not awaited: the writeback overlaps the source's next round,
+                            # and whatever the worker does next waits for it
+                            loop.run_in_executor(worker, session.flush_held)
                         log.info("%s: session %s round %d complete: %d pages held", peer, name,
                                  done["round"], done["pages"])
                     elif t == MsgType.FILE:
