@@ -515,3 +515,24 @@ def test_unauthenticated_error_text_is_logged_as_a_short_repr(loop_kind, caplog)
     assert len(lines) == 1, caplog.text
     assert "\n" not in lines[0] and len(lines[0]) < 600
     assert r"\n2026-01-01" in lines[0] and f"({len(forged)} characters)" in lines[0]
+
+
+def test_decoder_of_an_unauthenticated_peer_is_small_until_it_authenticates():
+    """Issue 15 item 5: a peer that has not proved the key gets the smallest linear
+    buffer (header + one small payload), grown to the full one after authentication,
+    with the bytes already received kept in order."""
+    from deltaxfer.wire import HEADER_SIZE, MsgType, encode
+    from deltaxfer.wire.framing import LINEAR_CAPACITY, SMALL_PAYLOAD, Decoder
+
+    d = Decoder(HEADER_SIZE + SMALL_PAYLOAD)
+    assert d.capacity == HEADER_SIZE + SMALL_PAYLOAD < LINEAR_CAPACITY
+    a = encode(MsgType.HELLO, b"{}", 0)
+    b = encode(MsgType.AUTH, b'{"x": 1}', 1)
+    got = d.feed(a + b[:10])                 # a frame and a part of the next one pending
+    assert [m.type for m in got] == [MsgType.HELLO]
+    d.grow()
+    assert d.capacity >= LINEAR_CAPACITY
+    got = d.feed(b[10:])
+    assert [(m.type, bytes(m.payload)) for m in got] == [(MsgType.AUTH, b'{"x": 1}')]
+    with pytest.raises(ValueError):
+        Decoder(1024)

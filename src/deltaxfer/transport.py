@@ -28,6 +28,7 @@ from .wire import (CAPS, HANDSHAKE_TIMEOUT, HEADER_SIZE, LIMITS, VERSIONS, Decod
                    MsgType, ProtocolError, choose_version, decode_control, encode_control,
                    encode_header)
 from .wire import handshake as hs
+from .wire.framing import SMALL_PAYLOAD
 from .keys import INSECURE_KEY, loopback_peer_uid
 
 log = logging.getLogger("deltaxfer.transport")
@@ -175,7 +176,8 @@ class _FrameProtocol(asyncio.BufferedProtocol):
     @property
     def decoder(self) -> Decoder:
         if self._decoder is None:
-            self._decoder = Decoder()
+            # until the peer authenticated, frames are small: the smallest linear buffer
+            self._decoder = Decoder(HEADER_SIZE + SMALL_PAYLOAD) if self._pre_auth else Decoder()
             self._decoder.max_payload = PRE_AUTH_PAYLOAD if self._pre_auth else None
         return self._decoder
 
@@ -245,6 +247,7 @@ class _FrameProtocol(asyncio.BufferedProtocol):
         self._pre_auth = False
         if self._decoder is not None:
             self._decoder.max_payload = None
+            self._decoder.grow()
         sock = self.transport.get_extra_info("socket") if self.transport is not None else None
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):

@@ -104,8 +104,10 @@ class Decoder:
 
     _HEADER, _PAYLOAD, _DIRECT, _FAILED = range(4)
 
-    def __init__(self):
-        self._buf = bytearray(LINEAR_CAPACITY)
+    def __init__(self, capacity: int = LINEAR_CAPACITY):
+        if capacity < HEADER_SIZE + SMALL_PAYLOAD:
+            raise ValueError(f"a decoder needs at least {HEADER_SIZE + SMALL_PAYLOAD} bytes")
+        self._buf = bytearray(capacity)
         self._view = memoryview(self._buf)
         self._start = 0              # first unparsed byte in _buf
         self._end = 0                # end of received bytes in _buf
@@ -125,6 +127,18 @@ class Decoder:
         # a lower payload limit for every type, set by the transport until the peer has
         # authenticated: a peer without the key cannot make us reserve a big buffer
         self.max_payload: int | None = None
+
+    def grow(self, capacity: int = LINEAR_CAPACITY) -> None:
+        """A larger linear buffer, the bytes not yet parsed moved into it (the transport
+        starts a peer that has not authenticated on the smallest one). Only between two
+        buffer_updated() calls: no view from get_buffer() may be outstanding."""
+        if capacity <= len(self._buf):
+            return
+        pending = self._end - self._start
+        buf = bytearray(capacity)
+        buf[:pending] = self._buf[self._start:self._end]
+        self._buf, self._view = buf, memoryview(buf)
+        self._start, self._end = 0, pending
 
     # -- introspection (tests, counters) ---------------------------------------------------
     @property
