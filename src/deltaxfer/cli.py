@@ -39,7 +39,7 @@ def cmd_inspect(args) -> int:
 def cmd_diff(args) -> int:
     from deltaxfer.inspection import diff_dumps, render_diff
 
-    _emit(args, diff_dumps(args.old, args.new), render_diff)
+    _emit(args, diff_dumps(args.old, args.new, exact=args.exact), render_diff)
     return 0
 
 
@@ -222,6 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "and what a delta transfer would send")
     p.add_argument("old", help="earlier CRIU image directory")
     p.add_argument("new", help="later CRIU image directory")
+    p.add_argument("--exact", action="store_true", help="compress every page for the whole-"
+                   "image transfer size (default: estimated from a sample, with its error)")
     _json_flag(p)
     p.set_defaults(func=cmd_diff)
 
