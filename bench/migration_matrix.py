@@ -13,6 +13,9 @@
 * ``smoke``: tiny sizes, every method on every link, every workload; one repetition.
 * ``ci``: what ``make test`` runs (``--benchmark-disable``): a 32 MiB memwork over the
   1 Gbit/s link, deltaxfer and page-server, nothing written.
+* ``wirespeed``: issue 12's cells (1 GiB against page-server on loopback, 1 and 10
+  Gbit/s; 4 GiB at 1 Gbit/s) and deltaxfer's freeze beside CRIU's lazy floor at 256 MiB,
+  1 and 4 GiB on loopback; 2 repetitions.
 * ``full``: the cross product, memwork {256M, 1G, 4G} x {0, 10, 100} MiB/s x 4 links x
   6 methods, plus pyheap and redis on every link (hours here).
 * otherwise a comma list of ``WORKLOAD@LINK`` (all methods) or
@@ -80,8 +83,16 @@ CI = "mem32M-d10@1gbit:deltaxfer+page-server"
 FULL = _join([(f"mem{s}-d{d}", link, ALL) for s in ("256M", "1G", "4G") for d in (0, 10, 100)
               for link in LINK_ORDER]
              + [(w, link, ALL) for w in ("pyheap", "redis") for link in LINK_ORDER])
-NAMED = {"default": DEFAULT, "smoke": SMOKE, "ci": CI, "full": FULL}
-REPS = {"default": 3, "smoke": 1, "ci": 1, "full": 3}
+# issue 12 (every round at wire speed) and issue 17's floor, in one run: the 1 GiB
+# workload against CRIU's page-server on loopback and the shaped links, 4 GiB at 1 Gbit/s,
+# and deltaxfer's freeze beside CRIU's own lazy floor at 256 MiB, 1 and 4 GiB
+WIRESPEED = _join(
+    [("mem1G-d10", "lo", ("deltaxfer", "page-server", "lazy-floor"))]
+    + [("mem1G-d10", link, DX_PS) for link in ("1gbit", "10gbit")]
+    + [("mem4G-d10", "1gbit", DX_PS)]
+    + [(f"mem{s}-d10", "lo", ("deltaxfer", "lazy-floor")) for s in ("256M", "4G")])
+NAMED = {"default": DEFAULT, "smoke": SMOKE, "ci": CI, "full": FULL, "wirespeed": WIRESPEED}
+REPS = {"default": 3, "smoke": 1, "ci": 1, "full": 3, "wirespeed": 2}
 
 
 def select(name: str) -> tuple[list, int]:
