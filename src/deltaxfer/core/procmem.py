@@ -191,12 +191,82 @@ def migrated_runs(pid: int, impl=native, maps: list[Vma] | None = None) -> tuple
             fd, array("Q", [v.start for v, _ in chosen]),
             array("Q", [v.end for v, _ in chosen]),
             bytes(1 if r.cow_only else 0 for _, r in chosen), zero_page_pfn())
+        if run_v and (hz := huge_zero_pfn()):
+            run_v, run_l = _drop_huge_zero(fd, run_v, run_l, hz)
     finally:
         os.close(fd)
     for v, r in chosen:
         if r.all_pages:
             run_v, run_l = _add_range(run_v, run_l, v.start, v.end)
     return run_v, run_l
+
+
+HUGE = 2 * 1024 * 1024      # a PMD-mapped transparent huge page (x86-64)
+
+
+def huge_zero_pfn() -> int:
+    """The first page frame of the kernel's huge zero page (what a read fault maps in a
+    2 MiB-aligned range of a transparent-huge-page mapping), found by faulting one in;
+    0 when THP or its zero page is off, or frames are hidden. Not cached: the kernel
+    frees the huge zero page when nobody maps it and may allocate it elsewhere later
+    (while the process looked at maps it, it is the same one)."""
+    import ctypes
+    import mmap
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/use_zero_page") as f:
+            if f.read().strip() != "1":
+                return 0
+    except OSError:
+        return 0
+    m = mmap.mmap(-1, 2 * HUGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        probe = ctypes.c_char.from_buffer(m)
+        base = ctypes.addressof(probe)
+        addr = (base + HUGE - 1) // HUGE * HUGE
+        try:
+            m.madvise(mmap.MADV_HUGEPAGE, addr - base, HUGE)
+        except (AttributeError, OSError):
+            del probe
+            return 0
+        _ = m[addr - base]          # a read fault: the huge zero page when THP allows
+        with open("/proc/self/pagemap", "rb") as f:
+            f.seek(addr // PAGE_SIZE * 8)
+            entry = int.from_bytes(f.read(8), "little")
+        del probe
+    finally:
+        m.close()
+    pfn = entry & ((1 << 55) - 1) if entry & (1 << 63) else 0
+    # a huge page starts on a 512-frame boundary; the small zero page is not one
+    return pfn if pfn and pfn % (HUGE // PAGE_SIZE) == 0 and pfn != zero_page_pfn() else 0
+
+
+def _drop_huge_zero(fd: int, run_v: array, run_l: array, hz: int) -> tuple[array, array]:
+    """The runs less the 2 MiB chunks mapped to the huge zero page (each chunk's first
+    pagemap entry tells: a PMD maps the whole chunk to hz..hz+511)."""
+    drop = []
+    for a, n in zip(run_v, run_l):
+        c = (a + HUGE - 1) // HUGE * HUGE
+        while c + HUGE <= a + n:
+            e = int.from_bytes(os.pread(fd, 8, c // PAGE_SIZE * 8), "little")
+            if e & (1 << 63) and e & ((1 << 55) - 1) == hz:
+                drop.append(c)
+            c += HUGE
+    if not drop:
+        return run_v, run_l
+    nv, nl = array("Q"), array("Q")
+    k = 0
+    for a, n in zip(run_v, run_l):
+        end = a + n
+        while k < len(drop) and drop[k] < end:
+            if drop[k] > a:
+                nv.append(a)
+                nl.append(drop[k] - a)
+            a = drop[k] + HUGE
+            k += 1
+        if a < end:
+            nv.append(a)
+            nl.append(end - a)
+    return nv, nl
 
 
 def criu_runs(pid: int, impl=native) -> tuple[array, array]:
