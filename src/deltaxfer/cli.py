@@ -72,6 +72,8 @@ def cmd_serve(args) -> int:
     tls = server_tls(args.tls_cert, args.tls_key)
     os.umask(0o077)     # every file the receiver (and its criu) creates is private
     criu = find_criu(args.criu) if args.restore else None
+    if args.runc_root and not args.restore:
+        raise ConfigError("--runc-root restores containers: give --restore too")
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s deltaxfer serve: %(message)s")
 
@@ -89,7 +91,7 @@ def cmd_serve(args) -> int:
                 max_connections=args.max_connections, on_commit=on_commit,
                 lazy_restore=not args.no_lazy_restore, insecure=args.insecure,
                 parent_linked_final=args.parent_linked_final,
-                idle_timeout=args.idle_timeout or None)
+                idle_timeout=args.idle_timeout or None, runc_root=args.runc_root)
         except StoreError as e:
             raise ConfigError(f"--dir {args.dir}: {e.reason}") from None
         addrs = ", ".join(f"{s.getsockname()[0]}:{s.getsockname()[1]}" for s in server.sockets)
@@ -144,7 +146,31 @@ def cmd_migrate(args) -> int:
                    tracking=args.tracking, freeze=args.freeze, converge=args.converge,
                    ssl=client_tls(args.tls_ca, args.tls_server_name, args.tls_pin),
                    progress=progress if (tty or args.progress) else None)
+    if args.runc is not None or args.pid is None:
+        return _migrate_container(args, host, port, key, criu, opts)
     report = transport.run(migrate(args.pid, host, port, key, criu, opts), loop=args.loop).as_dict()
+    if args.report:
+        with open(args.report, "w") as f:
+            json.dump(report, f, indent=2)
+    _emit(args, report, render_migration)
+    return 0 if report["outcome"] == "migrated" else 1
+
+
+def _migrate_container(args, host, port, key, criu, opts) -> int:
+    """`migrate --runc ID [--runc-root DIR]`: a runc container (docs/CONTAINERS.md)."""
+    from deltaxfer import transport
+    from deltaxfer.keys import ConfigError
+    from deltaxfer.migrate_runc import migrate_container
+    from deltaxfer.runc import DEFAULT_ROOT
+    if args.runc is None:
+        raise ConfigError("give the PID of the process tree to migrate, or --runc ID for a "
+                          "runc container")
+    if args.pid is not None:
+        raise ConfigError(f"--runc {args.runc} migrates the container's own process tree: "
+                          f"leave out the PID ({args.pid})")
+    report = transport.run(migrate_container(args.runc, args.runc_root or DEFAULT_ROOT, host,
+                                             port, key, criu, opts, dest_id=args.runc_dest_id),
+                           loop=args.loop).as_dict()
     if args.report:
         with open(args.report, "w") as f:
             json.dump(report, f, indent=2)
@@ -154,6 +180,10 @@ def cmd_migrate(args) -> int:
 
 def render_migration(r: dict) -> str:
     lines = [f"deltaxfer migrate pid {r['pid']} -> {r['to']}: {r['outcome']}"]
+    if r.get("container"):
+        c = r["container"]
+        lines[0] = (f"deltaxfer migrate runc container {c['id']} (root {c['root']}) -> "
+                    f"{r['to']}: {r['outcome']}")
     if r["error"]:
         lines.append(f"  cause: {r['error']}")
     live = [x for x in r["rounds"] if x.get("live")]
@@ -248,6 +278,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--restore", action="store_true",
                    help="allow senders to ask for `criu restore` of what they sent")
     p.add_argument("--criu", metavar="PATH", help="criu binary for --restore")
+    p.add_argument("--runc-root", metavar="DIR",
+                   help="with --restore: restore runc containers that senders migrate "
+                        "(`deltaxfer migrate --runc`) with `runc restore` under this runc "
+                        "root, from the bundle path they name (it must exist here, owned "
+                        "by root, not writable by others)")
     p.add_argument("--no-lazy-restore", action="store_true",
                    help="restore copying every page in before the process runs (default: "
                         "criu lazy-pages fills them from the local images on demand)")
@@ -297,7 +332,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_send)
 
     p = sub.add_parser("migrate", help="live-migrate a running process tree to a `deltaxfer serve`")
-    p.add_argument("pid", type=int, help="root of the process tree")
+    p.add_argument("pid", type=int, nargs="?", help="root of the process tree (not with --runc)")
+    p.add_argument("--runc", metavar="ID", help="migrate this runc container (its init and "
+                   "tree; `runc checkpoint` freezes it): the destination restores it with "
+                   "`runc restore` (serve --runc-root), from the same bundle path")
+    p.add_argument("--runc-root", metavar="DIR", help="the runc --root the container runs "
+                   "under (default /run/runc)")
+    p.add_argument("--runc-dest-id", metavar="ID", help="the container's ID at the "
+                   "destination (default: the same); another ID where both runc roots share "
+                   "a host, so that the copy gets its own cgroup")
     p.add_argument("--to", required=True, metavar="HOST:PORT")
     p.add_argument("--key-file", help="pre-shared key: >= 32 random bytes (head -c 32 "
                    "/dev/urandom > key), mode 0600, owned by root or you; required unless "

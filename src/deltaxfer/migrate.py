@@ -115,6 +115,7 @@ class Report:
     destination_path: str | None = None
     restored_pid: int | None = None
     tracking: dict = field(default_factory=dict)
+    container: dict = field(default_factory=dict)   # --runc: id, root, bundle (migrate_runc)
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)

@@ -33,7 +33,8 @@ __all__ = [
     "RuncError", "RuncNotFound", "ContainerNotFound", "NotARuncRoot", "Runc", "Container",
     "find_runc", "container", "criu_config_text", "write_criu_config", "checkpoint_env",
     "checkpoint_args", "restore_args", "kill_args", "delete_args", "DEFAULT_ROOT",
-    "CRIU_CONFIG_ANNOTATION", "RUNC_CONF",
+    "CRIU_CONFIG_ANNOTATION", "RUNC_CONF", "check_container_id", "check_bundle",
+    "loopback_port", "remove_container", "restore_container",
 ]
 
 DEFAULT_ROOT = "/run/runc"                 # runc's own default --root
@@ -329,3 +330,121 @@ def delete_args(runc: Runc | str, root: str, id: str, force: bool = False) -> li
     kills a still-running container first)."""
     path = runc.path if isinstance(runc, Runc) else runc
     return [path, "--root", root, "delete", *(["--force"] if force else []), id]
+
+
+# -- the destination: what `deltaxfer serve --runc-root` accepts and runs -------------------
+
+# runc's own rule for a container ID (libcontainer: `^[\w+-\.]+$`, not "." or "..")
+_ID_RE = re.compile(r"[\w+\-.]{1,1024}", re.ASCII)
+
+
+def check_container_id(id: str) -> str:
+    """The ID as runc accepts it; ValueError naming the rule otherwise."""
+    if not isinstance(id, str) or not _ID_RE.fullmatch(id) or id in (".", ".."):
+        raise ValueError(f"container ID {id!r} is not one runc accepts (1-1024 of letters, "
+                         "digits, '_', '+', '-', '.'; not '.' or '..')")
+    return id
+
+
+def check_bundle(path: str) -> str:
+    """A bundle path a sender may name for `runc restore`: absolute, an existing directory
+    (not a symbolic link) owned by root and not writable by others, every ancestor owned
+    by root and not writable by others (unless sticky), holding a regular config.json.
+    runc mounts its rootfs and applies its config.json as root: a bundle another user
+    could write would let that user choose what runs. ValueError says what is wrong."""
+    import stat as st_
+    if not isinstance(path, str) or not os.path.isabs(path) or "\0" in path:
+        raise ValueError(f"bundle path {path!r} is not an absolute path")
+    if os.path.normpath(path) != path:
+        raise ValueError(f"bundle path {path!r} is not in normal form (no '..', '//', "
+                         "trailing '/')")
+    parts = path.strip("/").split("/")
+    for i in range(len(parts) + 1):
+        p = "/" + "/".join(parts[:i])
+        try:
+            s = os.lstat(p)
+        except OSError as e:
+            raise ValueError(f"bundle {path}: {p} does not exist here ({e.strerror}); the "
+                             "bundle must be at the same path on both hosts (shared "
+                             "storage, or a copy made before the migration)") from None
+        if st_.S_ISLNK(s.st_mode):
+            raise ValueError(f"bundle {path}: {p} is a symbolic link; name the real path")
+        if not st_.S_ISDIR(s.st_mode):
+            raise ValueError(f"bundle {path}: {p} is not a directory")
+        last = i == len(parts)
+        if s.st_uid != 0:
+            raise ValueError(f"bundle {path}: {p} is owned by uid {s.st_uid}, not root: "
+                             "runc would run what that user put there as root")
+        if s.st_mode & 0o002 and (last or not s.st_mode & st_.S_ISVTX):
+            raise ValueError(f"bundle {path}: {p} is writable by others (mode "
+                             f"{s.st_mode & 0o7777:o}): `chmod o-w {p}`")
+    try:
+        c = os.lstat(os.path.join(path, "config.json"))
+    except OSError:
+        raise ValueError(f"bundle {path} has no config.json here: not a bundle, or not the "
+                         "same one as on the source") from None
+    if not st_.S_ISREG(c.st_mode) or c.st_uid != 0 or c.st_mode & 0o002:
+        raise ValueError(f"bundle {path}: config.json must be a regular file owned by root "
+                         "and not writable by others")
+    return path
+
+
+def loopback_port() -> int:
+    """A TCP port free on 127.0.0.1 now, for CRIU's lazy page server under runc (runc 1.1
+    cannot hand CRIU a socket). Another local process may bind it before CRIU does:
+    the residual race described in docs/CONTAINERS.md."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def remove_container(runc: Runc | str, root: str, id: str) -> None:
+    """`runc delete --force`: kills what is left of the container, drops its state and
+    cgroup. Quiet when there is no such container."""
+    subprocess.run(delete_args(runc, root, id, force=True), stdin=subprocess.DEVNULL,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
+
+
+def restore_container(runc: Runc, criu: str, root: str, id: str, image_path: str,
+                      bundle: str, work_path: str, *, stopped: bool = True,
+                      timeout: float = 600) -> int:
+    """`runc restore --detach` of `image_path` as container `id` under `root`; returns the
+    restored init's host PID. The container's stdio is /dev/null (runc re-connects the
+    stdio pipes recorded at checkpoint to its own stdin/stdout/stderr); runc's messages go
+    to work_path/runc.log. stopped: CRIU leaves the tasks stopped (`leave-stopped` in a
+    $CRIU_CONFIG_FILE): the caller sends SIGCONT once the source confirmed. On failure
+    whatever runc made of the container is deleted and RuncError says why."""
+    os.makedirs(work_path, mode=0o700, exist_ok=True)
+    conf = write_criu_config(os.path.join(work_path, "criu.conf"),
+                             criu_config_text(leave_stopped=stopped))
+    pid_file = os.path.join(work_path, "restored.pid")
+    log = os.path.join(work_path, "runc.log")
+    args = restore_args(runc, criu, root, id, image_path, bundle, work_path=work_path,
+                        pid_file=pid_file)
+    args[1:1] = ["--log", log]
+    env = checkpoint_env(conf, {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")})
+    with open(os.devnull, "r+b") as null:
+        try:
+            r = subprocess.run(args, stdin=null, stdout=null, stderr=null, env=env,
+                               timeout=timeout)
+            code = r.returncode
+        except subprocess.TimeoutExpired:
+            code = None
+    try:
+        if code == 0:
+            with open(pid_file) as f:
+                return int(f.read().strip())
+    except (OSError, ValueError):
+        pass
+    remove_container(runc, root, id)
+    try:
+        with open(log, errors="replace") as f:
+            msg = _runc_message(f.read())
+    except OSError:
+        msg = ""
+    from deltaxfer.criu.runner import log_errors
+    criu_msg = log_errors(os.path.join(work_path, "restore.log"))
+    what = f"exit {code}" if code is not None else f"not done within {timeout:.0f} s"
+    raise RuncError(f"runc restore of container {id} under {root} failed ({what}): "
+                    f"{msg or 'no message'}" + (f"; criu: {criu_msg}" if criu_msg else ""))

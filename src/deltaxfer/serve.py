@@ -15,7 +15,8 @@ import time
 from deltaxfer import transport
 from deltaxfer.criu.runner import CriuError
 from deltaxfer.store import Store, StoreError, image_digest
-from deltaxfer.wire import (MsgType, ProtocolError, decode_control, decode_pagemap,
+from deltaxfer.wire import (CAPS, RUNC_CAP, MsgType, ProtocolError, decode_control,
+                            decode_pagemap,
                             decode_pages, iter_held)
 
 log = logging.getLogger("deltaxfer.serve")
@@ -79,8 +80,11 @@ def _signal_tree(root: int, sig: int, start: int | None) -> int:
 
 class Receiver:
     def __init__(self, store: Store, *, criu=None, on_commit=None, lazy_restore: bool = True,
-                 parent_linked_final: bool = False, idle_timeout: float | None = IDLE_TIMEOUT):
+                 parent_linked_final: bool = False, idle_timeout: float | None = IDLE_TIMEOUT,
+                 runc_root: str | None = None, runc=None):
         self.store = store
+        # runc containers (serve --runc-root): restored under this runc root with `runc`
+        self.runc_root, self.runc = runc_root, runc
         self.idle_timeout = idle_timeout
         self.criu = criu
         self.lazy_restore = lazy_restore
@@ -96,8 +100,17 @@ class Receiver:
         if name in self.active:
             await conn.error("busy", f"session {name!r} is already receiving a transfer")
             return
+        container = begin.get("container")
+        if container is not None:
+            refused = self._check_container(begin, container)
+            if refused:
+                # before the session exists: nothing is left here
+                log.warning("%s: session %s refused: %s", peer, name, refused)
+                await conn.error("restore", refused)
+                return
         self.active.add(name)
         rnd = files = session = None
+        drop_session = False
         loop = asyncio.get_running_loop()
         # the session's disk work (applying frames, verifying, swapping rounds) runs on one
         # worker thread, in arrival order: each step is awaited before the next message is
@@ -201,7 +214,16 @@ class Receiver:
                         # a migration's copy is restored stopped and runs only once the
                         # source has confirmed (RESUME) that it will not resume itself
                         two_phase = begin["mode"] == "migrate"
-                        if body["restore"]:
+                        if body["restore"] and container is not None:
+                            session.mark_restoring()
+                            try:
+                                pid = await loop.run_in_executor(
+                                    None, self._restore_container, path, container, two_phase)
+                            except StoreError:
+                                drop_session = True   # nothing of this container stays here
+                                raise
+                            session.restored(pid if two_phase else None)
+                        elif body["restore"]:
                             session.mark_restoring()
                             pid = await loop.run_in_executor(None, self._restore, path,
                                                              two_phase)
@@ -210,8 +232,15 @@ class Receiver:
                         await conn.send_control(MsgType.COMMITTED, {"path": path,
                                                                     "restored_pid": pid})
                         if pid is not None and two_phase:
-                            await self._await_resume(conn, peer, name, pid,
-                                                     session.meta["restoring"].get("start"))
+                            try:
+                                await self._await_resume(conn, peer, name, pid,
+                                                         session.meta["restoring"].get("start"))
+                            except BaseException:
+                                if container is not None:   # the killed copy's runc state
+                                    drop_session = True
+                                    await loop.run_in_executor(None, self._drop_container,
+                                                               container)
+                                raise
                             session.restored(None)
                         seconds = time.monotonic() - t0
                         wire = conn.stats["bytes_in"]
@@ -248,6 +277,8 @@ class Receiver:
                     files.discard()
                 if session is not None and session.meta.get("restoring"):
                     session.restored(None)      # the copy is ours to watch (or gone) now
+                if drop_session:
+                    self._drop_session(name)
                 self.active.discard(name)
 
     @staticmethod
@@ -273,6 +304,51 @@ class Receiver:
                                         "names another process): nothing was resumed")
         await conn.send_control(MsgType.RESUMED, {"pid": pid})
         log.info("%s: session %s: the restored process %d runs", peer, name, pid)
+
+    def _check_container(self, begin: dict, container: dict) -> str | None:
+        """Why a session naming a runc container is refused, or None. runc runs as root
+        what the bundle says: only a bundle directory root owns and others cannot write,
+        only an ID runc accepts and that is not taken under our --runc-root."""
+        from deltaxfer import runc as rc
+        if self.runc_root is None or self.criu is None:
+            return ("this server does not restore runc containers: start it with "
+                    "`deltaxfer serve --restore --runc-root DIR`")
+        if begin["mode"] != "migrate":
+            return "a runc container is restored only by a migration (deltaxfer migrate --runc)"
+        try:
+            rc.check_container_id(container["id"])
+            rc.check_bundle(container["bundle"])
+        except ValueError as e:
+            return str(e)
+        if os.path.exists(os.path.join(self.runc_root, container["id"])):
+            return (f"a container {container['id']!r} already exists under runc root "
+                    f"{self.runc_root} here: delete it first (`runc --root {self.runc_root} "
+                    f"delete {container['id']}`)")
+        return None
+
+    def _restore_container(self, path: str, container: dict, stopped: bool) -> int:
+        from deltaxfer import runc as rc
+        # checked again: the bundle may have changed since BEGIN
+        try:
+            rc.check_bundle(container["bundle"])
+            return rc.restore_container(self.runc, self.criu.path, self.runc_root,
+                                        container["id"], path, container["bundle"],
+                                        os.path.join(path, "runc"), stopped=stopped)
+        except (ValueError, rc.RuncError) as e:
+            raise StoreError("restore", str(e)) from None
+
+    def _drop_container(self, container: dict) -> None:
+        from deltaxfer import runc as rc
+        rc.remove_container(self.runc, self.runc_root, container["id"])
+        log.warning("runc container %s under %s deleted (no RESUME from the source)",
+                    container["id"], self.runc_root)
+
+    def _drop_session(self, name: str) -> None:
+        from deltaxfer.sessions import remove_sessions
+        try:
+            remove_sessions(self.store.root, [name], force=True)
+        except OSError as e:
+            log.warning("session %s: could not remove it: %s", name, e)
 
     def _restore(self, path: str, stopped: bool = False) -> int:
         if self.criu is None:
@@ -308,15 +384,28 @@ async def serve(host: str, port: int, *, key: bytes, directory: str, ssl=None, c
                 max_sessions: int | None = None, max_connections: int = 8, on_commit=None,
                 lazy_restore: bool = True, parent_linked_final: bool = False,
                 insecure: bool = False,
-                idle_timeout: float | None = IDLE_TIMEOUT):
+                idle_timeout: float | None = IDLE_TIMEOUT, runc_root: str | None = None):
     """Start the receiver; returns the asyncio server (serve_forever it, or close it).
     ``insecure``: the key is the published one; peers are admitted by their local uid."""
     store = Store(directory, quota_bytes, session_quota_bytes=session_quota_bytes,
                   max_sessions=max_sessions)
+    runc = None
+    if runc_root is not None:
+        # runc containers: the "runc" capability is offered only with a runc root
+        from deltaxfer import runc as rc
+        from deltaxfer.keys import ConfigError
+        try:
+            runc = rc.find_runc()
+        except rc.RuncError as e:
+            raise ConfigError(f"--runc-root: {e}") from None
+        runc_root = os.path.abspath(runc_root)
+        os.makedirs(runc_root, mode=0o700, exist_ok=True)
     receiver = Receiver(store, criu=criu, on_commit=on_commit, lazy_restore=lazy_restore,
-                        parent_linked_final=parent_linked_final, idle_timeout=idle_timeout)
+                        parent_linked_final=parent_linked_final, idle_timeout=idle_timeout,
+                        runc_root=runc_root, runc=runc)
+    caps = list(CAPS) + ([RUNC_CAP] if runc is not None else [])
     return await transport.serve(host, port, key=key, handler=receiver.handle, ssl=ssl,
-                                 max_connections=max_connections,
+                                 max_connections=max_connections, caps=caps,
                                  admit=same_user_only if insecure else None)
 
 
