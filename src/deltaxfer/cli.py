@@ -19,6 +19,9 @@ def _emit(args, data: dict, render) -> None:
 def cmd_criu(args) -> int:
     from deltaxfer.criu.runner import find_criu
 
+    if args.install:    # Debian 13's criu in a private prefix (deltaxfer.criu.install)
+        from deltaxfer.criu.install import install
+        args.criu = args.criu or install(args.prefix)
     criu = find_criu(args.criu)
     info = {"path": criu.path, "version": criu.version_str, "found_by": criu.origin}
     if args.check:
@@ -240,6 +243,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--criu", metavar="PATH", help="criu binary (default: $DELTAXFER_CRIU, "
                    "the local prefix from `make criu`, then PATH)")
     p.add_argument("--check", action="store_true", help="also run `criu check`")
+    p.add_argument("--install", action="store_true", help="as root: unless a criu on PATH "
+                   "passes `criu check`, install Debian 13's criu privately under --prefix "
+                   "(apt-get download from the mirror of this machine's apt sources)")
+    p.add_argument("--prefix", metavar="DIR", help="where --install puts criu (default: "
+                   "$DELTAXFER_CRIU_PREFIX, else .local/criu of the checkout or beside the venv)")
     _json_flag(p)
     p.set_defaults(func=cmd_criu)
 
