@@ -110,6 +110,15 @@ bench-migrate: deps criu build bench-deps
 	DX_MATRIX=$(MATRIX) DX_MATRIX_OUT=docs $(if $(REPS),DX_MATRIX_REPS=$(REPS)) \
 		$(VENV)/bin/pytest -p no:cacheprovider bench/bench_migrate.py --benchmark-only -s $(PYTEST_ARGS)
 
+# The soak (scripts/soak.py): one memwork moved back and forth SOAK_N times between two
+# network namespaces joined by a veth (a serve --restore in each), its memory checked at
+# every hop; downtime p50/p90/p99/max and the failures. Not part of `make test`.
+SOAK_N ?= 50
+SOAK_MIB ?= 32
+.PHONY: soak
+soak: deps criu build
+	$(PY) scripts/soak.py --n $(SOAK_N) --mib $(SOAK_MIB)
+
 # Coverage-guided fuzzing (atheris) of the protocol decoder and the image parsers, from
 # the seed corpus in tests/fuzz_corpus/; not part of `make test` (see docs/SECURITY.md).
 FUZZ_RUNS ?= 600000

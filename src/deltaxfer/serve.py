@@ -81,8 +81,11 @@ def _signal_tree(root: int, sig: int, start: int | None) -> int:
 class Receiver:
     def __init__(self, store: Store, *, criu=None, on_commit=None, lazy_restore: bool = True,
                  parent_linked_final: bool = False, idle_timeout: float | None = IDLE_TIMEOUT,
-                 runc_root: str | None = None, runc=None):
+                 runc_root: str | None = None, runc=None,
+                 restore_opts=(), restore_config: str | None = None):
         self.store = store
+        # the operator's own `criu restore` options (serve --criu-restore-opt, --criu-config)
+        self.restore_opts, self.restore_config = list(restore_opts), restore_config
         # runc containers (serve --runc-root): restored under this runc root with `runc`
         self.runc_root, self.runc = runc_root, runc
         self.idle_timeout = idle_timeout
@@ -108,6 +111,15 @@ class Receiver:
                 log.warning("%s: session %s refused: %s", peer, name, refused)
                 await conn.error("restore", refused)
                 return
+        if begin.get("restore") and self.criu is None:
+            # refused now, not after every live round at COMMIT (an old client does not
+            # say, and is refused at COMMIT as before)
+            reason = ("this server does not restore (it was started without --restore): "
+                      "start `deltaxfer serve --restore` there, or migrate --no-restore to "
+                      "only store the images")
+            log.warning("%s: session %s refused: %s", peer, name, reason)
+            await conn.error("restore", reason)
+            return
         self.active.add(name)
         rnd = files = session = None
         drop_session = False
@@ -252,7 +264,9 @@ class Receiver:
                                  "(%.1f MB/s; pages %d full, %d xor-delta, %d zero); restorable "
                                  "images in %s%s", peer, name, wire / 2**20, seconds,
                                  report["wire_rate_MBps"], records["full"], records["xor"],
-                                 records["zero"], path, f", restored as pid {pid}" if pid else "")
+                                 records["zero"], path,
+                                 f", restored as pid {pid} (criu's log: "
+                                 f"{os.path.join(path, 'restore.log')})" if pid else "")
                         if self.on_commit:
                             self.on_commit(report)
                     else:
@@ -358,11 +372,19 @@ class Receiver:
         # parent-linked images are restored eagerly. Measured at 256 MiB: flat final round
         # + lazy restore ~0.6 s of the freeze, parent-linked + eager restore ~0.85 s.
         lazy = self.lazy_restore and not os.path.islink(os.path.join(path, "parent"))
+        log_path = os.path.join(path, "restore.log")
         try:
             return self.criu.restore(path, lazy=lazy,
-                                     extra=["--leave-stopped"] if stopped else [])
+                                     extra=["--leave-stopped"] if stopped else [],
+                                     user_opts=self.restore_opts, config=self.restore_config)
         except CriuError as e:
-            raise StoreError("restore", str(e)) from None
+            msg = str(e)
+            if log_path not in msg:
+                msg += f"; criu's log: {log_path}"
+            raise StoreError("restore", msg) from None
+        except (OSError, ValueError) as e:     # the pidfile: criu said 0 but wrote no pid
+            raise StoreError("restore", f"criu restore wrote no usable pid file "
+                                        f"({e}); criu's log: {log_path}") from None
 
 
 def same_user_only(tp) -> str | None:
@@ -384,7 +406,8 @@ async def serve(host: str, port: int, *, key: bytes, directory: str, ssl=None, c
                 max_sessions: int | None = None, max_connections: int = 8, on_commit=None,
                 lazy_restore: bool = True, parent_linked_final: bool = False,
                 insecure: bool = False,
-                idle_timeout: float | None = IDLE_TIMEOUT, runc_root: str | None = None):
+                idle_timeout: float | None = IDLE_TIMEOUT, runc_root: str | None = None,
+                restore_opts=(), restore_config: str | None = None):
     """Start the receiver; returns the asyncio server (serve_forever it, or close it).
     ``insecure``: the key is the published one; peers are admitted by their local uid."""
     store = Store(directory, quota_bytes, session_quota_bytes=session_quota_bytes,
@@ -402,7 +425,8 @@ async def serve(host: str, port: int, *, key: bytes, directory: str, ssl=None, c
         os.makedirs(runc_root, mode=0o700, exist_ok=True)
     receiver = Receiver(store, criu=criu, on_commit=on_commit, lazy_restore=lazy_restore,
                         parent_linked_final=parent_linked_final, idle_timeout=idle_timeout,
-                        runc_root=runc_root, runc=runc)
+                        runc_root=runc_root, runc=runc,
+                        restore_opts=restore_opts, restore_config=restore_config)
     caps = list(CAPS) + ([RUNC_CAP] if runc is not None else [])
     return await transport.serve(host, port, key=key, handler=receiver.handle, ssl=ssl,
                                  max_connections=max_connections, caps=caps,
