@@ -78,6 +78,18 @@ def _signal_tree(root: int, sig: int, start: int | None) -> int:
             r.close()
 
 
+PAGES_BATCH = 64      # frames handed to a session's worker thread at once, at most
+
+
+def _apply_frames(rnd, batch) -> dict:
+    """Apply (image index, frame) pairs in order on the session's worker thread."""
+    counts = {"zero": 0, "xor": 0, "full": 0}
+    for index, frame in batch:
+        for k, v in rnd.add_pages(index, frame).items():
+            counts[k] += v
+    return counts
+
+
 class Receiver:
     def __init__(self, store: Store, *, criu=None, on_commit=None, lazy_restore: bool = True,
                  parent_linked_final: bool = False, idle_timeout: float | None = IDLE_TIMEOUT,
@@ -158,8 +170,13 @@ class Receiver:
                 if t == MsgType.PAGES:
                     if rnd is None:
                         raise StoreError("unexpected", "PAGES outside a round")
-                    index, frame = decode_pages(msg.payload)
-                    counts = await loop.run_in_executor(worker, rnd.add_pages, index, frame)
+                    # the frames already received go to the worker in one hand-off: a
+                    # thread switch per frame costs more than applying a small frame
+                    batch = [decode_pages(msg.payload)]
+                    while len(batch) < PAGES_BATCH and \
+                            (nxt := conn.recv_ready(MsgType.PAGES)) is not None:
+                        batch.append(decode_pages(nxt.payload))
+                    counts = await loop.run_in_executor(worker, _apply_frames, rnd, batch)
                     for k, v in counts.items():
                         records[k] += v
                 elif t == MsgType.PAGEMAP:

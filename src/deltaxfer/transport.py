@@ -234,6 +234,15 @@ class _FrameProtocol(asyncio.BufferedProtocol):
                 raise self._exc
             self._recv_waiter = self._loop.create_future()
             await self._recv_waiter
+        return self._pop()
+
+    def next_message_nowait(self, type: MsgType) -> Message | None:
+        """The next message if it was already received and is of ``type``, else None."""
+        if self._queue and self._queue[0].type == type:
+            return self._pop()
+        return None
+
+    def _pop(self) -> Message:
         m = self._queue.popleft()
         self._queued -= HEADER_SIZE + len(m.payload)
         if self._reading_paused and self._queued <= RECV_LOW_WATER and not self.closing:
@@ -521,6 +530,13 @@ class Connection:
             self._p.abort_if_open()
             raise PeerError(e["code"], e["reason"])
         return m
+
+    def recv_ready(self, type: MsgType) -> Message | None:
+        """A message of ``type`` that has already arrived and is next in the stream, or
+        None (nothing waits, or the next message is of another type): lets a receiver
+        take a run of queued frames in one go, e.g. to hand them to a worker thread at
+        once. An ERROR is never taken here: recv() raises it."""
+        return self._p.next_message_nowait(type)
 
     async def recv_message(self, expected: MsgType | Collection[MsgType],
                            timeout: float | None = None) -> Message:
