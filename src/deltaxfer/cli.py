@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from deltaxfer import __version__
@@ -70,7 +71,17 @@ def cmd_serve(args) -> int:
     from deltaxfer.serve import serve
     from deltaxfer.store import StoreError
 
-    host, port = parse_hostport(args.listen, what="--listen")
+    from deltaxfer.criu.runner import check_criu_config, check_criu_opts
+
+    host, port = _hostport(args.listen, "--listen")
+    if os.path.lexists(args.dir) and not os.path.isdir(args.dir):
+        raise ConfigError(f"--dir {args.dir} is a file, not a directory: give a directory "
+                          "(it is created if missing)")
+    if (args.criu_restore_opt or args.criu_config) and not args.restore:
+        raise ConfigError("--criu-restore-opt and --criu-config apply to `criu restore`: give "
+                          "--restore too")
+    restore_opts = check_criu_opts(args.criu_restore_opt, "restore", "--criu-restore-opt")
+    restore_config = check_criu_config(args.criu_config, "restore")
     key = server_key(args.key_file, args.insecure, host)
     tls = server_tls(args.tls_cert, args.tls_key)
     os.umask(0o077)     # every file the receiver (and its criu) creates is private
@@ -94,7 +105,8 @@ def cmd_serve(args) -> int:
                 max_connections=args.max_connections, on_commit=on_commit,
                 lazy_restore=not args.no_lazy_restore, insecure=args.insecure,
                 parent_linked_final=args.parent_linked_final,
-                idle_timeout=args.idle_timeout or None, runc_root=args.runc_root)
+                idle_timeout=args.idle_timeout or None, runc_root=args.runc_root,
+                restore_opts=restore_opts, restore_config=restore_config)
         except StoreError as e:
             raise ConfigError(f"--dir {args.dir}: {e.reason}") from None
         addrs = ", ".join(f"{s.getsockname()[0]}:{s.getsockname()[1]}" for s in server.sockets)
@@ -117,7 +129,7 @@ def cmd_send(args) -> int:
     from deltaxfer.keys import client_key, client_tls, parse_hostport
     from deltaxfer.send import render, send_dump
 
-    host, port = parse_hostport(args.to, what="--to")
+    host, port = _hostport(args.to, "--to")
     key = client_key(args.key_file, args.insecure, host)
     report = transport.run(send_dump(
         args.image_dir, host, port, key, args.session,
@@ -134,7 +146,17 @@ def cmd_migrate(args) -> int:
     from deltaxfer.keys import client_key, client_tls, parse_hostport
     from deltaxfer.migrate import Options, migrate
 
-    host, port = parse_hostport(args.to, what="--to")
+    from deltaxfer.criu.runner import check_criu_config, check_criu_opts
+    from deltaxfer.keys import ConfigError
+
+    host, port = _hostport(args.to, "--to")
+    criu_opts = check_criu_opts(args.criu_opt, "dump")
+    criu_config = check_criu_config(args.criu_config, "dump")
+    if args.kill_source and not args.no_restore:
+        raise ConfigError("--kill-source goes with --no-restore (a migration that restores "
+                          "always ends the source once the destination runs its copy)")
+    if args.log_dir and not os.path.isdir(args.log_dir):
+        raise ConfigError(f"--log-dir {args.log_dir} is not a directory: create it first")
     key = client_key(args.key_file, args.insecure, host)
     criu = find_criu(args.criu)
     tty = sys.stderr.isatty()
@@ -148,7 +170,11 @@ def cmd_migrate(args) -> int:
                    cache_bytes=args.xor_cache_mib << 20, restore=not args.no_restore,
                    tracking=args.tracking, freeze=args.freeze, converge=args.converge,
                    ssl=client_tls(args.tls_ca, args.tls_server_name, args.tls_pin),
-                   progress=progress if (tty or args.progress) else None)
+                   progress=progress if (tty or args.progress) else None,
+                   criu_opts=criu_opts, criu_config=criu_config, kill_source=args.kill_source,
+                   log_dir=args.log_dir,
+                   log_path=args.report + ".dump.log" if args.report and not args.log_dir
+                   else None)
     if args.runc is not None or args.pid is None:
         return _migrate_container(args, host, port, key, criu, opts)
     report = transport.run(migrate(args.pid, host, port, key, criu, opts), loop=args.loop).as_dict()
@@ -156,7 +182,8 @@ def cmd_migrate(args) -> int:
         with open(args.report, "w") as f:
             json.dump(report, f, indent=2)
     _emit(args, report, render_migration)
-    return 0 if report["outcome"] == "migrated" else 1
+    # --no-restore: "stored" is what was asked
+    return 0 if report["outcome"] == "migrated" or report["outcome"].startswith("stored") else 1
 
 
 def _migrate_container(args, host, port, key, criu, opts) -> int:
@@ -201,6 +228,10 @@ def render_migration(r: dict) -> str:
     if r["restored_pid"]:
         lines.append(f"  running on the destination as pid {r['restored_pid']} "
                      f"(images in {r['destination_path']})")
+    if r.get("hint"):
+        lines.append(f"  next: {r['hint']}")
+    if r.get("dump_log"):
+        lines.append(f"  criu's dump log: {r['dump_log']}")
     return "\n".join(lines) + "\n"
 
 
@@ -218,6 +249,15 @@ def cmd_hook(args) -> int:
     from deltaxfer.hook import run_hook
 
     return run_hook()
+
+
+def _hostport(text: str, what: str) -> tuple[str, int]:
+    """HOST:PORT, with a port out of range said as such."""
+    from deltaxfer.keys import ConfigError, parse_hostport
+    _, sep, port = text.rpartition(":")
+    if sep and port.isdigit() and int(port) > 65535:
+        raise ConfigError(f"{what} {text}: port {int(port)} is out of range (1-65535)")
+    return parse_hostport(text, what=what)
 
 
 def _transport_reason(e) -> str:
@@ -286,6 +326,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--restore", action="store_true",
                    help="allow senders to ask for `criu restore` of what they sent")
     p.add_argument("--criu", metavar="PATH", help="criu binary for --restore")
+    p.add_argument("--criu-restore-opt", metavar="OPT", action="append", default=[],
+                   help="with --restore: one more option for `criu restore` (repeat it; "
+                        "e.g. --criu-restore-opt=--ext-unix-sk); options serve sets itself "
+                        "(-D, -d, --pidfile, -o, --lazy-pages, ...) are refused")
+    p.add_argument("--criu-config", metavar="FILE",
+                   help="with --restore: a CRIU configuration file for `criu restore` "
+                        "(passed as --config FILE; checked like --criu-restore-opt)")
     p.add_argument("--runc-root", metavar="DIR",
                    help="with --restore: restore runc containers that senders migrate "
                         "(`deltaxfer migrate --runc`) with `runc restore` under this runc "
@@ -377,8 +424,25 @@ def build_parser() -> argparse.ArgumentParser:
                         "needs ~2048 open files per GiB), page-server (a plain dump whose "
                         "pages deltaxfer throws away as they come), auto: lazy when it fits")
     p.add_argument("--no-restore", action="store_true",
-                   help="stop after the destination holds the images (the source is killed)")
+                   help="stop after the destination holds the images: the source is left "
+                        "stopped (resume it with SIGCONT, or restore the images there with "
+                        "`criu restore -D PATH`), unless --kill-source")
+    p.add_argument("--kill-source", action="store_true",
+                   help="with --no-restore: kill the source once the destination holds the "
+                        "images")
     p.add_argument("--criu", metavar="PATH", help="criu binary")
+    p.add_argument("--criu-opt", metavar="OPT", action="append", default=[],
+                   help="one more option for `criu dump` (repeat it; e.g. "
+                        "--criu-opt=--ext-unix-sk --criu-opt=--file-locks); options deltaxfer "
+                        "sets itself or that would break it (-t, -D, -o, --action-script, "
+                        "--lazy-pages, --page-server, --leave-running, ...) are refused")
+    p.add_argument("--criu-config", metavar="FILE",
+                   help="a CRIU configuration file for `criu dump` (passed as --config FILE; "
+                        "checked like --criu-opt)")
+    p.add_argument("--log-dir", metavar="DIR",
+                   help="keep criu's dump.log (and the hook's messages) as "
+                        "DIR/SESSION.dump.log (default: beside --report as FILE.dump.log; "
+                        "without either, not kept)")
     p.add_argument("--tls-ca", help="use TLS; trust only this CA (PEM) for the server's "
                    "certificate, which must name the host of --to (or --tls-server-name)")
     p.add_argument("--tls-server-name", metavar="NAME",
@@ -400,8 +464,9 @@ def build_parser() -> argparse.ArgumentParser:
     _json_flag(p)
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("hook", help="CRIU action script (criu dump --action-script "
-                                    "'deltaxfer hook'); configured by the environment")
+    p = sub.add_parser("hook", help="deltaxfer-hook, the CRIU action script, run by hand (give "
+                                    "CRIU the executable: criu dump --action-script "
+                                    "PATH/deltaxfer-hook); configured by the environment")
     p.set_defaults(func=cmd_hook)
 
     from deltaxfer.sessions import add_arguments as sessions_arguments, cmd_sessions
@@ -421,17 +486,45 @@ def main(argv=None) -> int:
     from deltaxfer.wire import ProtocolError
 
     args = build_parser().parse_args(argv)
+    hint = None
     try:
         return args.func(args)
     except (ImageError, CriuError, ConfigError, ReportError) as e:
-        print(f"deltaxfer {args.command}: error: {e}", file=sys.stderr)
+        error = str(e)
     except (TransportError, ProtocolError) as e:
-        print(f"deltaxfer {args.command}: error: {_transport_reason(e)}", file=sys.stderr)
+        error = _transport_reason(e)
     except FileExistsError as e:
-        print(f"deltaxfer {args.command}: error: {e.filename} already exists", file=sys.stderr)
+        error = f"{e.filename} already exists"
     except BrokenPipeError:
         return 1
     except OSError as e:
-        print(f"deltaxfer {args.command}: error: {e.strerror or e}"
-              + (f": {e.filename}" if e.filename else ""), file=sys.stderr)
+        error, hint = _os_error(args, e)
+    _report_error(args, error, hint)
     return 2
+
+
+def _os_error(args, e: OSError) -> tuple[str, str | None]:
+    """An OSError as (what happened, what to do): a failed connection to --to names the
+    address and what to check."""
+    from deltaxfer.migrate import connect_failure
+    to = getattr(args, "to", None)
+    if to:
+        host, _, port = to.rpartition(":")
+        why = connect_failure(host.strip("[]") or "0.0.0.0", int(port), e)
+        if why:
+            return why
+    text = e.strerror or str(e) or type(e).__name__
+    return text + (f": {e.filename}" if e.filename else ""), None
+
+
+def _report_error(args, error: str, hint: str | None) -> None:
+    """One line on stderr; with --json, a JSON object on stdout ({"error", "hint"})."""
+    if getattr(args, "json", False):
+        if hint is None:
+            error, sep, rest = error.partition("; ")
+            hint = rest if sep else None
+        json.dump({"command": args.command, "error": error, "hint": hint}, sys.stdout)
+        sys.stdout.write("\n")
+        return
+    print(f"deltaxfer {args.command}: error: {error}" + (f"; {hint}" if hint else ""),
+          file=sys.stderr)

@@ -114,6 +114,79 @@ def check_received_images(image_dir: str) -> str | None:
     return None
 
 
+def _config_leave_state(path: str) -> str | None:
+    """The last leave-running / leave-stopped line of a CRIU configuration file."""
+    state = None
+    try:
+        with open(path, errors="replace") as f:
+            for line in f:
+                words = line.split("#", 1)[0].split()
+                if words:
+                    state = _LEAVE.get(words[0].lstrip("-"), state)
+    except OSError:
+        pass
+    return state
+
+
+_LEAVE = {"leave-running": "running", "R": "running", "leave-stopped": "stopped", "s": "stopped"}
+
+
+def dump_leaves(criu_pid: int, env=os.environ) -> tuple[str | None, str]:
+    """What the `criu dump` that runs this hook (its parent, ``criu_pid``) does with the
+    tasks afterwards -- "running" (--leave-running), "stopped", or None (killed, CRIU's
+    default, or unknown) -- and where that was said. CRIU does not tell action scripts, so
+    it is read as CRIU reads it, the last word winning: the default configuration files
+    (unless --no-default-config), then --config FILE (else $CRIU_CONFIG_FILE), then the
+    command line. A criu run over RPC (`criu swrk`, runc) is not seen here."""
+    try:
+        with open(f"/proc/{criu_pid}/cmdline", "rb") as f:
+            argv = [w.decode(errors="replace") for w in f.read().split(b"\0") if w]
+    except OSError:
+        return None, "unknown"
+    if "dump" not in argv:
+        return None, "not a criu dump"
+    argv = argv[argv.index("dump") + 1:]
+    config, defaults, cmdline = None, True, None
+    for i, w in enumerate(argv):
+        if w == "--no-default-config":
+            defaults = False
+        elif w == "--config" and i + 1 < len(argv):
+            config = argv[i + 1]
+        elif w.startswith("--config="):
+            config = w.split("=", 1)[1]
+        elif w.startswith("--") and w[2:] in _LEAVE:
+            cmdline = _LEAVE[w[2:]]
+        elif w in ("-R", "-s"):
+            cmdline = _LEAVE[w[1:]]
+    state, where = None, ""
+    files = []
+    if defaults:
+        files += ["/etc/criu/default.conf"]
+        if env.get("HOME"):
+            files.append(os.path.join(env["HOME"], ".criu", "default.conf"))
+    config = config or env.get("CRIU_CONFIG_FILE")
+    if config:
+        files.append(config)
+    for path in files:
+        s = _config_leave_state(path)
+        if s:
+            state, where = s, f"the CRIU configuration file {path}"
+    if cmdline:
+        state, where = cmdline, "criu's command line"
+    return state, where
+
+
+def refuse_leave_running(action: str, env=os.environ) -> str | None:
+    """pre-dump / post-dump: the reason to refuse a dump that leaves the tasks running
+    (the source would run on beside the copy the destination restores), or None."""
+    state, where = dump_leaves(os.getppid(), env)
+    if state != "running":
+        return None
+    return (f"{action} refused: this criu dump leaves the tasks running (--leave-running, in "
+            f"{where}): once the destination restores its copy the process would run on both "
+            "hosts; dump with --leave-stopped (or without --leave-running) instead")
+
+
 def _fill_std_fds() -> None:
     """CRIU starts the script with stdin closed: the first socket we open would become fd
     0, which libuv (uvloop) refuses with an assertion. Put /dev/null there first."""
@@ -137,6 +210,11 @@ def run_hook(env=os.environ) -> int:
         print(f"deltaxfer hook: post-restore: restored tree {env.get('CRTOOLS_INIT_PID', '?')} "
               f"from {os.path.realpath(env.get('CRTOOLS_IMAGE_DIR', ''))}", file=sys.stderr)
         return 0
+    if action in ("pre-dump", "post-dump"):
+        reason = refuse_leave_running(action, env)
+        if reason:
+            print(f"deltaxfer hook: {reason}; criu resumes the tasks", file=sys.stderr)
+            return 1
     agent = env.get(AGENT_ENV)
     if not agent:
         try:

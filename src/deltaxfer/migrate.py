@@ -18,6 +18,7 @@ start time (pidref.py), not by its PID alone, and every wait on criu has a deadl
 from __future__ import annotations
 
 import asyncio
+import errno
 import functools
 import json
 import os
@@ -34,7 +35,7 @@ from deltaxfer import PAGE_SIZE, _core, transport
 from deltaxfer.criu.dumpdir import DumpDir
 from deltaxfer.criu.lazy import close_lazy_dump
 from deltaxfer.criu.sink import PageSink
-from deltaxfer.criu.runner import Criu, log_errors
+from deltaxfer.criu.runner import Criu, dump_args, log_errors
 from deltaxfer.pidref import PidRef, ProcessChanged
 from deltaxfer.live import LiveError, _alive, frozen_images, process_tree, snapshot_tree
 from deltaxfer.policy import Convergence, RoundMeasure
@@ -76,6 +77,74 @@ class MigrationError(RuntimeError):
     pass
 
 
+class NotStarted(MigrationError):
+    """Refused before anything touched the process or the destination."""
+
+
+def connect_failure(host: str, port: int, e: BaseException,
+                    timeout: float = transport.HANDSHAKE_TIMEOUT) -> tuple[str, str] | None:
+    """(what happened, what to check) when the connection to ``host:port`` could not be
+    made, or None when ``e`` is not such a failure (send and migrate alike)."""
+    addr = f"{host}:{port}"
+    check = (f"check that `deltaxfer serve` runs there and listens on port {port}, and that "
+             f"no firewall between the hosts blocks TCP port {port}")
+    if isinstance(e, socket.gaierror):
+        return (f"cannot resolve the host {host!r} of {addr}: {e.strerror or e}",
+                "check the name (or give the destination's IP address)")
+    if isinstance(e, ConnectionRefusedError):
+        return f"{addr} refused the connection (nothing listens there)", check
+    if isinstance(e, TimeoutError) and not str(e):
+        return (f"{addr}: no answer within {timeout:g} s (the connection timed out: a "
+                "firewall may drop the packets, or the host is down)", check)
+    if isinstance(e, OSError) and e.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH,
+                                              errno.EADDRNOTAVAIL, errno.ECONNRESET):
+        return f"cannot reach {addr}: {e.strerror or e}", f"check the address and the route; {check}"
+    return None
+
+
+async def connect(host: str, port: int, **kw):
+    """transport.connect, its failures to connect told as connect_failure says."""
+    try:
+        return await transport.connect(host, port, **kw)
+    except OSError as e:
+        why = connect_failure(host, port, e)
+        if why is None:
+            raise
+        raise MigrationError("; ".join(why)) from None
+
+
+def _ancestors(pid: int) -> set[int]:
+    out = set()
+    while pid > 1 and pid not in out:
+        out.add(pid)
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                stat = f.read()
+            pid = int(stat[stat.rindex(b")") + 2:].split()[1])
+        except (OSError, ValueError, IndexError):
+            break
+    return out
+
+
+def check_pid(pid: int) -> None:
+    """Refuse, before anything touches it, a PID that cannot be migrated: one that does
+    not exist, the host's init, this deltaxfer or one of its ancestors (the dump would
+    freeze deltaxfer itself)."""
+    if pid <= 0:
+        raise NotStarted(f"{pid} is not a process ID")
+    if pid == 1:
+        raise NotStarted("pid 1 is this host's init: it cannot be migrated; give the PID of "
+                         "the service (for a service in its own PID namespace, the host PID "
+                         "of that namespace's init: docs/OPERATIONS.md, section 6)")
+    if not os.path.exists(f"/proc/{pid}"):
+        raise NotStarted(f"process {pid} does not exist (check the PID: `ps -p {pid}`; "
+                         "give the host PID of the process, as `ps` on this host shows it)")
+    if pid in _ancestors(os.getpid()):
+        raise NotStarted(f"process {pid} is this `deltaxfer migrate` or one of its parents "
+                         "(a shell?): its dump would freeze deltaxfer itself; give the PID "
+                         "of the service")
+
+
 @dataclass
 class Options:
     session: str | None = None
@@ -94,6 +163,11 @@ class Options:
     progress: object = None          # callable(str) for the per-round line
     encoder_threads: int | None = None   # None: $DELTAXFER_ENCODER_THREADS, else all cores
     converge: str = "auto"           # auto: throttle the tree when rounds stall (throttle.py); off
+    criu_opts: list = field(default_factory=list)   # the operator's own `criu dump` options
+    criu_config: str | None = None   # a CRIU configuration file for the dump (--config)
+    kill_source: bool = False        # restore=False: kill the source once the images are held
+    log_path: str | None = None      # keep criu's dump.log (and the hook's messages) here
+    log_dir: str | None = None       # ... or as <session>.dump.log in this directory
 
 
 @dataclass
@@ -116,6 +190,8 @@ class Report:
     restored_pid: int | None = None
     tracking: dict = field(default_factory=dict)
     container: dict = field(default_factory=dict)   # --runc: id, root, bundle (migrate_runc)
+    dump_log: str | None = None      # where criu's dump.log was kept (None: not kept)
+    hint: str | None = None          # what the operator does next, when it is not obvious
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -274,15 +350,21 @@ class Agent:
             ref.kill(sig)
 
     async def begin_session(self) -> None:
-        """Connect, name the tree's memory images, and learn what the destination holds."""
-        self.conn = await transport.connect(self.host, self.port, key=self.key,
-                                            ssl=self.opts.ssl)
+        """Connect, name the tree's memory images, and learn what the destination holds.
+        BEGIN says whether the destination is to restore: a server that cannot refuses
+        the session there, before any round (docs/PROTOCOL.md)."""
+        self.conn = await connect(self.host, self.port, key=self.key, ssl=self.opts.ssl)
         tasks = process_tree(self.pid)
         await self.conn.send_control(MsgType.BEGIN, {
             "session": self.session, "mode": "migrate",
             "source": f"{socket.gethostname()}:pid {self.pid}",
-            "images": [{"id": f"pid-{t.ns_pid}"} for t in tasks]})
-        state, self.held = await receive_state(self.conn)
+            "images": [{"id": f"pid-{t.ns_pid}"} for t in tasks],
+            "restore": self.opts.restore})
+        try:
+            state, self.held = await receive_state(self.conn)
+        except transport.PeerError as e:
+            raise MigrationError(f"the destination {self.host}:{self.port} refused the "
+                                 f"session: {e.reason}") from None
         self.round_no = state["round"]
 
     def choose_freeze(self) -> None:
@@ -403,14 +485,12 @@ class Agent:
         # CRIU's page server runs over a socketpair (--ps-socket), not a TCP port that
         # another local user could bind first or connect to first
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        args = [self.criu.path, "dump", "-t", str(self.pid), "-D", self.dump_dir,
-                "--shell-job", "--leave-stopped", "--action-script", hook,
-                "-o", "dump.log", "-v4", "--ps-socket", str(theirs.fileno())]
-        if lazy:
-            args += ["--lazy-pages"]
-        else:
+        if not lazy:
             self.sink = PageSink(self.dump_dir, self.criu.version, ours)
-            args += ["--page-server"]
+        args = [self.criu.path] + dump_args(
+            self.pid, self.dump_dir, leave="stopped", action_script=hook,
+            ps_socket=theirs.fileno(), lazy=lazy, page_server=not lazy,
+            config=self.opts.criu_config, user_opts=self.opts.criu_opts)
         self.source.check()
         try:
             proc = await asyncio.create_subprocess_exec(
@@ -443,10 +523,10 @@ class Agent:
             except TimeoutError:
                 return await self.kill_hung_criu(proc, criu_limit)
             self.report.freeze["criu_exit"] = rc
+            self.criu_stderr = (await proc.stderr.read()).decode(errors="replace").strip()
             if rc != 0 and not self.report.error:
-                err = (await proc.stderr.read()).decode(errors="replace").strip()
                 self.report.error = (f"criu dump failed (exit {rc}): "
-                                     f"{log_errors(os.path.join(self.dump_dir, 'dump.log')) or err}")
+                                     f"{log_errors(os.path.join(self.dump_dir, 'dump.log')) or self.criu_stderr}")
             return rc
         finally:
             stop.set()
@@ -458,6 +538,46 @@ class Agent:
             if proc.returncode is None:
                 proc.kill()
                 await proc.wait()
+
+    def stored_hint(self) -> str:
+        pids = " ".join(str(r.pid) for r in self.frozen_refs) or str(self.pid)
+        return (f"on the destination, restore the images when you want the process there: "
+                f"`criu restore -D {self.report.destination_path} --shell-job -d` (plus the "
+                f"restore options the process needs, e.g. --ext-unix-sk); or resume the source "
+                f"here instead: `kill -CONT {pids}`. Never both: then the process would run "
+                "twice")
+
+    def keep_dump_log(self) -> None:
+        """criu's dump.log (and what the hook and criu wrote on stderr) is in the work
+        directory, removed on exit: copy it to --log-dir / beside --report, mode 0600, and
+        name it in the report's error."""
+        src = os.path.join(self.work, "dump", "dump.log")
+        path = self.opts.log_path or (os.path.join(self.opts.log_dir, f"{self.session}.dump.log")
+                                      if self.opts.log_dir else None)
+        if not os.path.exists(src):
+            return          # criu never ran: nothing to keep
+        if path is None:
+            if self.report.error:
+                self.report.error += ("; criu's dump.log was not kept (give --log-dir DIR or "
+                                      "--report FILE to keep it)")
+            return
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+            with os.fdopen(fd, "wb") as out, open(src, "rb") as f:
+                shutil.copyfileobj(f, out)
+                stderr = getattr(self, "criu_stderr", "")
+                if stderr:
+                    out.write(b"\n--- criu's stderr (deltaxfer-hook's messages) ---\n"
+                              + stderr.encode() + b"\n")
+            self.report.dump_log = path
+        except OSError as e:
+            note = f"criu's dump.log could not be kept at {path}: {e.strerror or e}"
+            self.report.error = f"{self.report.error}; {note}" if self.report.error else None
+            return
+        if self.report.error:
+            self.report.error = self.report.error.replace(src, path)
+            if path not in self.report.error:
+                self.report.error += f"; criu's log: {path}"
 
     async def kill_hung_criu(self, proc, limit: float) -> int:
         """criu ran past the freeze deadline + margin (blocked on its page-server socket,
@@ -487,6 +607,10 @@ class Agent:
         self.work = tempfile.mkdtemp(prefix="deltaxfer-migrate-", dir=self.opts.work_dir)
         os.chmod(self.work, 0o700)
         try:
+            # fail fast, in this order, before anything touches the process: the PID, the
+            # destination (reachable, same key, restores if asked), then tracking is armed
+            # (by the first live round)
+            check_pid(self.pid)
             self.source = PidRef(self.pid, "the process to migrate")
             self.start_tracking()
             await self.begin_session()
@@ -496,11 +620,22 @@ class Agent:
             self.throttle.release()
             self.choose_freeze()
             rc = await self.freeze_and_push()
-            if rc == 0 and self.confirmed:
-                # the destination runs the process: end the (stopped) source, through
-                # the pidfds taken while it was frozen (never a reused PID)
+            if rc == 0 and self.confirmed and not self.opts.restore \
+                    and not self.opts.kill_source:
+                # --no-restore: the destination holds the images; the source stays stopped
+                # (--leave-stopped) until the operator restores them or resumes it
+                self.report.outcome = ("stored: the destination holds the images; the "
+                                       "source is left stopped")
+                self.report.hint = self.stored_hint()
+                await self.conn.goodbye()
+            elif rc == 0 and self.confirmed:
+                # the destination runs the process (or, --no-restore --kill-source, holds
+                # its images): end the (stopped) source, through the pidfds taken while
+                # it was frozen (never a reused PID)
                 self.signal_frozen_tree(signal.SIGKILL)
-                self.report.outcome = "migrated"
+                self.report.outcome = ("migrated" if self.opts.restore else
+                                       "stored: the destination holds the images; the "
+                                       "source was killed (--kill-source)")
                 await self.conn.goodbye()
             elif rc == 0 and self.resume_sent:
                 self.report.outcome = ("uncertain: the destination may be running the process; "
@@ -510,8 +645,12 @@ class Agent:
                 self.report.outcome = "rolled back: the source runs on"
                 if not self.report.error:
                     self.report.error = "the final round did not complete"
+        except NotStarted as e:
+            self.report.error = str(e)
+            self.report.outcome = "not started: nothing was done"
         except (LiveError, MigrationError, transport.TransportError, OSError, ValueError) as e:
-            self.report.error = f"{type(e).__name__}: {e}"
+            self.report.error = (str(e) if type(e) is MigrationError
+                                 else f"{type(e).__name__}: {e}")
             if isinstance(e, ProcessChanged):
                 source_alive = False
             elif self.source is not None:
@@ -544,6 +683,7 @@ class Agent:
             for ref in self.frozen_refs + [self.source]:
                 if ref is not None:
                     ref.close()
+            self.keep_dump_log()
             shutil.rmtree(self.work, ignore_errors=True)
             self.report.total_seconds = round(time.monotonic() - t0, 6)
             self.report.cpu_seconds = round(time.process_time() - cpu0, 6)

@@ -112,21 +112,14 @@ class Criu:
     def dump(self, pid: int, images_dir: str, *, leave: str = "running", shell_job: bool = True,
              extra: list[str] = (), log_name: str = "dump.log", timeout: float | None = 600):
         """``criu dump -t PID -D DIR``; ``leave`` is "running", "stopped" or "dead"."""
-        args = ["dump", "-t", str(pid), "-D", images_dir]
-        if leave == "running":
-            args.append("--leave-running")
-        elif leave == "stopped":
-            args.append("--leave-stopped")
-        elif leave != "dead":
-            raise ValueError(f"leave must be running, stopped or dead, not {leave!r}")
-        if shell_job:
-            args.append("--shell-job")
-        args += list(extra)
+        args = dump_args(pid, images_dir, leave=leave, shell_job=shell_job, extra=extra,
+                         log_name=None)
         return self.run(args, log_dir=images_dir, log_name=log_name, timeout=timeout)
 
     def restore(self, images_dir: str, *, pidfile: str | None = None, shell_job: bool = True,
                 lazy: bool = False, extra: list[str] = (), log_name: str = "restore.log",
-                timeout: float | None = 600) -> int:
+                timeout: float | None = 600, user_opts: list[str] = (),
+                config: str | None = None) -> int:
         """``criu restore -d -D DIR``; returns the restored root's host pid (from the
         pidfile) so the caller can supervise it.
 
@@ -142,6 +135,11 @@ class Criu:
         if daemon is not None:
             args.append("--lazy-pages")
         args += list(extra)
+        # the operator's own options (serve --criu-restore-opt, --criu-config) come last:
+        # checked by check_criu_opts / check_criu_config when serve started
+        if config:
+            args += ["--config", config]
+        args += list(user_opts)
         try:
             self.run(args, log_dir=images_dir, log_name=log_name, timeout=timeout)
             with open(pidfile) as f:
@@ -171,6 +169,164 @@ class Criu:
                                 f"{log_errors(os.path.join(images_dir, 'lazy-pages.log'))}")
             time.sleep(0.002)
         return daemon
+
+
+# -- the command lines of criu dump and restore, and the operator's own options -----------------
+
+# Options of `criu dump` that deltaxfer sets itself, or that would break a migration, with
+# why; an operator's --criu-opt / --criu-config naming one is refused (also as --no-NAME,
+# as NAME=VALUE, and as any abbreviation getopt would take for it).
+_OWN = "deltaxfer sets it"
+DUMP_RESERVED = {
+    "tree": _OWN + " (the PID to migrate)", "images-dir": _OWN + " (its work directory)",
+    "work-dir": "it moves criu's log away from where deltaxfer reads and keeps it",
+    "action-script": _OWN + " (deltaxfer's hook is the migration agent's)",
+    "lazy-pages": _OWN + " (--freeze lazy)", "page-server": _OWN + " (--freeze page-server)",
+    "ps-socket": _OWN + " (the page server's socketpair)",
+    "address": "the page server runs over deltaxfer's socketpair, not TCP",
+    "port": "the page server runs over deltaxfer's socketpair, not TCP",
+    "tls": "the page server runs over deltaxfer's socketpair (the migration has --tls-ca)",
+    "tls-cacert": "the page server runs over deltaxfer's socketpair",
+    "tls-cacrl": "the page server runs over deltaxfer's socketpair",
+    "tls-cert": "the page server runs over deltaxfer's socketpair",
+    "tls-key": "the page server runs over deltaxfer's socketpair",
+    "tls-no-cn-verify": "the page server runs over deltaxfer's socketpair",
+    "log-file": _OWN + " (dump.log; kept with --report or --log-dir)",
+    "verbosity": _OWN + " (-v4, so that a failure can be explained)",
+    "leave-running": "the source must stay stopped until the destination runs its copy "
+                     "(two running copies otherwise)",
+    "leave-stopped": _OWN,
+    "shell-job": _OWN,
+    "config": "use --criu-config FILE",
+    "track-mem": "deltaxfer tracks written pages itself (--tracking)",
+    "prev-images-dir": "deltaxfer's rounds hold the previous pages, not a criu pre-dump",
+    "stream": "deltaxfer reads the images from its own directory",
+    "daemon": "criu must stay deltaxfer's child", "status-fd": _OWN,
+}
+DUMP_RESERVED_SHORT = {"t": "tree", "D": "images-dir", "W": "work-dir", "o": "log-file",
+                       "v": "verbosity", "R": "leave-running", "s": "leave-stopped",
+                       "d": "daemon", "j": "shell-job"}
+RESTORE_RESERVED = {
+    "tree": "a restore takes no PID", "images-dir": _OWN + " (the session's images)",
+    "work-dir": "it moves restore.log away from the session directory",
+    "restore-detached": _OWN, "pidfile": _OWN + " (serve supervises the restored pid)",
+    "log-file": _OWN + " (restore.log in the session directory)",
+    "verbosity": _OWN + " (-v4)", "lazy-pages": _OWN + " (serve --no-lazy-restore)",
+    "leave-stopped": _OWN + " (a migration's copy waits stopped for the source's RESUME)",
+    "leave-running": "not a restore option", "config": "use serve --criu-config FILE",
+    "page-server": "serve restores from local images", "ps-socket": "serve restores "
+    "from local images", "address": "serve restores from local images",
+    "port": "serve restores from local images", "daemon": "criu must stay serve's child",
+    "status-fd": _OWN, "exec-cmd": "serve supervises the restored tree by its pid",
+    "stream": "serve restores from its own directory", "shell-job": _OWN,
+}
+RESTORE_RESERVED_SHORT = {"D": "images-dir", "W": "work-dir", "d": "restore-detached",
+                          "o": "log-file", "v": "verbosity", "s": "leave-stopped",
+                          "R": "leave-running", "t": "tree", "j": "shell-job"}
+# criu's short options that take an argument: the rest of a cluster is that argument
+_SHORT_WITH_ARG = set("tDoWrLJMx")
+
+
+def _refusal(opt: str, reserved: dict, short: dict) -> str | None:
+    """Why ``opt`` (one word of criu's command line) must not be given, or None."""
+    if opt == "--":
+        return "criu takes nothing after --"
+    if opt.startswith("--"):
+        name = opt[2:].split("=", 1)[0]
+        base = name[3:] if name.startswith("no-") and name[3:] else name
+        hits = [r for r in reserved if r == base] or [r for r in reserved if base and
+                                                         r.startswith(base)]
+        return f"--{hits[0]}: {reserved[hits[0]]}" if hits else None
+    if opt.startswith("-") and len(opt) > 1:
+        for ch in opt[1:]:
+            if ch in short:
+                return f"-{ch} (--{short[ch]}): {reserved[short[ch]]}"
+            if ch in _SHORT_WITH_ARG:
+                break
+    return None
+
+
+def check_criu_opts(opts, command: str = "dump", flag: str = "--criu-opt") -> list[str]:
+    """The operator's own options for ``criu dump`` (or ``restore``), checked: one that
+    deltaxfer sets itself or that would break it raises CriuError naming it and why."""
+    reserved, short = ((DUMP_RESERVED, DUMP_RESERVED_SHORT) if command == "dump"
+                       else (RESTORE_RESERVED, RESTORE_RESERVED_SHORT))
+    out = []
+    for opt in opts or ():
+        why = _refusal(opt, reserved, short)
+        if why:
+            raise CriuError(f"{flag} {opt!r} refused for `criu {command}`: {why}; leave it "
+                            "out (docs/OPERATIONS.md, section 7)")
+        out.append(opt)
+    return out
+
+
+def config_options(path: str) -> list[str]:
+    """The options a CRIU configuration file sets, as ``--NAME`` words (one per line: the
+    option's long name without dashes, then its value, if any; ``#`` comments)."""
+    out = []
+    with open(path, errors="replace") as f:
+        for line in f:
+            line = line.split("#", 1)[0].strip()
+            if line:
+                out.append("--" + line.split()[0].lstrip("-"))
+    return out
+
+
+def check_criu_config(path: str | None, command: str = "dump",
+                      flag: str = "--criu-config") -> str | None:
+    """A CRIU configuration file for ``criu dump`` (or ``restore``), as an absolute path,
+    after checking each of its options as check_criu_opts does (CriuError naming the
+    file, the option and why)."""
+    if not path:
+        return None
+    path = os.path.abspath(path)
+    try:
+        opts = config_options(path)
+    except OSError as e:
+        raise CriuError(f"{flag} {path}: cannot read it: {e.strerror or e}") from None
+    reserved, short = ((DUMP_RESERVED, DUMP_RESERVED_SHORT) if command == "dump"
+                       else (RESTORE_RESERVED, RESTORE_RESERVED_SHORT))
+    for opt in opts:
+        why = _refusal(opt, reserved, short)
+        if why:
+            raise CriuError(f"{flag} {path}: the line {opt[2:]!r} is refused for `criu "
+                            f"{command}`: {why}; remove it from the file (docs/OPERATIONS.md, "
+                            "section 7)")
+    return path
+
+
+def dump_args(pid: int, images_dir: str, *, leave: str = "stopped", shell_job: bool = True,
+              action_script: str | None = None, log_name: str | None = "dump.log",
+              ps_socket: int | None = None, lazy: bool = False, page_server: bool = False,
+              config: str | None = None, user_opts=(), extra=()) -> list[str]:
+    """The one place where deltaxfer builds ``criu dump``'s arguments (after the binary):
+    its own options, then ``--config FILE`` and the operator's options (checked with
+    check_criu_config / check_criu_opts by the caller). ``leave``: "running", "stopped"
+    or "dead" (what becomes of the tree after the dump)."""
+    args = ["dump", "-t", str(pid), "-D", images_dir]
+    if leave == "running":
+        args.append("--leave-running")
+    elif leave == "stopped":
+        args.append("--leave-stopped")
+    elif leave != "dead":
+        raise ValueError(f"leave must be running, stopped or dead, not {leave!r}")
+    if shell_job:
+        args.append("--shell-job")
+    if action_script:
+        args += ["--action-script", action_script]
+    if log_name:
+        args += ["-o", log_name, "-v4"]
+    if ps_socket is not None:
+        args += ["--ps-socket", str(ps_socket)]
+    if lazy:
+        args.append("--lazy-pages")
+    if page_server:
+        args.append("--page-server")
+    args += list(extra)
+    if config:
+        args += ["--config", config]
+    return args + list(user_opts)
 
 
 def log_errors(path: str, limit: int = 5) -> str:

@@ -137,7 +137,11 @@ assert set(SCHEMAS) == CONTROL_TYPES
 # first (a capability) that the receiver understands them.
 OPTIONAL: dict[MsgType, dict] = {
     # a runc container to restore (capability "runc"): its ID and bundle directory
-    MsgType.BEGIN: {"container": _obj({"id": _str, "bundle": _str})},
+    MsgType.BEGIN: {"container": _obj({"id": _str, "bundle": _str}),
+                    # a migration says whether it wants the destination to restore: a
+                    # server that does not (no --restore) refuses it at BEGIN, before any
+                    # round; an old server drops the key and refuses at COMMIT as before
+                    "restore": _bool},
 }
 
 
