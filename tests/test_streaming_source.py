@@ -86,3 +86,37 @@ def test_process_with_protnone_pages_migrates(criu, tmp_path, agent_tmp, threads
             assert final["read_pages"] >= wl.ready["pages"], final
         got = wl.verify(pid=r["restored_pid"], timeout=60)
         assert got["ok"] and got["none_pages"] == wl.ready["none_pages"], got
+
+
+def test_clean_window_equals_encoding_it():
+    """A window whose pages are all clean is answered without reading or encoding: the
+    same hashes and counts as encode_window would give, no frame; a window with one page
+    not clean, or whose held pages differ from its own, is encoded."""
+    import os
+    from array import array
+
+    from deltaxfer import _core
+    from deltaxfer.source import Held, SourceImage, clean_window, encode_window
+
+    n = 64
+    vaddrs = array("Q", [0x7f0000000000 + i * 4096 for i in range(n)])
+    pages = bytearray(os.urandom(4096 * n))
+    hashes, _, _ = _core.hash_pages(pages)
+    held = Held(array("Q", vaddrs), hashes)
+    img = SourceImage("pid-1", None, memoryview(pages), vaddrs, bytearray(b"\x01" * n))
+    buf = bytearray(4096 * 16)
+    for lo, hi in ((0, 16), (16, 48), (48, 64)):
+        fast = clean_window(img, held, lo, hi)
+        slow = encode_window(img, held, lo, hi, buf, xor=True, compress=True)
+        assert fast is not None and fast[0] == b"" and slow[0] == b""
+        assert fast[1] == slow[1] == hashes[lo:hi]
+        assert {k: v for k, v in fast[2].items() if v} == \
+            {k: v for k, v in slow[2].items() if v and k in fast[2]}
+    img.clean[20] = 0
+    assert clean_window(img, held, 16, 48) is None
+    assert clean_window(img, held, 48, 64) is not None
+    # held pages that are not exactly the window's (one removed): encoded
+    held2 = Held(array("Q", list(vaddrs[:50]) + list(vaddrs[51:])),
+                 array("Q", list(hashes[:50]) + list(hashes[51:])))
+    assert clean_window(img, held2, 48, 64) is None
+    assert clean_window(img, None, 0, 16) is None

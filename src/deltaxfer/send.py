@@ -13,8 +13,8 @@ from collections import deque
 from deltaxfer import PAGE_SIZE, _core, transport
 from deltaxfer.criu import images as im
 from deltaxfer.criu.dumpdir import DumpDir
-from deltaxfer.source import (Held, Pipeline, RoundStats, SourceImage, base_for, dump_images,
-                              split_frames)
+from deltaxfer.source import (Held, Pipeline, RoundStats, SourceImage, base_for, clean_window,
+                              dump_images, split_frames)
 from deltaxfer.store import image_digest, pagemap_name
 from deltaxfer.wire import MsgType, ProtocolError, decode_held, encode_pages, iter_pagemap
 from deltaxfer.wire import iter_file_data
@@ -104,9 +104,14 @@ async def send_round(conn, round_no: int, images: list[SourceImage], held: dict[
         cache = caches.get(img.image_id) if caches is not None else None
         if first and cache is not None:
             cache.next_round()      # one round per image; its windows share the cache
-        fut = loop.run_in_executor(pipeline.pool, functools.partial(
-            pipeline.encode, img, held.get(img.image_id), lo, hi, xor=xor,
-            compress=compress, cache=cache))
+        h = held.get(img.image_id)
+        done = clean_window(img, h, lo, hi)
+        if done is not None:         # nothing to read or encode: no thread hand-off either
+            fut = loop.create_future()
+            fut.set_result(done)
+        else:
+            fut = loop.run_in_executor(pipeline.pool, functools.partial(
+                pipeline.encode, img, h, lo, hi, xor=xor, compress=compress, cache=cache))
         pending.append((job, fut))
 
     try:
