@@ -194,10 +194,6 @@ def test_every_kind_migrates(criu, tmp_path, agent_tmp):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=(
-    "CRIU names the first SysV segment of an IPC namespace's pages pagemap-shmem-0.img "
-    "(its shmid, 0); the wire's image-id check (wire/names.py IMAGE_ID_RE) refuses "
-    "shmem-0, so the final round fails: the check must accept shmem-0"))
 def test_sysv_shm_migrates(criu, tmp_path, agent_tmp):
     with Server(tmp_path, extra=["--restore"]) as server, \
             start_pagekinds(tmp_path, "sysvshm,protnone") as wl:

@@ -385,7 +385,9 @@ def test_session_names_and_image_ids():
         with pytest.raises(ProtocolError, match="name"):
             wire.check_session_name(bad)
     assert wire.check_image_id("pid-1") == "pid-1"
-    for bad in ("pid-0", "pid-", "shm-1", "pid-1x", "pid-01", 7):
+    # CRIU numbers SysV shm segments' images from 0 (pagemap-shmem-0.img)
+    assert wire.check_image_id("shmem-0") == "shmem-0"
+    for bad in ("pid-0", "pid-", "shm-1", "pid-1x", "pid-01", "shmem-00", "shmem-01", 7):
         with pytest.raises(ProtocolError, match="name"):
             wire.check_image_id(bad)
 

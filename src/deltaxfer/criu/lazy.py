@@ -54,6 +54,10 @@ def close_lazy_dump(sock: socket.socket, criu_version: tuple[int, ...], *,
             chunk = sock.recv(4 - len(status))
         except TimeoutError:
             continue
+        except OSError:
+            if cancelled():        # the agent closed our end: the dump ended some other way
+                return None
+            raise
         if not chunk:
             break
         status += chunk

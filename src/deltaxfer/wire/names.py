@@ -6,7 +6,9 @@ from .messages import MAX_IMAGE_NAME, MAX_SESSION_NAME, ErrorCode, ProtocolError
 IMAGE_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 # first character alphanumeric: "." and ".." are not session names
 SESSION_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-IMAGE_ID_RE = re.compile(r"(pid|shmem)-[1-9][0-9]{0,9}")
+# pid-N (N >= 1, no leading zero); shmem-N (N >= 0: CRIU numbers SysV shm segments from 0,
+# e.g. pagemap-shmem-0.img for the first segment's key)
+IMAGE_ID_RE = re.compile(r"pid-[1-9][0-9]{0,9}|shmem-(0|[1-9][0-9]{0,9})")
 
 
 def check_image_name(name) -> str:
