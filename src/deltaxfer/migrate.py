@@ -51,7 +51,7 @@ from deltaxfer.hook import AGENT_ENV, TIMEOUT_ENV
 
 RESUMED_TIMEOUT = 10.0   # for the destination to confirm that its copy runs
 # A lazy dump keeps the tree's pages referenced in pipes until it is ended: ~2048 open
-# files per GiB measured with CRIU 4.1.1 (DESIGN.md), plus CRIU's own.
+# files per GiB measured with CRIU 4.1.1 on the project's VM, plus CRIU's own.
 LAZY_DUMP_FDS_PER_GIB = 2048
 LAZY_DUMP_FDS_BASE = 1024
 # criu may run this much longer than the freeze deadline (the hook waits the deadline +
