@@ -7,7 +7,7 @@ harness can move it like memwork or pyheap.
 * redis-server runs as PID 1 of its own PID namespace (``unshare --pid --fork setsid``),
   optionally inside a network namespace (``prefix``), with no persistence (``--save ''
   --appendonly no``) and **no TCP port**: it listens only on a unix socket (CRIU 4.1.1
-  cannot dump a process holding an INET socket on this kernel, DESIGN.md). The socket is
+  cannot dump a process holding an INET socket on this kernel, as tried here). The socket is
   a path in the file system, so a copy restored in another network namespace answers on
   the same path.
 * The dataset is loaded by a Lua script inside the server: ``keys`` strings
