@@ -174,3 +174,13 @@ def test_policy_throttle_that_helps_converges():
     assert d.throttle == LEVELS[0]
     d = c.observe(_m(4, 200, seconds=0.3))
     assert d.stop and d.reason.startswith("converged") and d.throttle == LEVELS[0]
+
+
+def test_policy_does_not_throttle_for_a_small_residual():
+    """Rounds that stall at a few pages: the prediction misses the target because of the
+    freeze's fixed cost, which slowing the tree does not change: freeze, no throttle."""
+    c = Convergence(downtime_target=0.3, freeze_overhead=0.35, throttle_levels=LEVELS)
+    c.observe(_m(1, 100_000))
+    c.observe(_m(2, 100, seconds=0.1))
+    d = c.observe(_m(3, 100, seconds=0.1))
+    assert d.stop and d.throttle == 0 and "stopped shrinking" in d.reason, d

@@ -16,6 +16,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
+# the residual's transfer time below which auto-converge never throttles: the rest of the
+# freeze (CRIU's dump and restore, ~0.2-0.4 s here) dominates it
+MIN_TRANSFER_BUDGET = 0.05
+
+
 @dataclass
 class RoundMeasure:
     round: int
@@ -86,9 +91,17 @@ class Convergence:
                 stalled = f"rounds stopped shrinking ({prev.changed} -> {m.changed} pages)"
         if stalled or n >= self.max_rounds:
             # QEMU's auto-converge: rather than freeze with a residual over the target,
-            # slow the tree one step more and try another round
+            # slow the tree one step more and try another round — only when sending the
+            # residual is what breaks the target: the freeze's fixed cost (CRIU, restore)
+            # is not made smaller by slowing the process
+            # the residual after a stalled round is about that round's dirty set (QEMU's
+            # estimate): the dirty rate seen saturates at the writer's working set
+            send_seconds = m.wire_bytes / bandwidth if bandwidth and m.wire_bytes else 0.0
+            transfer = max(predicted - self.freeze_overhead - m.read_seconds, send_seconds)
+            budget = max(self.downtime_target - self.freeze_overhead, MIN_TRANSFER_BUDGET)
             higher = [lv for lv in self.throttle_levels if lv > self.throttle]
-            if higher and n < self.max_rounds + len(self.throttle_levels):
+            if higher and transfer > budget and \
+                    n < self.max_rounds + len(self.throttle_levels):
                 self.throttle = higher[0]
                 return decide(False, f"{stalled or 'max rounds reached'}, predicted downtime "
                                      f"{predicted * 1000:.0f} ms: throttling the tree to "
