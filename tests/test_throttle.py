@@ -167,12 +167,12 @@ def test_policy_without_levels_stops_on_stall():
 
 
 def test_policy_throttle_that_helps_converges():
-    c = Convergence(downtime_target=0.5, freeze_overhead=0.1, throttle_levels=LEVELS)
+    c = Convergence(downtime_target=0.3, freeze_overhead=0.1, throttle_levels=LEVELS)
     c.observe(_m(1, 100_000))
     c.observe(_m(2, 40_000))
     d = c.observe(_m(3, 40_000))
     assert d.throttle == LEVELS[0]
-    d = c.observe(_m(4, 200, seconds=0.3))
+    d = c.observe(_m(4, 200, seconds=0.1))
     assert d.stop and d.reason.startswith("converged") and d.throttle == LEVELS[0]
 
 
@@ -184,3 +184,14 @@ def test_policy_does_not_throttle_for_a_small_residual():
     c.observe(_m(2, 100, seconds=0.1))
     d = c.observe(_m(3, 100, seconds=0.1))
     assert d.stop and d.throttle == 0 and "stopped shrinking" in d.reason, d
+
+
+def test_policy_judges_a_small_stalled_round_by_the_link_not_its_latency():
+    """A stalled round of a few KB that took 0.2 s (a loaded machine, a round trip) does
+    not mean a slow link: round 1 measured the link at ~400 MB/s, so sending such a
+    residual takes well under the budget and the tree is not throttled."""
+    c = Convergence(downtime_target=0.3, freeze_overhead=0.35, throttle_levels=LEVELS)
+    c.observe(RoundMeasure(1, 100_000, 100_000, 400 << 20, 1.0, 0.05, float("inf")))
+    c.observe(RoundMeasure(2, 100_000, 50, 20_000, 0.2, 0.01, 1.0))
+    d = c.observe(RoundMeasure(3, 100_000, 50, 20_000, 0.2, 0.01, 0.2))
+    assert d.stop and d.throttle == 0, d

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 # the residual's transfer time below which auto-converge never throttles: the rest of the
 # freeze (CRIU's dump and restore, ~0.2-0.4 s here) dominates it
 MIN_TRANSFER_BUDGET = 0.05
+BANDWIDTH_SAMPLE = 1 << 20    # bytes: a round that small measures latency, not the link
 
 
 @dataclass
@@ -69,6 +70,11 @@ class Convergence:
         transfer = residual_pages * bytes_per_page / bandwidth if bandwidth else 0.0
         return self.freeze_overhead + m.read_seconds + transfer, dirty_rate, bandwidth
 
+    def link_bandwidth(self) -> float:
+        """Bytes/s of the best round big enough to measure the link (>= 1 MB), or 0."""
+        return max((h.wire_bytes / max(h.seconds - h.read_seconds, 1e-6)
+                    for h in self.history if h.wire_bytes >= BANDWIDTH_SAMPLE), default=0.0)
+
     def observe(self, m: RoundMeasure) -> Decision:
         self.history.append(m)
         predicted, dirty_rate, bandwidth = self.predict(m)
@@ -95,9 +101,13 @@ class Convergence:
             # residual is what breaks the target: the freeze's fixed cost (CRIU, restore)
             # is not made smaller by slowing the process
             # the residual after a stalled round is about that round's dirty set (QEMU's
-            # estimate): the dirty rate seen saturates at the writer's working set
-            send_seconds = m.wire_bytes / bandwidth if bandwidth and m.wire_bytes else 0.0
-            transfer = max(predicted - self.freeze_overhead - m.read_seconds, send_seconds)
+            # estimate): the dirty rate seen saturates at the writer's working set. Its
+            # time on the link at the best throughput a big round showed (a small round's
+            # time is its fixed latency, not bytes over bandwidth)
+            bytes_per_page = m.wire_bytes / m.changed if m.changed else 4096.0
+            residual = max(min(dirty_rate * m.seconds, m.pages) * bytes_per_page, m.wire_bytes)
+            link = self.link_bandwidth() or bandwidth
+            transfer = residual / link if link else 0.0
             budget = max(self.downtime_target - self.freeze_overhead, MIN_TRANSFER_BUDGET)
             higher = [lv for lv in self.throttle_levels if lv > self.throttle]
             if higher and transfer > budget and \
