@@ -236,13 +236,13 @@ def _sleeper():
 def test_signal_tree_spares_a_pid_with_another_start_time():
     """A pid whose start time differs from the recorded one names another process (the
     restored copy exited, its number reused): it is not signalled."""
-    from deltaxfer.serve import _signal_tree
+    from deltaxfer.pidref import signal_tree
     p, start = _sleeper()
     try:
-        assert _signal_tree(p.pid, 9, start + 1) == 0
-        assert _signal_tree(p.pid, 9, None) == 0
+        assert signal_tree(p.pid, 9, start + 1) == 0
+        assert signal_tree(p.pid, 9, None) == 0
         assert p.poll() is None                    # still running
-        assert _signal_tree(p.pid, 9, start) == 1
+        assert signal_tree(p.pid, 9, start) == 1
         assert p.wait(timeout=10) == -9
     finally:
         p.kill()

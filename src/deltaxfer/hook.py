@@ -14,9 +14,7 @@ import socket
 import subprocess
 import sys
 
-AGENT_ENV = "DELTAXFER_AGENT"          # the agent's unix socket
-LAZY_PORT_ENV = "DELTAXFER_LAZY_PORT"  # the lazy dump's port, to end it if the agent is gone
-TIMEOUT_ENV = "DELTAXFER_HOOK_TIMEOUT"  # seconds to wait for the agent's verdict
+from deltaxfer.hook_env import AGENT_ENV, LAZY_PORT_ENV, TIMEOUT_ENV  # noqa: F401
 
 
 CONFIG_ENV = "DELTAXFER_CONFIG"

@@ -28,65 +28,7 @@ from deltaxfer.source import SourceImage
 from deltaxfer.tracking import Tracking, clean_mask
 
 
-class LiveError(RuntimeError):
-    pass
-
-
-@dataclass(frozen=True)
-class Task:
-    host_pid: int
-    ns_pid: int     # as the tree's root PID namespace sees it (what CRIU's images use)
-
-
-def _nspids(pid: int) -> list[int]:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("NSpid:"):
-                    return [int(x) for x in line.split()[1:]]
-    except FileNotFoundError:
-        raise LiveError(f"process {pid} does not exist") from None
-    return [pid]
-
-
-def _children(pid: int) -> list[int]:
-    out = []
-    try:
-        for tid in os.listdir(f"/proc/{pid}/task"):
-            try:
-                with open(f"/proc/{pid}/task/{tid}/children") as f:
-                    out += [int(x) for x in f.read().split()]
-            except FileNotFoundError:
-                pass
-    except FileNotFoundError:
-        pass
-    return out
-
-
-def _alive(pid: int) -> bool:
-    """Running or stopped — not gone and not a zombie waiting to be reaped."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, IndexError):
-        return False
-    return state not in ("Z", "X")
-
-
-def process_tree(root: int) -> list[Task]:
-    """The root and all its descendants (processes, not threads), root first."""
-    if not _alive(root):
-        raise LiveError(f"the process to migrate ({root}) has exited")
-    depth = len(_nspids(root))
-    tasks, todo = [], [root]
-    while todo:
-        pid = todo.pop(0)
-        ns = _nspids(pid)
-        if len(ns) < depth:
-            continue  # left the tree's namespace: not ours to dump
-        tasks.append(Task(pid, ns[depth - 1]))
-        todo += _children(pid)
-    return tasks
+from deltaxfer.core.procmem import LiveError, Task, alive as _alive, process_tree  # noqa: F401
 
 
 @dataclass

@@ -46,7 +46,7 @@ from deltaxfer.tracking import Tracking
 from deltaxfer.tracking import support as tracking_support
 from deltaxfer.wire import MsgType
 
-from deltaxfer.hook import AGENT_ENV, TIMEOUT_ENV
+from deltaxfer.hook_env import AGENT_ENV, TIMEOUT_ENV
 
 
 RESUMED_TIMEOUT = 10.0   # for the destination to confirm that its copy runs

@@ -28,7 +28,7 @@ from deltaxfer import runc as rc
 from deltaxfer import transport
 from deltaxfer.criu.lazy import end_lazy_dump
 from deltaxfer.criu.runner import Criu, log_errors
-from deltaxfer.hook import AGENT_ENV, LAZY_PORT_ENV, TIMEOUT_ENV
+from deltaxfer.hook_env import AGENT_ENV, LAZY_PORT_ENV, TIMEOUT_ENV
 from deltaxfer.live import process_tree
 from deltaxfer.migrate import CRIU_MARGIN, Agent, MigrationError, Options, Report, lazy_dump_fits
 from deltaxfer.send import receive_state

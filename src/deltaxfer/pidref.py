@@ -10,9 +10,14 @@ signals through the pidfd, which can only ever reach the process it was opened o
 """
 from __future__ import annotations
 
+import logging
 import os
 import select
 import signal
+
+from deltaxfer.core.procmem import LiveError, ppid, process_tree
+
+log = logging.getLogger("deltaxfer.pidref")
 
 
 class ProcessChanged(ProcessLookupError):
@@ -89,3 +94,43 @@ class PidRef:
 
     def __repr__(self) -> str:
         return f"<PidRef {self.what} {self.pid} start={self.start} fd={self.fd}>"
+
+
+def signal_tree(root: int, sig: int, start: int | None) -> int:
+    """Signal every process of a restored tree (SIGCONT reaches all its threads), through
+    pidfds: the root only if it still has the recorded start time (``start``; None: the
+    tree is not signalled at all), each descendant only if, with its pidfd open, its
+    parent is still a member of the tree -- never a process that inherited a number.
+    Returns how many were signalled."""
+    if start is None:
+        log.warning("restored process %d: no start time recorded, not signalled", root)
+        return 0
+    try:
+        ref = PidRef(root, "restored process")
+    except ProcessChanged:
+        return 0
+    refs = [ref]
+    try:
+        if ref.start != start:
+            log.warning("pid %d now names another process (started at tick %d, the restored "
+                        "copy at %d): not signalled", root, ref.start, start)
+            return 0
+        try:
+            pids = [t.host_pid for t in process_tree(root)][1:]
+        except LiveError:
+            pids = []
+        members = {root}
+        for pid in pids:                       # parents come before their children
+            try:
+                r = PidRef(pid, "restored process")
+            except ProcessChanged:
+                continue
+            if ppid(pid) in members and not r.exited():
+                refs.append(r)
+                members.add(pid)
+            else:
+                r.close()
+        return sum(1 for r in refs if r.kill(sig))
+    finally:
+        for r in refs:
+            r.close()

@@ -14,6 +14,7 @@ import time
 
 from deltaxfer import transport
 from deltaxfer.criu.runner import CriuError
+from deltaxfer.pidref import signal_tree
 from deltaxfer.store import Store, StoreError, image_digest
 from deltaxfer.wire import (CAPS, RUNC_CAP, MsgType, ProtocolError, decode_control,
                             decode_pagemap,
@@ -25,57 +26,6 @@ RESUME_TIMEOUT = 30.0   # after COMMITTED, how long the restored copy waits for 
 # after authentication, how long a client may stay silent before its session is dropped
 # (a migration's longest silence is the source reading its memory between rounds)
 IDLE_TIMEOUT = 300.0
-
-
-def _ppid(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-        return int(stat[stat.rindex(b")") + 2:].split()[1])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def _signal_tree(root: int, sig: int, start: int | None) -> int:
-    """Signal every process of a restored tree (SIGCONT reaches all its threads), through
-    pidfds: the root only if it still has the recorded start time (``start``; None: the
-    tree is not signalled at all), each descendant only if, with its pidfd open, its
-    parent is still a member of the tree -- never a process that inherited a number.
-    Returns how many were signalled."""
-    from deltaxfer.live import LiveError, process_tree
-    from deltaxfer.pidref import PidRef, ProcessChanged
-    if start is None:
-        log.warning("restored process %d: no start time recorded, not signalled", root)
-        return 0
-    try:
-        ref = PidRef(root, "restored process")
-    except ProcessChanged:
-        return 0
-    refs = [ref]
-    try:
-        if ref.start != start:
-            log.warning("pid %d now names another process (started at tick %d, the restored "
-                        "copy at %d): not signalled", root, ref.start, start)
-            return 0
-        try:
-            pids = [t.host_pid for t in process_tree(root)][1:]
-        except LiveError:
-            pids = []
-        members = {root}
-        for pid in pids:                       # parents come before their children
-            try:
-                r = PidRef(pid, "restored process")
-            except ProcessChanged:
-                continue
-            if _ppid(pid) in members and not r.exited():
-                refs.append(r)
-                members.add(pid)
-            else:
-                r.close()
-        return sum(1 for r in refs if r.kill(sig))
-    finally:
-        for r in refs:
-            r.close()
 
 
 PAGES_BATCH = 64      # frames handed to a session's worker thread at once, at most
@@ -325,12 +275,12 @@ class Receiver:
         try:
             await conn.recv_control(MsgType.RESUME, timeout=RESUME_TIMEOUT)
         except BaseException as e:
-            killed = _signal_tree(pid, signal.SIGKILL, start)
+            killed = signal_tree(pid, signal.SIGKILL, start)
             log.warning("%s: session %s: no RESUME from the source (%s): killed the restored "
                         "copy (%d tasks) so that only one runs", peer, name,
                         type(e).__name__ if not str(e) else e, killed)
             raise
-        if not _signal_tree(pid, signal.SIGCONT, start):
+        if not signal_tree(pid, signal.SIGCONT, start):
             raise StoreError("restore", f"the restored process {pid} is gone (or its pid now "
                                         "names another process): nothing was resumed")
         await conn.send_control(MsgType.RESUMED, {"pid": pid})

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from deltaxfer import PAGE_SIZE, _core
 from deltaxfer.criu import images as im
 from deltaxfer.criu.dumpdir import DumpDir
-from deltaxfer.store import image_id_of
+from deltaxfer.criu.images import image_id_of
 
 # 2048 pages = 8 MiB per window: per-call overhead (Python, frame flush, a future) is
 # small against ~3 ms of encoding, and 2 x threads windows in flight stay a few tens of MiB

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 
 from deltaxfer import PAGE_SIZE, _core
 from deltaxfer.criu import images as im
+from deltaxfer.criu.images import image_id_of  # noqa: F401 (one rule, with the image names)
 
 log = logging.getLogger("deltaxfer.store")
 
@@ -67,14 +68,6 @@ def pagemap_name(image_id: str) -> str:
     if not m:
         raise StoreError("bad-payload", f"bad memory image id {image_id!r}")
     return f"pagemap-{m.group(2)}.img" if m.group(1) == "pid" else f"pagemap-shmem-{m.group(2)}.img"
-
-
-def image_id_of(pagemap_file: str) -> str | None:
-    m = im.PAGEMAP_RE.match(pagemap_file)
-    if m:
-        return f"pid-{m.group(1)}"
-    m = im.SHMEM_PAGEMAP_RE.match(pagemap_file)
-    return f"shmem-{m.group(1)}" if m else None
 
 
 # names the receiver itself creates in an image directory: a sender may not plant them
@@ -395,8 +388,8 @@ class Session:
                     pid = None
             if isinstance(pid, int) and pid > 1 and start is not None \
                     and _start_time(pid) == start and _state(pid) in ("T", "t"):
-                from deltaxfer.serve import _signal_tree
-                n = _signal_tree(pid, 9, start)
+                from deltaxfer.pidref import signal_tree
+                n = signal_tree(pid, 9, start)
                 done.append(f"killed the stopped restored copy {pid} ({n} tasks) that never "
                             "got RESUME")
             self.restored(None)

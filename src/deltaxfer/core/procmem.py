@@ -288,3 +288,75 @@ def snapshot(pid: int, impl=native) -> MemorySnapshot:
     buf = bytearray(sum(run_l))
     failed, bytes_failed = impl.read_process_memory(pid, run_v, run_l, buf)
     return MemorySnapshot(buf, impl.run_page_vaddrs(run_v, run_l), failed, bytes_failed)
+
+
+# -- the process tree ------------------------------------------------------------------
+
+class LiveError(RuntimeError):
+    """A process of the tree to migrate is gone or cannot be read."""
+
+
+@dataclass(frozen=True)
+class Task:
+    host_pid: int
+    ns_pid: int     # as the tree's root PID namespace sees it (what CRIU's images use)
+
+
+def nspids(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("NSpid:"):
+                    return [int(x) for x in line.split()[1:]]
+    except FileNotFoundError:
+        raise LiveError(f"process {pid} does not exist") from None
+    return [pid]
+
+
+def children(pid: int) -> list[int]:
+    out = []
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            try:
+                with open(f"/proc/{pid}/task/{tid}/children") as f:
+                    out += [int(x) for x in f.read().split()]
+            except FileNotFoundError:
+                pass
+    except FileNotFoundError:
+        pass
+    return out
+
+
+def alive(pid: int) -> bool:
+    """Running or stopped — not gone and not a zombie waiting to be reaped."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+def process_tree(root: int) -> list[Task]:
+    """The root and all its descendants (processes, not threads), root first."""
+    if not alive(root):
+        raise LiveError(f"the process to migrate ({root}) has exited")
+    depth = len(nspids(root))
+    tasks, todo = [], [root]
+    while todo:
+        pid = todo.pop(0)
+        ns = nspids(pid)
+        if len(ns) < depth:
+            continue  # left the tree's namespace: not ours to dump
+        tasks.append(Task(pid, ns[depth - 1]))
+        todo += children(pid)
+    return tasks
+
+
+def ppid(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        return int(stat[stat.rindex(b")") + 2:].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None

@@ -397,3 +397,11 @@ class MemoryImage:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def image_id_of(pagemap_file: str) -> str | None:
+    m = PAGEMAP_RE.match(pagemap_file)
+    if m:
+        return f"pid-{m.group(1)}"
+    m = SHMEM_PAGEMAP_RE.match(pagemap_file)
+    return f"shmem-{m.group(1)}" if m else None

@@ -1,0 +1,7 @@
+"""What the migration agent tells its action script (``deltaxfer-hook``, run by CRIU) through
+the environment CRIU passes on: a module of its own so that the agent (migrate.py) and the
+hook (hook.py) share the names without importing each other."""
+
+AGENT_ENV = "DELTAXFER_AGENT"          # the agent's unix socket
+LAZY_PORT_ENV = "DELTAXFER_LAZY_PORT"  # the lazy dump's port, to end it if the agent is gone
+TIMEOUT_ENV = "DELTAXFER_HOOK_TIMEOUT"  # seconds to wait for the agent's verdict
