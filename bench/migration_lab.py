@@ -208,6 +208,7 @@ class WorkloadSpec:
     objects: int = 0
     mutate: float = 0
     keys: int = 0
+    whole: bool = False     # memwork --whole-pages: every mutation a fresh random page
 
     def start(self, link, tmp: Path):
         """Start it in the link's source namespace (its own PID namespace), check it
@@ -224,7 +225,8 @@ class WorkloadSpec:
                                  tmpdir=tmp, prefix=prefix, ready_timeout=600)
         else:
             wl = workloads.start("memwork", mib=self.mib, dirty_mib_per_s=self.dirty,
-                                 tmpdir=tmp, prefix=prefix, ready_timeout=600)
+                                 tmpdir=tmp, prefix=prefix, ready_timeout=600,
+                                 whole_pages=self.whole)
         try:
             first = wl.verify(timeout=600)
             assert first["ok"], f"{self.name}: the fresh workload failed its own check: {first}"
@@ -238,9 +240,10 @@ class WorkloadSpec:
 SETTLE_S = 0.5      # the workload runs (and dirties) this long before a migration starts
 
 
-def memwork(mib: int, dirty: float) -> WorkloadSpec:
+def memwork(mib: int, dirty: float, whole: bool = False) -> WorkloadSpec:
     size = f"{mib // 1024}G" if mib >= 1024 and mib % 1024 == 0 else f"{mib}M"
-    return WorkloadSpec(f"mem{size}-d{dirty:g}", "memwork", mib=mib, dirty=dirty)
+    return WorkloadSpec(f"mem{'w' if whole else ''}{size}-d{dirty:g}", "memwork", mib=mib,
+                        dirty=dirty, whole=whole)
 
 
 def wait_gone(pid: int, timeout: float = 10) -> bool:

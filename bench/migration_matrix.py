@@ -43,11 +43,12 @@ LINK_ORDER = ("lo", "veth", "1gbit", "10gbit")
 def workload(name: str) -> WorkloadSpec:
     if name in WORKLOADS:
         return WORKLOADS[name]
-    m = re.fullmatch(r"mem(\d+)([MG])-d(\d+(?:\.\d+)?)", name)
+    m = re.fullmatch(r"mem(w?)(\d+)([MG])-d(\d+(?:\.\d+)?)", name)
     if not m:
-        raise ValueError(f"unknown workload {name!r}: {sorted(WORKLOADS)} or mem<N>[MG]-d<R>")
-    mib = int(m.group(1)) * (1024 if m.group(2) == "G" else 1)
-    return memwork(mib, float(m.group(3)))
+        raise ValueError(f"unknown workload {name!r}: {sorted(WORKLOADS)} or "
+                         "mem[w]<N>[MG]-d<R> (w: every mutation rewrites a whole page)")
+    mib = int(m.group(2)) * (1024 if m.group(3) == "G" else 1)
+    return memwork(mib, float(m.group(4)), whole=bool(m.group(1)))
 
 
 def _groups(spec: str) -> list[tuple[WorkloadSpec, str, tuple[str, ...]]]:
@@ -91,8 +92,12 @@ WIRESPEED = _join(
     + [("mem1G-d10", link, DX_PS) for link in ("1gbit", "10gbit")]
     + [("mem4G-d10", "1gbit", DX_PS)]
     + [(f"mem{s}-d10", "lo", ("deltaxfer", "lazy-floor")) for s in ("256M", "4G")])
-NAMED = {"default": DEFAULT, "smoke": SMOKE, "ci": CI, "full": FULL, "wirespeed": WIRESPEED}
-REPS = {"default": 3, "smoke": 1, "ci": 1, "full": 3, "wirespeed": 2}
+# issue 17's fast writer: 1 GiB whose every mutation rewrites a whole page with fresh
+# random bytes at 60 MiB/s, over 1 Gbit/s, with auto-converge and without
+CONVERGE = _join([("memw1G-d60", "1gbit", ("deltaxfer", "dx-noconverge"))])
+NAMED = {"default": DEFAULT, "smoke": SMOKE, "ci": CI, "full": FULL, "wirespeed": WIRESPEED,
+         "converge": CONVERGE}
+REPS = {"default": 3, "smoke": 1, "ci": 1, "full": 3, "wirespeed": 2, "converge": 2}
 
 
 def select(name: str) -> tuple[list, int]:

@@ -46,8 +46,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import workloads  # noqa: E402
 from servers import ServeProcess  # noqa: E402
 
-METHODS = ("deltaxfer", "dx-noxor", "dx-nolz4", "rsync", "page-server", "tar-lz4",
-           "lazy-floor")
+METHODS = ("deltaxfer", "dx-noxor", "dx-nolz4", "dx-noconverge", "rsync", "page-server",
+           "tar-lz4", "lazy-floor")
 BASELINES = ("rsync", "page-server", "tar-lz4", "lazy-floor")
 
 
@@ -93,7 +93,8 @@ def check_restored(wl, restored: int, method: str) -> dict:
 
 # -- deltaxfer --------------------------------------------------------------------------------
 
-DX_FLAGS = {"deltaxfer": [], "dx-noxor": ["--no-xor"], "dx-nolz4": ["--no-lz4"]}
+DX_FLAGS = {"deltaxfer": [], "dx-noxor": ["--no-xor"], "dx-nolz4": ["--no-lz4"],
+            "dx-noconverge": ["--converge", "off"]}
 
 
 def run_deltaxfer(ctx: Ctx, wl, tag: str, method: str) -> dict:
@@ -138,6 +139,7 @@ def run_deltaxfer(ctx: Ctx, wl, tag: str, method: str) -> dict:
             "tracking": report.get("tracking", {}).get("mode"),
             "predicted_downtime_s": report["predicted_downtime"],
             "stop_reason": report["stop_reason"],
+            "converge": report.get("converge"),
             "freeze": {k: v for k, v in report["freeze"].items() if isinstance(v, float)},
             "round_trace": trace,
         }
@@ -504,6 +506,7 @@ def _dir_bytes(d: Path) -> int:
 
 
 RUNNERS = {"deltaxfer": run_deltaxfer, "dx-noxor": run_deltaxfer, "dx-nolz4": run_deltaxfer,
+           "dx-noconverge": run_deltaxfer,
            "rsync": run_rsync, "page-server": run_page_server, "tar-lz4": run_tar_lz4,
            "lazy-floor": run_lazy_floor}
 

@@ -368,7 +368,7 @@ class Workload:
 def start(kind: str, *, tmpdir, mib: float = 64, objects: int = 10000,
           dirty_mib_per_s: float = 0, mutate_per_s: float = 0,
           private_mib: float | None = None, seed: int = 1,
-          ready_timeout: float = 120, prefix: tuple = ()) -> Workload:
+          ready_timeout: float = 120, prefix: tuple = (), whole_pages: bool = False) -> Workload:
     """Start a workload in its own PID namespace and wait until it is READY.
 
     memwork: `mib` of private memory, dirtied at `dirty_mib_per_s` (0 = idle).
@@ -392,6 +392,8 @@ def start(kind: str, *, tmpdir, mib: float = 64, objects: int = 10000,
     prog = build(kind)
     if kind == "memwork":
         argv = [str(prog), "--mib", f"{mib:g}", "--dirty-mib-per-s", f"{dirty_mib_per_s:g}"]
+        if whole_pages:   # each mutation rewrites a whole page with fresh random words
+            argv.append("--whole-pages")
     elif kind == "shmwork":
         argv = [str(prog), "--mib", f"{mib:g}"]
         if private_mib is not None:

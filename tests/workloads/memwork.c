@@ -1,7 +1,7 @@
 /*
  * memwork -- a self-checking memory workload for CRIU migration tests.
  *
- *   memwork --mib N --result PATH [--dirty-mib-per-s R] [--seed S]
+ *   memwork --mib N --result PATH [--dirty-mib-per-s R] [--seed S] [--whole-pages]
  *
  * It maps N MiB of private anonymous memory and fills it with a mix of page
  * kinds chosen to exercise every path of a page transfer:
@@ -147,11 +147,30 @@ static void base_content(size_t p, uint64_t *buf)
     }
 }
 
+/* --whole-pages: a mutation rewrites the whole page with fresh pseudo-random words
+ * (incompressible, no XOR delta helps), a pure function of (page, version, seed). */
+static int whole_pages;
+
+static void whole_content(size_t p, uint32_t v, uint64_t *buf)
+{
+    uint64_t x = mix3(p, v, 0x77686f6c /* "whol" */) | 1;
+    for (size_t i = 0; i < words_per_page; i++) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        buf[i] = x;
+    }
+}
+
 /* The content page p must have now. */
 static void expected_content(size_t p, uint64_t *buf)
 {
-    base_content(p, buf);
     uint32_t v = versions[p];
+    if (whole_pages && v) {
+        whole_content(p, v, buf);
+        return;
+    }
+    base_content(p, buf);
     if (v)
         for (unsigned j = 0; j < MUT_SLOTS; j++)
             buf[slot_index(p, j)] = slot_value(p, v, j);
@@ -210,8 +229,11 @@ static void mutate_one(void)
         return;
     uint32_t v = ++versions[p];
     uint64_t *w = (uint64_t *)(region + p * page_size);
-    for (unsigned j = 0; j < MUT_SLOTS; j++)
-        w[slot_index(p, j)] = slot_value(p, v, j);
+    if (whole_pages)
+        whole_content(p, v, w);
+    else
+        for (unsigned j = 0; j < MUT_SLOTS; j++)
+            w[slot_index(p, j)] = slot_value(p, v, j);
     mutations++;
 }
 
@@ -311,7 +333,8 @@ static uint64_t gcd(uint64_t a, uint64_t b)
 
 static void usage(void)
 {
-    fprintf(stderr, "usage: memwork --mib N --result PATH [--dirty-mib-per-s R] [--seed S]\n");
+    fprintf(stderr, "usage: memwork --mib N --result PATH [--dirty-mib-per-s R] [--seed S] "
+                    "[--whole-pages]\n");
     exit(2);
 }
 
@@ -319,6 +342,10 @@ int main(int argc, char **argv)
 {
     double mib = 0, rate = 0;
     for (int i = 1; i < argc; i++) {
+        if (!strcmp(argv[i], "--whole-pages")) {
+            whole_pages = 1;
+            continue;
+        }
         if (i + 1 >= argc)
             usage();
         if (!strcmp(argv[i], "--mib"))
