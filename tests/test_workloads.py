@@ -242,3 +242,29 @@ def test_verify_of_missing_process_and_failed_start(tmp_path):
         workloads.start("memwork", mib=-1, tmpdir=tmp_path, ready_timeout=10)
     with pytest.raises(ValueError):
         workloads.start("shmwork", dirty_mib_per_s=1, tmpdir=tmp_path)
+
+
+def test_memwork_whole_pages_rewrites_pages_and_still_detects_corruption(tmp_path):
+    """--whole-pages (issue 17's fast writer): a mutated page is fresh random words all
+    through, not a few changed slots, and the check still finds a flipped word in it."""
+    with workloads.start("memwork", mib=4, dirty_mib_per_s=64, tmpdir=tmp_path,
+                         whole_pages=True) as w:
+        reg = w.region()
+        before = peek(w.pid, reg["start"], reg["pages"] * PAGE)
+        time.sleep(0.3)
+        r = w.verify()
+        assert r["ok"] and r["mutations"] > reg["pages"] // 4, r["line"]
+        after = peek(w.pid, reg["start"], reg["pages"] * PAGE)
+        # among the pages that changed, most words changed (a slot mutation changes 8 of 512)
+        changed = [i for i in range(reg["pages"])
+                   if before[i * PAGE:(i + 1) * PAGE] != after[i * PAGE:(i + 1) * PAGE]]
+        assert changed
+        i = changed[0]
+        a = struct.unpack(f"<{PAGE // 8}Q", before[i * PAGE:(i + 1) * PAGE])
+        b = struct.unpack(f"<{PAGE // 8}Q", after[i * PAGE:(i + 1) * PAGE])
+        assert sum(x != y for x, y in zip(a, b)) > PAGE // 8 // 2
+    with workloads.start("memwork", mib=4, tmpdir=tmp_path, whole_pages=True) as w:
+        reg = w.region()
+        flip_word(w.pid, reg["start"] + 10 * PAGE + 5 * 8)
+        r = w.verify()
+        assert not r["ok"] and r["page"] == 10, r["line"]
