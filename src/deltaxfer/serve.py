@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import enum
 import errno
 import logging
 import os
@@ -40,6 +41,228 @@ def _apply_frames(rnd, batch) -> dict:
     return counts
 
 
+class State(enum.Enum):
+    """Where one receiving session is (docs/ARCHITECTURE.md, "Session states"). CLOSE is
+    accepted in every state; anything else a state does not accept is ERROR unexpected."""
+    IDLE = "idle"                        # between rounds: no round, no files open
+    IN_ROUND = "in a round"              # ROUND .. ROUND_END (images open and close inside)
+    IN_FILES = "in files"                # after FILE, until COMMIT (a file opens and closes inside)
+    ROUND_IN_FILES = "in a round, files open"   # a round while the file set is open
+    AWAITING_RESUME = "awaiting RESUME"  # COMMITTED a stopped copy; RESUME lets it run
+    CLOSED = "closed"                    # CLOSE, ERROR or a lost connection: the session ended
+
+
+_ROUND_MESSAGES = (MsgType.IMAGE, MsgType.PAGEMAP, MsgType.PAGES, MsgType.IMAGE_END,
+                   MsgType.ROUND_END)
+_FILE_MESSAGES = (MsgType.FILE, MsgType.FILE_DATA, MsgType.FILE_END)
+
+# which message each state accepts, and the handler (a _Receiving method) that takes it
+ACCEPTS: dict[State, dict[MsgType, str]] = {
+    State.IDLE: {MsgType.ROUND: "_round", MsgType.FILE: "_file"},
+    State.IN_ROUND: {**{t: "_" + t.name.lower() for t in _ROUND_MESSAGES},
+                     MsgType.FILE: "_file"},      # opens the file set inside the round
+    State.IN_FILES: {**{t: "_" + t.name.lower() for t in _FILE_MESSAGES},
+                     MsgType.ROUND: "_round", MsgType.COMMIT: "_commit"},
+    State.ROUND_IN_FILES: {t: "_" + t.name.lower() for t in _ROUND_MESSAGES + _FILE_MESSAGES},
+    State.AWAITING_RESUME: {},     # RESUME only, taken by Receiver._await_resume
+    State.CLOSED: {},
+}
+
+# messages whose payload is binary: decoded by their handler, not as a control body
+_BINARY = frozenset({MsgType.PAGES, MsgType.PAGEMAP, MsgType.FILE_DATA})
+
+
+def _refusal(state: State, t: MsgType) -> str:
+    """The reason of ERROR unexpected for message ``t`` in ``state``."""
+    if t in _ROUND_MESSAGES:
+        what = f"{t.name} outside a round"
+    elif t in (MsgType.FILE_DATA, MsgType.FILE_END):
+        what = f"{t.name} outside a file"
+    elif t in (MsgType.ROUND, MsgType.COMMIT) and state in (State.IN_ROUND,
+                                                            State.ROUND_IN_FILES):
+        what = f"{t.name} inside a round"
+    elif t == MsgType.COMMIT and state == State.IDLE:
+        what = "COMMIT without image files"
+    else:
+        what = f"{t.name} is not expected here"
+    return f"{what} (session state: {state.name})"
+
+
+class _Receiving:
+    """One session's protocol after STATE_END: the state, what it has open (``rnd``, a
+    round; ``files``, a FileSet) and one handler per accepted message (see ACCEPTS)."""
+
+    def __init__(self, receiver: "Receiver", conn, begin: dict, session, worker, t0: float):
+        self.r, self.conn, self.begin, self.session = receiver, conn, begin, session
+        self.peer, self.name = getattr(conn, "peer", "?"), begin["session"]
+        self.container = begin.get("container")
+        self.loop = asyncio.get_running_loop()
+        self.worker, self.t0 = worker, t0
+        self.state = State.IDLE
+        self.rnd = self.files = None
+        self.final_round = False
+        self.drop_session = False
+        self.records = {"zero": 0, "xor": 0, "full": 0}
+
+    def _set(self, state: State) -> None:
+        self.state = state
+
+    async def run(self) -> None:
+        """Read and dispatch messages until CLOSE (or an error, raised)."""
+        conn = self.conn
+        while True:
+            try:
+                msg = await conn.recv(timeout=self.r.idle_timeout)
+            except TimeoutError:
+                raise StoreError("timeout", f"nothing received for {self.r.idle_timeout:g} s: "
+                                            "the session is dropped") from None
+            t = msg.type
+            if t == MsgType.CLOSE:
+                self._set(State.CLOSED)
+                return
+            body = msg if t in _BINARY else decode_control(msg)
+            handler = ACCEPTS[self.state].get(t)
+            if handler is None:
+                raise StoreError("unexpected", _refusal(self.state, t))
+            await getattr(self, handler)(body)
+
+    # --- rounds: IDLE / IN_FILES --ROUND--> IN_ROUND / ROUND_IN_FILES --ROUND_END--> back
+    async def _round(self, body: dict) -> None:
+        begin = self.begin
+        # optionally, a migration's final round links to the held pages instead of
+        # rewriting them (see Receiver._restore for the cost)
+        self.final_round = bool(body["final"])
+        self.rnd = self.session.begin_round(
+            body["round"], begin["source"],
+            parent_linked=(self.r.parent_linked_final and body["final"]
+                           and begin["mode"] == "migrate"))
+        self._set(State.ROUND_IN_FILES if self.state == State.IN_FILES else State.IN_ROUND)
+
+    async def _image(self, body: dict) -> None:
+        self.rnd.begin_image(body["index"], body["id"], body["entries"], body["pages"])
+
+    async def _pagemap(self, msg) -> None:
+        pm = decode_pagemap(msg.payload)
+        self.rnd.add_pagemap(pm.index, pm.entries)     # u64 pairs, kept as arrays
+
+    async def _pages(self, msg) -> None:
+        # the frames already received go to the worker in one hand-off: a thread switch
+        # per frame costs more than applying a small frame
+        batch = [decode_pages(msg.payload)]
+        while len(batch) < PAGES_BATCH and \
+                (nxt := self.conn.recv_ready(MsgType.PAGES)) is not None:
+            batch.append(decode_pages(nxt.payload))
+        counts = await self.loop.run_in_executor(self.worker, _apply_frames, self.rnd, batch)
+        for k, v in counts.items():
+            self.records[k] += v
+
+    async def _image_end(self, body: dict) -> None:
+        await self.loop.run_in_executor(self.worker, self.rnd.end_image, body["index"],
+                                        int(body["digest"], 16))
+
+    async def _round_end(self, body: dict) -> None:
+        conn, session = self.conn, self.session
+        done = await self.loop.run_in_executor(self.worker, self.rnd.finish)
+        self.rnd = None
+        self._set(State.IN_FILES if self.files is not None else State.IDLE)
+        await conn.send_control(MsgType.ROUND_OK, {
+            "round": done["round"], "pages": done["pages"],
+            "bytes": conn.stats["bytes_in"]})
+        if self.begin["mode"] == "migrate" and not self.final_round:
+            # a live round's writes go to disk after it is confirmed, so that the final
+            # round's layout edit finds nothing to write out (see Session.flush_held);
+            # queued on the session's one worker thread, not awaited: the writeback
+            # overlaps the source's next round, and whatever the worker does next waits
+            self.loop.run_in_executor(self.worker, session.flush_held)
+        log.info("%s: session %s round %d complete: %d pages held", self.peer, self.name,
+                 done["round"], done["pages"])
+
+    # --- files: FILE opens the set (IN_FILES / ROUND_IN_FILES) until COMMIT
+    async def _file(self, body: dict) -> None:
+        self.files = self.files or self.session.begin_files()
+        self.files.begin(body["name"], body["size"], body["mode"])
+        if self.state == State.IDLE:
+            self._set(State.IN_FILES)
+        elif self.state == State.IN_ROUND:
+            self._set(State.ROUND_IN_FILES)
+
+    async def _file_data(self, msg) -> None:
+        self.files.data(msg.payload)
+
+    async def _file_end(self, body: dict) -> None:
+        self.files.end(int(body["xxh3"], 16))
+
+    # --- COMMIT (IN_FILES): -> AWAITING_RESUME (a migration's stopped copy) -> IDLE
+    async def _commit(self, body: dict) -> None:
+        r, conn, session, loop = self.r, self.conn, self.session, self.loop
+        peer, name, container = self.peer, self.name, self.container
+        path = session.commit(self.files)
+        self.files = None
+        self._set(State.IDLE)
+        pid = None
+        # a migration's copy is restored stopped and runs only once the source has
+        # confirmed (RESUME) that it will not resume itself
+        two_phase = self.begin["mode"] == "migrate"
+        if body["restore"] and container is not None:
+            session.mark_restoring()
+            try:
+                pid = await loop.run_in_executor(
+                    None, r._restore_container, path, container, two_phase)
+            except StoreError:
+                self.drop_session = True   # nothing of this container stays here
+                raise
+            session.restored(pid if two_phase else None)
+        elif body["restore"]:
+            session.mark_restoring()
+            pid = await loop.run_in_executor(None, r._restore, path, two_phase)
+            # until RESUME, a restarted receiver kills this stopped copy
+            session.restored(pid if two_phase else None)
+        await conn.send_control(MsgType.COMMITTED, {"path": path, "restored_pid": pid})
+        if pid is not None and two_phase:
+            self._set(State.AWAITING_RESUME)
+            try:
+                await r._await_resume(conn, peer, name, pid,
+                                      session.meta["restoring"].get("start"))
+            except BaseException:
+                if container is not None:   # the killed copy's runc state
+                    self.drop_session = True
+                    await loop.run_in_executor(None, r._drop_container, container)
+                raise
+            self._set(State.IDLE)
+            session.restored(None)
+        seconds = time.monotonic() - self.t0
+        wire = conn.stats["bytes_in"]
+        records = self.records
+        report = {"session": name, "path": path, "restored_pid": pid,
+                  "round": session.round, "wire_bytes_received": wire,
+                  "records": dict(records), "seconds": round(seconds, 6),
+                  "wire_rate_MBps": round(wire / seconds / 1e6, 3)}
+        log.info("%s: session %s committed: %.2f MiB received in %.2f s "
+                 "(%.1f MB/s; pages %d full, %d xor-delta, %d zero); restorable "
+                 "images in %s%s", peer, name, wire / 2**20, seconds,
+                 report["wire_rate_MBps"], records["full"], records["xor"],
+                 records["zero"], path,
+                 f", restored as pid {pid} (criu's log: "
+                 f"{os.path.join(path, 'restore.log')})" if pid else "")
+        if r.on_commit:
+            r.on_commit(report)
+
+    async def cleanup(self) -> None:
+        """Whatever the session left open: the partial round aborted on the worker (after
+        whatever it still does with it), partial files discarded, the watch on a restored
+        copy dropped."""
+        self._set(State.CLOSED)
+        try:
+            if self.rnd is not None:
+                await asyncio.shield(self.loop.run_in_executor(self.worker, self.rnd.abort))
+        finally:
+            self.worker.shutdown(wait=False)
+            if self.files is not None:
+                self.files.discard()
+            if self.session.meta.get("restoring"):
+                self.session.restored(None)      # the copy is ours to watch (or gone) now
+
+
 class Receiver:
     def __init__(self, store: Store, *, criu=None, on_commit=None, lazy_restore: bool = True,
                  parent_linked_final: bool = False, idle_timeout: float | None = IDLE_TIMEOUT,
@@ -58,7 +281,8 @@ class Receiver:
         self.active: set[str] = set()
 
     async def handle(self, conn) -> None:
-        """One connection: BEGIN, STATE, rounds, files, COMMIT; ERROR on any failure."""
+        """One connection: BEGIN, STATE, then the session's states (State, ACCEPTS) until
+        CLOSE; ERROR on any failure."""
         peer = getattr(conn, "peer", "?")
         begin = await conn.recv_control(MsgType.BEGIN)
         name = begin["session"]
@@ -83,17 +307,16 @@ class Receiver:
             await conn.error("restore", reason)
             return
         self.active.add(name)
-        rnd = files = session = None
-        drop_session = False
+        rcv = None
         loop = asyncio.get_running_loop()
         # the session's disk work (applying frames, verifying, swapping rounds) runs on one
         # worker thread, in arrival order: each step is awaited before the next message is
         # read, so the transport's flow control bounds what waits in memory
         worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"dx-{name}")
         t0 = time.monotonic()
-        records = {"zero": 0, "xor": 0, "full": 0}
         try:
             session = self.store.session(name)
+            rcv = _Receiving(self, conn, begin, session, worker, t0)
             held = session.held()
             tables = {}
             for image_id in held:
@@ -109,135 +332,7 @@ class Receiver:
             await conn.send_control(MsgType.STATE_END, {})
             log.info("%s: session %s from %s (%s), holding round %d", peer, name,
                      begin["source"], begin["mode"], session.round)
-
-            while True:
-                try:
-                    msg = await conn.recv(timeout=self.idle_timeout)
-                except TimeoutError:
-                    raise StoreError("timeout", f"nothing received for {self.idle_timeout:g} s: "
-                                                "the session is dropped") from None
-                t = msg.type
-                if t == MsgType.PAGES:
-                    if rnd is None:
-                        raise StoreError("unexpected", "PAGES outside a round")
-                    # the frames already received go to the worker in one hand-off: a
-                    # thread switch per frame costs more than applying a small frame
-                    batch = [decode_pages(msg.payload)]
-                    while len(batch) < PAGES_BATCH and \
-                            (nxt := conn.recv_ready(MsgType.PAGES)) is not None:
-                        batch.append(decode_pages(nxt.payload))
-                    counts = await loop.run_in_executor(worker, _apply_frames, rnd, batch)
-                    for k, v in counts.items():
-                        records[k] += v
-                elif t == MsgType.PAGEMAP:
-                    if rnd is None:
-                        raise StoreError("unexpected", "PAGEMAP outside a round")
-                    pm = decode_pagemap(msg.payload)
-                    rnd.add_pagemap(pm.index, pm.entries)     # u64 pairs, kept as arrays
-                elif t == MsgType.FILE_DATA:
-                    if files is None:
-                        raise StoreError("unexpected", "FILE_DATA outside a file")
-                    files.data(msg.payload)
-                elif t == MsgType.CLOSE:
-                    return
-                else:
-                    body = decode_control(msg)
-                    if t == MsgType.ROUND:
-                        if rnd is not None:
-                            raise StoreError("unexpected", "ROUND inside a round")
-                        # optionally, a migration's final round links to the held pages
-                        # instead of rewriting them (see Receiver._restore for the cost)
-                        final_round = bool(body["final"])
-                        rnd = session.begin_round(
-                            body["round"], begin["source"],
-                            parent_linked=(self.parent_linked_final and body["final"]
-                                           and begin["mode"] == "migrate"))
-                    elif t == MsgType.IMAGE:
-                        self._need(rnd, "IMAGE")
-                        rnd.begin_image(body["index"], body["id"], body["entries"], body["pages"])
-                    elif t == MsgType.IMAGE_END:
-                        self._need(rnd, "IMAGE_END")
-                        await loop.run_in_executor(worker, rnd.end_image, body["index"],
-                                                   int(body["digest"], 16))
-                    elif t == MsgType.ROUND_END:
-                        self._need(rnd, "ROUND_END")
-                        done = await loop.run_in_executor(worker, rnd.finish)
-                        rnd = None
-                        await conn.send_control(MsgType.ROUND_OK, {
-                            "round": done["round"], "pages": done["pages"],
-                            "bytes": conn.stats["bytes_in"]})
-                        if begin["mode"] == "migrate" and not final_round:
-                            # a live round's writes go to disk after it is confirmed, so that
-                            # the final round's layout edit finds nothing to write out (see
-                            # Session.flush_held); queued on the session's one worker thread,
-                            # not awaited: the writeback overlaps the source's next round,
-                            # and whatever the worker does next waits for it
-                            loop.run_in_executor(worker, session.flush_held)
-                        log.info("%s: session %s round %d complete: %d pages held", peer, name,
-                                 done["round"], done["pages"])
-                    elif t == MsgType.FILE:
-                        files = files or session.begin_files()
-                        files.begin(body["name"], body["size"], body["mode"])
-                    elif t == MsgType.FILE_END:
-                        if files is None:
-                            raise StoreError("unexpected", "FILE_END outside a file")
-                        files.end(int(body["xxh3"], 16))
-                    elif t == MsgType.COMMIT:
-                        if rnd is not None:
-                            raise StoreError("unexpected", "COMMIT inside a round")
-                        if files is None:
-                            raise StoreError("unexpected", "COMMIT without image files")
-                        path = session.commit(files)
-                        files = None
-                        pid = None
-                        # a migration's copy is restored stopped and runs only once the
-                        # source has confirmed (RESUME) that it will not resume itself
-                        two_phase = begin["mode"] == "migrate"
-                        if body["restore"] and container is not None:
-                            session.mark_restoring()
-                            try:
-                                pid = await loop.run_in_executor(
-                                    None, self._restore_container, path, container, two_phase)
-                            except StoreError:
-                                drop_session = True   # nothing of this container stays here
-                                raise
-                            session.restored(pid if two_phase else None)
-                        elif body["restore"]:
-                            session.mark_restoring()
-                            pid = await loop.run_in_executor(None, self._restore, path,
-                                                             two_phase)
-                            # until RESUME, a restarted receiver kills this stopped copy
-                            session.restored(pid if two_phase else None)
-                        await conn.send_control(MsgType.COMMITTED, {"path": path,
-                                                                    "restored_pid": pid})
-                        if pid is not None and two_phase:
-                            try:
-                                await self._await_resume(conn, peer, name, pid,
-                                                         session.meta["restoring"].get("start"))
-                            except BaseException:
-                                if container is not None:   # the killed copy's runc state
-                                    drop_session = True
-                                    await loop.run_in_executor(None, self._drop_container,
-                                                               container)
-                                raise
-                            session.restored(None)
-                        seconds = time.monotonic() - t0
-                        wire = conn.stats["bytes_in"]
-                        report = {"session": name, "path": path, "restored_pid": pid,
-                                  "round": session.round, "wire_bytes_received": wire,
-                                  "records": dict(records), "seconds": round(seconds, 6),
-                                  "wire_rate_MBps": round(wire / seconds / 1e6, 3)}
-                        log.info("%s: session %s committed: %.2f MiB received in %.2f s "
-                                 "(%.1f MB/s; pages %d full, %d xor-delta, %d zero); restorable "
-                                 "images in %s%s", peer, name, wire / 2**20, seconds,
-                                 report["wire_rate_MBps"], records["full"], records["xor"],
-                                 records["zero"], path,
-                                 f", restored as pid {pid} (criu's log: "
-                                 f"{os.path.join(path, 'restore.log')})" if pid else "")
-                        if self.on_commit:
-                            self.on_commit(report)
-                    else:
-                        raise StoreError("unexpected", f"{t.name} is not expected here")
+            await rcv.run()
         except StoreError as e:
             log.warning("%s: session %s refused: %s (%s)", peer, name, e.reason, e.code)
             await conn.error(e.code, e.reason)
@@ -249,23 +344,14 @@ class Receiver:
                              f"the destination's disk failed: {e.strerror or e}")
         finally:
             try:
-                if rnd is not None:
-                    # on the worker, after whatever it is still doing with the round
-                    await asyncio.shield(loop.run_in_executor(worker, rnd.abort))
+                if rcv is not None:
+                    await rcv.cleanup()
+                else:
+                    worker.shutdown(wait=False)
             finally:
-                worker.shutdown(wait=False)
-                if files is not None:
-                    files.discard()
-                if session is not None and session.meta.get("restoring"):
-                    session.restored(None)      # the copy is ours to watch (or gone) now
-                if drop_session:
+                if rcv is not None and rcv.drop_session:
                     self._drop_session(name)
                 self.active.discard(name)
-
-    @staticmethod
-    def _need(rnd, what):
-        if rnd is None:
-            raise StoreError("unexpected", f"{what} outside a round")
 
     async def _await_resume(self, conn, peer: str, name: str, pid: int,
                             start: int | None) -> None:
@@ -400,4 +486,4 @@ async def serve(host: str, port: int, *, key: bytes, directory: str, ssl=None, c
                                  admit=same_user_only if insecure else None)
 
 
-__all__ = ["Receiver", "serve", "ProtocolError"]
+__all__ = ["Receiver", "State", "ACCEPTS", "serve", "ProtocolError"]
