@@ -103,6 +103,13 @@ def run_deltaxfer(ctx: Ctx, wl, tag: str, method: str) -> dict:
     try:
         report_path = ctx.tmp / f"report-{tag}.json"
         err_path = ctx.tmp / f"migrate-{tag}.err"
+        # a normal full pass over the workload's memory (its own check reads every page),
+        # to compare the first pass after the move with: the brownout of a lazy restore
+        t = time.monotonic()
+        normal = wl.verify(timeout=600)
+        normal_pass = time.monotonic() - t
+        if not normal.get("ok"):
+            raise MethodFailed(f"{method}: the workload failed its check before the move")
         cpu_dst0 = tree_cpu(server.proc.pid)
         before = link_counters(ctx.link)
         with open(err_path, "wb") as err:
@@ -119,7 +126,9 @@ def run_deltaxfer(ctx: Ctx, wl, tag: str, method: str) -> dict:
             raise MethodFailed(f"{method}: {report['outcome']}: {report.get('error')}\n"
                                f"{log_tail(err_path)}\nserve: {server.log()[-2000:]}")
         restored = report["restored_pid"]
+        t = time.monotonic()
         res = check_restored(wl, restored, method)
+        first_pass = time.monotonic() - t
         # after the check, which faulted every page in: the lazy-pages daemon's work counts
         cpu_dst = tree_cpu(server.proc.pid, exclude=[restored]) - cpu_dst0
         if not wait_gone(wl.pid):
@@ -140,6 +149,11 @@ def run_deltaxfer(ctx: Ctx, wl, tag: str, method: str) -> dict:
             "predicted_downtime_s": report["predicted_downtime"],
             "stop_reason": report["stop_reason"],
             "converge": report.get("converge"),
+            # the first full pass over memory after the resume (pages still arriving
+            # through the lazy restore) against one before the move
+            "brownout": {"normal_pass_s": round(normal_pass, 4),
+                         "first_pass_s": round(first_pass, 4),
+                         "ratio": round(first_pass / normal_pass, 3) if normal_pass else None},
             "freeze": {k: v for k, v in report["freeze"].items() if isinstance(v, float)},
             "round_trace": trace,
         }
