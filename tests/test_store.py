@@ -280,7 +280,7 @@ def test_parent_linked_round_refuses_bad_digest_and_missing_pages(tmp_path):
 
 
 def split(frames):
-    from deltaxfer.source import split_frames
+    from deltaxfer.core.pipeline import split_frames
     return [bytes(f) for f in split_frames(frames)]
 
 

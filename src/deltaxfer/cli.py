@@ -143,43 +143,27 @@ def cmd_send(args) -> int:
 def cmd_migrate(args) -> int:
     from deltaxfer import transport
     from deltaxfer.criu.runner import find_criu
-    from deltaxfer.keys import client_key, client_tls, parse_hostport
-    from deltaxfer.migrate import Options, migrate
-
-    from deltaxfer.criu.runner import check_criu_config, check_criu_opts
-    from deltaxfer.keys import ConfigError
+    from deltaxfer.keys import client_key
+    from deltaxfer.migrate import migrate
+    from deltaxfer.settings import from_args, options_from
 
     host, port = _hostport(args.to, "--to")
-    criu_opts = check_criu_opts(args.criu_opt, "dump")
-    criu_config = check_criu_config(args.criu_config, "dump")
-    if args.kill_source and not args.no_restore:
-        raise ConfigError("--kill-source goes with --no-restore (a migration that restores "
-                          "always ends the source once the destination runs its copy)")
-    if args.log_dir and not os.path.isdir(args.log_dir):
-        raise ConfigError(f"--log-dir {args.log_dir} is not a directory: create it first")
-    key = client_key(args.key_file, args.insecure, host)
-    criu = find_criu(args.criu)
     tty = sys.stderr.isatty()
 
     def progress(line):
         if not args.quiet:
             print(line, file=sys.stderr, flush=True)
 
-    opts = Options(session=args.session, downtime_target=args.downtime_target / 1000,
-                   max_rounds=args.max_rounds, xor=not args.no_xor, compress=not args.no_lz4,
-                   cache_bytes=args.xor_cache_mib << 20, restore=not args.no_restore,
-                   tracking=args.tracking, freeze=args.freeze, converge=args.converge,
-                   ssl=client_tls(args.tls_ca, args.tls_server_name, args.tls_pin),
-                   progress=progress if (tty or args.progress) else None,
-                   criu_opts=criu_opts, criu_config=criu_config, kill_source=args.kill_source,
-                   log_dir=args.log_dir,
-                   log_path=args.report + ".dump.log" if args.report and not args.log_dir
-                   else None)
+    # the settings (docs/OPERATIONS.md's table): the same path as the hook's file and
+    # environment; each is checked before anything starts
+    opts = options_from(*from_args(args), progress=progress if (tty or args.progress) else None)
+    key = client_key(args.key_file, args.insecure, host)
+    criu = find_criu(args.criu)
     if args.runc is not None or args.pid is None:
         return _migrate_container(args, host, port, key, criu, opts)
     report = transport.run(migrate(args.pid, host, port, key, criu, opts), loop=args.loop).as_dict()
-    if args.report:
-        with open(args.report, "w") as f:
+    if opts.report:
+        with open(opts.report, "w") as f:
             json.dump(report, f, indent=2)
     _emit(args, report, render_migration)
     # --no-restore: "stored" is what was asked
@@ -201,8 +185,8 @@ def _migrate_container(args, host, port, key, criu, opts) -> int:
     report = transport.run(migrate_container(args.runc, args.runc_root or DEFAULT_ROOT, host,
                                              port, key, criu, opts, dest_id=args.runc_dest_id),
                            loop=args.loop).as_dict()
-    if args.report:
-        with open(args.report, "w") as f:
+    if opts.report:
+        with open(opts.report, "w") as f:
             json.dump(report, f, indent=2)
     _emit(args, report, render_migration)
     return 0 if report["outcome"] == "migrated" else 1
@@ -402,56 +386,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "--insecure")
     p.add_argument("--insecure", action="store_true",
                    help="reach a `serve --insecure` on loopback (its published key)")
-    p.add_argument("--session", help="session name on the destination (default: unique)")
-    p.add_argument("--downtime-target", type=float, default=300, metavar="MS",
-                   help="freeze when the predicted downtime is below this (default 300 ms)")
-    p.add_argument("--max-rounds", type=int, default=10, help="live rounds at most (default 10)")
-    p.add_argument("--xor-cache-mib", type=int, default=64,
-                   help="bounded cache of sent pages for XOR deltas (default 64 MiB)")
-    p.add_argument("--no-xor", action="store_true", help="send changed pages whole")
-    p.add_argument("--no-lz4", action="store_true", help="do not compress page frames")
-    p.add_argument("--tracking", choices=("auto", "on", "off"), default="auto",
-                   help="written-page tracking (userfaultfd write-protect + PAGEMAP_SCAN, "
-                        "Linux >= 6.7): auto = when the kernel can, else content hashing "
-                        "(default); on = fail without it; off = content hashing only")
-    p.add_argument("--converge", choices=("auto", "off"), default="auto",
-                   help="when the rounds stop shrinking with the predicted downtime over the "
-                        "target: auto = slow the process tree in steps (a stop/continue duty "
-                        "cycle of 30..95 %%, released before the freeze and on every exit) "
-                        "and go on (default); off = freeze with what is left")
-    p.add_argument("--freeze", choices=("auto", "lazy", "page-server"), default="auto",
-                   help="how CRIU dumps in the freeze: lazy (pages stay in the frozen tasks; "
-                        "needs ~2048 open files per GiB), page-server (a plain dump whose "
-                        "pages deltaxfer throws away as they come), auto: lazy when it fits")
-    p.add_argument("--no-restore", action="store_true",
-                   help="stop after the destination holds the images: the source is left "
-                        "stopped (resume it with SIGCONT, or restore the images there with "
-                        "`criu restore -D PATH`), unless --kill-source")
-    p.add_argument("--kill-source", action="store_true",
-                   help="with --no-restore: kill the source once the destination holds the "
-                        "images")
     p.add_argument("--criu", metavar="PATH", help="criu binary")
-    p.add_argument("--criu-opt", metavar="OPT", action="append", default=[],
-                   help="one more option for `criu dump` (repeat it; e.g. "
-                        "--criu-opt=--ext-unix-sk --criu-opt=--file-locks); options deltaxfer "
-                        "sets itself or that would break it (-t, -D, -o, --action-script, "
-                        "--lazy-pages, --page-server, --leave-running, ...) are refused")
-    p.add_argument("--criu-config", metavar="FILE",
-                   help="a CRIU configuration file for `criu dump` (passed as --config FILE; "
-                        "checked like --criu-opt)")
-    p.add_argument("--log-dir", metavar="DIR",
-                   help="keep criu's dump.log (and the hook's messages) as "
-                        "DIR/SESSION.dump.log (default: beside --report as FILE.dump.log; "
-                        "without either, not kept)")
-    p.add_argument("--tls-ca", help="use TLS; trust only this CA (PEM) for the server's "
-                   "certificate, which must name the host of --to (or --tls-server-name)")
-    p.add_argument("--tls-server-name", metavar="NAME",
-                   help="the name (or IP address) the server's certificate must carry, in "
-                        "place of the host of --to")
-    p.add_argument("--tls-pin", metavar="sha256:HEX",
-                   help="accept only the server certificate with this SHA-256 (of its DER: "
-                        "openssl x509 -in CERT -outform DER | sha256sum)")
-    p.add_argument("--report", metavar="FILE", help="write the JSON report here too")
+    # the migration's settings, from one table (deltaxfer.settings; docs/OPERATIONS.md)
+    from deltaxfer.settings import add_arguments as settings_arguments
+    settings_arguments(p)
     p.add_argument("--progress", action="store_true", help="per-round lines even without a terminal")
     p.add_argument("--quiet", action="store_true", help="no per-round lines")
     p.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop")

@@ -19,7 +19,8 @@ from deltaxfer.hook_env import AGENT_ENV, LAZY_PORT_ENV, TIMEOUT_ENV  # noqa: F4
 
 CONFIG_ENV = "DELTAXFER_CONFIG"
 DEFAULT_CONFIG = "/etc/deltaxfer/hook.conf"
-_CONFIG_KEYS = ("to", "key_file", "session", "downtime_target_ms", "max_rounds", "criu")
+# the hook's own keys; every migration setting (deltaxfer.settings.SETTINGS) is a key too
+_HOOK_KEYS = ("to", "key_file", "criu")
 
 
 HELP = f"""\
@@ -39,9 +40,13 @@ post-dump, pre-restore, post-restore, ...), CRTOOLS_IMAGE_DIR, CRTOOLS_INIT_PID.
                       link) owned by root or by the user running the hook, and not
                       writable by group or others
     keys: to (HOST:PORT of `deltaxfer serve`), key_file (the pre-shared key, mode 0600),
-          session, downtime_target_ms, max_rounds, criu
-    DELTAXFER_TO, DELTAXFER_KEY_FILE, DELTAXFER_SESSION, DELTAXFER_DOWNTIME_TARGET_MS,
-    DELTAXFER_MAX_ROUNDS, DELTAXFER_CRIU override the file's keys.
+          criu, and every setting of `deltaxfer migrate` under the same name and unit:
+          session, downtime_target_ms, max_rounds, xor, lz4, xor_cache_mib, tracking,
+          converge, freeze, encoder_threads, restore, kill_source, criu_opt (shell
+          words; repeat the key to add more), criu_config, log_dir, report, tls_ca,
+          tls_server_name, tls_pin (the table: docs/OPERATIONS.md, "Settings")
+    DELTAXFER_<KEY> (DELTAXFER_TO, DELTAXFER_KEY_FILE, DELTAXFER_MAX_ROUNDS, ...)
+    overrides the file's key.
 - pre-restore, on a directory `deltaxfer serve` received: refuses one that is not a
   completed transfer. post-restore: logs the restored tree.
 
@@ -70,23 +75,36 @@ def _read_config_file(path: str) -> str | None:
 def hook_config(env=os.environ) -> dict:
     """Settings for a hook run by a plain `criu dump` (CRIU closes stdin and keeps the
     command line to the script path): a KEY=VALUE file ($DELTAXFER_CONFIG, else
-    /etc/deltaxfer/hook.conf, keys: to, key_file, session, downtime_target_ms,
-    max_rounds, criu), overridden by DELTAXFER_TO, DELTAXFER_KEY_FILE, ... variables.
-    A file that is a symbolic link, owned by another user or writable by group or
-    others raises HookConfigError; a missing file is no file."""
+    /etc/deltaxfer/hook.conf; keys: to, key_file, criu and every setting of
+    deltaxfer.settings.SETTINGS), overridden by DELTAXFER_<KEY> variables. Values stay
+    strings (criu_opt: shell words, a repeated key's lines joined), checked by
+    settings.options_from; "_sources" says where each came from ("KEY in FILE" or the
+    variable), for its errors. An unknown key in the file raises HookConfigError, as
+    does a file that is a symbolic link, owned by another user or writable by group or
+    others; a missing file is no file."""
+    from deltaxfer.settings import BY_NAME, ENV_PREFIX   # only here: no agent
+    keys = _HOOK_KEYS + tuple(BY_NAME)
     path = env.get(CONFIG_ENV, DEFAULT_CONFIG)
-    out = {"_file": path}
-    for line in (_read_config_file(path) or "").splitlines():
+    out, sources = {"_file": path}, {}
+    for n, line in enumerate((_read_config_file(path) or "").splitlines(), 1):
         line = line.strip()
         if line and not line.startswith("#") and "=" in line:
             k, v = line.split("=", 1)
             k = k.strip().lower().replace("-", "_")
-            if k in _CONFIG_KEYS:
+            if k not in keys:
+                raise HookConfigError(f"{path} line {n}: unknown key {k!r}; the keys are "
+                                      + ", ".join(keys))
+            if k == "criu_opt" and k in out:
+                out[k] = f"{out[k]} {v.strip()}"     # repeated: more shell words
+            else:
                 out[k] = v.strip()
-    for k in _CONFIG_KEYS:
-        v = env.get("DELTAXFER_" + k.upper())
+            sources[k] = f"{k} in {path}"
+    for k in keys:
+        v = env.get(ENV_PREFIX + k.upper())
         if v:
             out[k] = v
+            sources[k] = ENV_PREFIX + k.upper()
+    out["_sources"] = sources
     return out
 
 

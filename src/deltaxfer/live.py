@@ -32,7 +32,9 @@ from deltaxfer.core.procmem import LiveError, Task, alive as _alive, process_tre
 
 
 @dataclass
-class Snapshot:
+class TreeSnapshot:
+    """A live round's scan of the tree (snapshot_tree); core.procmem.snapshot copies one
+    process's pages (MemorySnapshot)."""
     images: list[SourceImage]
     bytes_read: int          # memory of the tree (pages in its images)
     bytes_failed: int        # always 0 here: reads happen as the round is sent (see failed)
@@ -138,7 +140,7 @@ class TaskPages:
 
 
 def snapshot_tree(tasks: list[Task], tracking: Tracking | None = None,
-                  held: dict | None = None) -> Snapshot:
+                  held: dict | None = None) -> TreeSnapshot:
     """The memory images of every task, to be read as they are sent (the tasks keep
     running): every present private page CRIU would dump, with a reader each.
 
@@ -171,7 +173,7 @@ def snapshot_tree(tasks: list[Task], tracking: Tracking | None = None,
         reader = TaskPages(task.host_pid, vaddrs, clean, root=task is tasks[0])
         images.append(SourceImage(image_id, None, None, vaddrs, clean,
                                   _pairs_of_runs(run_v, run_l, im.PE_PRESENT), reader))
-    return Snapshot(images, total_bytes, 0, time.monotonic() - t0, to_read, written)
+    return TreeSnapshot(images, total_bytes, 0, time.monotonic() - t0, to_read, written)
 
 
 class _PagesInTasks:

@@ -41,7 +41,7 @@ from deltaxfer.live import LiveError, _alive, frozen_images, process_tree, snaps
 from deltaxfer.policy import Convergence, RoundMeasure
 from deltaxfer.throttle import LEVELS as THROTTLE_LEVELS, Throttle, ThrottleError
 from deltaxfer.send import receive_state, send_files, send_round
-from deltaxfer.source import Pipeline
+from deltaxfer.source import EncoderPool
 from deltaxfer.tracking import Tracking
 from deltaxfer.tracking import support as tracking_support
 from deltaxfer.wire import MsgType
@@ -168,6 +168,7 @@ class Options:
     kill_source: bool = False        # restore=False: kill the source once the images are held
     log_path: str | None = None      # keep criu's dump.log (and the hook's messages) here
     log_dir: str | None = None       # ... or as <session>.dump.log in this directory
+    report: str | None = None        # write the JSON report here too (the CLI, the hook)
 
 
 @dataclass
@@ -218,7 +219,7 @@ class Agent:
         self.throttle = Throttle()
         # the encoder threads; their window buffers live across rounds (no fresh memory
         # touched inside the freeze)
-        self.pipeline = Pipeline(opts.encoder_threads)
+        self.pipeline = EncoderPool(opts.encoder_threads)
         self.held: dict = {}
         self.caches: dict = {}
         self.conn = None
@@ -705,19 +706,22 @@ def run_standalone_hook(action: str, config: dict, env) -> int:
     the destination has the process; otherwise CRIU resumes the tasks."""
     from deltaxfer.criu.runner import find_criu
     from deltaxfer.keys import ConfigError, load_key, parse_hostport
+    from deltaxfer.settings import BY_NAME, options_from
 
     init_pid = int(env.get("CRTOOLS_INIT_PID", "0") or 0)
     try:
+        # the settings: the same table and checks as `deltaxfer migrate`'s flags
+        opts = options_from({k: v for k, v in config.items() if k in BY_NAME},
+                            config.get("_sources"),
+                            session_default=f"hook-{socket.gethostname()}-{init_pid}",
+                            progress=lambda line: print(f"deltaxfer hook: {line}",
+                                                        file=sys.stderr), for_hook=True)
         host, port = parse_hostport(config["to"], what="to")
         key = load_key(config.get("key_file", ""))
         criu = find_criu(config.get("criu"))
     except (ConfigError, OSError, RuntimeError) as e:
         print(f"deltaxfer hook: {action}: {e}", file=sys.stderr)
         return 1 if action == "post-dump" else 0
-    opts = Options(session=config.get("session") or f"hook-{socket.gethostname()}-{init_pid}",
-                   downtime_target=float(config.get("downtime_target_ms", 300)) / 1000,
-                   max_rounds=int(config.get("max_rounds", 10)),
-                   progress=lambda line: print(f"deltaxfer hook: {line}", file=sys.stderr))
     agent = Agent(init_pid, host, port, key, criu, opts)
     try:
         ok = transport.run(_standalone(agent, action, env.get("CRTOOLS_IMAGE_DIR", "")))
@@ -726,6 +730,14 @@ def run_standalone_hook(action: str, config: dict, env) -> int:
         ok = False
     finally:
         agent.pipeline.close()
+    if opts.report:     # two processes: pre-dump's rounds beside post-dump's report
+        path = opts.report + (".pre-dump" if action == "pre-dump" else "")
+        try:
+            with open(path, "w") as f:
+                json.dump(agent.report.as_dict(), f, indent=2)
+        except OSError as e:
+            print(f"deltaxfer hook: {action}: cannot write the report {path}: {e}",
+                  file=sys.stderr)
     if action == "post-dump" and not ok:
         print(f"deltaxfer hook: post-dump failed: {agent.report.error}; criu resumes the "
               "tasks", file=sys.stderr)

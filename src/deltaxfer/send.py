@@ -13,8 +13,9 @@ from collections import deque
 from deltaxfer import PAGE_SIZE, _core, transport
 from deltaxfer.criu import images as im
 from deltaxfer.criu.dumpdir import DumpDir
-from deltaxfer.source import (Held, Pipeline, RoundStats, SourceImage, base_for, clean_window,
-                              dump_images, split_frames)
+from deltaxfer.core.pipeline import split_frames
+from deltaxfer.source import (EncoderPool, Held, SentRound, SourceImage, base_for,
+                              clean_window, dump_images)
 from deltaxfer.store import image_digest, pagemap_name
 from deltaxfer.wire import MsgType, ProtocolError, decode_held, encode_pages, iter_pagemap
 from deltaxfer.wire import iter_file_data
@@ -78,8 +79,8 @@ def _windows(images: list[SourceImage], window_pages: int):
 
 
 async def send_round(conn, round_no: int, images: list[SourceImage], held: dict[str, Held], *,
-                     final: bool, xor: bool = True, compress: bool = True, pipeline: Pipeline,
-                     caches: dict | None = None) -> RoundStats:
+                     final: bool, xor: bool = True, compress: bool = True, pipeline: EncoderPool,
+                     caches: dict | None = None) -> SentRound:
     """One round: every memory image's pagemap, then the records of its pages that the
     destination lacks, then its digest; returns when the destination confirmed, with
     ``held`` updated to what the destination now holds.
@@ -88,7 +89,7 @@ async def send_round(conn, round_no: int, images: list[SourceImage], held: dict[
     ``pipeline.inflight`` windows ahead of the one being sent; frames go out strictly in
     window order (ascending vaddrs per image, as the protocol wants)."""
     loop = asyncio.get_running_loop()
-    stats = RoundStats()
+    stats = SentRound()
     t0 = time.monotonic()
     new_held: dict[str, Held] = {}
     await conn.send_control(MsgType.ROUND, {"round": round_no, "final": final})
@@ -202,7 +203,7 @@ async def send_dump(image_dir: str, host: str, port: int, key: bytes, session: s
 
     dump = DumpDir.open(image_dir)
     images, opened, files = dump_images(dump)
-    pipeline = Pipeline()
+    pipeline = EncoderPool()
     bases = []
     phase("open_dump")
     conn = await transport.connect(host, port, key=key, ssl=ssl)

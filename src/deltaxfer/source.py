@@ -1,12 +1,12 @@
 """The source side of a transfer: memory images of a dump or of a live (or frozen)
 process, encoded against what the destination holds, streamed to the link.
 
-An image is encoded in windows of pages (``WINDOW_PAGES``) on ``Pipeline.threads``
+An image is encoded in windows of pages (``WINDOW_PAGES``) on ``EncoderPool.threads``
 threads: each fills its window into a per-thread buffer (process_vm_readv of the process,
 or a slice of the dump's mmapped pages file without a copy) and encodes it (hash,
 compare with the held hash, zero / XOR delta / full, frames, lz4; the core releases the
 GIL). The event loop sends the windows' frames strictly in window order as each is ready,
-with at most ``Pipeline.inflight`` windows submitted ahead, so reading, encoding and
+with at most ``EncoderPool.inflight`` windows submitted ahead, so reading, encoding and
 sending overlap and the memory used is O(threads x window), not O(process).
 """
 from __future__ import annotations
@@ -79,7 +79,9 @@ class Held:
 
 
 @dataclass
-class RoundStats:
+class SentRound:
+    """What one round sent (send_round): its timing, and the core's counts summed over
+    its windows (core.pipeline.RoundStats is one encode's counts)."""
     images: int = 0
     pages: int = 0
     removed: int = 0
@@ -176,16 +178,6 @@ def encode_window(img: SourceImage, held: Held | None, lo: int, hi: int, buf, *,
     return frames, hashes, stats, t1 - t0, time.perf_counter() - t1
 
 
-def split_frames(frames: bytes):
-    """The core's output is frames back to back; the wire carries one per PAGES message."""
-    view = memoryview(frames)
-    pos = 0
-    while pos < len(view):
-        size = _core.read_frame_header(view[pos:])["frame_len"]
-        yield view[pos:pos + size]
-        pos += size
-
-
 def hostname_source(image_dir: str) -> str:
     return f"{socket.gethostname()}:{os.path.abspath(image_dir)}"
 
@@ -203,14 +195,14 @@ def _env_int(name: str) -> int | None:
     return n
 
 
-class Pipeline:
+class EncoderPool:
     """The encoder threads of a transfer and their window buffers.
 
     threads: how many windows are filled and encoded at once (default:
     $DELTAXFER_ENCODER_THREADS, else os.cpu_count()); window_pages: pages per window
     (default: $DELTAXFER_WINDOW_PAGES, else WINDOW_PAGES); inflight: windows submitted
     ahead of the one being sent (2 x threads). Each thread keeps its window buffer for
-    the life of the Pipeline: an agent keeps one across its rounds, so the final round
+    the life of the EncoderPool: an agent keeps one across its rounds, so the final round
     (inside the freeze) touches no fresh memory."""
 
     def __init__(self, threads: int | None = None, window_pages: int | None = None):

@@ -13,7 +13,8 @@ from deltaxfer.criu.protobuf import packed_or_repeated_varints
 
 
 @dataclass(frozen=True)
-class Vma:
+class DumpVma:
+    """A VMA as CRIU's mm image records it (core.procmem.Vma is a /proc/PID/maps line)."""
     start: int
     end: int
     prot: int
@@ -90,7 +91,7 @@ class DumpDir:
         comm = task.get(6)
         return bytes(comm[-1]).decode("utf-8", "replace") if comm else ""
 
-    def vmas(self, pid: int) -> list[Vma]:
+    def vmas(self, pid: int) -> list[DumpVma]:
         path = self.image(f"mm-{pid}.img")
         entries = im.read_entries(path, im.MM_MAGIC)
         if not entries:
@@ -100,7 +101,7 @@ class DumpDir:
         for i, raw in enumerate(mm.get(14, [])):
             v = im.decode(path, raw, f"vma_entry #{i}")
             get = lambda n: v.get(n, [0])[-1]  # noqa: E731
-            out.append(Vma(start=get(1), end=get(2), shmid=get(4), prot=get(5),
+            out.append(DumpVma(start=get(1), end=get(2), shmid=get(4), prot=get(5),
                            flags=get(6), status=get(7)))
         return out
 
