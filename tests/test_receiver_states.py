@@ -20,14 +20,15 @@ async def _file(conn, name="pstree.img", data=b"tree", end=True):
         await conn.send_control(MsgType.FILE_END, {"xxh3": f"{_core.xxh3_64(data):016x}"})
 
 
-async def _refused(conn, send, state: State, text: str):
+async def _refused(conn, send, state: State | None, text: str):
     await send(conn)
     with pytest.raises(PeerError) as e:
         while True:
             await conn.recv()
     assert e.value.code == "unexpected", e.value
-    assert text in e.value.reason and f"session state: {state.name}" in e.value.reason, \
-        e.value.reason
+    assert text in e.value.reason, e.value.reason
+    # AWAITING_RESUME is checked by conn.recv_control(RESUME): the transport's reason
+    assert state is None or f"session state: {state.name}" in e.value.reason, e.value.reason
 
 
 def _control(t, body):
@@ -110,3 +111,40 @@ def test_every_state_is_in_the_table():
     assert set(ACCEPTS) == set(State)
     # CLOSE is taken before the table, in every state; COMMIT only with files, no round
     assert [s for s in State if MsgType.COMMIT in ACCEPTS[s]] == [State.IN_FILES]
+
+
+class _FakeCriu:
+    """A `criu restore` stand-in: the "restored copy" is a stopped sleep."""
+    path = "criu"
+
+    def __init__(self):
+        self.proc = None
+
+    def restore(self, path, **kw):
+        import subprocess
+        self.proc = subprocess.Popen(["sleep", "60"])
+        return self.proc.pid
+
+
+def test_awaiting_resume_refuses_anything_else(loop_kind, tmp_path):
+    criu = _FakeCriu()
+
+    async def main():
+        receiver = Receiver(Store(str(tmp_path / "serve")), criu=criu)
+        server = await transport.serve("127.0.0.1", 0, key=KEY, handler=receiver.handle)
+        port = server.sockets[0].getsockname()[1]
+        async with server:
+            conn = await transport.connect("127.0.0.1", port, key=KEY)
+            await conn.send_control(MsgType.BEGIN, {"session": "m", "mode": "migrate",
+                                                    "source": "t", "images": [{"id": "pid-1"}]})
+            await conn.recv_control(MsgType.STATE)
+            while (await conn.recv()).type != MsgType.STATE_END:
+                pass
+            await send_image(conn)
+            await _file(conn)
+            await conn.send_control(MsgType.COMMIT, {"restore": True})
+            done = await conn.recv_control(MsgType.COMMITTED)
+            assert done["restored_pid"] == criu.proc.pid
+            await _refused(conn, ROUND, None, "expected RESUME, got ROUND")
+    run(loop_kind, main())
+    assert criu.proc.wait(timeout=10) == -9     # no RESUME: the copy was killed
