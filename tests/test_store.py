@@ -120,8 +120,10 @@ def test_round_numbers_and_protocol_order(tmp_path):
     with pytest.raises(StoreError, match="round 2 does not follow round 0"):
         s.begin_round(2)
     rnd = s.begin_round(1)
-    with pytest.raises(StoreError, match="bad memory image id"):
+    # the wire's rule and error code (wire/names.py), not a second copy
+    with pytest.raises(StoreError, match="is not pid-N or shmem-N") as bad_id:
         rnd.begin_image(0, "pid-../../x", 1, 1)
+    assert bad_id.value.code == "name"
     with pytest.raises(StoreError, match="out of order"):
         rnd.begin_image(3, "pid-1", 1, 1)
     rnd.begin_image(0, "pid-1", 1, 1)

@@ -1,7 +1,7 @@
 """`deltaxfer sessions list|rm`: the sessions a `deltaxfer serve` keeps in its --dir.
 
 Reads the layout the store writes (see deltaxfer.store's module docstring): one
-directory per session, named by the session rule (``store.SESSION_RE``), holding
+directory per session, named by the session rule (``wire.check_session_name``), holding
 ``meta.json`` (round, source, committed path), ``held/`` (the pages of the last
 completed round), ``images/`` (the restorable image directory of the last commit; after a
 restore also criu's ``restore.log``, ``lazy-pages.log`` and ``restored.pid``) and, while a
@@ -32,9 +32,9 @@ from deltaxfer.keys import ConfigError
 RECENT_SECONDS = 300.0
 
 
-def _session_re():
-    from deltaxfer.store import SESSION_RE     # the one session name rule
-    return SESSION_RE
+def _is_session_name(name: str) -> bool:
+    from deltaxfer.store import is_session_name     # the one session name rule (wire's)
+    return is_session_name(name)
 
 
 def _check_root(root: str) -> str:
@@ -177,10 +177,9 @@ def describe(root: str, name: str, now: float | None = None) -> dict:
 def session_names(root: str) -> list[str]:
     """The session directories of a serve --dir: names matching the session rule that
     are directories, not links."""
-    rule = _session_re()
     out = []
     for n in sorted(os.listdir(root)):
-        if not rule.match(n):
+        if not _is_session_name(n):
             continue
         try:
             st = os.lstat(os.path.join(root, n))
@@ -210,7 +209,6 @@ def remove_sessions(root: str, names=(), *, older_than_days: float | None = None
     modified in the last RECENT_SECONDS (it may be in use). Never: a name that is not a
     session name, a link, not a directory."""
     root = _check_root(root)
-    rule = _session_re()
     now = time.time()
     removed, refused, freed = [], [], 0
     if older_than_days is not None:
@@ -221,7 +219,7 @@ def remove_sessions(root: str, names=(), *, older_than_days: float | None = None
         candidates = list(dict.fromkeys(names))
     for name in candidates:
         path = os.path.join(root, name)
-        if not rule.match(name):
+        if not _is_session_name(name):
             refused.append({"name": name, "reason": "not a session name (1-64 of "
                             "[A-Za-z0-9._-], starting with a letter or digit)"})
             continue

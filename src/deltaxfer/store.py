@@ -32,13 +32,13 @@ from dataclasses import dataclass, field
 
 from deltaxfer import PAGE_SIZE, _core
 from deltaxfer.criu import images as im
+from deltaxfer.wire import ProtocolError, names
 from deltaxfer.criu.images import image_id_of  # noqa: F401 (one rule, with the image names)
 
 log = logging.getLogger("deltaxfer.store")
 
-SESSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")   # not "." nor ".."
-IMAGE_ID_RE = re.compile(r"^(pid|shmem)-(\d{1,10})$")
-FILE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+# names that become paths are checked by the wire's rules (wire/names.py), one place
+SESSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")   # listing only: see is_session_name
 MAX_IMAGES = 4096
 MAX_FILE_SIZE = 1 << 30
 MAX_FILES = 10_000
@@ -64,10 +64,20 @@ def image_digest(hashes) -> int:
 
 
 def pagemap_name(image_id: str) -> str:
-    m = IMAGE_ID_RE.match(image_id)
-    if not m:
-        raise StoreError("bad-payload", f"bad memory image id {image_id!r}")
-    return f"pagemap-{m.group(2)}.img" if m.group(1) == "pid" else f"pagemap-shmem-{m.group(2)}.img"
+    try:
+        names.check_image_id(image_id)
+    except ProtocolError as e:
+        raise StoreError(e.code, e.reason) from None
+    kind, n = image_id.split("-", 1)
+    return f"pagemap-{n}.img" if kind == "pid" else f"pagemap-shmem-{n}.img"
+
+
+def is_session_name(name: str) -> bool:
+    try:
+        names.check_session_name(name)
+        return True
+    except ProtocolError:
+        return False
 
 
 # names the receiver itself creates in an image directory: a sender may not plant them
@@ -76,9 +86,12 @@ RESERVED_NAMES = frozenset({"parent", "restored.pid", "lazy-pages.socket"})
 
 
 def check_file_name(name: str) -> None:
-    if not FILE_NAME_RE.match(name) or ".." in name or im.is_memory_image(name):
-        raise StoreError("name", f"refused image file name {name!r}: only CRIU image names "
-                                 "(no '/', no '..', not a pagemap or pages image)")
+    try:
+        names.check_image_name(name)
+    except ProtocolError as e:
+        raise StoreError(e.code, f"refused image file name {name!r}: {e.reason}") from None
+    if im.is_memory_image(name):
+        raise StoreError("name", f"refused image file name {name!r}: a memory image")
     if name in RESERVED_NAMES or name.endswith(".log"):
         raise StoreError("name", f"refused image file name {name!r}: the receiver writes "
                                  "that file itself")
@@ -313,8 +326,10 @@ class _IncomingImage:
 
 class Session:
     def __init__(self, store: "Store", name: str):
-        if not SESSION_RE.match(name):
-            raise StoreError("name", f"bad session name {name!r}: 1-64 of [A-Za-z0-9._-]")
+        try:
+            names.check_session_name(name)
+        except ProtocolError as e:
+            raise StoreError(e.code, e.reason) from None
         self.store, self.name = store, name
         self.path = os.path.join(store.root, name)
         self.held_dir = os.path.join(self.path, "held")
@@ -999,7 +1014,7 @@ class Store:
         """Clean what a receiver that died (SIGKILL, power) left in every session."""
         out = {}
         for name in sorted(os.listdir(self.root)):
-            if SESSION_RE.match(name) and os.path.isdir(os.path.join(self.root, name)) \
+            if is_session_name(name) and os.path.isdir(os.path.join(self.root, name)) \
                     and not os.path.islink(os.path.join(self.root, name)):
                 done = Session(self, name).recover()
                 if done:
@@ -1011,9 +1026,9 @@ class Store:
     def session(self, name: str) -> Session:
         """A session, created if new; with ``max_sessions``, a new one only while fewer
         are kept (session quota x max sessions bounds the disk a key holder can fill)."""
-        if self.max_sessions is not None and SESSION_RE.match(name) \
+        if self.max_sessions is not None and is_session_name(name) \
                 and not os.path.isdir(os.path.join(self.root, name)):
-            kept = sum(1 for n in os.listdir(self.root) if SESSION_RE.match(n))
+            kept = sum(1 for n in os.listdir(self.root) if is_session_name(n))
             if kept >= self.max_sessions:
                 raise StoreError("quota", f"{kept} sessions are kept here, the limit: remove "
                                           f"old ones from {self.root} to start session {name!r}")
