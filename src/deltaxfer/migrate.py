@@ -469,6 +469,45 @@ class Agent:
             for m in opened:
                 m.close()
 
+    async def wait_dump(self, proc, close_lazy=None) -> tuple[int | None, object]:
+        """Wait for the dumping process (criu, or runc driving it) at most the freeze
+        deadline + CRIU_MARGIN; with ``close_lazy`` (called with ``timeout`` and
+        ``cancelled``), end the lazy dump's page server once post-dump is done, recording
+        its status. Returns (exit status, None), or (None, what kill_hung_criu returned)
+        for a dump that hung past the deadline."""
+        loop = asyncio.get_running_loop()
+        stop = threading.Event()
+        criu_limit = self.freeze_timeout + CRIU_MARGIN
+        deadline = loop.time() + criu_limit
+        waiter = loop.create_task(proc.wait())
+        try:
+            if close_lazy is not None:
+                closer = loop.run_in_executor(None, functools.partial(
+                    close_lazy, timeout=criu_limit, cancelled=stop.is_set))
+                done, _ = await asyncio.wait({waiter, closer}, timeout=criu_limit,
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if closer in done:
+                    try:
+                        self.report.freeze["lazy_close_status"] = closer.result()
+                    except (OSError, TimeoutError) as e:
+                        self.report.freeze["lazy_close_status"] = f"{type(e).__name__}: {e}"
+            try:
+                return await asyncio.wait_for(asyncio.shield(waiter),
+                                              max(deadline - loop.time(), 0.0)), None
+            except TimeoutError:
+                return None, await self.kill_hung_criu(proc, criu_limit)
+        finally:
+            stop.set()
+
+    def write_hook_wrapper(self) -> str:
+        """CRIU execs the action script's path as is (no shell, no arguments): a wrapper
+        that runs deltaxfer's hook with this Python."""
+        hook = os.path.join(self.work, "deltaxfer-hook")
+        with open(hook, "w") as f:
+            f.write(f"#!/bin/sh\nexec {sys.executable} -m deltaxfer.hook\n")
+        os.chmod(hook, 0o700)
+        return hook
+
     async def freeze_and_push(self) -> int:
         self.dump_dir = os.path.join(self.work, "dump")
         os.makedirs(self.dump_dir, mode=0o700)
@@ -478,11 +517,7 @@ class Agent:
         self.set_freeze_deadline(self.memory_bytes)
         env = dict(os.environ, **{AGENT_ENV: sock_path,
                                   TIMEOUT_ENV: str(self.freeze_timeout + 15.0)})
-        # CRIU execs the action script's path as is (no shell, no arguments): a wrapper
-        hook = os.path.join(self.work, "deltaxfer-hook")
-        with open(hook, "w") as f:
-            f.write(f"#!/bin/sh\nexec {sys.executable} -m deltaxfer.hook\n")
-        os.chmod(hook, 0o700)
+        hook = self.write_hook_wrapper()
         # CRIU's page server runs over a socketpair (--ps-socket), not a TCP port that
         # another local user could bind first or connect to first
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -500,29 +535,12 @@ class Agent:
         finally:
             theirs.close()   # criu holds the only copy: our end sees criu go away
         self.report.freeze["criu_argv"] = args[1:]
-        loop = asyncio.get_running_loop()
-        stop = threading.Event()
-        criu_limit = self.freeze_timeout + CRIU_MARGIN
-        deadline = loop.time() + criu_limit
         try:
-            waiter = loop.create_task(proc.wait())
-            if lazy:
-                # after the post-dump hook, CRIU serves lazy pages on the socket: end it
-                closer = loop.run_in_executor(None, functools.partial(
-                    close_lazy_dump, ours, self.criu.version, timeout=criu_limit,
-                    cancelled=stop.is_set))
-                done, _ = await asyncio.wait({waiter, closer}, timeout=criu_limit,
-                                             return_when=asyncio.FIRST_COMPLETED)
-                if closer in done:
-                    try:
-                        self.report.freeze["lazy_close_status"] = closer.result()
-                    except (OSError, TimeoutError) as e:
-                        self.report.freeze["lazy_close_status"] = f"{type(e).__name__}: {e}"
-            try:
-                rc = await asyncio.wait_for(asyncio.shield(waiter),
-                                            max(deadline - loop.time(), 0.0))
-            except TimeoutError:
-                return await self.kill_hung_criu(proc, criu_limit)
+            # after the post-dump hook, CRIU serves lazy pages on the socket: end it
+            rc, hung = await self.wait_dump(proc, functools.partial(
+                close_lazy_dump, ours, self.criu.version) if lazy else None)
+            if rc is None:
+                return hung
             self.report.freeze["criu_exit"] = rc
             self.criu_stderr = (await proc.stderr.read()).decode(errors="replace").strip()
             if rc != 0 and not self.report.error:
@@ -530,7 +548,6 @@ class Agent:
                                      f"{log_errors(os.path.join(self.dump_dir, 'dump.log')) or self.criu_stderr}")
             return rc
         finally:
-            stop.set()
             server.close()
             if self.sink is not None:
                 self.sink.close()

@@ -20,8 +20,6 @@ import asyncio
 import functools
 import os
 import socket
-import sys
-import threading
 import time
 
 from deltaxfer import runc as rc
@@ -30,7 +28,7 @@ from deltaxfer.criu.lazy import end_lazy_dump
 from deltaxfer.criu.runner import Criu, log_errors
 from deltaxfer.hook_env import AGENT_ENV, LAZY_PORT_ENV, TIMEOUT_ENV
 from deltaxfer.live import process_tree
-from deltaxfer.migrate import CRIU_MARGIN, Agent, MigrationError, Options, Report, lazy_dump_fits
+from deltaxfer.migrate import Agent, MigrationError, Options, Report, lazy_dump_fits
 from deltaxfer.send import receive_state
 from deltaxfer.wire import RUNC_CAP, MsgType
 
@@ -101,10 +99,7 @@ class ContainerAgent(Agent):
         sock_path = os.path.join(self.work, "agent.sock")
         server = await asyncio.start_unix_server(self.on_hook, sock_path)
         self.set_freeze_deadline(self.memory_bytes)
-        hook = os.path.join(self.work, "deltaxfer-hook")
-        with open(hook, "w") as f:
-            f.write(f"#!/bin/sh\nexec {sys.executable} -m deltaxfer.hook\n")
-        os.chmod(hook, 0o700)
+        hook = self.write_hook_wrapper()
         port = rc.loopback_port()
         conf = rc.write_criu_config(os.path.join(self.work, "criu.conf"), rc.criu_config_text(
             hook, address="127.0.0.1", leave_stopped=True))
@@ -122,27 +117,11 @@ class ContainerAgent(Agent):
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
         self.report.freeze["runc_argv"] = args[1:]
         self.report.freeze["lazy_port"] = port
-        loop = asyncio.get_running_loop()
-        stop = threading.Event()
-        criu_limit = self.freeze_timeout + CRIU_MARGIN
-        deadline = loop.time() + criu_limit
         try:
-            waiter = loop.create_task(proc.wait())
-            closer = loop.run_in_executor(None, functools.partial(
-                end_lazy_dump, "127.0.0.1", port, self.criu.version, timeout=criu_limit,
-                cancelled=stop.is_set))
-            done, _ = await asyncio.wait({waiter, closer}, timeout=criu_limit,
-                                         return_when=asyncio.FIRST_COMPLETED)
-            if closer in done:
-                try:
-                    self.report.freeze["lazy_close_status"] = closer.result()
-                except (OSError, TimeoutError) as e:
-                    self.report.freeze["lazy_close_status"] = f"{type(e).__name__}: {e}"
-            try:
-                code = await asyncio.wait_for(asyncio.shield(waiter),
-                                              max(deadline - loop.time(), 0.0))
-            except TimeoutError:
-                return await self.kill_hung_criu(proc, criu_limit)
+            code, hung = await self.wait_dump(proc, functools.partial(
+                end_lazy_dump, "127.0.0.1", port, self.criu.version))
+            if code is None:
+                return hung
             self.report.freeze["runc_exit"] = code
             if code != 0 and not self.report.error:
                 err = (await proc.stderr.read()).decode(errors="replace")
@@ -151,7 +130,6 @@ class ContainerAgent(Agent):
                                      f"{log_errors(os.path.join(self.dump_dir, 'dump.log'))}")
             return code
         finally:
-            stop.set()
             server.close()
             if proc.returncode is None:
                 proc.kill()
