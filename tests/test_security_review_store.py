@@ -271,3 +271,33 @@ def test_await_resume_kills_only_the_process_it_restored():
     finally:
         p.kill()
         p.wait()
+
+
+def test_recover_kills_a_lazy_pages_daemon_left_by_a_receiver_that_died_in_a_restore(tmp_path):
+    """Issue 17: a serve killed inside a lazy restore leaves its `criu lazy-pages -D
+    <session>/images` child behind, waiting for a restore that never comes; the restarted
+    receiver's recovery kills it (matched on its command line and that exact directory),
+    and leaves a daemon of another directory alone."""
+    import subprocess
+    import sys as _sys
+
+    from deltaxfer.store import Store
+
+    root = tmp_path / "serve"
+    store = Store(str(root))
+    s = store.session("sess1")
+    images = os.path.join(s.path, "images")
+    os.makedirs(images)
+    s.mark_restoring()
+    sleeper = [_sys.executable, "-c", "import time; time.sleep(120)"]
+    ours = subprocess.Popen(sleeper + ["lazy-pages", "-D", images, "-o", "lazy-pages.log"])
+    other = subprocess.Popen(sleeper + ["lazy-pages", "-D", str(tmp_path / "elsewhere")])
+    try:
+        done = Store(str(root)).recovered     # a receiver's start recovers every session
+        assert ours.wait(timeout=10) == -9
+        assert any("lazy-pages daemon" in d for d in done.get("sess1", [])), done
+        assert other.poll() is None
+    finally:
+        for p in (ours, other):
+            p.kill()
+            p.wait()
