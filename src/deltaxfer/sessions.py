@@ -24,6 +24,7 @@ import stat
 import sys
 import time
 
+from deltaxfer.core import procmem
 from deltaxfer.keys import ConfigError
 
 # A session modified this recently may belong to a transfer in progress: between two
@@ -115,22 +116,6 @@ def _restored(images: str) -> tuple[int | None, bool | None]:
     return pid, started is not None and started <= st.st_mtime + 2.0
 
 
-def _lazy_pages_daemons(images: str) -> list[int]:
-    """`criu lazy-pages -D IMAGES` daemons still serving pages from this directory."""
-    out = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/cmdline", "rb") as f:
-                argv = f.read().split(b"\0")
-        except OSError:
-            continue
-        if b"lazy-pages" in argv and os.fsencode(images) in argv:
-            out.append(int(name))
-    return out
-
-
 def unfinished(path: str, meta: dict) -> list[str]:
     """Why this session is not at rest (empty when it is)."""
     why = []
@@ -143,7 +128,7 @@ def unfinished(path: str, meta: dict) -> list[str]:
         why.append("a restore waiting for the source's RESUME")
     images = os.path.join(path, "images")
     if os.path.isdir(images) and not os.path.islink(images):
-        pids = _lazy_pages_daemons(images)
+        pids = procmem.lazy_pages_daemons(images)
         if pids:
             why.append(f"criu lazy-pages (pid {', '.join(map(str, pids))}) still serves "
                        "pages from images/")

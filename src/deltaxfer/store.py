@@ -31,6 +31,7 @@ from array import array
 from dataclasses import dataclass, field
 
 from deltaxfer import PAGE_SIZE, _core
+from deltaxfer.core import procmem
 from deltaxfer.criu import images as im
 from deltaxfer.wire import ProtocolError, names
 from deltaxfer.criu.images import image_id_of  # noqa: F401 (one rule, with the image names)
@@ -195,28 +196,6 @@ def _start_time(pid: int) -> int | None:
             return int(f.read().rpartition(")")[2].split()[19])
     except (OSError, ValueError, IndexError):
         return None
-
-
-def _lazy_pages_daemons(images_dir: str) -> list[int]:
-    """PIDs of `criu lazy-pages -D images_dir` processes (the receiver starts one per lazy
-    restore, see criu/runner.py): matched on the command line, the directory exactly."""
-    want = os.path.realpath(images_dir)
-    out = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/cmdline", "rb") as f:
-                argv = f.read().split(b"\0")
-        except OSError:
-            continue
-        args = [a.decode(errors="replace") for a in argv]
-        if "lazy-pages" not in args or "-D" not in args:
-            continue
-        i = args.index("-D")
-        if i + 1 < len(args) and os.path.realpath(args[i + 1]) == want:
-            out.append(int(name))
-    return out
 
 
 def _state(pid: int) -> str | None:
@@ -431,7 +410,7 @@ class Session:
                             "got RESUME")
             # the receiver died inside the restore: its `criu lazy-pages` daemon, started
             # for this session's images, would otherwise wait for a restore forever
-            for daemon in _lazy_pages_daemons(os.path.join(self.path, "images")):
+            for daemon in procmem.lazy_pages_daemons(os.path.join(self.path, "images")):
                 try:
                     os.kill(daemon, 9)
                     done.append(f"killed the criu lazy-pages daemon {daemon} left serving "

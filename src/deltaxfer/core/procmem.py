@@ -360,3 +360,25 @@ def ppid(pid: int) -> int | None:
         return int(stat[stat.rindex(b")") + 2:].split()[1])
     except (OSError, ValueError, IndexError):
         return None
+
+
+def lazy_pages_daemons(images_dir: str) -> list[int]:
+    """PIDs of `criu lazy-pages -D images_dir` processes (the receiver starts one per lazy
+    restore, see criu/runner.py): matched on the command line, the directory exactly."""
+    want = os.path.realpath(images_dir)
+    out = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        args = [a.decode(errors="replace") for a in argv]
+        if "lazy-pages" not in args or "-D" not in args:
+            continue
+        i = args.index("-D")
+        if i + 1 < len(args) and os.path.realpath(args[i + 1]) == want:
+            out.append(int(name))
+    return out
