@@ -268,6 +268,12 @@ def checkpoint_args(runc: Runc | str, criu: str, root: str, id: str, image_path:
         args.append("--pre-dump")
     if parent_path:
         args += ["--parent-path", parent_path]
+    return _with_criu_options(args, id, manage_cgroups_mode, tcp_established)
+
+
+def _with_criu_options(args: list[str], id: str, manage_cgroups_mode: str | None,
+                       tcp_established: bool) -> list[str]:
+    """The CRIU options checkpoint and restore share, then the container ID, last."""
     if manage_cgroups_mode:
         if manage_cgroups_mode not in ("soft", "full", "strict"):
             raise ValueError(f"manage_cgroups_mode {manage_cgroups_mode!r}: soft|full|strict")
@@ -309,14 +315,7 @@ def restore_args(runc: Runc | str, criu: str, root: str, id: str, image_path: st
         args += ["--pid-file", pid_file]
     if detach:
         args.append("--detach")
-    if manage_cgroups_mode:
-        if manage_cgroups_mode not in ("soft", "full", "strict"):
-            raise ValueError(f"manage_cgroups_mode {manage_cgroups_mode!r}: soft|full|strict")
-        args += ["--manage-cgroups-mode", manage_cgroups_mode]
-    if tcp_established:
-        args.append("--tcp-established")
-    args.append(id)
-    return args
+    return _with_criu_options(args, id, manage_cgroups_mode, tcp_established)
 
 
 def kill_args(runc: Runc | str, root: str, id: str, signal: str = "KILL") -> list[str]:
