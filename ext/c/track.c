@@ -14,6 +14,7 @@
 #include <sys/user.h>
 #endif
 
+#include "procmem.h"
 #include "track.h"
 
 /* The kernel's uapi (linux/userfaultfd.h, linux/fs.h) as of 6.7; spelled out here because
@@ -372,55 +373,13 @@ size_t dx_clean_mask(const uint64_t *vaddrs, size_t n,
     return count;
 }
 
-#ifndef IOV_MAX
-#define IOV_MAX 1024
-#endif
-#define MAX_RUN_PAGES 65536u     /* 256 MiB per iovec at most */
-
 ptrdiff_t dx_read_pages_masked(pid_t pid, const uint64_t *vaddrs, size_t n,
                                const uint8_t *clean, uint8_t *buf, uint64_t *pages_failed)
 {
-    struct iovec loc[IOV_MAX], rem[IOV_MAX];
-    ptrdiff_t read = 0;
-    size_t i = 0;
-    *pages_failed = 0;
-    while (i < n) {
-        size_t k = 0, total = 0;
-        while (i < n && k < IOV_MAX) {
-            if (clean && clean[i]) { i++; continue; }
-            size_t j = i + 1;
-            while (j < n && !(clean && clean[j]) && vaddrs[j] == vaddrs[j - 1] + DX_PAGE_SIZE
-                   && j - i < MAX_RUN_PAGES)
-                j++;
-            size_t len = (j - i) * DX_PAGE_SIZE;
-            rem[k].iov_base = (void *)(uintptr_t)vaddrs[i];
-            rem[k].iov_len = len;
-            loc[k].iov_base = buf + i * DX_PAGE_SIZE;
-            loc[k].iov_len = len;
-            k++;
-            total += len;
-            i = j;
-        }
-        if (!k) break;
-        ssize_t got = process_vm_readv(pid, loc, (unsigned long)k, rem, (unsigned long)k, 0);
-        if (got < 0 && errno != EFAULT) return -errno;
-        read += (ptrdiff_t)(total / DX_PAGE_SIZE);
-        if (got == (ssize_t)total) continue;
-        /* something in this batch is unmapped now: page by page, zero-filling failures */
-        for (size_t q = 0; q < k; q++) {
-            for (size_t off = 0; off < loc[q].iov_len; off += DX_PAGE_SIZE) {
-                struct iovec l1 = {(uint8_t *)loc[q].iov_base + off, DX_PAGE_SIZE};
-                struct iovec r1 = {(uint8_t *)rem[q].iov_base + off, DX_PAGE_SIZE};
-                ssize_t g = process_vm_readv(pid, &l1, 1, &r1, 1, 0);
-                if (g < 0 && errno != EFAULT) return -errno;
-                if (g != (ssize_t)DX_PAGE_SIZE) {
-                    memset(l1.iov_base, 0, DX_PAGE_SIZE);
-                    (*pages_failed)++;
-                }
-            }
-        }
-    }
-    return read;
+    /* dx_read_pages without /proc/PID/mem: what process_vm_readv cannot read is
+     * zero-filled and counted, page by page */
+    uint64_t forced = 0;
+    return dx_read_pages(pid, -1, vaddrs, n, clean, buf, pages_failed, &forced);
 }
 
 int dx_uffd_create(int flags)
