@@ -138,6 +138,14 @@ def test_memory_bounded_under_stalled_and_trickling_senders(tmp_path):
         assert tmp_leftovers(server.dir) == []
 
 
+def _tail(path, n=3000):
+    try:
+        with open(path, errors="replace") as f:
+            return f.read()[-n:]
+    except (OSError, TypeError):
+        return None
+
+
 @pytest.mark.criu
 @pytest.mark.slow
 def test_two_migrations_at_once_and_a_third_refused(criu, tmp_path, agent_tmp):
@@ -170,7 +178,9 @@ def test_two_migrations_at_once_and_a_third_refused(criu, tmp_path, agent_tmp):
             r = m.report
             if r and r.get("restored_pid"):
                 wl.adopt(r["restored_pid"])
-            assert m.rc == 0 and r["outcome"] == "migrated", (m.stderr[-2000:], r)
+            assert m.rc == 0 and r["outcome"] == "migrated", (
+                m.stderr[-2000:], r and r.get("error"), _tail(r and r.get("dump_log")),
+                server.log()[-3000:])
             assert wl.verify(pid=r["restored_pid"], timeout=60)["ok"]
         assert refused is not None and refused.code == "busy", refused
         assert "already serving 2 connections" in refused.reason

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from deltaxfer import PAGE_SIZE, _core, transport
 from deltaxfer.criu.dumpdir import DumpDir
 from deltaxfer.criu.lazy import close_lazy_dump
+from deltaxfer.criu.proclock import CwdLocks, CwdLockTimeout, cwd_keys, left_behind_hint
 from deltaxfer.criu.sink import PageSink
 from deltaxfer.criu.runner import Criu, dump_args, log_errors
 from deltaxfer.pidref import PidRef, ProcessChanged
@@ -234,6 +235,7 @@ class Agent:
         self.sink: PageSink | None = None  # the page sink of a page-server freeze
         self.source: PidRef | None = None  # the process to migrate, taken in run()
         self.frozen_refs: list[PidRef] = []  # the tree's tasks, taken when it was frozen
+        self.cwd_locks: CwdLocks | None = None  # see criu/proclock.py; held while CRIU dumps
 
     def start_tracking(self) -> None:
         """Written-page tracking when asked for and the kernel can (else content hashing,
@@ -327,6 +329,8 @@ class Agent:
                 self.t_freeze = time.monotonic()
             elif action == "post-dump":
                 self.t_post = time.monotonic()
+                if self.cwd_locks is not None:
+                    self.cwd_locks.release()   # CRIU's parasites are gone by now
                 ok = await self.final_round_within_deadline()
                 reply = {"ok": ok, "reason": self.report.error}
             else:
@@ -528,6 +532,18 @@ class Agent:
             ps_socket=theirs.fileno(), lazy=lazy, page_server=not lazy,
             config=self.opts.criu_config, user_opts=self.opts.criu_opts)
         self.source.check()
+        # dumps of tasks in their own pid namespace that share a working directory wait
+        # for each other (CRIU makes proc.crtools there): before the freeze, not in it
+        self.cwd_locks = CwdLocks(cwd_keys(self.pid))
+        try:
+            await self.cwd_locks.acquire()
+        except CwdLockTimeout as e:
+            theirs.close()
+            ours.close()
+            server.close()
+            raise MigrationError(str(e)) from None
+        if self.cwd_locks.waited > 0.001:
+            self.report.freeze["cwd_lock_wait"] = round(self.cwd_locks.waited, 6)
         try:
             proc = await asyncio.create_subprocess_exec(
                 *args, env=env, pass_fds=(theirs.fileno(),), stdin=asyncio.subprocess.DEVNULL,
@@ -544,10 +560,13 @@ class Agent:
             self.report.freeze["criu_exit"] = rc
             self.criu_stderr = (await proc.stderr.read()).decode(errors="replace").strip()
             if rc != 0 and not self.report.error:
+                log = os.path.join(self.dump_dir, 'dump.log')
                 self.report.error = (f"criu dump failed (exit {rc}): "
-                                     f"{log_errors(os.path.join(self.dump_dir, 'dump.log')) or self.criu_stderr}")
+                                     f"{log_errors(log) or self.criu_stderr}")
+                self.report.hint = left_behind_hint(self.pid, log_errors(log, limit=50))
             return rc
         finally:
+            self.cwd_locks.release()
             server.close()
             if self.sink is not None:
                 self.sink.close()
