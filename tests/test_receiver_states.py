@@ -1,11 +1,11 @@
-"""The receiver's session states (serve.State, serve.ACCEPTS): a real server driven into
+"""The receiver's session states (receiver.State, receiver.ACCEPTS): a real server driven into
 each state refuses a message that state does not accept with ERROR unexpected naming the
 message and the state, and keeps serving."""
 
 import pytest
 
 from deltaxfer import _core, transport
-from deltaxfer.serve import ACCEPTS, Receiver, State
+from deltaxfer.receiver import ACCEPTS, Receiver, State
 from deltaxfer.store import Store
 from deltaxfer.transport import PeerError
 from deltaxfer.wire import MsgType, encode_pages

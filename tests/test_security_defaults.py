@@ -15,7 +15,8 @@ import pytest
 
 from deltaxfer import _core, keys, transport, wire
 from deltaxfer.cli import main
-from deltaxfer.serve import Receiver, serve
+from deltaxfer.receiver import Receiver
+from deltaxfer.serve import serve
 from deltaxfer.store import Store, StoreError
 from deltaxfer.transport import PeerError
 from deltaxfer.wire import MsgType
@@ -496,6 +497,11 @@ def test_restart_removes_what_a_killed_receiver_left(tmp_path):
     (s / "meta.json").write_text(json.dumps(meta))
     again = Store(str(root))
     assert sorted(os.listdir(s)) == ["held", "images", "meta.json"]
+    # the interrupted restore is the receiver's to finish (no copy, no daemon: cleared)
+    assert again.sessions()[0].interrupted_restore() == {
+        "pid": None, "start": None, "images": str(s / "images")}
+    from deltaxfer.receiver import recover_restores
+    assert recover_restores(again) == {}
     assert "restoring" not in json.loads((s / "meta.json").read_text())
     assert "s" in again.recovered and any("round.tmp" in x for x in again.recovered["s"])
     assert (s / "images" / "pstree.img").exists()     # what was committed stays

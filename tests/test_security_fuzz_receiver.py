@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from deltaxfer import _core, transport, wire
-from deltaxfer.serve import Receiver
+from deltaxfer.receiver import Receiver
 from deltaxfer.store import Store, image_digest
 from deltaxfer.transport import PeerError
 from deltaxfer.wire import MsgType as T

@@ -253,7 +253,7 @@ def test_await_resume_kills_only_the_process_it_restored():
     """No RESUME: the copy is killed -- unless its pid has been reused meanwhile."""
     import asyncio
     import signal as _signal
-    from deltaxfer.serve import Receiver
+    from deltaxfer.receiver import Receiver
 
     class Silent:
         async def recv_control(self, *a, **k):
@@ -293,7 +293,8 @@ def test_recover_kills_a_lazy_pages_daemon_left_by_a_receiver_that_died_in_a_res
     ours = subprocess.Popen(sleeper + ["lazy-pages", "-D", images, "-o", "lazy-pages.log"])
     other = subprocess.Popen(sleeper + ["lazy-pages", "-D", str(tmp_path / "elsewhere")])
     try:
-        done = Store(str(root)).recovered     # a receiver's start recovers every session
+        from deltaxfer.receiver import recover_restores
+        done = recover_restores(Store(str(root)))   # what a receiver's start does
         assert ours.wait(timeout=10) == -9
         assert any("lazy-pages daemon" in d for d in done.get("sess1", [])), done
         assert other.poll() is None

@@ -8,7 +8,7 @@ from array import array
 import pytest
 
 from deltaxfer import PAGE_SIZE, _core, transport
-from deltaxfer.serve import Receiver
+from deltaxfer.receiver import Receiver
 from deltaxfer.store import Store, image_digest
 from deltaxfer.transport import PeerError
 from deltaxfer.wire import MsgType, encode_header, encode_pages, iter_pagemap

@@ -31,21 +31,21 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from deltaxfer import PAGE_SIZE, _core, transport
+from deltaxfer import PAGE_SIZE, transport
 from deltaxfer.criu.dumpdir import DumpDir
 from deltaxfer.criu.lazy import close_lazy_dump
 from deltaxfer.criu.proclock import CwdLocks, CwdLockTimeout, cwd_keys, left_behind_hint
 from deltaxfer.criu.sink import PageSink
 from deltaxfer.criu.runner import Criu, dump_args, log_errors
 from deltaxfer.pidref import PidRef, ProcessChanged
+from deltaxfer.settings import Options
 from deltaxfer.live import LiveError, _alive, frozen_images, process_tree, snapshot_tree
 from deltaxfer.policy import Convergence, RoundMeasure
 from deltaxfer.throttle import LEVELS as THROTTLE_LEVELS, Throttle, ThrottleError
-from deltaxfer.send import receive_state, send_files, send_round
+from deltaxfer.sender import SenderSession
 from deltaxfer.source import EncoderPool
 from deltaxfer.tracking import Tracking
 from deltaxfer.tracking import support as tracking_support
-from deltaxfer.wire import MsgType
 
 from deltaxfer.hook_env import AGENT_ENV, TIMEOUT_ENV
 
@@ -147,32 +147,6 @@ def check_pid(pid: int) -> None:
 
 
 @dataclass
-class Options:
-    session: str | None = None
-    downtime_target: float = 0.3
-    max_rounds: int = 10
-    xor: bool = True
-    compress: bool = True
-    cache_bytes: int = 64 << 20
-    restore: bool = True
-    ssl: object = None
-    work_dir: str | None = None
-    freeze_timeout: float | None = None   # default: 15 s + 2 s per GiB of memory
-    round_timeout: float = 120.0           # a live round that takes longer: give up
-    tracking: str = "auto"           # written-page tracking: auto (if the kernel can), on, off
-    freeze: str = "auto"             # lazy, page-server, or auto (lazy when it fits)
-    progress: object = None          # callable(str) for the per-round line
-    encoder_threads: int | None = None   # None: $DELTAXFER_ENCODER_THREADS, else all cores
-    converge: str = "auto"           # auto: throttle the tree when rounds stall (throttle.py); off
-    criu_opts: list = field(default_factory=list)   # the operator's own `criu dump` options
-    criu_config: str | None = None   # a CRIU configuration file for the dump (--config)
-    kill_source: bool = False        # restore=False: kill the source once the images are held
-    log_path: str | None = None      # keep criu's dump.log (and the hook's messages) here
-    log_dir: str | None = None       # ... or as <session>.dump.log in this directory
-    report: str | None = None        # write the JSON report here too (the CLI, the hook)
-
-
-@dataclass
 class Report:
     pid: int
     to: str
@@ -221,11 +195,9 @@ class Agent:
         # the encoder threads; their window buffers live across rounds (no fresh memory
         # touched inside the freeze)
         self.pipeline = EncoderPool(opts.encoder_threads)
-        self.held: dict = {}
-        self.caches: dict = {}
-        self.conn = None
-        self.round_no = 0
-        self.resume_sent = False    # past this point the source must not resume by itself
+        # the session's sending side (sender.py): connection, what the destination holds,
+        # round numbers, XOR caches; None until begin_session
+        self.sender: SenderSession | None = None
         self.confirmed = False      # the destination runs the process (or holds the images)
         self.frozen_tasks = []
         self.final_result: asyncio.Future | None = None
@@ -254,11 +226,15 @@ class Agent:
         self.tracking = Tracking()
 
     # -- live rounds -------------------------------------------------------------------------
-    def _caches_for(self, images):
-        for img in images:
-            if img.image_id not in self.caches and self.opts.xor:
-                self.caches[img.image_id] = _core.XorCache(self.opts.cache_bytes)
-        return self.caches if self.opts.xor else None
+    @property
+    def held(self) -> dict:
+        """What the destination holds of each image (after the last confirmed round)."""
+        return self.sender.held if self.sender is not None else {}
+
+    @property
+    def resume_sent(self) -> bool:
+        """RESUME went out: from then on the source must not resume by itself."""
+        return self.sender is not None and self.sender.resume_sent
 
     async def live_rounds(self) -> None:
         loop = asyncio.get_running_loop()
@@ -269,22 +245,18 @@ class Agent:
             t_read = time.monotonic()
             snap = await loop.run_in_executor(self.pipeline.pool, snapshot_tree, tasks,
                                               self.tracking, self.held)
-            self.round_no += 1
             self.memory_bytes = snap.bytes_read
             try:
                 async with asyncio.timeout(self.opts.round_timeout):
-                    rs = await send_round(self.conn, self.round_no, snap.images, self.held,
-                                          final=False, xor=self.opts.xor,
-                                          compress=self.opts.compress, pipeline=self.pipeline,
-                                          caches=self._caches_for(snap.images))
+                    rs = await self.sender.round(snap.images, final=False)
             except TimeoutError:
-                raise MigrationError(f"live round {self.round_no} did not complete within "
+                raise MigrationError(f"live round {self.sender.round_no} did not complete within "
                                      f"{self.opts.round_timeout:.0f} s (link stalled?)") from None
             finally:
                 snap.close()
             c = rs.counts
             changed = c["changed"] + c["added"]
-            m = RoundMeasure(self.round_no, rs.pages, changed, c["stored_bytes"],
+            m = RoundMeasure(self.sender.round_no, rs.pages, changed, c["stored_bytes"],
                              time.monotonic() - t_read, snap.seconds,
                              t_read - last_read if last_read else float("inf"))
             last_read = t_read
@@ -295,7 +267,7 @@ class Agent:
                     self.throttle.set(d.throttle, [t.host_pid for t in tasks])
                 except ThrottleError as e:
                     raise MigrationError(f"auto-converge: {e}") from None
-            rec = {"round": self.round_no, "live": True, "pages": rs.pages, "changed": changed,
+            rec = {"round": self.sender.round_no, "live": True, "pages": rs.pages, "changed": changed,
                    "sent_full": c["sent_full"], "sent_xor": c["sent_xor"],
                    "sent_zero": c["sent_zero"], "removed": rs.removed,
                    "written_pages": snap.written_pages, "read_pages": snap.pages_read,
@@ -357,20 +329,34 @@ class Agent:
     async def begin_session(self) -> None:
         """Connect, name the tree's memory images, and learn what the destination holds.
         BEGIN says whether the destination is to restore: a server that cannot refuses
-        the session there, before any round (docs/PROTOCOL.md)."""
-        self.conn = await connect(self.host, self.port, key=self.key, ssl=self.opts.ssl)
+        the session there, before any round (docs/PROTOCOL.md). A container agent offers
+        another capability and names its container (``connect_caps``, ``begin_fields``)."""
+        conn = await connect(self.host, self.port, key=self.key, ssl=self.opts.ssl,
+                             **self.connect_caps())
+        self.sender = SenderSession(conn, self.session, pipeline=self.pipeline,
+                                    xor=self.opts.xor, compress=self.opts.compress,
+                                    cache_bytes=self.opts.cache_bytes)
+        self.check_peer(conn)
         tasks = process_tree(self.pid)
-        await self.conn.send_control(MsgType.BEGIN, {
-            "session": self.session, "mode": "migrate",
-            "source": f"{socket.gethostname()}:pid {self.pid}",
-            "images": [{"id": f"pid-{t.ns_pid}"} for t in tasks],
-            "restore": self.opts.restore})
         try:
-            state, self.held = await receive_state(self.conn)
+            await self.sender.begin("migrate", self.source_label(),
+                                    [f"pid-{t.ns_pid}" for t in tasks],
+                                    restore=self.opts.restore, **self.begin_fields())
         except transport.PeerError as e:
             raise MigrationError(f"the destination {self.host}:{self.port} refused the "
                                  f"session: {e.reason}") from None
-        self.round_no = state["round"]
+
+    def connect_caps(self) -> dict:
+        return {}
+
+    def check_peer(self, conn) -> None:
+        """What the destination offered, before BEGIN (a process needs nothing more)."""
+
+    def source_label(self) -> str:
+        return f"{socket.gethostname()}:pid {self.pid}"
+
+    def begin_fields(self) -> dict:
+        return {}
 
     def choose_freeze(self) -> None:
         """lazy: `criu dump --lazy-pages`, the pages stay in the frozen tasks (the fast
@@ -431,29 +417,22 @@ class Agent:
         f["read_bytes"] = from_memory
         try:
             t = time.monotonic()
-            self.round_no += 1
-            rs = await send_round(self.conn, self.round_no, images, self.held, final=True,
-                                  xor=self.opts.xor, compress=self.opts.compress,
-                                  pipeline=self.pipeline, caches=self._caches_for(images))
+            rs = await self.sender.round(images, final=True)
             f["residual"] = round(time.monotonic() - t, 6)
             f["read_thread_seconds"] = round(rs.read_seconds, 6)
             c = rs.counts
             self.report.rounds.append({
-                "round": self.round_no, "live": False, "pages": rs.pages,
+                "round": self.sender.round_no, "live": False, "pages": rs.pages,
                 "changed": c["changed"] + c["added"], "sent_full": c["sent_full"],
                 "sent_xor": c["sent_xor"], "sent_zero": c["sent_zero"], "removed": rs.removed,
                 "read_pages": from_memory // PAGE_SIZE, "skipped": c["skipped"],
                 "wire_bytes": c["stored_bytes"], "seconds": round(rs.seconds, 6),
                 "send_seconds": round(rs.send_seconds, 6)})
             t = time.monotonic()
-            names = [n for n in sorted(os.listdir(self.dump_dir))
-                     if not n.startswith(("pagemap-", "pages-")) and not n.endswith(".log")
-                     and os.path.isfile(os.path.join(self.dump_dir, n))]
-            await send_files(self.conn, self.dump_dir, names)
+            await self.sender.files(self.dump_dir, dump.verbatim_files())
             f["files"] = round(time.monotonic() - t, 6)
             t = time.monotonic()
-            await self.conn.send_control(MsgType.COMMIT, {"restore": self.opts.restore})
-            done = await self.conn.recv_control(MsgType.COMMITTED)
+            done = await self.sender.commit(self.opts.restore)
             f["commit_restore"] = round(time.monotonic() - t, 6)
             self.report.destination_path = done["path"]
             if done["restored_pid"] is not None:
@@ -461,9 +440,7 @@ class Agent:
                 # by itself: the dump leaves it stopped (--leave-stopped) and it is
                 # killed only when the destination confirms that its copy runs.
                 t = time.monotonic()
-                self.resume_sent = True
-                await self.conn.send_control(MsgType.RESUME, {})
-                await self.conn.recv_control(MsgType.RESUMED, timeout=RESUMED_TIMEOUT)
+                await self.sender.resume(RESUMED_TIMEOUT)
                 f["resume"] = round(time.monotonic() - t, 6)
                 self.report.restored_pid = done["restored_pid"]
             self.confirmed = True
@@ -664,7 +641,7 @@ class Agent:
                 self.report.outcome = ("stored: the destination holds the images; the "
                                        "source is left stopped")
                 self.report.hint = self.stored_hint()
-                await self.conn.goodbye()
+                await self.sender.goodbye()
             elif rc == 0 and self.confirmed:
                 # the destination runs the process (or, --no-restore --kill-source, holds
                 # its images): end the (stopped) source, through the pidfds taken while
@@ -673,7 +650,7 @@ class Agent:
                 self.report.outcome = ("migrated" if self.opts.restore else
                                        "stored: the destination holds the images; the "
                                        "source was killed (--kill-source)")
-                await self.conn.goodbye()
+                await self.sender.goodbye()
             elif rc == 0 and self.resume_sent:
                 self.report.outcome = ("uncertain: the destination may be running the process; "
                                        f"the source (pid {self.pid}) is left stopped: kill it "
@@ -700,16 +677,16 @@ class Agent:
                 self.report.outcome = "aborted before the freeze: the source runs on"
             else:
                 self.report.outcome = "rolled back: the source runs on"
-            if self.conn is not None and not isinstance(e, transport.TransportError):
+            if self.sender is not None and not isinstance(e, transport.TransportError):
                 try:   # tell the destination why, so that its log says so too
                     async with asyncio.timeout(2):
-                        await self.conn.error("internal", f"the source gave up: {e}")
+                        await self.sender.error("internal", f"the source gave up: {e}")
                 except (TimeoutError, transport.TransportError, OSError):
                     pass
         finally:
-            if self.conn is not None:
-                self.report.wire_bytes_sent = self.conn.stats["bytes_out"]
-                self.conn.close()
+            if self.sender is not None:
+                self.report.wire_bytes_sent = self.sender.wire_stats["bytes_out"]
+                self.sender.close()
             self.throttle.release()     # on every exit path (the guardian also on our death)
             self.report.converge = {"mode": self.opts.converge, **self.throttle.summary()}
             self.pipeline.close()
@@ -787,15 +764,15 @@ async def _standalone(agent: "Agent", action: str, image_dir: str) -> bool:
         await agent.begin_session()
         if action == "pre-dump":
             await agent.live_rounds()
-            await agent.conn.goodbye()
+            await agent.sender.goodbye()
             return True
         agent.dump_dir = os.path.realpath(image_dir)
         agent.t_freeze = agent.t_post = time.monotonic()
         agent.set_freeze_deadline(sum(len(h.vaddrs) for h in agent.held.values()) * PAGE_SIZE)
         ok = await agent.final_round_within_deadline()
         if ok and agent.confirmed:
-            await agent.conn.goodbye()
+            await agent.sender.goodbye()
         return ok
     finally:
-        if agent.conn is not None:
-            agent.conn.close()
+        if agent.sender is not None:
+            agent.sender.close()

@@ -27,10 +27,8 @@ from deltaxfer import transport
 from deltaxfer.criu.lazy import end_lazy_dump
 from deltaxfer.criu.runner import Criu, log_errors
 from deltaxfer.hook_env import AGENT_ENV, LAZY_PORT_ENV, TIMEOUT_ENV
-from deltaxfer.live import process_tree
 from deltaxfer.migrate import Agent, MigrationError, Options, Report, lazy_dump_fits
-from deltaxfer.send import receive_state
-from deltaxfer.wire import RUNC_CAP, MsgType
+from deltaxfer.wire import RUNC_CAP
 
 
 class ContainerAgent(Agent):
@@ -49,32 +47,24 @@ class ContainerAgent(Agent):
         self.report.container = {"id": container.id, "root": container.root,
                                   "bundle": container.bundle, "dest_id": self.dest_id}
 
-    async def begin_session(self) -> None:
-        """As Agent's, offering the "runc" capability and naming the container in BEGIN;
-        a receiver that does not offer it (older, or no --runc-root) is refused here,
-        before anything was frozen."""
-        self.conn = await transport.connect(self.host, self.port, key=self.key,
-                                            ssl=self.opts.ssl,
-                                            caps=list(transport.CAPS) + [RUNC_CAP])
-        if RUNC_CAP not in self.conn.caps:
+    # begin_session is Agent's; a container offers the "runc" capability, needs the
+    # destination to offer it too (refused here, before anything was frozen), and names
+    # its container in BEGIN
+    def connect_caps(self) -> dict:
+        return {"caps": list(transport.CAPS) + [RUNC_CAP]}
+
+    def check_peer(self, conn) -> None:
+        if RUNC_CAP not in conn.caps:
             raise MigrationError(
                 f"the destination {self.host}:{self.port} does not restore runc containers: "
                 "start it with `deltaxfer serve --restore --runc-root DIR` (deltaxfer with "
                 "container support); nothing was frozen")
-        c = self.container
-        tasks = process_tree(self.pid)
-        await self.conn.send_control(MsgType.BEGIN, {
-            "session": self.session, "mode": "migrate",
-            "source": f"{socket.gethostname()}:runc {c.id} (pid {self.pid})",
-            "images": [{"id": f"pid-{t.ns_pid}"} for t in tasks],
-            "restore": self.opts.restore,
-            "container": {"id": self.dest_id, "bundle": c.bundle}})
-        try:
-            state, self.held = await receive_state(self.conn)
-        except transport.PeerError as e:
-            raise MigrationError(f"the destination {self.host}:{self.port} refused the "
-                                 f"session: {e.reason}") from None
-        self.round_no = state["round"]
+
+    def source_label(self) -> str:
+        return f"{socket.gethostname()}:runc {self.container.id} (pid {self.pid})"
+
+    def begin_fields(self) -> dict:
+        return {"container": {"id": self.dest_id, "bundle": self.container.bundle}}
 
     def choose_freeze(self) -> None:
         """Only the lazy freeze: runc 1.1 cannot give CRIU's page server a socket, and a

@@ -1,4 +1,4 @@
-"""A migration's settings: one table, one path into `migrate.Options`.
+"""A migration's settings: one table, one path into `Options`.
 
 Every way of configuring a migration gives the same flat mapping of settings, under the
 same names and in the same units (``downtime_target_ms``, ``max_rounds``, ``xor``, ...):
@@ -8,7 +8,7 @@ same names and in the same units (``downtime_target_ms``, ``max_rounds``, ``xor`
 - `deltaxfer-hook`'s configuration file (``NAME = VALUE`` lines) and its environment
   (``DELTAXFER_<NAME>``), read by `hook.hook_config`.
 
-`options_from` checks each value and turns the mapping into `migrate.Options`; a bad
+`options_from` checks each value and turns the mapping into `Options`; a bad
 value raises `SettingError` naming the setting and where it came from (the flag, the
 variable, or the file). `SETTINGS` is the table the CLI's --help and docs/OPERATIONS.md
 cite. Only the standard library and `keys` at import: the hook imports this module.
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import shlex
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 from deltaxfer.keys import ConfigError
@@ -214,17 +214,44 @@ def parse(s: Setting, value, where: str):
     return text
 
 
+@dataclass
+class Options:
+    """What one migration is to do: built only by `options_from` (from flags, the hook's
+    file and environment alike); `migrate.Agent` reads it."""
+    session: str | None = None
+    downtime_target: float = 0.3
+    max_rounds: int = 10
+    xor: bool = True
+    compress: bool = True
+    cache_bytes: int = 64 << 20
+    restore: bool = True
+    ssl: object = None
+    work_dir: str | None = None
+    freeze_timeout: float | None = None   # default: 15 s + 2 s per GiB of memory
+    round_timeout: float = 120.0           # a live round that takes longer: give up
+    tracking: str = "auto"           # written-page tracking: auto (if the kernel can), on, off
+    freeze: str = "auto"             # lazy, page-server, or auto (lazy when it fits)
+    progress: object = None          # callable(str) for the per-round line
+    encoder_threads: int | None = None   # None: $DELTAXFER_ENCODER_THREADS, else all cores
+    converge: str = "auto"           # auto: throttle the tree when rounds stall (throttle.py); off
+    criu_opts: list = field(default_factory=list)   # the operator's own `criu dump` options
+    criu_config: str | None = None   # a CRIU configuration file for the dump (--config)
+    kill_source: bool = False        # restore=False: kill the source once the images are held
+    log_path: str | None = None      # keep criu's dump.log (and the hook's messages) here
+    log_dir: str | None = None       # ... or as <session>.dump.log in this directory
+    report: str | None = None        # write the JSON report here too (the CLI, the hook)
+
+
 def options_from(values: Mapping[str, Any], sources: Mapping[str, str] | None = None, *,
                  session_default: str | None = None,
                  progress: Callable[[str], None] | None = None, for_hook: bool = False):
-    """`migrate.Options` from a flat mapping of settings (names and units of `SETTINGS`;
+    """`Options` from a flat mapping of settings (names and units of `SETTINGS`;
     strings are parsed, typed values checked). ``sources`` names where each came from
     (a flag, DELTAXFER_NAME, "NAME in FILE") for the errors; an unknown name is refused,
     and so, ``for_hook``, is a setting that a hook inside the operator's `criu dump`
     cannot honour (freeze, criu_opt, ...: that criu decides)."""
     from deltaxfer.criu.runner import CriuError, check_criu_config, check_criu_opts
     from deltaxfer.keys import client_tls
-    from deltaxfer.migrate import Options
     import os
 
     sources = sources or {}

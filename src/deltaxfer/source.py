@@ -11,7 +11,6 @@ sending overlap and the memory used is O(threads x window), not O(process).
 """
 from __future__ import annotations
 
-import asyncio
 import os
 import socket
 import threading
@@ -109,18 +108,14 @@ class SentRound:
 def dump_images(dump: DumpDir) -> tuple[list[SourceImage], list, list[str]]:
     """The memory images of a dump (opened MemoryImages to close later) and the names of
     every other file, which travel verbatim."""
-    images, opened, files = [], [], []
+    images, opened = [], []
     for name in sorted(os.listdir(dump.path)):
-        path = os.path.join(dump.path, name)
         image_id = image_id_of(name)
         if image_id:
-            mem = im.MemoryImage(path)
+            mem = im.MemoryImage(os.path.join(dump.path, name))
             opened.append(mem)
             images.append(SourceImage(image_id, mem.pagemap, mem.pages, mem.vaddrs()))
-        elif not im.PAGES_RE.match(name) and os.path.isfile(path) and not os.path.islink(path) \
-                and not name.endswith(".log"):
-            files.append(name)
-    return images, opened, files
+    return images, opened, dump.verbatim_files()
 
 
 def base_for(held: Held, base_image: im.MemoryImage | None) -> memoryview | None:

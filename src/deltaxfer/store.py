@@ -189,28 +189,6 @@ def disk_bytes(path: str) -> int:
     return total
 
 
-def _start_time(pid: int) -> int | None:
-    """A process's start time (clock ticks since boot): with the pid, its identity."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rpartition(")")[2].split()[19])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def _state(pid: int) -> str | None:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rpartition(")")[2].split()[0]
-    except (OSError, IndexError):
-        return None
-
-
-def _boot_ticks_now() -> int:
-    with open("/proc/uptime") as f:
-        return int(float(f.read().split()[0]) * os.sysconf("SC_CLK_TCK"))
-
-
 _FALLOC_FL_COLLAPSE_RANGE = 0x08
 _FALLOC_FL_INSERT_RANGE = 0x20
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -365,9 +343,9 @@ class Session:
         return self.meta["round"]
 
     # A restore in progress, recorded so that a receiver killed before the source's RESUME
-    # can, when it starts again, kill the stopped copy it left (see Store.recover).
+    # can, when it starts again, kill the stopped copy it left (receiver.recover_restores).
     def mark_restoring(self) -> None:
-        self.meta["restoring"] = {"since": _boot_ticks_now()}
+        self.meta["restoring"] = {"since": procmem.boot_ticks_now()}
         self._save_meta()
 
     def restored(self, pid: int | None) -> None:
@@ -375,12 +353,13 @@ class Session:
             if self.meta.pop("restoring", None) is not None:
                 self._save_meta()
             return
-        self.meta["restoring"] = {"pid": pid, "start": _start_time(pid)}
+        self.meta["restoring"] = {"pid": pid, "start": procmem.start_time(pid)}
         self._save_meta()
 
     def recover(self) -> list[str]:
-        """After a receiver died: remove every unfinished state of this session and kill
-        a restored copy that never got its RESUME; returns what was done."""
+        """After a receiver died: remove every unfinished state of this session; returns
+        what was done. A restore it was inside is the receiver's to finish
+        (``interrupted_restore``, receiver.recover_restores): the store holds files."""
         done = []
         for name in os.listdir(self.path):
             if name.endswith(".tmp") or name == "images.old":
@@ -390,35 +369,29 @@ class Session:
                 except OSError:
                     pass
                 done.append(f"removed {name}")
-        rec = self.meta.get("restoring")
-        if isinstance(rec, dict):
-            pid, start = rec.get("pid"), rec.get("start")
-            if pid is None:       # killed inside criu restore: its pidfile, if it got there
-                try:
-                    with open(os.path.join(self.path, "images", "restored.pid")) as f:
-                        pid = int(f.read().strip())
-                    start = _start_time(pid)
-                    if start is None or start < int(rec.get("since", 0)):
-                        pid = None
-                except (OSError, ValueError):
-                    pid = None
-            if isinstance(pid, int) and pid > 1 and start is not None \
-                    and _start_time(pid) == start and _state(pid) in ("T", "t"):
-                from deltaxfer.pidref import signal_tree
-                n = signal_tree(pid, 9, start)
-                done.append(f"killed the stopped restored copy {pid} ({n} tasks) that never "
-                            "got RESUME")
-            # the receiver died inside the restore: its `criu lazy-pages` daemon, started
-            # for this session's images, would otherwise wait for a restore forever
-            for daemon in procmem.lazy_pages_daemons(os.path.join(self.path, "images")):
-                try:
-                    os.kill(daemon, 9)
-                    done.append(f"killed the criu lazy-pages daemon {daemon} left serving "
-                                "this session's images")
-                except ProcessLookupError:
-                    pass
-            self.restored(None)
         return done
+
+    def interrupted_restore(self) -> dict | None:
+        """The restore a receiver that died was inside, as recorded: {"pid", "start"} of
+        the restored copy (pid None when criu restore never wrote its pid file, or wrote
+        a pid older than the restore), the images directory; None if there was none."""
+        rec = self.meta.get("restoring")
+        if not isinstance(rec, dict):
+            return None
+        pid, start = rec.get("pid"), rec.get("start")
+        images = os.path.join(self.path, "images")
+        if pid is None:       # killed inside criu restore: its pidfile, if it got there
+            try:
+                with open(os.path.join(images, "restored.pid")) as f:
+                    pid = int(f.read().strip())
+                start = procmem.start_time(pid)
+                if start is None or start < int(rec.get("since", 0)):
+                    pid = None
+            except (OSError, ValueError):
+                pid = None
+        if not (isinstance(pid, int) and pid > 1 and isinstance(start, int)):
+            pid = start = None
+        return {"pid": pid, "start": start, "images": images}
 
     def held(self) -> dict[str, HeldImage]:
         """The memory images held (from the last completed round), by image id."""
@@ -1021,16 +994,24 @@ class Store:
         self.recovered = self.recover()
 
     def recover(self) -> dict[str, list[str]]:
-        """Clean what a receiver that died (SIGKILL, power) left in every session."""
+        """Clean what a receiver that died (SIGKILL, power) left in every session's files
+        (its processes: receiver.recover_restores)."""
         out = {}
+        for session in self.sessions():
+            done = session.recover()
+            if done:
+                log.warning("session %s: recovered after an unclean stop: %s",
+                            session.name, "; ".join(done))
+                out[session.name] = done
+        return out
+
+    def sessions(self) -> list[Session]:
+        """Every session directory kept here, by name."""
+        out = []
         for name in sorted(os.listdir(self.root)):
             if is_session_name(name) and os.path.isdir(os.path.join(self.root, name)) \
                     and not os.path.islink(os.path.join(self.root, name)):
-                done = Session(self, name).recover()
-                if done:
-                    log.warning("session %s: recovered after an unclean stop: %s", name,
-                                "; ".join(done))
-                    out[name] = done
+                out.append(Session(self, name))
         return out
 
     def session(self, name: str) -> Session:

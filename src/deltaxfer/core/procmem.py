@@ -382,3 +382,28 @@ def lazy_pages_daemons(images_dir: str) -> list[int]:
         if i + 1 < len(args) and os.path.realpath(args[i + 1]) == want:
             out.append(int(name))
     return out
+
+
+def start_time(pid: int) -> int | None:
+    """A process's start time (clock ticks since boot, /proc/PID/stat field 22): with the
+    pid, its identity. None when it does not exist."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rpartition(")")[2].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def state(pid: int) -> str | None:
+    """The state letter of /proc/PID/stat (R, S, T stopped, t traced, Z ...), or None."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0]
+    except (OSError, IndexError):
+        return None
+
+
+def boot_ticks_now() -> int:
+    """Now, in the unit of start_time (clock ticks since boot)."""
+    with open("/proc/uptime") as f:
+        return int(float(f.read().split()[0]) * os.sysconf("SC_CLK_TCK"))

@@ -77,6 +77,20 @@ class DumpDir:
     def image(self, name: str) -> str:
         return os.path.join(self.path, name)
 
+    def verbatim_files(self) -> list[str]:
+        """The files of the dump that travel as they are, sorted: every regular file
+        (not a symlink) except the memory images deltaxfer sends as rounds
+        (``images.is_memory_image``) and CRIU's logs. The one rule for `send` and for
+        migrate's final round."""
+        out = []
+        for name in sorted(os.listdir(self.path)):
+            path = os.path.join(self.path, name)
+            if im.is_memory_image(name) or name.endswith(".log") or os.path.islink(path) \
+                    or not os.path.isfile(path):
+                continue
+            out.append(name)
+        return out
+
     def comm(self, pid: int) -> str:
         """The task's command name from core-PID.img (task_core_entry.comm)."""
         path = self.image(f"core-{pid}.img")

@@ -1,0 +1,251 @@
+"""The source's half of a session (docs/PROTOCOL.md), on one authenticated connection.
+
+    BEGIN -> STATE, HELD..., STATE_END        what the destination already holds
+    ROUND, (IMAGE, PAGEMAP..., PAGES..., IMAGE_END)..., ROUND_END -> ROUND_OK
+    FILE, FILE_DATA..., FILE_END              the dump's other files, verbatim
+    COMMIT -> COMMITTED [, RESUME -> RESUMED]
+
+`SenderSession` holds what this protocol needs between messages: the connection, what
+the destination holds after each confirmed round (``held``: vaddrs + content hashes per
+image, which decide what the next round leaves out or sends as an XOR delta), the round
+number, the encoder threads and the per-image XOR caches. Both commands drive it:
+`deltaxfer send` (one final round from a dump directory, send.py) and `deltaxfer migrate`
+(live rounds from a running tree, then the final round inside CRIU's freeze, migrate.py);
+neither writes a protocol message itself.
+"""
+from __future__ import annotations
+
+import asyncio
+import functools
+import os
+import time
+from array import array
+from collections import deque
+
+from deltaxfer import _core
+from deltaxfer.core.pipeline import split_frames
+from deltaxfer.criu import images as im
+from deltaxfer.source import EncoderPool, Held, SentRound, SourceImage, clean_window
+from deltaxfer.store import image_digest
+from deltaxfer.wire import MsgType, ProtocolError, decode_held, encode_pages, iter_pagemap
+from deltaxfer.wire import iter_file_data
+
+
+async def receive_state(conn) -> tuple[dict, dict[str, Held]]:
+    """STATE, its HELD tables and STATE_END: what the destination holds of each image,
+    checked against the digests STATE announced."""
+    state = await conn.recv_control(MsgType.STATE)
+    ids = [x["id"] for x in state["images"]]
+    parts: dict[str, tuple[array, array]] = {i: (array("Q"), array("Q")) for i in ids}
+    while True:
+        msg = await conn.recv()
+        if msg.type == MsgType.STATE_END:
+            break
+        if msg.type != MsgType.HELD:
+            raise ProtocolError("unexpected", f"expected HELD or STATE_END, got {msg.type!r}")
+        index, vaddrs, hashes = decode_held(msg.payload)
+        if index >= len(ids):
+            raise ProtocolError("bad-payload", f"HELD for image index {index} of {len(ids)}")
+        parts[ids[index]][0].extend(vaddrs)
+        parts[ids[index]][1].extend(hashes)
+    held = {}
+    for x in state["images"]:
+        v, h = parts[x["id"]]
+        if len(v) != x["pages"] or f"{image_digest(h):016x}" != x["digest"]:
+            raise ProtocolError("digest", f"the receiver's state of {x['id']} is inconsistent")
+        held[x["id"]] = Held(v, h)
+    return state, held
+
+
+def image_pairs(img: SourceImage) -> array:
+    """The image's pagemap as (vaddr, nr_pages | flags << 32) pairs, as PAGEMAP carries."""
+    return img.pairs if img.pairs is not None else pagemap_pairs(img.pagemap)
+
+
+def pagemap_pairs(pm: im.Pagemap) -> array:
+    out = array("Q")
+    for e in pm.entries:
+        out.append(e.vaddr)
+        out.append(e.nr_pages | e.flags << 32)
+    return out
+
+
+def _windows(images: list[SourceImage], window_pages: int):
+    """(image index, lo, hi, first, last) of every window, in wire order; an image without
+    pages has one empty window (it still reports the held pages it removes)."""
+    for index, img in enumerate(images):
+        n = len(img.vaddrs)
+        los = range(0, n, window_pages) if n else [0]
+        for k, lo in enumerate(los):
+            yield index, lo, min(lo + window_pages, n), k == 0, k == len(los) - 1
+
+
+async def send_round(conn, round_no: int, images: list[SourceImage], held: dict[str, Held], *,
+                     final: bool, xor: bool = True, compress: bool = True, pipeline: EncoderPool,
+                     caches: dict | None = None) -> SentRound:
+    """One round: every memory image's pagemap, then the records of its pages that the
+    destination lacks, then its digest; returns when the destination confirmed, with
+    ``held`` updated to what the destination now holds.
+
+    The pages are read and encoded window by window on the pipeline's threads, at most
+    ``pipeline.inflight`` windows ahead of the one being sent; frames go out strictly in
+    window order (ascending vaddrs per image, as the protocol wants)."""
+    loop = asyncio.get_running_loop()
+    stats = SentRound()
+    t0 = time.monotonic()
+    new_held: dict[str, Held] = {}
+    await conn.send_control(MsgType.ROUND, {"round": round_no, "final": final})
+    todo = _windows(images, pipeline.window_pages)
+    pending: deque = deque()
+
+    def submit() -> None:
+        job = next(todo, None)
+        if job is None:
+            return
+        index, lo, hi, first, _ = job
+        img = images[index]
+        cache = caches.get(img.image_id) if caches is not None else None
+        if first and cache is not None:
+            cache.next_round()      # one round per image; its windows share the cache
+        h = held.get(img.image_id)
+        done = clean_window(img, h, lo, hi)
+        if done is not None:         # nothing to read or encode: no thread hand-off either
+            fut = loop.create_future()
+            fut.set_result(done)
+        else:
+            fut = loop.run_in_executor(pipeline.pool, functools.partial(
+                pipeline.encode, img, h, lo, hi, xor=xor, compress=compress, cache=cache))
+        pending.append((job, fut))
+
+    try:
+        for _ in range(pipeline.inflight):
+            submit()
+        hashes = array("Q")
+        while pending:
+            (index, lo, hi, first, last), fut = pending[0]
+            img = images[index]
+            if first:
+                pairs = image_pairs(img)
+                await conn.send_control(MsgType.IMAGE, {"index": index, "id": img.image_id,
+                                                        "entries": len(pairs) // 2,
+                                                        "pages": len(img.vaddrs)})
+                for payload in iter_pagemap(index, pairs):
+                    await conn.send(MsgType.PAGEMAP, payload)
+                hashes = array("Q")
+            frames, window_hashes, st, read_s, encode_s = await fut
+            pending.popleft()
+            submit()
+            for frame in split_frames(frames):
+                await conn.send(MsgType.PAGES, encode_pages(index, frame))
+            hashes.extend(window_hashes)
+            stats.add(st)
+            stats.removed += st.get("removed", 0)
+            stats.read_seconds += read_s
+            stats.encode_seconds += encode_s
+            stats.windows += 1
+            if last:
+                await conn.send_control(MsgType.IMAGE_END, {
+                    "index": index, "digest": f"{image_digest(hashes):016x}"})
+                # what the destination will hold once the round is confirmed
+                new_held[img.image_id] = Held(array("Q", img.vaddrs), hashes)
+                stats.images += 1
+                stats.pages += len(img.vaddrs)
+    finally:
+        for _, fut in pending:     # an error or a cancellation: drop what is queued
+            fut.cancel()
+    await conn.send_control(MsgType.ROUND_END, {"round": round_no})
+    stats.send_seconds = time.monotonic() - t0
+    ok = await conn.recv_control(MsgType.ROUND_OK)
+    stats.seconds = time.monotonic() - t0
+    stats.wire_bytes = ok["bytes"]
+    held.clear()
+    held.update(new_held)
+    return stats
+
+
+async def send_files(conn, image_dir: str, names: list[str]) -> tuple[int, int]:
+    """Each named file of image_dir, verbatim, with its mode and XXH3; (count, bytes)."""
+    total = 0
+    for name in names:
+        path = os.path.join(image_dir, name)
+        with open(path, "rb") as f:
+            data = f.read()
+        mode = os.stat(path).st_mode & 0o777
+        await conn.send_control(MsgType.FILE, {"name": name, "size": len(data), "mode": mode})
+        for chunk in iter_file_data(data):
+            await conn.send(MsgType.FILE_DATA, chunk)
+        await conn.send_control(MsgType.FILE_END, {"xxh3": f"{_core.xxh3_64(data):016x}"})
+        total += len(data)
+    return len(names), total
+
+
+class SenderSession:
+    """One session's sending side. ``cache_bytes``: an XOR cache of that size per image
+    (live rounds; XOR deltas against the source's own previous copy of a page), None for
+    none. The encoder pool is the caller's (its buffers outlive a session's rounds)."""
+
+    def __init__(self, conn, name: str, *, pipeline: EncoderPool, xor: bool = True,
+                 compress: bool = True, cache_bytes: int | None = None):
+        self.conn, self.name = conn, name
+        self.pipeline = pipeline
+        self.xor, self.compress = xor, compress
+        self.cache_bytes = cache_bytes if xor else None
+        self.held: dict[str, Held] = {}
+        self.caches: dict = {}
+        self.round_no = 0
+        self.state: dict = {}
+        self.resume_sent = False
+
+    async def begin(self, mode: str, source: str, image_ids: list[str], **fields) -> dict:
+        """BEGIN (``fields``: restore, container, ... as docs/PROTOCOL.md has them), then
+        what the destination holds. A refusal comes back as transport.PeerError."""
+        await self.conn.send_control(MsgType.BEGIN, {
+            "session": self.name, "mode": mode, "source": source,
+            "images": [{"id": i} for i in image_ids], **fields})
+        self.state, self.held = await receive_state(self.conn)
+        self.round_no = self.state["round"]
+        return self.state
+
+    def _caches_for(self, images: list[SourceImage]) -> dict | None:
+        if self.cache_bytes is None:
+            return None
+        for img in images:
+            if img.image_id not in self.caches:
+                self.caches[img.image_id] = _core.XorCache(self.cache_bytes)
+        return self.caches
+
+    async def round(self, images: list[SourceImage], *, final: bool) -> SentRound:
+        """The next round of these images; ``held`` is what the destination holds after."""
+        self.round_no += 1
+        return await send_round(self.conn, self.round_no, images, self.held, final=final,
+                                xor=self.xor, compress=self.compress,
+                                pipeline=self.pipeline, caches=self._caches_for(images))
+
+    async def files(self, image_dir: str, names: list[str]) -> tuple[int, int]:
+        return await send_files(self.conn, image_dir, names)
+
+    async def commit(self, restore: bool) -> dict:
+        """COMMIT; COMMITTED's body: where the images are, and the restored (stopped)
+        copy's pid when the destination restored."""
+        await self.conn.send_control(MsgType.COMMIT, {"restore": restore})
+        return await self.conn.recv_control(MsgType.COMMITTED)
+
+    async def resume(self, timeout: float) -> dict:
+        """RESUME the destination's copy and wait for RESUMED. From the moment RESUME is
+        written the copy may run: ``resume_sent`` says so to the caller's rollback."""
+        self.resume_sent = True
+        await self.conn.send_control(MsgType.RESUME, {})
+        return await self.conn.recv_control(MsgType.RESUMED, timeout=timeout)
+
+    async def error(self, code: str, reason: str) -> None:
+        await self.conn.error(code, reason)
+
+    async def goodbye(self) -> None:
+        await self.conn.goodbye()
+
+    @property
+    def wire_stats(self) -> dict:
+        return self.conn.stats
+
+    def close(self) -> None:
+        self.conn.close()
