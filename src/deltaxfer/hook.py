@@ -45,8 +45,11 @@ post-dump, pre-restore, post-restore, ...), CRTOOLS_IMAGE_DIR, CRTOOLS_INIT_PID.
           converge, freeze, encoder_threads, restore, kill_source, criu_opt (shell
           words; repeat the key to add more), criu_config, log_dir, report, tls_ca,
           tls_server_name, tls_pin (the table: docs/OPERATIONS.md, "Settings")
+    `# deltaxfer: KEY = VALUE` lines in the CRIU configuration files this criu reads
+    (default.conf, --config FILE or $CRIU_CONFIG_FILE; comments to CRIU) override the
+    file's key: one file can configure the dump and the migration;
     DELTAXFER_<KEY> (DELTAXFER_TO, DELTAXFER_KEY_FILE, DELTAXFER_MAX_ROUNDS, ...)
-    overrides the file's key.
+    overrides both.
 - pre-restore, on a directory `deltaxfer serve` received: refuses one that is not a
   completed transfer. post-restore: logs the restored tree.
 
@@ -72,20 +75,72 @@ def _read_config_file(path: str) -> str | None:
         raise HookConfigError(str(e)) from None
 
 
-def hook_config(env=os.environ) -> dict:
+CRIU_CONFIG_MARK = "deltaxfer:"   # `# deltaxfer: KEY = VALUE` in a CRIU configuration file
+
+
+def _criu_config_settings(path: str, keys) -> list[tuple[int, str, str]]:
+    """The `# deltaxfer: KEY = VALUE` lines of a CRIU configuration file (comments to
+    CRIU), as (line number, key, value). A file with such lines is held to the hook
+    file's rules (it may name the criu run as root): HookConfigError otherwise, as for
+    an unknown key; a file without them is CRIU's business alone."""
+    try:
+        with open(path, "rb") as f:
+            plain = f.read().decode("utf-8", "replace")
+    except OSError:
+        return []
+    if CRIU_CONFIG_MARK not in plain:
+        return []
+    text = _read_config_file(path)     # the checks: owner, mode, no symbolic link
+    out = []
+    for n, line in enumerate((text or "").splitlines(), 1):
+        line = line.strip()
+        if not line.startswith("#"):
+            continue
+        body = line[1:].strip()
+        if not body.startswith(CRIU_CONFIG_MARK):
+            continue
+        body = body[len(CRIU_CONFIG_MARK):].strip()
+        if "=" not in body:
+            raise HookConfigError(f"{path} line {n}: expected `# {CRIU_CONFIG_MARK} KEY = "
+                                  f"VALUE`, got {line[:80]!r}")
+        k, v = body.split("=", 1)
+        k = k.strip().lower().replace("-", "_")
+        if k not in keys:
+            raise HookConfigError(f"{path} line {n}: unknown key {k!r}; the keys are "
+                                  + ", ".join(keys))
+        out.append((n, k, v.strip()))
+    return out
+
+
+def hook_config(env=os.environ, criu_pid: int | None = None) -> dict:
     """Settings for a hook run by a plain `criu dump` (CRIU closes stdin and keeps the
-    command line to the script path): a KEY=VALUE file ($DELTAXFER_CONFIG, else
-    /etc/deltaxfer/hook.conf; keys: to, key_file, criu and every setting of
-    deltaxfer.settings.SETTINGS), overridden by DELTAXFER_<KEY> variables. Values stay
-    strings (criu_opt: shell words, a repeated key's lines joined), checked by
+    command line to the script path), from, the later winning:
+
+    1. a KEY=VALUE file ($DELTAXFER_CONFIG, else /etc/deltaxfer/hook.conf; keys: to,
+       key_file, criu and every setting of deltaxfer.settings.SETTINGS);
+    2. the CRIU configuration files the criu running the hook reads (``criu_pid``, default
+       our parent; in CRIU's order, so a dump's own --config comes last), in lines
+       ``# deltaxfer: KEY = VALUE`` that CRIU skips as comments: one file can configure
+       both the dump and where it goes;
+    3. DELTAXFER_<KEY> variables.
+
+    Values stay strings (criu_opt: shell words, a repeated key's lines joined), checked by
     settings.options_from; "_sources" says where each came from ("KEY in FILE" or the
-    variable), for its errors. An unknown key in the file raises HookConfigError, as
-    does a file that is a symbolic link, owned by another user or writable by group or
+    variable), for its errors. An unknown key raises HookConfigError, as does a file
+    with settings that is a symbolic link, owned by another user or writable by group or
     others; a missing file is no file."""
     from deltaxfer.settings import BY_NAME, ENV_PREFIX   # only here: no agent
     keys = _HOOK_KEYS + tuple(BY_NAME)
     path = env.get(CONFIG_ENV, DEFAULT_CONFIG)
     out, sources = {"_file": path}, {}
+
+    def put(k: str, v: str, where: str) -> None:
+        if k == "criu_opt" and sources.get(k) == f"{k} in {where}":
+            out[k] = f"{out[k]} {v}"           # repeated in one file: more shell words
+        else:
+            out[k] = v
+        sources[k] = f"{k} in {where}"
+
     for n, line in enumerate((_read_config_file(path) or "").splitlines(), 1):
         line = line.strip()
         if line and not line.startswith("#") and "=" in line:
@@ -94,11 +149,11 @@ def hook_config(env=os.environ) -> dict:
             if k not in keys:
                 raise HookConfigError(f"{path} line {n}: unknown key {k!r}; the keys are "
                                       + ", ".join(keys))
-            if k == "criu_opt" and k in out:
-                out[k] = f"{out[k]} {v.strip()}"     # repeated: more shell words
-            else:
-                out[k] = v.strip()
-            sources[k] = f"{k} in {path}"
+            put(k, v.strip(), path)
+    argv = _criu_dump_argv(os.getppid() if criu_pid is None else criu_pid)
+    for cpath in criu_config_files(argv, env):
+        for _, k, v in _criu_config_settings(cpath, keys):
+            put(k, v, f"{cpath} (CRIU configuration)")
     for k in keys:
         v = env.get(ENV_PREFIX + k.upper())
         if v:
@@ -147,22 +202,27 @@ def _config_leave_state(path: str) -> str | None:
 _LEAVE = {"leave-running": "running", "R": "running", "leave-stopped": "stopped", "s": "stopped"}
 
 
-def dump_leaves(criu_pid: int, env=os.environ) -> tuple[str | None, str]:
-    """What the `criu dump` that runs this hook (its parent, ``criu_pid``) does with the
-    tasks afterwards -- "running" (--leave-running), "stopped", or None (killed, CRIU's
-    default, or unknown) -- and where that was said. CRIU does not tell action scripts, so
-    it is read as CRIU reads it, the last word winning: the default configuration files
-    (unless --no-default-config), then --config FILE (else $CRIU_CONFIG_FILE), then the
-    command line. A criu run over RPC (`criu swrk`, runc) is not seen here."""
+def _criu_dump_argv(criu_pid: int) -> list[str] | None:
+    """The arguments after `dump` of the criu that runs this hook, None if it is not a
+    `criu dump` (or cannot be read)."""
     try:
         with open(f"/proc/{criu_pid}/cmdline", "rb") as f:
             argv = [w.decode(errors="replace") for w in f.read().split(b"\0") if w]
     except OSError:
-        return None, "unknown"
+        return None
     if "dump" not in argv:
-        return None, "not a criu dump"
-    argv = argv[argv.index("dump") + 1:]
-    config, defaults, cmdline = None, True, None
+        return None
+    return argv[argv.index("dump") + 1:]
+
+
+def criu_config_files(argv: list[str] | None, env=os.environ) -> list[str]:
+    """The CRIU configuration files the criu with these dump arguments reads, in CRIU's
+    order (a later file's word wins): the default files (unless --no-default-config),
+    then --config FILE (else $CRIU_CONFIG_FILE). For a criu not seen (None: run over RPC,
+    as runc runs it), only $CRIU_CONFIG_FILE."""
+    if argv is None:
+        return [env["CRIU_CONFIG_FILE"]] if env.get("CRIU_CONFIG_FILE") else []
+    config, defaults = None, True
     for i, w in enumerate(argv):
         if w == "--no-default-config":
             defaults = False
@@ -170,11 +230,6 @@ def dump_leaves(criu_pid: int, env=os.environ) -> tuple[str | None, str]:
             config = argv[i + 1]
         elif w.startswith("--config="):
             config = w.split("=", 1)[1]
-        elif w.startswith("--") and w[2:] in _LEAVE:
-            cmdline = _LEAVE[w[2:]]
-        elif w in ("-R", "-s"):
-            cmdline = _LEAVE[w[1:]]
-    state, where = None, ""
     files = []
     if defaults:
         files += ["/etc/criu/default.conf"]
@@ -183,7 +238,27 @@ def dump_leaves(criu_pid: int, env=os.environ) -> tuple[str | None, str]:
     config = config or env.get("CRIU_CONFIG_FILE")
     if config:
         files.append(config)
-    for path in files:
+    return files
+
+
+def dump_leaves(criu_pid: int, env=os.environ) -> tuple[str | None, str]:
+    """What the `criu dump` that runs this hook (its parent, ``criu_pid``) does with the
+    tasks afterwards -- "running" (--leave-running), "stopped", or None (killed, CRIU's
+    default, or unknown) -- and where that was said. CRIU does not tell action scripts, so
+    it is read as CRIU reads it, the last word winning: the configuration files
+    (criu_config_files), then the command line. A criu run over RPC (`criu swrk`, runc)
+    is not seen here."""
+    argv = _criu_dump_argv(criu_pid)
+    if argv is None:
+        return None, "not a criu dump"
+    cmdline = None
+    for w in argv:
+        if w.startswith("--") and w[2:] in _LEAVE:
+            cmdline = _LEAVE[w[2:]]
+        elif w in ("-R", "-s"):
+            cmdline = _LEAVE[w[1:]]
+    state, where = None, ""
+    for path in criu_config_files(argv, env):
         s = _config_leave_state(path)
         if s:
             state, where = s, f"the CRIU configuration file {path}"

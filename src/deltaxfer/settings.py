@@ -5,8 +5,9 @@ same names and in the same units (``downtime_target_ms``, ``max_rounds``, ``xor`
 
 - `deltaxfer migrate`'s command line (`from_args`: the argparse namespace; the flags are
   made from this table by `add_arguments`),
-- `deltaxfer-hook`'s configuration file (``NAME = VALUE`` lines) and its environment
-  (``DELTAXFER_<NAME>``), read by `hook.hook_config`.
+- `deltaxfer-hook`'s configuration file (``NAME = VALUE`` lines), the CRIU configuration
+  files its criu reads (``# deltaxfer: NAME = VALUE`` lines, comments to CRIU) and its
+  environment (``DELTAXFER_<NAME>``), read by `hook.hook_config`.
 
 `options_from` checks each value and turns the mapping into `Options`; a bad
 value raises `SettingError` naming the setting and where it came from (the flag, the
