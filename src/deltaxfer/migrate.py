@@ -32,6 +32,7 @@ import time
 from dataclasses import dataclass, field
 
 from deltaxfer import PAGE_SIZE, transport
+from deltaxfer.core import procmem
 from deltaxfer.criu.dumpdir import DumpDir
 from deltaxfer.criu.lazy import close_lazy_dump
 from deltaxfer.criu.proclock import CwdLocks, CwdLockTimeout, cwd_keys, left_behind_hint
@@ -114,19 +115,6 @@ async def connect(host: str, port: int, **kw):
         raise MigrationError("; ".join(why)) from None
 
 
-def _ancestors(pid: int) -> set[int]:
-    out = set()
-    while pid > 1 and pid not in out:
-        out.add(pid)
-        try:
-            with open(f"/proc/{pid}/stat", "rb") as f:
-                stat = f.read()
-            pid = int(stat[stat.rindex(b")") + 2:].split()[1])
-        except (OSError, ValueError, IndexError):
-            break
-    return out
-
-
 def check_pid(pid: int) -> None:
     """Refuse, before anything touches it, a PID that cannot be migrated: one that does
     not exist, the host's init, this deltaxfer or one of its ancestors (the dump would
@@ -137,10 +125,10 @@ def check_pid(pid: int) -> None:
         raise NotStarted("pid 1 is this host's init: it cannot be migrated; give the PID of "
                          "the service (for a service in its own PID namespace, the host PID "
                          "of that namespace's init: docs/OPERATIONS.md, section 6)")
-    if not os.path.exists(f"/proc/{pid}"):
+    if not procmem.exists(pid):
         raise NotStarted(f"process {pid} does not exist (check the PID: `ps -p {pid}`; "
                          "give the host PID of the process, as `ps` on this host shows it)")
-    if pid in _ancestors(os.getpid()):
+    if pid in procmem.ancestors(os.getpid()):
         raise NotStarted(f"process {pid} is this `deltaxfer migrate` or one of its parents "
                          "(a shell?): its dump would freeze deltaxfer itself; give the PID "
                          "of the service")
@@ -670,7 +658,7 @@ class Agent:
             elif self.source is not None:
                 source_alive = not self.source.exited()
             else:
-                source_alive = os.path.exists(f"/proc/{self.pid}") and _alive(self.pid)
+                source_alive = procmem.exists(self.pid) and _alive(self.pid)
             if not source_alive:
                 self.report.outcome = "aborted: the source process exited"
             elif "dump" not in self.report.freeze:

@@ -15,6 +15,7 @@ import os
 import select
 import signal
 
+from deltaxfer.core import procmem
 from deltaxfer.core.procmem import LiveError, ppid, process_tree
 
 log = logging.getLogger("deltaxfer.pidref")
@@ -27,13 +28,10 @@ class ProcessChanged(ProcessLookupError):
 def start_time(pid: int) -> int:
     """Field 22 of /proc/PID/stat: when the process started, in clock ticks since boot.
     Raises ProcessLookupError when there is no such process."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except (FileNotFoundError, ProcessLookupError):
-        raise ProcessLookupError(f"process {pid} does not exist") from None
-    # the command name (field 2) may hold spaces and parentheses: split after the last ')'
-    return int(stat[stat.rindex(b")") + 2:].split()[19])
+    t = procmem.start_time(pid)
+    if t is None:
+        raise ProcessLookupError(f"process {pid} does not exist")
+    return t
 
 
 class PidRef:

@@ -80,24 +80,6 @@ def _read_meta(path: str) -> dict:
         return {}
 
 
-def _boot_time() -> float:
-    with open("/proc/stat") as f:
-        for line in f:
-            if line.startswith("btime "):
-                return float(line.split()[1])
-    return 0.0
-
-
-def _started_at(pid: int) -> float | None:
-    """When a process started (epoch seconds), or None if there is none."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            ticks = int(f.read().rpartition(")")[2].split()[19])
-    except (OSError, ValueError, IndexError):
-        return None
-    return _boot_time() + ticks / os.sysconf("SC_CLK_TCK")
-
-
 def _restored(images: str) -> tuple[int | None, bool | None]:
     """The pid criu restored from this image directory (its pidfile), and whether that
     process still runs: a process with that pid that started after the pidfile was
@@ -112,7 +94,7 @@ def _restored(images: str) -> tuple[int | None, bool | None]:
             pid = int(f.read(32).strip())
     except (OSError, ValueError):
         return None, None
-    started = _started_at(pid)
+    started = procmem.started_at(pid)
     return pid, started is not None and started <= st.st_mtime + 2.0
 
 

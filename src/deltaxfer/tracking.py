@@ -75,15 +75,6 @@ def _probe() -> str | None:
     return None
 
 
-def _status(pid: int) -> dict[str, str]:
-    out = {}
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            k, _, v = line.partition(":")
-            out[k] = v.strip()
-    return out
-
-
 def _syscall_ip(pid: int, maps: list[procmem.Vma]) -> int:
     """An executable `syscall` instruction (0f 05) in the target: its vDSO has some."""
     for v in maps:
@@ -132,7 +123,7 @@ class ProcessTracker:
         TrackingUnavailable with the reason (the target is untouched then)."""
         t0 = time.monotonic()
         try:
-            st = _status(self.pid)
+            st = procmem.status(self.pid)
         except FileNotFoundError:
             raise ProcessLookupError(f"process {self.pid} no longer exists") from None
         if st.get("Seccomp", "0") != "0":
@@ -252,7 +243,7 @@ class Tracking:
         except ProcessLookupError:
             raise
         except OSError as e:
-            if not os.path.exists(f"/proc/{pid}"):
+            if not procmem.exists(pid):
                 raise ProcessLookupError(f"process {pid} no longer exists") from None
             self.failed[pid] = f"scan failed: {e}"
             t.close()

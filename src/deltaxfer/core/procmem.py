@@ -407,3 +407,63 @@ def boot_ticks_now() -> int:
     """Now, in the unit of start_time (clock ticks since boot)."""
     with open("/proc/uptime") as f:
         return int(float(f.read().split()[0]) * os.sysconf("SC_CLK_TCK"))
+
+
+def boot_time() -> float:
+    """When this host booted (epoch seconds, /proc/stat btime)."""
+    with open("/proc/stat") as f:
+        for line in f:
+            if line.startswith("btime "):
+                return float(line.split()[1])
+    return 0.0
+
+
+def started_at(pid: int) -> float | None:
+    """When a process started (epoch seconds), or None if there is none."""
+    ticks = start_time(pid)
+    return None if ticks is None else boot_time() + ticks / os.sysconf("SC_CLK_TCK")
+
+
+def status(pid: int) -> dict[str, str]:
+    """/proc/PID/status as a mapping (Seccomp, TracerPid, NSpid, ...); OSError if gone."""
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            k, _, v = line.partition(":")
+            out[k] = v.strip()
+    return out
+
+
+def exists(pid: int) -> bool:
+    """A /proc entry for pid (a zombie included: see alive)."""
+    return os.path.exists(f"/proc/{pid}")
+
+
+def namespace(pid: int | str, kind: str) -> str | None:
+    """The namespace of that kind (pid, mnt, net, ...) as /proc/PID/ns/KIND names it,
+    e.g. 'pid:[4026531836]'; None if the process is gone."""
+    try:
+        return os.readlink(f"/proc/{pid}/ns/{kind}")
+    except OSError:
+        return None
+
+
+def cwd(pid: int) -> tuple[str, os.stat_result] | None:
+    """A process's working directory: its path (as the process's mount namespace has
+    it) and stat; None if it is gone."""
+    try:
+        return os.readlink(f"/proc/{pid}/cwd"), os.stat(f"/proc/{pid}/cwd")
+    except OSError:
+        return None
+
+
+def ancestors(pid: int) -> set[int]:
+    """pid and its parents up to (not including) init."""
+    out = set()
+    while pid > 1 and pid not in out:
+        out.add(pid)
+        parent = ppid(pid)
+        if parent is None:
+            break
+        pid = parent
+    return out

@@ -29,7 +29,7 @@ import os
 import tempfile
 import time
 
-from ..core.procmem import process_tree
+from ..core import procmem
 
 LOCK_DIR = "/run/deltaxfer/criu-cwd"
 DIRNAME = "proc.crtools"       # what CRIU's parasite creates in the working directory
@@ -39,28 +39,20 @@ class CwdLockTimeout(RuntimeError):
     pass
 
 
-def _ns(pid: int | str, kind: str) -> str | None:
-    try:
-        return os.readlink(f"/proc/{pid}/ns/{kind}")
-    except OSError:
-        return None
-
-
 def cwd_keys(pid: int) -> list[tuple[int, int, str]]:
     """(st_dev, st_ino, path) of the working directories CRIU's parasite will make
     ``proc.crtools`` in, for the tree rooted at pid: those of tasks in another pid
     namespace than this process. Sorted, without repeats."""
-    ours = _ns("self", "pid")
+    ours = procmem.namespace("self", "pid")
     keys = {}
-    for t in process_tree(pid):
-        ns = _ns(t.host_pid, "pid")
+    for t in procmem.process_tree(pid):
+        ns = procmem.namespace(t.host_pid, "pid")
         if ns is None or ns == ours:
             continue
-        try:
-            st = os.stat(f"/proc/{t.host_pid}/cwd")
-            path = os.readlink(f"/proc/{t.host_pid}/cwd")
-        except OSError:
+        found = procmem.cwd(t.host_pid)
+        if found is None:
             continue           # gone, or no cwd: CRIU will say what it finds
+        path, st = found
         keys[(st.st_dev, st.st_ino)] = path
     return sorted((d, i, p) for (d, i), p in keys.items())
 
@@ -120,10 +112,8 @@ def left_behind_hint(pid: int, log_text: str) -> str | None:
     """For a dump that failed on CRIU's mkdir of proc.crtools: what to do."""
     if "Can't create a directory (-17)" not in log_text:
         return None
-    try:
-        cwd = os.readlink(f"/proc/{pid}/cwd")
-    except OSError:
-        cwd = "the task's working directory"
+    found = procmem.cwd(pid)
+    cwd = found[0] if found else "the task's working directory"
     return (f"CRIU could not create {DIRNAME} in {cwd}: it already exists (a dump not run "
             f"by deltaxfer, or a killed criu, left it); remove that empty directory once no "
             f"criu is running, then migrate again")
