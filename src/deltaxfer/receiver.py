@@ -133,6 +133,7 @@ class _Receiving:
         # optionally, a migration's final round links to the held pages instead of
         # rewriting them (see Receiver._restore for the cost)
         self.final_round = bool(body["final"])
+        self.t_round = time.monotonic()
         self.rnd = self.session.begin_round(
             body["round"], begin["source"],
             parent_linked=(self.r.parent_linked_final and body["final"]
@@ -162,21 +163,18 @@ class _Receiving:
                                         int(body["digest"], 16))
 
     async def _round_end(self, body: dict) -> None:
-        conn, session = self.conn, self.session
+        conn = self.conn
+        t_end = time.monotonic()
         done = await self.loop.run_in_executor(self.worker, self.rnd.finish)
+        t_done = time.monotonic()
         self.rnd = None
         self._set(State.IN_FILES if self.files is not None else State.IDLE)
         await conn.send_control(MsgType.ROUND_OK, {
             "round": done["round"], "pages": done["pages"],
             "bytes": conn.stats["bytes_in"]})
-        if self.begin["mode"] == "migrate" and not self.final_round:
-            # a live round's writes go to disk after it is confirmed, so that the final
-            # round's layout edit finds nothing to write out (see Session.flush_held);
-            # queued on the session's one worker thread, not awaited: the writeback
-            # overlaps the source's next round, and whatever the worker does next waits
-            self.loop.run_in_executor(self.worker, session.flush_held)
-        log.info("%s: session %s round %d complete: %d pages held", self.peer, self.name,
-                 done["round"], done["pages"])
+        log.info("%s: session %s round %d complete: %d pages held (%.3f s from ROUND, "
+                 "%.3f s of it finishing after ROUND_END)", self.peer, self.name,
+                 done["round"], done["pages"], t_done - self.t_round, t_done - t_end)
 
     # --- files: FILE opens the set (IN_FILES / ROUND_IN_FILES) until COMMIT
     async def _file(self, body: dict) -> None:

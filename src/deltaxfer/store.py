@@ -449,29 +449,6 @@ class Session:
             return InPlaceRound(self, round_no, source)
         return Round(self, round_no, source)
 
-    def flush_held(self) -> None:
-        """Write the held pages files out to disk (after a migration's live round): an
-        in-place layout edit (fallocate INSERT/COLLAPSE_RANGE) first writes out
-        every dirty page of the file from the edit on, so a migration's final round —
-        whose page set usually differs by a page or two from the live rounds' (CRIU's own
-        code page) — would otherwise wait there for the live rounds' writes."""
-        try:
-            names = os.listdir(self.held_dir)
-        except FileNotFoundError:
-            return
-        for name in names:
-            if im.PAGES_RE.match(name):
-                try:
-                    fd = os.open(os.path.join(self.held_dir, name), os.O_RDONLY)
-                except FileNotFoundError:
-                    continue
-                try:
-                    os.fdatasync(fd)
-                except OSError:
-                    pass
-                finally:
-                    os.close(fd)
-
     def begin_files(self) -> "FileSet":
         return FileSet(self)
 

@@ -198,7 +198,27 @@ def migrated_runs(pid: int, impl=native, maps: list[Vma] | None = None) -> tuple
     for v, r in chosen:
         if r.all_pages:
             run_v, run_l = _add_range(run_v, run_l, v.start, v.end)
+    at = criu_syscall_page(maps)
+    if at is not None:
+        run_v, run_l = _add_range(run_v, run_l, at, at + PAGE_SIZE)
     return run_v, run_l
+
+
+def criu_syscall_page(maps: list[Vma]) -> int | None:
+    """The page CRIU's dump writes into: to run syscalls in the task, compel puts a few
+    bytes of code at the start of the task's first executable VMA (CRIU's get_exec_start:
+    ascending, below the task size) and puts the original bytes back when it is done.
+    The write copies the page on write, so every dump holds it -- a private file
+    mapping's page that no live round would otherwise read. Counted in the page set
+    from the first round on, the final round's layout is the live rounds' (no page
+    inserted into the destination's held file inside the freeze) and, its bytes being
+    the file's again, the page is not even resent. None when that VMA is not one whose
+    pages move (shared, or none)."""
+    for v in maps:
+        if "x" in v.perms[:3] and v.path != "[vsyscall]" and v.start < 1 << 56:
+            r = page_rule(v)
+            return v.start if r.moves and r.cow_only else None
+    return None
 
 
 HUGE = 2 * 1024 * 1024      # a PMD-mapped transparent huge page (x86-64)
