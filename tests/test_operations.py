@@ -334,9 +334,13 @@ def test_ext_unix_socket_and_file_lock_migrate(criu, tmp_path, agent_tmp, ext):
     """--criu-opt reaches criu dump, --criu-restore-opt criu restore: the restored copy
     holds the lock and sends through the socket to the peer outside."""
     with Server(tmp_path, extra=["--restore", "--criu-restore-opt=--ext-unix-sk",
-                                 "--criu-restore-opt=--file-locks"]) as server:
+                                 "--criu-restore-opt=--file-locks",
+                                 "--criu-verbosity", "4"]) as server:
+        # --criu-verbosity 3: CRIU's phases in the kept dump.log (the default, 2, keeps
+        # errors and warnings only)
         m = run_migrate(ext.wl.pid, server.addr, write_key(tmp_path / "c.key"),
-                        tmp_path / "r.json", *EXT_OPTS, env=agent_env(agent_tmp), timeout=180)
+                        tmp_path / "r.json", *EXT_OPTS, "--criu-verbosity", "3",
+                        env=agent_env(agent_tmp), timeout=180)
         r = m.report
         if r and r.get("restored_pid"):
             ext.wl.adopt(r["restored_pid"])
@@ -345,6 +349,11 @@ def test_ext_unix_socket_and_file_lock_migrate(criu, tmp_path, agent_tmp, ext):
         assert "--ext-unix-sk" in r["freeze"]["criu_argv"], r["freeze"]
         assert r["dump_log"] == str(tmp_path / "r.json") + ".dump.log", r
         assert "Dumping finished successfully" in Path(r["dump_log"]).read_text(errors="replace")
+        assert "-v3" in r["freeze"]["criu_argv"], r["freeze"]
+        # serve --criu-verbosity 4: criu restore's debug lines in restore.log
+        restore_log = Path(r["destination_path"]) / "restore.log"
+        assert "(pid: " in restore_log.read_text(errors="replace") or \
+            "Restore finished successfully" in restore_log.read_text(errors="replace")
         assert oct(os.stat(r["dump_log"]).st_mode & 0o777) == "0o600"
         pid = r["restored_pid"]
         assert wait_gone(ext.wl.pid)

@@ -106,7 +106,8 @@ def cmd_serve(args) -> int:
                 lazy_restore=not args.no_lazy_restore, insecure=args.insecure,
                 parent_linked_final=args.parent_linked_final,
                 idle_timeout=args.idle_timeout or None, runc_root=args.runc_root,
-                restore_opts=restore_opts, restore_config=restore_config)
+                restore_opts=restore_opts, restore_config=restore_config,
+                criu_verbosity=args.criu_verbosity)
         except StoreError as e:
             raise ConfigError(f"--dir {args.dir}: {e.reason}") from None
         addrs = ", ".join(f"{s.getsockname()[0]}:{s.getsockname()[1]}" for s in server.sockets)
@@ -317,6 +318,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--criu-config", metavar="FILE",
                    help="with --restore: a CRIU configuration file for `criu restore` "
                         "(passed as --config FILE; checked like --criu-restore-opt)")
+    p.add_argument("--criu-verbosity", type=int, choices=(1, 2, 3, 4), default=2,
+                   metavar="N", help="log level (-vN) of `criu restore` and its lazy-pages "
+                                     "daemon in the session's restore.log / lazy-pages.log: "
+                                     "2 = errors and warnings (default), 4 = every page")
     p.add_argument("--runc-root", metavar="DIR",
                    help="with --restore: restore runc containers that senders migrate "
                         "(`deltaxfer migrate --runc`) with `runc restore` under this runc "

@@ -495,7 +495,8 @@ class Agent:
         args = [self.criu.path] + dump_args(
             self.pid, self.dump_dir, leave="stopped", action_script=hook,
             ps_socket=theirs.fileno(), lazy=lazy, page_server=not lazy,
-            config=self.opts.criu_config, user_opts=self.opts.criu_opts)
+            config=self.opts.criu_config, user_opts=self.opts.criu_opts,
+            verbosity=self.opts.criu_verbosity)
         self.source.check()
         # dumps of tasks in their own pid namespace that share a working directory wait
         # for each other (CRIU makes proc.crtools there): before the freeze, not in it

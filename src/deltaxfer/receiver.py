@@ -266,10 +266,12 @@ class Receiver:
     def __init__(self, store: Store, *, criu=None, on_commit=None, lazy_restore: bool = True,
                  parent_linked_final: bool = False, idle_timeout: float | None = IDLE_TIMEOUT,
                  runc_root: str | None = None, runc=None,
-                 restore_opts=(), restore_config: str | None = None):
+                 restore_opts=(), restore_config: str | None = None,
+                 criu_verbosity: int = 2):
         self.store = store
         # the operator's own `criu restore` options (serve --criu-restore-opt, --criu-config)
         self.restore_opts, self.restore_config = list(restore_opts), restore_config
+        self.criu_verbosity = criu_verbosity
         # runc containers (serve --runc-root): restored under this runc root with `runc`
         self.runc_root, self.runc = runc_root, runc
         self.idle_timeout = idle_timeout
@@ -428,7 +430,8 @@ class Receiver:
         try:
             return self.criu.restore(path, lazy=lazy,
                                      extra=["--leave-stopped"] if stopped else [],
-                                     user_opts=self.restore_opts, config=self.restore_config)
+                                     user_opts=self.restore_opts, config=self.restore_config,
+                                     verbosity=self.criu_verbosity)
         except CriuError as e:
             msg = str(e)
             if log_path not in msg:

@@ -31,7 +31,8 @@ async def serve(host: str, port: int, *, key: bytes, directory: str, ssl=None, c
                 lazy_restore: bool = True, parent_linked_final: bool = False,
                 insecure: bool = False,
                 idle_timeout: float | None = IDLE_TIMEOUT, runc_root: str | None = None,
-                restore_opts=(), restore_config: str | None = None):
+                restore_opts=(), restore_config: str | None = None,
+                criu_verbosity: int = 2):
     """Start the receiver; returns the asyncio server (serve_forever it, or close it).
     ``insecure``: the key is the published one; peers are admitted by their local uid."""
     store = Store(directory, quota_bytes, session_quota_bytes=session_quota_bytes,
@@ -52,7 +53,8 @@ async def serve(host: str, port: int, *, key: bytes, directory: str, ssl=None, c
     receiver = Receiver(store, criu=criu, on_commit=on_commit, lazy_restore=lazy_restore,
                         parent_linked_final=parent_linked_final, idle_timeout=idle_timeout,
                         runc_root=runc_root, runc=runc,
-                        restore_opts=restore_opts, restore_config=restore_config)
+                        restore_opts=restore_opts, restore_config=restore_config,
+                        criu_verbosity=criu_verbosity)
     caps = list(CAPS) + ([RUNC_CAP] if runc is not None else [])
     return await transport.serve(host, port, key=key, handler=receiver.handle, ssl=ssl,
                                  max_connections=max_connections, caps=caps,
