@@ -14,7 +14,7 @@ import socket
 import subprocess
 import sys
 
-from deltaxfer.hook_env import AGENT_ENV, LAZY_PORT_ENV, TIMEOUT_ENV  # noqa: F401
+from deltaxfer.hook_env import AGENT_ENV, AGENT_FAILED_ENV, LAZY_PORT_ENV, TIMEOUT_ENV  # noqa: F401
 
 
 CONFIG_ENV = "DELTAXFER_CONFIG"
@@ -326,6 +326,9 @@ def run_hook(env=os.environ) -> int:
         return 0
     timeout = float(env.get(TIMEOUT_ENV, "0")) or None
     try:
+        if env.get(AGENT_FAILED_ENV):
+            # hook_agent.py asked and got no answer: asking again could run post-dump twice
+            raise ConnectionError(env[AGENT_FAILED_ENV])
         with socket.socket(socket.AF_UNIX) as s:
             s.settimeout(timeout)
             s.connect(agent)
@@ -340,7 +343,8 @@ def run_hook(env=os.environ) -> int:
     except (OSError, ValueError) as e:
         # The agent died (or hangs past its own deadline): nobody will end the lazy dump
         # that CRIU starts after this hook, so arrange for it, and let CRIU resume.
-        reply = {"ok": False, "reason": f"the migration agent is gone ({e})"}
+        reply = {"ok": False, "reason": str(e) if env.get(AGENT_FAILED_ENV)
+                 else f"the migration agent is gone ({e})"}
         if action == "post-dump" and env.get(LAZY_PORT_ENV):
             _end_lazy_dump_later(int(env[LAZY_PORT_ENV]))
     if not reply.get("ok"):
