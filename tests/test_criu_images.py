@@ -228,3 +228,27 @@ def test_fast_path_defers_unusual_entries_to_the_full_parser():
     data = im.encode_image(im.PAGEMAP_MAGIC, [entry((1, 3)), odd])
     assert im._parse_pagemap_fast("x", data) is None
     assert im.parse_pagemap("x", data).entries == [im.PagemapEntry(0x10000, 1, im.PE_PRESENT)]
+
+
+def test_array_pagemap_is_the_entries_pagemap():
+    """The receiver's ArrayPagemap (pairs + arrays, no object per entry) reads, counts,
+    expands and encodes exactly as a Pagemap of the same entries (CRIU reads what it
+    writes)."""
+    from array import array
+    from deltaxfer import _core
+    entries = [im.PagemapEntry(0x1000, 3, im.PE_PRESENT),
+               im.PagemapEntry(0x10000, 1, im.PE_PRESENT | im.PE_LAZY),
+               im.PagemapEntry(0x7f0000000000, 2**20, im.PE_PRESENT)]
+    pairs = array("Q")
+    for e in entries:
+        pairs.extend((e.vaddr, e.nr_pages | e.flags << 32))
+    vaddrs = _core.pagemap_layout(pairs)
+    apm = im.ArrayPagemap(7, pairs, len(vaddrs))
+    pm = im.Pagemap(7, entries)
+    assert apm.entries == pm.entries
+    assert apm.present_pages == pm.present_pages == 4 + 2**20
+    assert apm.present_vaddrs() == pm.present_vaddrs()
+    assert im.encode_pagemap(apm) == im.encode_pagemap(pm) == im.encode_pagemap_py(pm)
+    moved = apm.with_pages_id(9)
+    assert im.encode_pagemap(moved) == im.encode_pagemap(im.Pagemap(9, entries))
+    assert apm.pages_id == 7

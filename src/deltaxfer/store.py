@@ -280,6 +280,7 @@ class HeldImage:
     image_id: str
     pagemap: im.Pagemap
     pages_path: str
+    vaddrs: array | None = None    # the present pages' vaddrs, when a round just made them
 
     def open(self) -> im.MemoryImage:
         return im.MemoryImage(os.path.join(os.path.dirname(self.pages_path),
@@ -415,7 +416,7 @@ class Session:
         """(vaddrs, hashes) of a held image's pages: the hashes computed from the stored
         pages when their round was verified (hashes-ID.bin), else hashed from disk."""
         held = self.held()[image_id]
-        vaddrs = held.pagemap.present_vaddrs()
+        vaddrs = held.vaddrs if held.vaddrs is not None else held.pagemap.present_vaddrs()
         cached = os.path.join(self.held_dir, f"hashes-{image_id}.bin")
         try:
             with open(cached, "rb") as f:
@@ -568,10 +569,7 @@ class Round:
         if len(vaddrs) != img.pages_expected:
             raise StoreError("bad-payload", f"{img.image_id}: pagemap holds {len(vaddrs)} "
                                             f"pages, {img.pages_expected} announced")
-        p = img.pairs
-        pm = im.Pagemap(self.next_pages_id, [
-            im.PagemapEntry(p[k], p[k + 1] & 0xFFFFFFFF, p[k + 1] >> 32)
-            for k in range(0, len(p), 2)])
+        pm = im.ArrayPagemap(self.next_pages_id, img.pairs, len(vaddrs))
         img.pairs = array("Q")
         self.next_pages_id += 1
         img.vaddrs = vaddrs
@@ -675,7 +673,9 @@ class Round:
         if os.path.exists(s.held_dir):
             os.rename(s.held_dir, old)
         os.rename(self.dir, s.held_dir)
-        s._held = None
+        # what is held now, as this round made it (not read back from disk next round)
+        s._held = {x.image_id: HeldImage(x.image_id, x.pagemap, os.path.join(
+            s.held_dir, os.path.basename(x.pages_path)), x.vaddrs) for x in self.images.values()}
         _rmtree(old)
         s.meta.update(round=self.round_no, source=self.source)
         s._save_meta()
@@ -832,6 +832,7 @@ class InPlaceRound(ParentRound):
         for image_id, h in self.held.items():          # images gone from the tree
             if image_id not in sent:
                 self._drop_held(image_id, h)
+        now: dict[str, HeldImage] = {}                 # the held state this round leaves
         for img in self.images.values():
             name = pagemap_name(img.image_id)
             if img.parent is not None:                 # in place
@@ -851,8 +852,11 @@ class InPlaceRound(ParentRound):
                 finally:
                     os.close(src)
                     os.close(dst)
-                pm = im.Pagemap(held.pagemap.pages_id, img.pagemap.entries)
+                pm = (img.pagemap.with_pages_id(held.pagemap.pages_id)
+                      if isinstance(img.pagemap, im.ArrayPagemap)
+                      else im.Pagemap(held.pagemap.pages_id, img.pagemap.entries))
                 im.write_pagemap(os.path.join(s.held_dir, name + ".new"), pm)
+                now[img.image_id] = HeldImage(img.image_id, pm, held.pages_path, img.vaddrs)
                 os.replace(os.path.join(s.held_dir, name + ".new"), os.path.join(s.held_dir, name))
                 with open(os.path.join(s.held_dir, f"hashes-{img.image_id}.bin"), "wb") as f:
                     f.write(img.hashes)
@@ -862,9 +866,11 @@ class InPlaceRound(ParentRound):
                     self._drop_held(img.image_id, old)
                 for f in (name, os.path.basename(img.pages_path), f"hashes-{img.image_id}.bin"):
                     os.replace(os.path.join(self.dir, f), os.path.join(s.held_dir, f))
+                now[img.image_id] = HeldImage(img.image_id, img.pagemap, os.path.join(
+                    s.held_dir, os.path.basename(img.pages_path)), img.vaddrs)
         os.unlink(dirty)
         _rmtree(self.dir)
-        s._held = None
+        s._held = now
         s.meta.update(round=self.round_no, source=self.source)
         s._save_meta()
         self.closed = True

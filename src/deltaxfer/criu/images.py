@@ -16,6 +16,7 @@ import mmap
 import os
 import re
 import struct
+import sys
 from array import array
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -213,6 +214,50 @@ class Pagemap:
         return Pagemap(self.pages_id, out)
 
 
+class ArrayPagemap(Pagemap):
+    """A pagemap held as the PAGEMAP message's (vaddr, nr_pages | flags << 32) pairs and
+    three arrays, with no Python object per entry until ``entries`` is asked for: the
+    receiver builds one per image per round and writes it back inside the freeze, and a
+    few GiB of memory make 10^4-10^5 entries (53 000 at 4 GiB here: ~0.05 s per pass of
+    Python objects). ``pairs`` must have passed ``_core.pagemap_layout`` (aligned,
+    ascending, sane sizes); ``present_pages`` is what that layout counted."""
+
+    def __init__(self, pages_id: int, pairs: array, present_pages: int):
+        self.pages_id = pages_id
+        self.pairs = pairs
+        self.v = pairs[0::2]
+        if sys.byteorder == "little":      # each u64 is nr_pages (low half) | flags (high)
+            halves = array("I")
+            halves.frombytes(pairs[1::2].tobytes())
+            self.n, self.f = array("Q", halves[0::2]), array("Q", halves[1::2])
+        else:
+            nf = pairs[1::2]
+            self.n = array("Q", (x & 0xFFFFFFFF for x in nf))
+            self.f = array("Q", (x >> 32 for x in nf))
+        self._present = present_pages
+        self._entries: list[PagemapEntry] | None = None
+
+    @property
+    def entries(self) -> list[PagemapEntry]:   # type: ignore[override]
+        if self._entries is None:
+            self._entries = [PagemapEntry(v, n, f) for v, n, f in zip(self.v, self.n, self.f)]
+        return self._entries
+
+    @property
+    def present_pages(self) -> int:
+        return self._present
+
+    def present_vaddrs(self) -> array:
+        from deltaxfer import _core
+        return _core.pagemap_layout(self.pairs)
+
+    def with_pages_id(self, pages_id: int) -> "ArrayPagemap":
+        out = ArrayPagemap.__new__(ArrayPagemap)
+        out.__dict__.update(self.__dict__)
+        out.pages_id = pages_id
+        return out
+
+
 def parse_pagemap(path, data: bytes) -> Pagemap:
     fast = _parse_pagemap_fast(path, data)
     if fast is not None:
@@ -288,6 +333,8 @@ def read_pagemap(path) -> Pagemap:
 def encode_pagemap(pagemap: Pagemap) -> bytes:
     """Write fields 1, 2 and 4 of each entry: what CRIU 4.1 needs and 4.2 accepts."""
     from deltaxfer import _core
+    if isinstance(pagemap, ArrayPagemap):
+        return _core.pagemap_encode_fast(pagemap.pages_id, pagemap.v, pagemap.n, pagemap.f)
     v, n, f = array("Q"), array("Q"), array("Q")
     for e in pagemap.entries:
         v.append(e.vaddr)
