@@ -10,7 +10,6 @@ makes CRIU resume the tasks: that is the rollback.
 """
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -324,22 +323,12 @@ def run_hook(env=os.environ) -> int:
         return 1 if action == "post-dump" else 0
     if action not in ("pre-dump", "post-dump"):
         return 0
-    timeout = float(env.get(TIMEOUT_ENV, "0")) or None
     try:
         if env.get(AGENT_FAILED_ENV):
             # hook_agent.py asked and got no answer: asking again could run post-dump twice
             raise ConnectionError(env[AGENT_FAILED_ENV])
-        with socket.socket(socket.AF_UNIX) as s:
-            s.settimeout(timeout)
-            s.connect(agent)
-            s.sendall(json.dumps({"action": action, "image_dir": env.get("CRTOOLS_IMAGE_DIR"),
-                                  "init_pid": env.get("CRTOOLS_INIT_PID")}).encode() + b"\n")
-            line = s.makefile("rb").readline()
-        if not line:
-            raise ConnectionError("it closed the connection without an answer")
-        reply = json.loads(line)
-        if not isinstance(reply, dict):
-            raise ValueError(f"unreadable answer {line[:80]!r}")
+        from deltaxfer.hook_agent import ask_agent   # the one exchange with the agent
+        reply = ask_agent(agent, action, env)
     except (OSError, ValueError) as e:
         # The agent died (or hangs past its own deadline): nobody will end the lazy dump
         # that CRIU starts after this hook, so arrange for it, and let CRIU resume.

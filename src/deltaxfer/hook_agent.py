@@ -39,6 +39,25 @@ def _full_hook(failed: str | None = None) -> None:
     os.execve(sys.executable, [sys.executable, "-m", "deltaxfer.hook"], env)
 
 
+def ask_agent(agent: str, action: str, env) -> dict:
+    """One exchange with the agent at its unix socket: the action (and CRIU's image
+    directory and init pid) out, the verdict {"ok": ..., "reason": ...} back. OSError or
+    ValueError when there is no verdict (also used by the full hook)."""
+    timeout = float(env.get(TIMEOUT_ENV, "0")) or None
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(timeout)
+        s.connect(agent)
+        s.sendall(json.dumps({"action": action, "image_dir": env.get("CRTOOLS_IMAGE_DIR"),
+                              "init_pid": env.get("CRTOOLS_INIT_PID")}).encode() + b"\n")
+        line = s.makefile("rb").readline()
+    if not line:
+        raise ConnectionError("it closed the connection without an answer")
+    reply = json.loads(line)
+    if not isinstance(reply, dict):
+        raise ValueError(f"unreadable answer {line[:80]!r}")
+    return reply
+
+
 def main() -> int:
     env = os.environ
     action = env.get("CRTOOLS_SCRIPT_ACTION", "")
@@ -48,16 +67,7 @@ def main() -> int:
     if not agent:
         _full_hook()
     try:
-        timeout = float(env.get(TIMEOUT_ENV, "0")) or None
-        with socket.socket(socket.AF_UNIX) as s:
-            s.settimeout(timeout)
-            s.connect(agent)
-            s.sendall(json.dumps({"action": action, "image_dir": env.get("CRTOOLS_IMAGE_DIR"),
-                                  "init_pid": env.get("CRTOOLS_INIT_PID")}).encode() + b"\n")
-            line = s.makefile("rb").readline()
-        reply = json.loads(line)
-        if not isinstance(reply, dict):
-            raise ValueError(line[:80])
+        reply = ask_agent(agent, action, env)
     except (OSError, ValueError) as e:
         _full_hook(f"the migration agent is gone ({e})")
     if reply.get("ok"):
