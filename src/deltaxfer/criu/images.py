@@ -310,6 +310,49 @@ def _parse_pagemap_fast(path, data: bytes) -> Pagemap | None:
     return Pagemap(pages_id, out)
 
 
+def read_pagemap_arrays(path) -> tuple[int, array, array, array] | None:
+    """(pages_id, vaddrs, nr_pages, flags) of a pagemap file, as arrays, without a Python
+    object per entry (the C decoder); None for anything unusual (read_pagemap then says
+    what). Not checked here: the caller checks the layout (``_core.pagemap_layout``)."""
+    data = _read_small_file(path)
+    if len(data) < 12 or _U32.unpack_from(data, 0)[0] != IMG_COMMON_MAGIC or \
+            _U32.unpack_from(data, 4)[0] != PAGEMAP_MAGIC:
+        return None
+    (size,) = _U32.unpack_from(data, 8)
+    if 12 + size > len(data):
+        return None
+    from deltaxfer import _core
+    arrays = _core.pagemap_entries_fast(data, 12 + size)
+    if arrays is None:
+        return None
+    head = decode(path, memoryview(data)[12:12 + size], "pagemap_head")
+    pages_id = head.get(1, [None])[-1]
+    if not isinstance(pages_id, int) or pages_id >= 1 << 32:
+        return None
+    v, n, f = (x if isinstance(x, array) and x.typecode == "Q" else array("Q", x)
+               for x in arrays)
+    return pages_id, v, n, f
+
+
+def interleave_pairs(v: array, n: array, f: array) -> array | None:
+    """The (vaddr, nr_pages | flags << 32) pairs PAGEMAP carries, built with array slices
+    (no Python loop per entry); None if a value does not fit (nr_pages or flags >= 2^32)
+    or the machine is not little-endian."""
+    if sys.byteorder != "little":
+        return None
+    try:
+        n32, f32 = array("I", n), array("I", f)
+    except OverflowError:
+        return None
+    halves = array("I", bytes(8 * len(v)))
+    halves[0::2] = n32
+    halves[1::2] = f32
+    pairs = array("Q", bytes(16 * len(v)))
+    pairs[0::2] = v
+    pairs[1::2] = array("Q", halves.tobytes())
+    return pairs
+
+
 def check_entries(path, entries: list[PagemapEntry]) -> None:
     """Entries must be page aligned, of sane size, ascending and not overlapping."""
     prev_end = 0
