@@ -87,9 +87,16 @@ def test_migration_waits_for_a_dump_in_the_same_directory_unfrozen(criu, tmp_pat
         try:
             t0 = time.monotonic()
             proc = start_migrate(wl.pid, server.addr, key_file, tmp_path / "r.json",
-                                 "--max-rounds", "2", env=agent_env(agent_tmp))
-            # the rounds are quick (8 MiB); then the agent waits on the lock
-            time.sleep(3)
+                                 "--max-rounds", "2", "--converge", "off",
+                                 env=agent_env(agent_tmp))
+            # the live rounds end (the receiver logs round 2), then the agent waits on
+            # the lock before it starts criu
+            deadline = time.monotonic() + 120
+            while "round 2 complete" not in server.log() and time.monotonic() < deadline \
+                    and proc.poll() is None:
+                time.sleep(0.05)
+            assert "round 2 complete" in server.log(), server.log()[-2000:]
+            time.sleep(1.5)
             assert proc.poll() is None
             assert workloads.proc_state(wl.pid) in ("R", "S"), workloads.proc_state(wl.pid)
             assert not (cwd / proclock.DIRNAME).exists()
@@ -100,7 +107,7 @@ def test_migration_waits_for_a_dump_in_the_same_directory_unfrozen(criu, tmp_pat
         if r and r.get("restored_pid"):
             wl.adopt(r["restored_pid"])
         assert m.rc == 0 and r["outcome"] == "migrated", (m.stderr[-2000:], r)
-        assert r["freeze"]["cwd_lock_wait"] >= 1.0, r["freeze"]
+        assert r["freeze"]["cwd_lock_wait"] >= 1.4, r["freeze"]
         assert wl.verify(pid=r["restored_pid"], timeout=60)["ok"]
         assert not (cwd / proclock.DIRNAME).exists()
 
