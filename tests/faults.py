@@ -421,6 +421,18 @@ def _looks_like_a_copy(pid: int, wl) -> bool:
     return comm == want and len(nspid) > 1 and nspid[-1] == "1"
 
 
+def adopt_the_one_copy(wl, timeout: float = 10) -> int:
+    """Wait for the single restored copy of wl (copies_of), adopt it, check its memory
+    with the workload's own verify; returns its pid."""
+    deadline = time.monotonic() + timeout
+    while not (copies := copies_of(wl)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert len(copies) == 1, copies
+    wl.adopt(copies[0])
+    assert wl.verify(pid=copies[0])["ok"]
+    return copies[0]
+
+
 def copies_of(wl) -> list[int]:
     """Processes running the workload's program with its result file, outside the source's
     PID namespace (and not its `unshare`): copies restored by CRIU. (The namespace is read

@@ -3,13 +3,12 @@ the hook alone does the live rounds at pre-dump and the residual, the images and
 two-step restore at post-dump, configured by environment variables or a config file."""
 import os
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 import workloads
-from faults import copies_of, wait_gone
+from faults import adopt_the_one_copy, wait_gone
 from servers import Server, write_key
 
 pytestmark = [pytest.mark.criu, pytest.mark.slow]
@@ -38,12 +37,7 @@ def test_plain_criu_dump_with_the_hook_migrates(criu, tmp_path, how):
         assert proc.returncode == 0, log[-3000:]
         assert "deltaxfer hook: round  1" in log          # live rounds ran at pre-dump
         assert wait_gone(wl.pid), "criu kills the source after a successful post-dump"
-        deadline = time.monotonic() + 10
-        while not (copies := copies_of(wl)) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert len(copies) == 1, copies
-        wl.adopt(copies[0])
-        assert wl.verify(pid=copies[0])["ok"]
+        adopt_the_one_copy(wl)
         assert f"session hook-{how}" in server.log() and "runs" in server.log()
 
 

@@ -5,7 +5,6 @@ order, then the environment; a file with such lines is held to the hook file's r
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -13,7 +12,7 @@ import pytest
 import workloads
 from deltaxfer.hook import HookConfigError, criu_config_files, hook_config
 from deltaxfer.settings import options_from
-from faults import copies_of, wait_gone
+from faults import adopt_the_one_copy, wait_gone
 from servers import Server, write_key
 from test_settings import FLAGS, VALUES, _cli, _comparable
 
@@ -117,10 +116,5 @@ def test_one_criu_config_file_configures_the_dump_and_the_migration(criu, tmp_pa
         assert proc.returncode == 0, log[-3000:]
         assert "deltaxfer hook: round  1" in log
         assert wait_gone(wl.pid)
-        deadline = time.monotonic() + 10
-        while not (copies := copies_of(wl)) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert len(copies) == 1, copies
-        wl.adopt(copies[0])
-        assert wl.verify(pid=copies[0])["ok"]
+        adopt_the_one_copy(wl)
         assert "session criu-conf" in server.log()

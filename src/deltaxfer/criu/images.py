@@ -288,33 +288,10 @@ def parse_pagemap(path, data: bytes) -> Pagemap:
     return Pagemap(pages_id, out)
 
 
-def _parse_pagemap_fast(path, data: bytes) -> Pagemap | None:
-    """The common case in C (pagemaps of big processes have 10^4+ entries); None sends
-    anything unusual to the full parser, which names what is wrong."""
-    if len(data) < 12 or _U32.unpack_from(data, 0)[0] != IMG_COMMON_MAGIC or \
-            _U32.unpack_from(data, 4)[0] != PAGEMAP_MAGIC:
-        return None
-    (size,) = _U32.unpack_from(data, 8)
-    if 12 + size > len(data):
-        return None
-    from deltaxfer import _core
-    arrays = _core.pagemap_entries_fast(data, 12 + size)
-    if arrays is None:
-        return None
-    head = decode(path, memoryview(data)[12:12 + size], "pagemap_head")
-    pages_id = head.get(1, [None])[-1]
-    if not isinstance(pages_id, int) or pages_id >= 1 << 32:
-        return None
-    out = [PagemapEntry(v, n, f) for v, n, f in zip(*arrays)]
-    check_entries(path, out)
-    return Pagemap(pages_id, out)
-
-
-def read_pagemap_arrays(path) -> tuple[int, array, array, array] | None:
-    """(pages_id, vaddrs, nr_pages, flags) of a pagemap file, as arrays, without a Python
-    object per entry (the C decoder); None for anything unusual (read_pagemap then says
-    what). Not checked here: the caller checks the layout (``_core.pagemap_layout``)."""
-    data = _read_small_file(path)
+def _pagemap_arrays(path, data: bytes) -> tuple[int, array, array, array] | None:
+    """(pages_id, vaddrs, nr_pages, flags) decoded in C, without a Python object per
+    entry; None for anything unusual (the full parser then names what is wrong). The
+    entries are not checked here."""
     if len(data) < 12 or _U32.unpack_from(data, 0)[0] != IMG_COMMON_MAGIC or \
             _U32.unpack_from(data, 4)[0] != PAGEMAP_MAGIC:
         return None
@@ -332,6 +309,25 @@ def read_pagemap_arrays(path) -> tuple[int, array, array, array] | None:
     v, n, f = (x if isinstance(x, array) and x.typecode == "Q" else array("Q", x)
                for x in arrays)
     return pages_id, v, n, f
+
+
+def _parse_pagemap_fast(path, data: bytes) -> Pagemap | None:
+    """The common case in C (pagemaps of big processes have 10^4+ entries); None sends
+    anything unusual to the full parser, which names what is wrong."""
+    got = _pagemap_arrays(path, data)
+    if got is None:
+        return None
+    pages_id, v, n, f = got
+    out = [PagemapEntry(a, b, c) for a, b, c in zip(v, n, f)]
+    check_entries(path, out)
+    return Pagemap(pages_id, out)
+
+
+def read_pagemap_arrays(path) -> tuple[int, array, array, array] | None:
+    """(pages_id, vaddrs, nr_pages, flags) of a pagemap file, as arrays (see
+    _pagemap_arrays); None for anything unusual (read_pagemap then says what). Not
+    checked here: the caller checks the layout (``_core.pagemap_layout``)."""
+    return _pagemap_arrays(path, _read_small_file(path))
 
 
 def interleave_pairs(v: array, n: array, f: array) -> array | None:
