@@ -110,6 +110,9 @@ class LinkProxy:
         return any(d == direction and t == type_ for _, d, t, _ in self.frames)
 
     def close(self) -> None:
+        if getattr(self, "_closed", False):
+            return
+        self._closed = True
         self._closing = True
         os.write(self._wake_w, b"x")
         for t in self._threads:

@@ -59,6 +59,7 @@ def write_key(path, key=KEY, mode=0o600):
 class Server:
     def __init__(self, tmp_path, *, loop="uvloop", extra=(), key=KEY, env=None, prefix=()):
         self.dir = tmp_path / "serve"
+        self.extra = tuple(extra)
         self.key_file = write_key(tmp_path / "server.key", key)
         self.log_path = tmp_path / "serve.log"
         self._log = open(self.log_path, "wb")

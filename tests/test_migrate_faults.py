@@ -79,9 +79,32 @@ def assert_source_runs_on(wl, before: dict | None = None):
         assert again["mutations"] > before["mutations"]
 
 
-def assert_destination_clean(wl, server, settle: float = 5.0):
+def lazy_daemons_under(root) -> list[int]:
+    """`criu lazy-pages` processes whose -D is under root."""
+    root = os.path.realpath(root) + os.sep
+    out = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/cmdline", "rb") as f:
+                args = [a.decode(errors="replace") for a in f.read().split(b"\0")]
+        except OSError:
+            continue
+        if "lazy-pages" in args and "-D" in args and args.index("-D") + 1 < len(args) \
+                and os.path.realpath(args[args.index("-D") + 1]).startswith(root):
+            out.append(int(name))
+    return out
+
+
+def assert_destination_clean(wl, server, settle: float = 5.0, link=None):
     """No restored copy of the workload runs (given the receiver `settle` seconds to act),
-    and no unfinished state is kept."""
+    and no unfinished state is kept. ``link``: a LinkProxy still holding a silent
+    connection open; it is closed first, as the link's end would (until then the receiver
+    keeps the session, and the dump's files it got before the final round, until its idle
+    timeout)."""
+    if link is not None:
+        link.close()
     deadline = time.monotonic() + settle
     while copies_of(wl) and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -89,7 +112,13 @@ def assert_destination_clean(wl, server, settle: float = 5.0):
     for pid in copies:           # a leaked copy is killed with the workload
         wl.adopt(pid)
     assert copies == [], f"the destination runs restored copies {copies}"
+    # the receiver cleans a broken session up when it sees its connection end
+    deadline = time.monotonic() + 30
+    while tmp_leftovers(server.dir) and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert tmp_leftovers(server.dir) == []
+    # and a lazy-pages daemon it started early for the restore is gone
+    assert lazy_daemons_under(server.dir) == []
 
 
 def assert_failed_cleanly(m, *, outcome: str, error_has: tuple[str, ...]):
@@ -304,7 +333,7 @@ def test_link_silent_during_the_freeze_rolls_back_in_bounded_time(criu, tmp_path
                                   f"{m.state_at_timeout} (t/T: frozen); migrate was killed")
         assert_failed_cleanly(m, outcome="rolled back", error_has=("timeout", "timed out"))
         assert_source_runs_on(wl)
-        assert_destination_clean(wl, server)
+        assert_destination_clean(wl, server, link=proxy)
 
 
 @pytest.mark.slow
@@ -333,7 +362,7 @@ def test_agent_killed_during_the_freeze_source_resumes(criu, tmp_path, agent_tmp
             assert state in ("R", "S"), (f"source still in state {state} 10 s after the "
                                          "agent died")
             assert_source_runs_on(wl)
-            assert_destination_clean(wl, server)
+            assert_destination_clean(wl, server, link=proxy)
             deadline = time.monotonic() + 10
             while left.alive() and time.monotonic() < deadline:
                 time.sleep(0.1)

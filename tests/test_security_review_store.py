@@ -302,3 +302,36 @@ def test_recover_kills_a_lazy_pages_daemon_left_by_a_receiver_that_died_in_a_res
         for p in (ours, other):
             p.kill()
             p.wait()
+
+
+def test_recover_kills_an_early_lazy_pages_daemon_only_before_its_commit(tmp_path):
+    """The receiver starts a restore's lazy-pages daemon early, in <session>/images.tmp
+    (receiver._prestart_lazy_pages). A receiver that dies before the commit leaves it
+    waiting: the next start kills it. Once the commit renamed images.tmp, a daemon with
+    that -D serves a restored process that runs: it is left alone."""
+    import subprocess
+    import sys as _sys
+
+    from deltaxfer.receiver import recover_restores
+    from deltaxfer.store import Store
+
+    root = tmp_path / "serve"
+    store = Store(str(root))
+    early = store.session("early")
+    early_tmp = early.prepare_images_dir()
+    done_s = store.session("done")
+    os.makedirs(os.path.join(done_s.path, "images"))
+    sleeper = [_sys.executable, "-c", "import time; time.sleep(120)"]
+    orphan = subprocess.Popen(sleeper + ["lazy-pages", "-D", early_tmp])
+    serving = subprocess.Popen(sleeper + ["lazy-pages", "-D",
+                                          os.path.join(done_s.path, "images.tmp")])
+    try:
+        done = recover_restores(Store(str(root)))
+        assert orphan.wait(timeout=10) == -9
+        assert any("lazy-pages daemon" in d for d in done.get("early", [])), done
+        assert serving.poll() is None, "a daemon serving a committed restore was killed"
+        assert "done" not in done
+    finally:
+        for p in (orphan, serving):
+            p.kill()
+            p.wait()

@@ -399,6 +399,12 @@ class Agent:
             # (before post-dump); they say which pages the tasks hold
             await loop.run_in_executor(None, self.sink.wait, 30.0)
             f["sink"] = dict(self.sink.stats)
+        # the dump's other files first: the destination starts its restore's lazy-pages
+        # daemon once inventory.img is in, while the final round still arrives
+        t_files = time.monotonic()
+        await self.sender.files(self.dump_dir, dump.verbatim_files())
+        f["files"] = round(time.monotonic() - t_files, 6)
+        t = time.monotonic()
         images, opened, from_memory = await loop.run_in_executor(
             self.pipeline.pool, frozen_images, dump, tasks, self.tracking,
             self.held, self.sink is not None)
@@ -417,9 +423,6 @@ class Agent:
                 "read_pages": from_memory // PAGE_SIZE, "skipped": c["skipped"],
                 "wire_bytes": c["stored_bytes"], "seconds": round(rs.seconds, 6),
                 "send_seconds": round(rs.send_seconds, 6)})
-            t = time.monotonic()
-            await self.sender.files(self.dump_dir, dump.verbatim_files())
-            f["files"] = round(time.monotonic() - t, 6)
             t = time.monotonic()
             done = await self.sender.commit(self.opts.restore)
             f["commit_restore"] = round(time.monotonic() - t, 6)

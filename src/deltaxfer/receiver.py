@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import enum
+import functools
 import errno
 import logging
 import os
@@ -104,6 +105,8 @@ class _Receiving:
         self.final_round = False
         self.drop_session = False
         self.records = {"zero": 0, "xor": 0, "full": 0}
+        # the lazy restore's `criu lazy-pages`, started during the final round
+        self.lazy_daemon: asyncio.Future | None = None
 
     def _set(self, state: State) -> None:
         self.state = state
@@ -134,11 +137,64 @@ class _Receiving:
         # rewriting them (see Receiver._restore for the cost)
         self.final_round = bool(body["final"])
         self.t_round = time.monotonic()
-        self.rnd = self.session.begin_round(
-            body["round"], begin["source"],
-            parent_linked=(self.r.parent_linked_final and body["final"]
-                           and begin["mode"] == "migrate"))
-        self._set(State.ROUND_IN_FILES if self.state == State.IN_FILES else State.IN_ROUND)
+        parent_linked = (self.r.parent_linked_final and body["final"]
+                         and begin["mode"] == "migrate")
+        self.rnd = self.session.begin_round(body["round"], begin["source"],
+                                            parent_linked=parent_linked)
+        files_first = self.state == State.IN_FILES
+        self._set(State.ROUND_IN_FILES if files_first else State.IN_ROUND)
+        if self.final_round and files_first:
+            self._prestart_lazy_pages()
+
+    def _prestart_lazy_pages(self) -> None:
+        """A migration that asked for a restore (BEGIN.restore) runs a lazy restore at
+        COMMIT, and its `criu lazy-pages` takes 40-55 ms to start here. It reads the
+        dump's metadata (inventory.img, pstree.img) when it starts and the memory images
+        only when the restore hands it the tasks: the agent sends the dump's files before
+        the final round (files, round, COMMIT), so at the final ROUND the daemon is started
+        in the directory the commit will fill, those files linked in, and its start
+        overlaps the final round. Not for containers (runc runs its own restore),
+        parent-linked finals (restored eagerly) or without lazy restore; a daemon that
+        no restore uses is killed (cleanup, or a COMMIT without restore)."""
+        r = self.r
+        if self.lazy_daemon is not None or not (
+                self.begin["mode"] == "migrate" and self.begin.get("restore")
+                and r.criu is not None and r.lazy_restore and not r.parent_linked_final
+                and self.container is None):
+            return
+        if not os.path.exists(os.path.join(self.files.path, "pstree.img")):
+            return                              # not a dump's file set: nothing to start
+        tmp = self.session.prepare_images_dir()
+        for name in os.listdir(self.files.path):
+            os.link(os.path.join(self.files.path, name), os.path.join(tmp, name))
+        log.info("%s: session %s: starting criu lazy-pages for the restore while the final "
+                 "round arrives", self.peer, self.name)
+        self.lazy_daemon = self.loop.run_in_executor(None, functools.partial(
+            r.criu.start_lazy_pages, tmp, verbosity=r.criu_verbosity))
+
+    async def _drop_lazy_daemon(self) -> None:
+        """A pre-started daemon that no restore will use: killed, and the directory it was
+        started in removed if no commit took it."""
+        started = self.lazy_daemon is not None
+        daemon = await self._take_lazy_daemon()
+        if daemon is not None:
+            daemon.kill()
+            await self.loop.run_in_executor(None, daemon.wait)
+        if started:
+            self.session.discard_prepared()
+
+    async def _take_lazy_daemon(self):
+        """The pre-started daemon (None if there is none or it failed to start: the
+        restore then starts its own)."""
+        fut, self.lazy_daemon = self.lazy_daemon, None
+        if fut is None:
+            return None
+        try:
+            return await fut
+        except (CriuError, OSError) as e:
+            log.warning("%s: session %s: lazy-pages did not start early (%s); the restore "
+                        "starts it", self.peer, self.name, e)
+            return None
 
     async def _image(self, body: dict) -> None:
         self.rnd.begin_image(body["index"], body["id"], body["entries"], body["pages"])
@@ -195,7 +251,19 @@ class _Receiving:
     async def _commit(self, body: dict) -> None:
         r, conn, session, loop = self.r, self.conn, self.session, self.loop
         peer, name, container = self.peer, self.name, self.container
-        path = session.commit(self.files)
+        daemon = None
+        if body["restore"] and container is None:
+            # started in images.tmp: it must be up before the commit renames that
+            daemon = await self._take_lazy_daemon()
+        else:
+            await self._drop_lazy_daemon()
+        try:
+            path = session.commit(self.files)
+        except BaseException:
+            if daemon is not None:
+                daemon.kill()
+                await loop.run_in_executor(None, daemon.wait)
+            raise
         self.files = None
         self._set(State.IDLE)
         pid = None
@@ -213,7 +281,7 @@ class _Receiving:
             session.restored(pid if two_phase else None)
         elif body["restore"]:
             session.mark_restoring()
-            pid = await loop.run_in_executor(None, r._restore, path, two_phase)
+            pid = await loop.run_in_executor(None, r._restore, path, two_phase, daemon)
             # until RESUME, a restarted receiver kills this stopped copy
             session.restored(pid if two_phase else None)
         await conn.send_control(MsgType.COMMITTED, {"path": path, "restored_pid": pid})
@@ -255,11 +323,14 @@ class _Receiving:
             if self.rnd is not None:
                 await asyncio.shield(self.loop.run_in_executor(self.worker, self.rnd.abort))
         finally:
-            self.worker.shutdown(wait=False)
-            if self.files is not None:
-                self.files.discard()
-            if self.session.meta.get("restoring"):
-                self.session.restored(None)      # the copy is ours to watch (or gone) now
+            try:
+                await asyncio.shield(self._drop_lazy_daemon())
+            finally:
+                self.worker.shutdown(wait=False)
+                if self.files is not None:
+                    self.files.discard()
+                if self.session.meta.get("restoring"):
+                    self.session.restored(None)      # the copy is ours to watch (or gone)
 
 
 class Receiver:
@@ -418,7 +489,7 @@ class Receiver:
         except OSError as e:
             log.warning("session %s: could not remove it: %s", name, e)
 
-    def _restore(self, path: str, stopped: bool = False) -> int:
+    def _restore(self, path: str, stopped: bool = False, daemon=None) -> int:
         if self.criu is None:
             raise StoreError("restore", "this server was started without restore enabled "
                                         "(deltaxfer serve --restore)")
@@ -431,7 +502,7 @@ class Receiver:
             return self.criu.restore(path, lazy=lazy,
                                      extra=["--leave-stopped"] if stopped else [],
                                      user_opts=self.restore_opts, config=self.restore_config,
-                                     verbosity=self.criu_verbosity)
+                                     verbosity=self.criu_verbosity, daemon=daemon)
         except CriuError as e:
             msg = str(e)
             if log_path not in msg:
@@ -447,28 +518,42 @@ def recover_restores(store: Store) -> dict[str, list[str]]:
     """At a receiver's start, the restores a receiver that died was inside: the stopped
     restored copy that never got RESUME is killed (checked by its start time and its stop
     state: never a reused pid, never a copy that runs), and so is a `criu lazy-pages`
-    daemon still serving that session's images (matched on its command line and exact
-    directory), which would otherwise wait forever. Returns what was done, by session."""
+    daemon started for that session's restore (matched on its command line and exact
+    directory: `images`, or `images.tmp` where it was started early), which would
+    otherwise wait forever. A daemon serving a restored process that runs (the restore
+    was confirmed) is left alone. Returns what was done, by session."""
     out = {}
     for session in store.sessions():
-        rec = session.interrupted_restore()
-        if rec is None:
-            continue
         done = []
-        pid, start = rec["pid"], rec["start"]
-        if pid is not None and procmem.start_time(pid) == start \
-                and procmem.state(pid) in ("T", "t"):
-            n = signal_tree(pid, signal.SIGKILL, start)
-            done.append(f"killed the stopped restored copy {pid} ({n} tasks) that never "
-                        "got RESUME")
-        for daemon in procmem.lazy_pages_daemons(rec["images"]):
-            try:
-                os.kill(daemon, signal.SIGKILL)
-                done.append(f"killed the criu lazy-pages daemon {daemon} left serving "
-                            "this session's images")
-            except ProcessLookupError:
-                pass
-        session.restored(None)
+        tmp_dir = os.path.join(session.path, "images.tmp")
+        rec = session.interrupted_restore()
+        dirs = []
+        if rec is not None:
+            dirs = [rec["images"], tmp_dir]
+        elif session.meta.get("preparing"):
+            # started early (_prestart_lazy_pages) for a commit that never came; once a
+            # commit took images.tmp (and cleared the mark), its daemon serves the
+            # restored copy: not ours to kill
+            dirs = [tmp_dir]
+        if session.meta.get("preparing"):
+            session.discard_prepared()
+        if rec is not None:
+            pid, start = rec["pid"], rec["start"]
+            if pid is not None and procmem.start_time(pid) == start \
+                    and procmem.state(pid) in ("T", "t"):
+                n = signal_tree(pid, signal.SIGKILL, start)
+                done.append(f"killed the stopped restored copy {pid} ({n} tasks) that never "
+                            "got RESUME")
+        for d in dirs:
+            for daemon in procmem.lazy_pages_daemons(d):
+                try:
+                    os.kill(daemon, signal.SIGKILL)
+                    done.append(f"killed the criu lazy-pages daemon {daemon} left for this "
+                                "session's restore")
+                except ProcessLookupError:
+                    pass
+        if rec is not None:
+            session.restored(None)
         if done:
             log.warning("session %s: recovered after an unclean stop: %s", session.name,
                         "; ".join(done))

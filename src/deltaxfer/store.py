@@ -453,6 +453,27 @@ class Session:
     def begin_files(self) -> "FileSet":
         return FileSet(self)
 
+    def prepare_images_dir(self) -> str:
+        """The directory the next commit fills and renames to <session>/images, made now
+        (empty, private), so that a restore's lazy-pages daemon can be started in it
+        before the commit (its work happens in the directory it opened)."""
+        tmp = os.path.join(self.path, "images.tmp")
+        _rmtree(tmp)
+        _mkdir_private(tmp)
+        self._prepared = tmp
+        # a receiver that dies before the commit left a daemon there (recover_restores)
+        self.meta["preparing"] = True
+        self._save_meta()
+        return tmp
+
+    def discard_prepared(self) -> None:
+        """The directory prepare_images_dir made, when no commit took it."""
+        tmp, self._prepared = getattr(self, "_prepared", None), None
+        if tmp is not None:
+            _rmtree(tmp)
+        if self.meta.pop("preparing", None) is not None:
+            self._save_meta()
+
     def commit(self, files: "FileSet") -> str:
         """Materialize <session>/images: the held memory images plus the files."""
         if not os.path.isdir(self.held_dir):
@@ -460,8 +481,11 @@ class Session:
         if not os.path.exists(os.path.join(files.path, "pstree.img")):
             raise StoreError("missing-page", "commit without pstree.img: not a CRIU dump")
         tmp = os.path.join(self.path, "images.tmp")
-        _rmtree(tmp)
-        _mkdir_private(tmp)
+        if getattr(self, "_prepared", None) != tmp or not os.path.isdir(tmp):
+            _rmtree(tmp)
+            _mkdir_private(tmp)
+        self._prepared = None
+        self.meta.pop("preparing", None)      # saved with "committed" below
         try:
             if os.path.isdir(self.final_dir):   # a child over the held pages
                 for name in os.listdir(self.final_dir):

@@ -131,7 +131,8 @@ class Criu:
     def restore(self, images_dir: str, *, pidfile: str | None = None, shell_job: bool = True,
                 lazy: bool = False, extra: list[str] = (), log_name: str = "restore.log",
                 timeout: float | None = 600, user_opts: list[str] = (),
-                config: str | None = None, verbosity: int = 4) -> int:
+                config: str | None = None, verbosity: int = 4,
+                daemon: subprocess.Popen | None = None) -> int:
         """``criu restore -d -D DIR``; returns the restored root's host pid (from the
         pidfile) so the caller can supervise it.
 
@@ -143,7 +144,12 @@ class Criu:
         args = ["restore", "-d", "-D", images_dir, "--pidfile", pidfile]
         if shell_job:
             args.append("--shell-job")
-        daemon = self._start_lazy_pages(images_dir, verbosity=verbosity) if lazy else None
+        if not lazy and daemon is not None:     # started for nothing
+            daemon.kill()
+            daemon.wait()
+            daemon = None
+        elif lazy and daemon is None:
+            daemon = self.start_lazy_pages(images_dir, verbosity=verbosity)
         if daemon is not None:
             args.append("--lazy-pages")
         args += list(extra)
@@ -167,8 +173,13 @@ class Criu:
             threading.Thread(target=daemon.wait, name="criu-lazy-pages", daemon=True).start()
         return pid
 
-    def _start_lazy_pages(self, images_dir: str, timeout: float = 10.0,
-                          verbosity: int = 4) -> subprocess.Popen:
+    def start_lazy_pages(self, images_dir: str, timeout: float = 10.0,
+                         verbosity: int = 4) -> subprocess.Popen:
+        """`criu lazy-pages -D images_dir`, returned once its socket is there (40-55 ms
+        here: a receiver starts it while the final round still arrives, see
+        receiver._Receiving._prestart_lazy_pages). It reads the images only when a
+        restore hands it the tasks' userfaultfds, so the directory may still be filled
+        -- and renamed: it works in the directory it opened, by inode."""
         sock = os.path.join(images_dir, "lazy-pages.socket")
         daemon = subprocess.Popen([self.path, "lazy-pages", "-D", images_dir,
                                    "-o", "lazy-pages.log", f"-v{verbosity}"],
