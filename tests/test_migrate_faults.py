@@ -21,6 +21,7 @@ import pytest
 
 import workloads
 from deltaxfer import migrate as mig, transport
+from deltaxfer.core import procmem
 from deltaxfer.wire import MsgType
 from faults import (Held, LinkProxy, agent_env, agent_leftovers, agent_tmp,  # noqa: F401
                     copies_of, descendants, finish_migrate, freeze_watcher, run_migrate,
@@ -82,19 +83,8 @@ def assert_source_runs_on(wl, before: dict | None = None):
 def lazy_daemons_under(root) -> list[int]:
     """`criu lazy-pages` processes whose -D is under root."""
     root = os.path.realpath(root) + os.sep
-    out = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/cmdline", "rb") as f:
-                args = [a.decode(errors="replace") for a in f.read().split(b"\0")]
-        except OSError:
-            continue
-        if "lazy-pages" in args and "-D" in args and args.index("-D") + 1 < len(args) \
-                and os.path.realpath(args[args.index("-D") + 1]).startswith(root):
-            out.append(int(name))
-    return out
+    return [pid for pid, d, _ in procmem.lazy_pages_processes()
+            if os.path.realpath(d).startswith(root)]
 
 
 def assert_destination_clean(wl, server, settle: float = 5.0, link=None):

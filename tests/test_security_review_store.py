@@ -335,3 +335,31 @@ def test_recover_kills_an_early_lazy_pages_daemon_only_before_its_commit(tmp_pat
         for p in (orphan, serving):
             p.kill()
             p.wait()
+
+
+def test_lazy_pages_daemon_found_by_its_directory_after_a_rename(tmp_path):
+    """A daemon started in images.tmp works in that directory after the commit renames it
+    images: `lazy_pages_daemons(images)` finds it there (sessions list|rm must see that it
+    still serves pages), though its -D names a path that is gone."""
+    import subprocess
+    import sys as _sys
+    import time
+
+    from deltaxfer.core import procmem
+    tmp, final = tmp_path / "images.tmp", tmp_path / "images"
+    tmp.mkdir()
+    p = subprocess.Popen([_sys.executable, "-c", "import time; time.sleep(60)",
+                          "lazy-pages", "-D", str(tmp)], cwd=tmp)
+    try:
+        deadline = time.monotonic() + 10
+        while p.pid not in procmem.lazy_pages_daemons(str(tmp)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert p.pid in procmem.lazy_pages_daemons(str(tmp))
+        os.rename(tmp, final)
+        assert p.pid in procmem.lazy_pages_daemons(str(final))
+        other = tmp_path / "other"
+        other.mkdir()
+        assert p.pid not in procmem.lazy_pages_daemons(str(other))
+    finally:
+        p.kill()
+        p.wait()

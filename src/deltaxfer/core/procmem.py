@@ -73,6 +73,14 @@ def present_runs(pid: int, vmas: list[Vma] | None = None, impl=native) -> tuple[
         os.close(fd)
 
 
+def _own_pfn(addr: int) -> int:
+    """The page frame behind one of our own addresses (0 when not present or hidden)."""
+    with open("/proc/self/pagemap", "rb") as f:
+        f.seek(addr // PAGE_SIZE * 8)
+        entry = int.from_bytes(f.read(8), "little")
+    return entry & ((1 << 55) - 1) if entry & (1 << 63) else 0
+
+
 def zero_page_pfn() -> int:
     """The page frame of the kernel's shared zero page — what a read fault of a private
     anonymous page maps — found as CRIU does: fault one in, read its pagemap entry.
@@ -86,13 +94,11 @@ def zero_page_pfn() -> int:
             probe = ctypes.c_char.from_buffer(m)
             addr = ctypes.addressof(probe)
             _ = m[0]  # a read fault only: the zero page gets mapped
-            with open("/proc/self/pagemap", "rb") as f:
-                f.seek(addr // PAGE_SIZE * 8)
-                entry = int.from_bytes(f.read(8), "little")
+            pfn = _own_pfn(addr)
             del probe
         finally:
             m.close()
-        _ZERO_PFN = entry & ((1 << 55) - 1) if entry & (1 << 63) else 0
+        _ZERO_PFN = pfn
     return _ZERO_PFN
 
 
@@ -249,13 +255,10 @@ def huge_zero_pfn() -> int:
             del probe
             return 0
         _ = m[addr - base]          # a read fault: the huge zero page when THP allows
-        with open("/proc/self/pagemap", "rb") as f:
-            f.seek(addr // PAGE_SIZE * 8)
-            entry = int.from_bytes(f.read(8), "little")
+        pfn = _own_pfn(addr)
         del probe
     finally:
         m.close()
-    pfn = entry & ((1 << 55) - 1) if entry & (1 << 63) else 0
     # a huge page starts on a 512-frame boundary; the small zero page is not one
     return pfn if pfn and pfn % (HUGE // PAGE_SIZE) == 0 and pfn != zero_page_pfn() else 0
 
@@ -382,26 +385,46 @@ def ppid(pid: int) -> int | None:
         return None
 
 
-def lazy_pages_daemons(images_dir: str) -> list[int]:
-    """PIDs of `criu lazy-pages -D images_dir` processes (the receiver starts one per lazy
-    restore, see criu/runner.py): matched on the command line, the directory exactly."""
-    want = os.path.realpath(images_dir)
+def lazy_pages_processes() -> list[tuple[int, str, tuple[int, int] | None]]:
+    """Every `criu lazy-pages` process: (pid, its -D argument, (st_dev, st_ino) of its
+    working directory or None). The daemon works in its images directory, so the working
+    directory follows that directory through a rename (the receiver starts it in
+    images.tmp, which its commit renames images: -D then names a path that is gone)."""
     out = []
     for name in os.listdir("/proc"):
         if not name.isdigit():
             continue
         try:
             with open(f"/proc/{name}/cmdline", "rb") as f:
-                argv = f.read().split(b"\0")
+                args = [a.decode(errors="replace") for a in f.read().split(b"\0")]
         except OSError:
             continue
-        args = [a.decode(errors="replace") for a in argv]
         if "lazy-pages" not in args or "-D" not in args:
             continue
         i = args.index("-D")
-        if i + 1 < len(args) and os.path.realpath(args[i + 1]) == want:
-            out.append(int(name))
+        if i + 1 >= len(args):
+            continue
+        try:
+            st = os.stat(f"/proc/{name}/cwd")
+            cwd = (st.st_dev, st.st_ino)
+        except OSError:
+            cwd = None
+        out.append((int(name), args[i + 1], cwd))
     return out
+
+
+def lazy_pages_daemons(images_dir: str) -> list[int]:
+    """PIDs of the `criu lazy-pages` daemons serving images_dir (the receiver starts one
+    per lazy restore, see criu/runner.py): started with `-D images_dir` (the path
+    exactly), or working in that directory now (started in it under another name)."""
+    want = os.path.realpath(images_dir)
+    try:
+        st = os.stat(images_dir)
+        here = (st.st_dev, st.st_ino)
+    except OSError:
+        here = None
+    return [pid for pid, d, cwd in lazy_pages_processes()
+            if os.path.realpath(d) == want or (here is not None and cwd == here)]
 
 
 def start_time(pid: int) -> int | None:
