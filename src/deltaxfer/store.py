@@ -313,6 +313,7 @@ class Session:
         self.store, self.name = store, name
         self.path = os.path.join(store.root, name)
         self.held_dir = os.path.join(self.path, "held")
+        self._prepared: str | None = None       # prepare_images_dir's, until a commit
         _mkdir_private(name, dir_fd=store.root_fd)
         self.meta = self._load_meta()
         self._held: dict[str, HeldImage] | None = None
@@ -468,7 +469,7 @@ class Session:
 
     def discard_prepared(self) -> None:
         """The directory prepare_images_dir made, when no commit took it."""
-        tmp, self._prepared = getattr(self, "_prepared", None), None
+        tmp, self._prepared = self._prepared, None
         if tmp is not None:
             _rmtree(tmp)
         if self.meta.pop("preparing", None) is not None:
@@ -481,7 +482,7 @@ class Session:
         if not os.path.exists(os.path.join(files.path, "pstree.img")):
             raise StoreError("missing-page", "commit without pstree.img: not a CRIU dump")
         tmp = os.path.join(self.path, "images.tmp")
-        if getattr(self, "_prepared", None) != tmp or not os.path.isdir(tmp):
+        if self._prepared != tmp or not os.path.isdir(tmp):
             _rmtree(tmp)
             _mkdir_private(tmp)
         self._prepared = None
