@@ -24,6 +24,7 @@ from dx_procmem cimport *
 from dx_pipeline cimport *
 from dx_track cimport *
 from dx_apply cimport *
+from dx_lazy cimport *
 
 cdef extern from "lz4.h":
     int LZ4_versionNumber() nogil
@@ -57,3 +58,4 @@ include "store.pxi"
 include "apply.pxi"
 include "images.pxi"
 include "track.pxi"
+include "lazy.pxi"

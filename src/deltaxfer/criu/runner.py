@@ -89,6 +89,9 @@ class Criu:
     path: str
     version: tuple[int, ...]
     origin: str
+    # who serves a lazy restore's pages: "deltaxfer" (deltaxfer.lazyserve) or "criu"
+    # (`criu lazy-pages`); serve --lazy-pages-server
+    lazy_server: str = "deltaxfer"
 
     @property
     def version_str(self) -> str:
@@ -174,23 +177,32 @@ class Criu:
         return pid
 
     def start_lazy_pages(self, images_dir: str, timeout: float = 10.0,
-                         verbosity: int = 4) -> subprocess.Popen:
-        """`criu lazy-pages -D images_dir`, returned once its socket is there (40-55 ms
-        here: a receiver starts it while the final round still arrives, see
-        receiver._Receiving._prestart_lazy_pages). It reads the images only when a
-        restore hands it the tasks' userfaultfds, so the directory may still be filled
-        -- and renamed: it works in the directory it opened, by inode."""
+                         verbosity: int = 4, server: str | None = None) -> subprocess.Popen:
+        """The lazy restore's page server for images_dir, returned once its socket is
+        there: deltaxfer's own (``server="deltaxfer"``, the default: deltaxfer.lazyserve,
+        faulted pages first and every other page copied in the background on all cores)
+        or `criu lazy-pages` (``"criu"``). A receiver starts it while the final round
+        still arrives (receiver._Receiving._prestart_lazy_pages): either reads the
+        images only when a restore hands it the tasks' userfaultfds, so the directory may
+        still be filled -- and renamed: it works in the directory it opened, by inode."""
+        server = server or self.lazy_server
         sock = os.path.join(images_dir, "lazy-pages.socket")
-        daemon = subprocess.Popen([self.path, "lazy-pages", "-D", images_dir,
-                                   "-o", "lazy-pages.log", f"-v{verbosity}"],
-                                  stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+        if server == "deltaxfer":
+            cmd = [sys.executable, "-m", "deltaxfer.lazyserve", "lazy-pages", "-D", images_dir,
+                   "-o", "lazy-pages.log", "--parent", str(os.getpid())]
+        elif server == "criu":
+            cmd = [self.path, "lazy-pages", "-D", images_dir, "-o", "lazy-pages.log",
+                   f"-v{verbosity}"]
+        else:
+            raise ValueError(f"unknown lazy-pages server {server!r} (deltaxfer or criu)")
+        daemon = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                   stderr=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + timeout
         while not os.path.exists(sock):
             if daemon.poll() is not None or time.monotonic() > deadline:
                 daemon.kill()
                 daemon.wait()
-                raise CriuError("`criu lazy-pages` did not start: "
+                raise CriuError(f"the lazy-pages server ({server}) did not start: "
                                 f"{log_errors(os.path.join(images_dir, 'lazy-pages.log'))}")
             time.sleep(0.002)
         return daemon

@@ -1,0 +1,962 @@
+/* deltaxfer's lazy-pages server (see lazy.h and docs/ARCHITECTURE.md "Lazy restore").
+ *
+ * One event thread reads every task's userfaultfd; `workers` threads copy the pages no
+ * fault asked for yet.  Per task:
+ *   segs      the image pages still to place, as runs [start, end) of the task's current
+ *             addresses, each with the index (pidx) of its first page in the pages file;
+ *             sorted by start (fault lookup) and, as a copy, by pidx (the workers' order);
+ *   done      one bit per page of the pages file: placed, found present, or dropped;
+ *   rw        workers copy under the read side; the event thread reads and handles the
+ *             task's messages under the write side.  A remove/unmap/remap event lets the
+ *             process go on as soon as it is read, so no copy may be in flight between
+ *             reading it and applying it to segs (a copy landing after the process
+ *             discarded a range would bring back stale data): the write side excludes
+ *             exactly that.  A copy refused with EAGAIN (the address space is changing:
+ *             an event is queued) releases the read side so that the event can be read.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/userfaultfd.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "lazy.h"
+
+#define PS 4096ULL
+#define PE_PARENT (1ULL << 0)
+#define PE_LAZY (1ULL << 1)
+#define PE_PRESENT (1ULL << 2)
+#define GRACE_NS (100ULL * 1000 * 1000)   /* a complete task's uffd stays open this long */
+#define MAX_RETRY 256
+
+typedef struct { uint64_t start, end, pidx; } seg_t;
+
+typedef struct task {
+    dx_lazy *lz;
+    int uffd, pid;
+    int closed;                 /* uffd closed: under rw (write) */
+    atomic_int gone;            /* the process exited (or a hard error stopped it) */
+    atomic_int exhausted;       /* the workers' cursor passed the last run */
+    pthread_rwlock_t rw;
+    pthread_mutex_t cmu;        /* cursor */
+    seg_t *segs, *bypidx;
+    size_t nseg;
+    uint64_t cursor;
+    const uint8_t *data;
+    uint64_t data_pages;
+    _Atomic uint64_t *done;
+    atomic_llong left;          /* pages in segs not yet done */
+    uint64_t complete_since;    /* event thread only */
+} task_t;
+
+struct dx_lazy {
+    int ep, wakefd;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    task_t **tasks;
+    size_t ntasks, cap;
+    void **maps;
+    size_t *maplens, nmaps, mapcap;
+    int prefetching, stop, complete;
+    uint32_t chunk, fpages;
+    pthread_t evt;
+    pthread_t *wk;
+    int nwk, evt_started;
+    atomic_ullong tasks_n, forks, pages_total, faulted, prefetched, present, dropped, zero,
+        faults, events, eagain, gone_n;
+    uint64_t prefetch_ns, complete_ns;
+    int error;
+    char error_what[128];
+};
+
+static uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
+}
+
+static void set_error(dx_lazy *lz, int err, const char *what, uint64_t addr)
+{
+    pthread_mutex_lock(&lz->mu);
+    if (!lz->error) {
+        lz->error = err;
+        snprintf(lz->error_what, sizeof lz->error_what, "%s at 0x%llx: %s", what,
+                 (unsigned long long)addr, strerror(-err));
+    }
+    pthread_mutex_unlock(&lz->mu);
+}
+
+/* -- the done bitmap -------------------------------------------------------------------- */
+
+static inline int test_page(task_t *t, uint64_t p)
+{
+    return (atomic_load_explicit(&t->done[p >> 6], memory_order_relaxed) >> (p & 63)) & 1;
+}
+
+/* Mark pages [p, p+n) done; counts the newly marked ones into *ctr and out of left. */
+static void mark(task_t *t, uint64_t p, uint64_t n, atomic_ullong *ctr)
+{
+    uint64_t newly = 0;
+    while (n) {
+        uint64_t bit = p & 63, take = 64 - bit < n ? 64 - bit : n;
+        uint64_t mask = take == 64 ? ~0ULL : (((1ULL << take) - 1) << bit);
+        uint64_t old = atomic_fetch_or(&t->done[p >> 6], mask);
+        newly += (uint64_t)__builtin_popcountll(mask & ~old);
+        p += take;
+        n -= take;
+    }
+    if (newly) {
+        atomic_fetch_sub(&t->left, (long long)newly);
+        if (ctr)
+            atomic_fetch_add(ctr, newly);
+    }
+}
+
+/* -- segments --------------------------------------------------------------------------- */
+
+static int cmp_start(const void *a, const void *b)
+{
+    const seg_t *x = a, *y = b;
+    return x->start < y->start ? -1 : x->start > y->start;
+}
+
+static int cmp_pidx(const void *a, const void *b)
+{
+    const seg_t *x = a, *y = b;
+    return x->pidx < y->pidx ? -1 : x->pidx > y->pidx;
+}
+
+/* index of the last seg with start <= addr, or -1 */
+static long find_le(const seg_t *s, size_t n, uint64_t addr)
+{
+    long lo = 0, hi = (long)n - 1, ans = -1;
+    while (lo <= hi) {
+        long mid = (lo + hi) / 2;
+        if (s[mid].start <= addr) {
+            ans = mid;
+            lo = mid + 1;
+        } else {
+            hi = mid - 1;
+        }
+    }
+    return ans;
+}
+
+static seg_t *find_seg(task_t *t, uint64_t addr)
+{
+    long i = find_le(t->segs, t->nseg, addr);
+    if (i < 0 || addr >= t->segs[i].end)
+        return NULL;
+    return &t->segs[i];
+}
+
+static int rebuild_bypidx(task_t *t)
+{
+    seg_t *b = realloc(t->bypidx, (t->nseg ? t->nseg : 1) * sizeof(seg_t));
+    if (!b)
+        return -ENOMEM;
+    memcpy(b, t->segs, t->nseg * sizeof(seg_t));
+    qsort(b, t->nseg, sizeof(seg_t), cmp_pidx);
+    t->bypidx = b;
+    return 0;
+}
+
+/* Apply an event to [lo, hi): drop its pages (shift == 0 && drop) or move them by delta.
+ * Called under the task's write lock. */
+static int edit_segs(task_t *t, uint64_t lo, uint64_t hi, int drop, uint64_t delta)
+{
+    long first = find_le(t->segs, t->nseg, lo);
+    size_t i = first < 0 ? 0 : (size_t)first;
+    while (i < t->nseg && t->segs[i].end <= lo)
+        i++;
+    if (i >= t->nseg || t->segs[i].start >= hi)
+        return 0;                                   /* no image page in the range */
+    seg_t *out = malloc((t->nseg + 2) * sizeof(seg_t));
+    if (!out)
+        return -ENOMEM;
+    size_t k = 0;
+    for (size_t j = 0; j < t->nseg; j++) {
+        seg_t s = t->segs[j];
+        if (s.end <= lo || s.start >= hi) {
+            out[k++] = s;
+            continue;
+        }
+        if (s.start < lo)
+            out[k++] = (seg_t){s.start, lo, s.pidx};
+        uint64_t ms = s.start > lo ? s.start : lo, me = s.end < hi ? s.end : hi;
+        uint64_t mp = s.pidx + (ms - s.start) / PS;
+        if (drop)
+            mark(t, mp, (me - ms) / PS, &t->lz->dropped);
+        else
+            out[k++] = (seg_t){ms + delta, me + delta, mp};
+        if (s.end > hi)
+            out[k++] = (seg_t){hi, s.end, s.pidx + (hi - s.start) / PS};
+    }
+    qsort(out, k, sizeof(seg_t), cmp_start);
+    free(t->segs);
+    t->segs = out;
+    t->nseg = k;
+    return rebuild_bypidx(t);
+}
+
+/* -- placing pages ---------------------------------------------------------------------- */
+
+static void wake(task_t *t, uint64_t addr)
+{
+    struct uffdio_range r = {.start = addr, .len = PS};
+    ioctl(t->uffd, UFFDIO_WAKE, &r);
+}
+
+/* UFFDIO_COPY pages [p, p+n) of the pages file to addr..: returns how many were handled
+ * (copied or found present) before it stopped; *why = 0, or the -errno it stopped on
+ * (-EAGAIN: the address space is changing, try again after its event is read). */
+static uint64_t place(task_t *t, uint64_t addr, uint64_t p, uint64_t n, atomic_ullong *ctr,
+                      int *why)
+{
+    dx_lazy *lz = t->lz;
+    uint64_t handled = 0;
+    *why = 0;
+    while (n) {
+        struct uffdio_copy c = {.dst = addr, .src = (uint64_t)(uintptr_t)(t->data + p * PS),
+                                .len = n * PS, .mode = 0, .copy = 0};
+        int rc = ioctl(t->uffd, UFFDIO_COPY, &c);
+        int e = rc ? errno : 0;
+        uint64_t got = rc == 0 ? n : (c.copy > 0 ? (uint64_t)c.copy / PS : 0);
+        if (got) {
+            mark(t, p, got, ctr);
+            addr += got * PS;
+            p += got;
+            n -= got;
+            handled += got;
+        }
+        if (rc == 0 || !n)
+            break;
+        if (e == EAGAIN && got)
+            continue;                               /* a partial copy: go on */
+        if (e == EEXIST) {                          /* placed by the other side */
+            mark(t, p, 1, &lz->present);
+            addr += PS;
+            p++;
+            n--;
+            handled++;
+            continue;
+        }
+        *why = -e;
+        break;
+    }
+    return handled;
+}
+
+static void task_gone(task_t *t)
+{
+    if (!atomic_exchange(&t->gone, 1))
+        atomic_fetch_add(&t->lz->gone_n, 1);
+}
+
+/* Serve one faulting address: its page and the not-yet-placed pages after it in the same
+ * run, up to fault_pages.  0, or -EAGAIN to try again once the queued event is read. */
+static int serve_fault(task_t *t, uint64_t addr)
+{
+    dx_lazy *lz = t->lz;
+    seg_t *s = find_seg(t, addr);
+    if (!s) {                           /* not an image page: a zero page, as in a dump */
+        struct uffdio_zeropage z = {.range = {.start = addr, .len = PS}, .mode = 0};
+        if (ioctl(t->uffd, UFFDIO_ZEROPAGE, &z) == 0) {
+            atomic_fetch_add(&lz->zero, 1);
+            return 0;
+        }
+        int e = errno;
+        if (e == EAGAIN)
+            return -EAGAIN;
+        if (e == ESRCH || e == ENOSPC)
+            task_gone(t);
+        else if (e != EEXIST && e != ENOENT)
+            set_error(lz, -e, "UFFDIO_ZEROPAGE", addr);
+        wake(t, addr);
+        return 0;
+    }
+    uint64_t p = s->pidx + (addr - s->start) / PS;
+    if (test_page(t, p)) {
+        wake(t, addr);
+        return 0;
+    }
+    uint64_t n = 1;
+    while (n < lz->fpages && addr + n * PS < s->end && !test_page(t, p + n))
+        n++;
+    int why;
+    uint64_t got = place(t, addr, p, n, &lz->faulted, &why);
+    if (got)
+        return 0;                       /* the faulting page is there (the rest is extra) */
+    if (why == -EAGAIN)
+        return -EAGAIN;
+    if (why == -ESRCH || why == -ENOSPC)
+        task_gone(t);
+    else if (why == -ENOENT)
+        mark(t, p, 1, &lz->dropped);
+    else if (why)
+        set_error(lz, why, "UFFDIO_COPY on a fault", addr);
+    wake(t, addr);
+    return 0;
+}
+
+/* -- tasks ------------------------------------------------------------------------------ */
+
+static task_t *task_new(dx_lazy *lz, int uffd, int pid, const uint8_t *data, uint64_t pages)
+{
+    task_t *t = calloc(1, sizeof *t);
+    if (!t)
+        return NULL;
+    t->lz = lz;
+    t->uffd = uffd;
+    t->pid = pid;
+    t->data = data;
+    t->data_pages = pages;
+    size_t words = (pages + 63) / 64 + 1;
+    t->done = calloc(words, sizeof(uint64_t));
+    if (!t->done) {
+        free(t);
+        return NULL;
+    }
+    pthread_rwlockattr_t ra;
+    pthread_rwlockattr_init(&ra);
+    /* the event thread must not wait behind a stream of worker copies */
+    pthread_rwlockattr_setkind_np(&ra, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
+    pthread_rwlock_init(&t->rw, &ra);
+    pthread_rwlockattr_destroy(&ra);
+    pthread_mutex_init(&t->cmu, NULL);
+    return t;
+}
+
+static void task_free(task_t *t)
+{
+    if (!t->closed && t->uffd >= 0)
+        close(t->uffd);
+    free(t->segs);
+    free(t->bypidx);
+    free((void *)t->done);
+    pthread_rwlock_destroy(&t->rw);
+    pthread_mutex_destroy(&t->cmu);
+    free(t);
+}
+
+static int register_task(dx_lazy *lz, task_t *t)
+{
+    int fl = fcntl(t->uffd, F_GETFL);
+    if (fl >= 0 && !(fl & O_NONBLOCK))
+        fcntl(t->uffd, F_SETFL, fl | O_NONBLOCK);
+    pthread_mutex_lock(&lz->mu);
+    if (lz->ntasks == lz->cap) {
+        size_t cap = lz->cap ? lz->cap * 2 : 8;
+        task_t **n = realloc(lz->tasks, cap * sizeof *n);
+        if (!n) {
+            pthread_mutex_unlock(&lz->mu);
+            return -ENOMEM;
+        }
+        lz->tasks = n;
+        lz->cap = cap;
+    }
+    lz->tasks[lz->ntasks++] = t;
+    lz->complete = 0;
+    pthread_cond_broadcast(&lz->cv);
+    pthread_mutex_unlock(&lz->mu);
+    atomic_fetch_add(&lz->tasks_n, 1);
+    atomic_fetch_add(&lz->pages_total, (unsigned long long)atomic_load(&t->left));
+    struct epoll_event ev = {.events = EPOLLIN, .data.ptr = t};
+    if (epoll_ctl(lz->ep, EPOLL_CTL_ADD, t->uffd, &ev) < 0)
+        return -errno;
+    return 0;
+}
+
+/* A fork of task `parent` (under its write lock): the child's uffd serves a copy of the
+ * parent's address space.  Every page the parent still lacked at the fork is missing in
+ * the child too; pages placed in the parent between the fork and the read of its event
+ * are not, and which those are is not known -- so the child starts from the parent's
+ * whole current run list with nothing marked, and a page the child already has is found
+ * present (EEXIST) and skipped. */
+static void handle_fork(task_t *parent, int ufd)
+{
+    dx_lazy *lz = parent->lz;
+    task_t *c = task_new(lz, ufd, parent->pid, parent->data, parent->data_pages);
+    if (!c) {
+        close(ufd);
+        set_error(lz, -ENOMEM, "fork of a restored task", 0);
+        return;
+    }
+    c->segs = malloc((parent->nseg ? parent->nseg : 1) * sizeof(seg_t));
+    if (!c->segs) {
+        task_free(c);
+        set_error(lz, -ENOMEM, "fork of a restored task", 0);
+        return;
+    }
+    memcpy(c->segs, parent->segs, parent->nseg * sizeof(seg_t));
+    c->nseg = parent->nseg;
+    long long left = 0;
+    for (size_t i = 0; i < c->nseg; i++)
+        left += (long long)((c->segs[i].end - c->segs[i].start) / PS);
+    atomic_store(&c->left, left);
+    if (rebuild_bypidx(c) < 0) {
+        task_free(c);
+        set_error(lz, -ENOMEM, "fork of a restored task", 0);
+        return;
+    }
+    atomic_fetch_add(&lz->forks, 1);
+    int rc = register_task(lz, c);
+    if (rc < 0)
+        set_error(lz, rc, "fork of a restored task: epoll", 0);
+}
+
+static void handle_msg(task_t *t, struct uffd_msg *m, uint64_t *retry, int *nretry)
+{
+    dx_lazy *lz = t->lz;
+    int rc = 0;
+    switch (m->event) {
+    case UFFD_EVENT_PAGEFAULT: {
+        uint64_t addr = m->arg.pagefault.address & ~(PS - 1);
+        atomic_fetch_add(&lz->faults, 1);
+        if (serve_fault(t, addr) == -EAGAIN) {
+            if (*nretry < MAX_RETRY)
+                retry[(*nretry)++] = addr;
+            else      /* the kernel asks again when the faulting thread retries */
+                wake(t, addr);
+        }
+        return;
+    }
+    case UFFD_EVENT_FORK:
+        atomic_fetch_add(&lz->events, 1);
+        handle_fork(t, (int)m->arg.fork.ufd);
+        return;
+    case UFFD_EVENT_REMAP:
+        atomic_fetch_add(&lz->events, 1);
+        rc = edit_segs(t, m->arg.remap.from, m->arg.remap.from + m->arg.remap.len, 0,
+                       m->arg.remap.to - m->arg.remap.from);
+        break;
+    case UFFD_EVENT_REMOVE: {
+        /* the range stays mapped: stop serving it, its next faults are plain zero fills */
+        atomic_fetch_add(&lz->events, 1);
+        struct uffdio_range r = {.start = m->arg.remove.start,
+                                 .len = m->arg.remove.end - m->arg.remove.start};
+        if (ioctl(t->uffd, UFFDIO_UNREGISTER, &r) < 0) {
+            if (errno == ENOMEM || errno == ESRCH)
+                task_gone(t);
+            else
+                set_error(lz, -errno, "UFFDIO_UNREGISTER after madvise", r.start);
+        }
+        rc = edit_segs(t, m->arg.remove.start, m->arg.remove.end, 1, 0);
+        break;
+    }
+    case UFFD_EVENT_UNMAP:
+        atomic_fetch_add(&lz->events, 1);
+        rc = edit_segs(t, m->arg.remove.start, m->arg.remove.end, 1, 0);
+        break;
+    default:
+        set_error(lz, -EPROTO, "unexpected userfaultfd event", m->event);
+        return;
+    }
+    if (rc < 0)
+        set_error(lz, rc, "following an mremap/munmap/madvise", 0);
+}
+
+/* Read and handle every queued message of t, under its write lock. */
+static void handle_task(task_t *t)
+{
+    struct uffd_msg msgs[32];
+    uint64_t retry[MAX_RETRY];
+    int nretry = 0, spins = 0;
+    pthread_rwlock_wrlock(&t->rw);
+    while (!t->closed) {
+        ssize_t r = read(t->uffd, msgs, sizeof msgs);
+        if (r > 0) {
+            for (size_t i = 0; i < (size_t)r / sizeof msgs[0]; i++)
+                handle_msg(t, &msgs[i], retry, &nretry);
+            continue;
+        }
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r < 0 && errno != EAGAIN) {
+            set_error(t->lz, -errno, "reading a userfaultfd", 0);
+            break;
+        }
+        if (!nretry)
+            break;
+        int k = 0;
+        for (int i = 0; i < nretry; i++)
+            if (serve_fault(t, retry[i]) == -EAGAIN)
+                retry[k++] = retry[i];
+        nretry = k;
+        if (nretry) {
+            atomic_fetch_add(&t->lz->eagain, 1);
+            if (++spins > 100000) {   /* ~2 s of an address space that never settles */
+                set_error(t->lz, -EAGAIN, "a fault kept being refused", retry[0]);
+                for (int i = 0; i < nretry; i++)
+                    wake(t, retry[i]);
+                break;
+            }
+            usleep(20);
+        }
+    }
+    pthread_rwlock_unlock(&t->rw);
+}
+
+static void close_task(task_t *t)
+{
+    pthread_rwlock_wrlock(&t->rw);
+    if (!t->closed) {
+        epoll_ctl(t->lz->ep, EPOLL_CTL_DEL, t->uffd, NULL);
+        close(t->uffd);
+        t->closed = 1;
+    }
+    pthread_rwlock_unlock(&t->rw);
+}
+
+/* Close the tasks that are complete (for GRACE_NS: a fork read late still gets served);
+ * note when all are. */
+static void check_complete(dx_lazy *lz)
+{
+    pthread_mutex_lock(&lz->mu);
+    int prefetching = lz->prefetching;
+    size_t n = lz->ntasks;
+    pthread_mutex_unlock(&lz->mu);
+    if (!prefetching)
+        return;
+    uint64_t now = now_ns();
+    int open = 0;
+    for (size_t i = 0; i < n; i++) {
+        pthread_mutex_lock(&lz->mu);
+        task_t *t = lz->tasks[i];
+        pthread_mutex_unlock(&lz->mu);
+        if (t->closed)
+            continue;
+        if (atomic_load(&t->gone) || atomic_load(&t->left) <= 0) {
+            if (!t->complete_since)
+                t->complete_since = now;
+            if (atomic_load(&t->gone) || now - t->complete_since >= GRACE_NS) {
+                close_task(t);
+                continue;
+            }
+        } else {
+            t->complete_since = 0;
+        }
+        open++;
+    }
+    if (!open) {
+        pthread_mutex_lock(&lz->mu);
+        if (lz->ntasks == n && !lz->complete) {
+            lz->complete = 1;
+            lz->complete_ns = now;
+            pthread_cond_broadcast(&lz->cv);
+        }
+        pthread_mutex_unlock(&lz->mu);
+    }
+}
+
+static void *event_main(void *arg)
+{
+    dx_lazy *lz = arg;
+    struct epoll_event evs[32];
+    for (;;) {
+        pthread_mutex_lock(&lz->mu);
+        int stop = lz->stop;
+        pthread_mutex_unlock(&lz->mu);
+        if (stop)
+            break;
+        int n = epoll_wait(lz->ep, evs, 32, 10);
+        for (int i = 0; i < n; i++) {
+            if (!evs[i].data.ptr) {
+                uint64_t v;
+                if (read(lz->wakefd, &v, sizeof v) < 0) { /* nothing */ }
+                continue;
+            }
+            handle_task(evs[i].data.ptr);
+        }
+        check_complete(lz);
+    }
+    return NULL;
+}
+
+/* -- background workers ----------------------------------------------------------------- */
+
+/* Pick the next chunk of t not placed yet (under its read lock): 1 with *addr, *p, *n. */
+static int next_chunk(task_t *t, uint64_t *addr, uint64_t *p, uint64_t *n)
+{
+    uint32_t chunk = t->lz->chunk;
+    int found = 0;
+    pthread_mutex_lock(&t->cmu);
+    /* the first run (by pidx) that ends after the cursor */
+    long lo = 0, hi = (long)t->nseg - 1, k = (long)t->nseg;
+    while (lo <= hi) {
+        long mid = (lo + hi) / 2;
+        const seg_t *s = &t->bypidx[mid];
+        if (s->pidx + (s->end - s->start) / PS > t->cursor) {
+            k = mid;
+            hi = mid - 1;
+        } else {
+            lo = mid + 1;
+        }
+    }
+    for (; k < (long)t->nseg; k++) {
+        const seg_t *s = &t->bypidx[k];
+        uint64_t end = s->pidx + (s->end - s->start) / PS;
+        uint64_t q = t->cursor > s->pidx ? t->cursor : s->pidx;
+        while (q < end && test_page(t, q))
+            q++;
+        if (q < end) {
+            uint64_t r = q + 1;
+            while (r < end && r - q < chunk && !test_page(t, r))
+                r++;
+            *addr = s->start + (q - s->pidx) * PS;
+            *p = q;
+            *n = r - q;
+            t->cursor = r;
+            found = 1;
+            break;
+        }
+        t->cursor = end;
+    }
+    if (!found)
+        atomic_store(&t->exhausted, 1);
+    pthread_mutex_unlock(&t->cmu);
+    return found;
+}
+
+static void rewind_cursor(task_t *t, uint64_t p)
+{
+    pthread_mutex_lock(&t->cmu);
+    if (p < t->cursor)
+        t->cursor = p;
+    atomic_store(&t->exhausted, 0);
+    pthread_mutex_unlock(&t->cmu);
+}
+
+/* One chunk of some task: 1 if work was done (or tried), 0 if there was none. */
+static int work_once(dx_lazy *lz, size_t *rr)
+{
+    pthread_mutex_lock(&lz->mu);
+    size_t n = lz->ntasks;
+    task_t *t = NULL;
+    for (size_t i = 0; i < n; i++) {
+        task_t *c = lz->tasks[(*rr + i) % n];
+        if (!c->closed && !atomic_load(&c->gone) && !atomic_load(&c->exhausted)) {
+            t = c;
+            *rr = (*rr + i) % n;     /* stay on this task: its pages are in file order */
+            break;
+        }
+    }
+    pthread_mutex_unlock(&lz->mu);
+    if (!t)
+        return 0;
+    pthread_rwlock_rdlock(&t->rw);
+    if (t->closed || atomic_load(&t->gone)) {
+        pthread_rwlock_unlock(&t->rw);
+        return 1;
+    }
+    uint64_t addr, p, cnt;
+    if (!next_chunk(t, &addr, &p, &cnt)) {
+        pthread_rwlock_unlock(&t->rw);
+        return 1;
+    }
+    int why;
+    uint64_t got = place(t, addr, p, cnt, &lz->prefetched, &why);
+    int again = 0;
+    if (why == -EAGAIN) {
+        atomic_fetch_add(&lz->eagain, 1);
+        rewind_cursor(t, p + got);
+        again = 1;
+    } else if (why == -ESRCH || why == -ENOSPC) {
+        task_gone(t);
+    } else if (why == -ENOENT) {
+        /* not registered (any more): the process cannot fault on it through us */
+        mark(t, p + got, cnt - got, &lz->dropped);
+    } else if (why) {
+        set_error(lz, why, "UFFDIO_COPY in the background", addr + got * PS);
+        task_gone(t);
+    }
+    pthread_rwlock_unlock(&t->rw);
+    if (again)
+        usleep(50);             /* let the event thread read what changes the address space */
+    return 1;
+}
+
+static void *worker_main(void *arg)
+{
+    dx_lazy *lz = arg;
+    size_t rr = 0;
+    for (;;) {
+        pthread_mutex_lock(&lz->mu);
+        while (!lz->stop && !lz->prefetching)
+            pthread_cond_wait(&lz->cv, &lz->mu);
+        int stop = lz->stop;
+        pthread_mutex_unlock(&lz->mu);
+        if (stop)
+            break;
+        if (!work_once(lz, &rr)) {
+            struct timespec ts;
+            clock_gettime(CLOCK_REALTIME, &ts);
+            ts.tv_nsec += 5 * 1000 * 1000;
+            if (ts.tv_nsec >= 1000000000L) {
+                ts.tv_sec++;
+                ts.tv_nsec -= 1000000000L;
+            }
+            pthread_mutex_lock(&lz->mu);
+            if (!lz->stop)
+                pthread_cond_timedwait(&lz->cv, &lz->mu, &ts);
+            pthread_mutex_unlock(&lz->mu);
+        }
+    }
+    return NULL;
+}
+
+/* -- the interface ---------------------------------------------------------------------- */
+
+dx_lazy *dx_lazy_new(int workers, uint32_t chunk_pages, uint32_t fault_pages, int *err)
+{
+    if (workers < 1 || workers > 256 || !chunk_pages || !fault_pages ||
+        chunk_pages > (1u << 20) || fault_pages > (1u << 20)) {
+        *err = -EINVAL;
+        return NULL;
+    }
+    dx_lazy *lz = calloc(1, sizeof *lz);
+    if (!lz) {
+        *err = -ENOMEM;
+        return NULL;
+    }
+    lz->chunk = chunk_pages;
+    lz->fpages = fault_pages;
+    lz->wakefd = -1;
+    lz->ep = epoll_create1(EPOLL_CLOEXEC);
+    lz->wakefd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    pthread_mutex_init(&lz->mu, NULL);
+    pthread_cond_init(&lz->cv, NULL);
+    if (lz->ep < 0 || lz->wakefd < 0) {
+        *err = -errno;
+        dx_lazy_free(lz);
+        return NULL;
+    }
+    struct epoll_event ev = {.events = EPOLLIN, .data.ptr = NULL};
+    epoll_ctl(lz->ep, EPOLL_CTL_ADD, lz->wakefd, &ev);
+    lz->wk = calloc((size_t)workers, sizeof(pthread_t));
+    if (!lz->wk) {
+        *err = -ENOMEM;
+        dx_lazy_free(lz);
+        return NULL;
+    }
+    int rc = pthread_create(&lz->evt, NULL, event_main, lz);
+    if (rc) {
+        *err = -rc;
+        dx_lazy_free(lz);
+        return NULL;
+    }
+    lz->evt_started = 1;
+    for (int i = 0; i < workers; i++) {
+        rc = pthread_create(&lz->wk[i], NULL, worker_main, lz);
+        if (rc) {
+            *err = -rc;
+            dx_lazy_free(lz);
+            return NULL;
+        }
+        lz->nwk++;
+    }
+    return lz;
+}
+
+int dx_lazy_add(dx_lazy *lz, int uffd, int pid, int pages_fd, uint64_t pages_file_size,
+                const uint64_t *vaddr, const uint64_t *nr_pages, const uint64_t *flags,
+                size_t n, const uint64_t *vma_start, const uint64_t *vma_end, size_t nvma)
+{
+    uint64_t data_pages = pages_file_size / PS;
+    const uint8_t *data = NULL;
+    if (data_pages) {
+        void *m = mmap(NULL, data_pages * PS, PROT_READ, MAP_SHARED, pages_fd, 0);
+        if (m == MAP_FAILED) {
+            int e = -errno;
+            close(uffd);
+            return e;
+        }
+        madvise(m, data_pages * PS, MADV_SEQUENTIAL);
+        pthread_mutex_lock(&lz->mu);
+        if (lz->nmaps == lz->mapcap) {
+            size_t cap = lz->mapcap ? lz->mapcap * 2 : 8;
+            void **a = realloc(lz->maps, cap * sizeof *a);
+            size_t *b = a ? realloc(lz->maplens, cap * sizeof *b) : NULL;
+            if (a)
+                lz->maps = a;
+            if (!a || !b) {
+                pthread_mutex_unlock(&lz->mu);
+                munmap(m, data_pages * PS);
+                close(uffd);
+                return -ENOMEM;
+            }
+            lz->maplens = b;
+            lz->mapcap = cap;
+        }
+        lz->maps[lz->nmaps] = m;
+        lz->maplens[lz->nmaps++] = data_pages * PS;
+        pthread_mutex_unlock(&lz->mu);
+        data = m;
+    }
+    task_t *t = task_new(lz, uffd, pid, data, data_pages);
+    if (!t) {
+        close(uffd);
+        return -ENOMEM;
+    }
+    /* the lazy runs, cut at VMA ends: one UFFDIO_COPY stays inside one VMA */
+    size_t cap = n + nvma + 1, k = 0, j = 0;
+    t->segs = malloc(cap * sizeof(seg_t));
+    if (!t->segs) {
+        task_free(t);
+        return -ENOMEM;
+    }
+    uint64_t pidx = 0;
+    long long left = 0;
+    for (size_t i = 0; i < n; i++) {
+        uint64_t f = flags[i];
+        if (!(f & PE_PRESENT)) {
+            if ((f & PE_LAZY) && (f & PE_PARENT)) {
+                task_free(t);
+                return -EINVAL;                 /* lazy pages in a parent image */
+            }
+            continue;
+        }
+        uint64_t start = vaddr[i], end = vaddr[i] + nr_pages[i] * PS, here = pidx;
+        pidx += nr_pages[i];
+        if (pidx > data_pages) {
+            task_free(t);
+            return -EINVAL;                     /* the pages file is too short */
+        }
+        if (!(f & PE_LAZY))
+            continue;
+        while (start < end) {
+            while (j < nvma && vma_end[j] <= start)
+                j++;
+            if (j >= nvma || vma_start[j] > start) {
+                task_free(t);
+                return -EINVAL;                 /* a lazy page outside every VMA */
+            }
+            uint64_t e2 = end < vma_end[j] ? end : vma_end[j];
+            if (k == cap) {
+                cap *= 2;
+                seg_t *s2 = realloc(t->segs, cap * sizeof(seg_t));
+                if (!s2) {
+                    task_free(t);
+                    return -ENOMEM;
+                }
+                t->segs = s2;
+            }
+            t->segs[k++] = (seg_t){start, e2, here};
+            left += (long long)((e2 - start) / PS);
+            here += (e2 - start) / PS;
+            start = e2;
+        }
+    }
+    t->nseg = k;
+    qsort(t->segs, k, sizeof(seg_t), cmp_start);
+    atomic_store(&t->left, left);
+    if (rebuild_bypidx(t) < 0) {
+        task_free(t);
+        return -ENOMEM;
+    }
+    int rc = register_task(lz, t);
+    if (rc < 0) {
+        /* registered in the list (freed with the server) but not polled: fail loudly */
+        set_error(lz, rc, "epoll of a userfaultfd", 0);
+        return rc;
+    }
+    return 0;
+}
+
+void dx_lazy_prefetch(dx_lazy *lz)
+{
+    pthread_mutex_lock(&lz->mu);
+    if (!lz->prefetching) {
+        lz->prefetching = 1;
+        lz->prefetch_ns = now_ns();
+    }
+    pthread_cond_broadcast(&lz->cv);
+    pthread_mutex_unlock(&lz->mu);
+}
+
+int dx_lazy_wait(dx_lazy *lz, int timeout_ms)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    ts.tv_sec += timeout_ms / 1000;
+    ts.tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
+    if (ts.tv_nsec >= 1000000000L) {
+        ts.tv_sec++;
+        ts.tv_nsec -= 1000000000L;
+    }
+    pthread_mutex_lock(&lz->mu);
+    while (!lz->complete) {
+        if (pthread_cond_timedwait(&lz->cv, &lz->mu, &ts) == ETIMEDOUT)
+            break;
+    }
+    int done = lz->complete;
+    pthread_mutex_unlock(&lz->mu);
+    return done;
+}
+
+void dx_lazy_get_stats(dx_lazy *lz, dx_lazy_stats *o)
+{
+    memset(o, 0, sizeof *o);
+    o->tasks = atomic_load(&lz->tasks_n);
+    o->forks = atomic_load(&lz->forks);
+    o->pages_total = atomic_load(&lz->pages_total);
+    o->pages_faulted = atomic_load(&lz->faulted);
+    o->pages_prefetched = atomic_load(&lz->prefetched);
+    o->pages_present = atomic_load(&lz->present);
+    o->pages_dropped = atomic_load(&lz->dropped);
+    o->pages_zero = atomic_load(&lz->zero);
+    o->faults = atomic_load(&lz->faults);
+    o->events = atomic_load(&lz->events);
+    o->eagain = atomic_load(&lz->eagain);
+    o->tasks_gone = atomic_load(&lz->gone_n);
+    pthread_mutex_lock(&lz->mu);
+    o->prefetch_ns = lz->prefetch_ns;
+    o->complete_ns = lz->complete_ns;
+    o->error = lz->error;
+    memcpy(o->error_what, lz->error_what, sizeof o->error_what);
+    pthread_mutex_unlock(&lz->mu);
+}
+
+void dx_lazy_free(dx_lazy *lz)
+{
+    if (!lz)
+        return;
+    pthread_mutex_lock(&lz->mu);
+    lz->stop = 1;
+    pthread_cond_broadcast(&lz->cv);
+    pthread_mutex_unlock(&lz->mu);
+    if (lz->wakefd >= 0) {
+        uint64_t one = 1;
+        if (write(lz->wakefd, &one, sizeof one) < 0) { /* the 10 ms poll ends it anyway */ }
+    }
+    if (lz->evt_started)
+        pthread_join(lz->evt, NULL);
+    for (int i = 0; i < lz->nwk; i++)
+        pthread_join(lz->wk[i], NULL);
+    for (size_t i = 0; i < lz->ntasks; i++)
+        task_free(lz->tasks[i]);
+    for (size_t i = 0; i < lz->nmaps; i++)
+        munmap(lz->maps[i], lz->maplens[i]);
+    free(lz->tasks);
+    free(lz->maps);
+    free(lz->maplens);
+    free(lz->wk);
+    if (lz->ep >= 0)
+        close(lz->ep);
+    if (lz->wakefd >= 0)
+        close(lz->wakefd);
+    pthread_mutex_destroy(&lz->mu);
+    pthread_cond_destroy(&lz->cv);
+    free(lz);
+}

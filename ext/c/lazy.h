@@ -1,0 +1,63 @@
+/* deltaxfer's own lazy-pages server: it takes the userfaultfds a `criu restore
+ * --lazy-pages` hands out (one per restored process), places each process's image pages
+ * with UFFDIO_COPY straight from the mapped pages files -- the faulted page and a window
+ * after it first, the rest by background workers in large batches -- and follows the
+ * restored tree's fork, mremap, munmap and madvise(DONTNEED) events.  See
+ * docs/ARCHITECTURE.md "Lazy restore" for the protocol with criu and the locking. */
+#ifndef DX_LAZY_H
+#define DX_LAZY_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+typedef struct dx_lazy dx_lazy;
+
+typedef struct {
+    uint64_t tasks;             /* userfaultfds served: restored processes + forks */
+    uint64_t forks;
+    uint64_t pages_total;       /* image pages to place, over every task */
+    uint64_t pages_faulted;     /* placed by the fault handler (faulted page + window) */
+    uint64_t pages_prefetched;  /* placed by the background workers */
+    uint64_t pages_present;     /* found already there (EEXIST): placed by the other side */
+    uint64_t pages_dropped;     /* never placed: unmapped or discarded by the process first */
+    uint64_t pages_zero;        /* zero pages placed on faults outside the image */
+    uint64_t faults;            /* page-fault messages read */
+    uint64_t events;            /* fork / remap / remove / unmap messages read */
+    uint64_t eagain;            /* copies refused while the address space was changing */
+    uint64_t tasks_gone;        /* tasks that exited before every page was placed */
+    uint64_t prefetch_ns;       /* monotonic clock: prefetch started */
+    uint64_t complete_ns;       /* monotonic clock: every page of every task placed */
+    int error;                  /* first hard error (-errno), 0 if none */
+    char error_what[128];
+} dx_lazy_stats;
+
+/* A server with `workers` background copy threads (>= 1), copying `chunk_pages` pages per
+ * UFFDIO_COPY in the background and up to `fault_pages` from a faulting address on.
+ * NULL with *err = -errno on failure. */
+dx_lazy *dx_lazy_new(int workers, uint32_t chunk_pages, uint32_t fault_pages, int *err);
+
+/* Serve `uffd` (the server owns it from now on, also on failure) for restored process
+ * `pid`, whose pagemap is the n entries (vaddr[i], nr_pages[i], flags[i]) -- CRIU's
+ * pagemap_entry flags: present entries take their pages, in order, from the pages file
+ * `pages_fd` (mapped here, read-only; the caller may close it) -- and whose VMAs end at
+ * vma_start[j]..vma_end[j] (sorted).  Only entries flagged both present and lazy are
+ * served (CRIU restores the others itself).  Returns 0 or -errno (-EINVAL: a lazy entry
+ * that is in the parent image, outside every VMA, or pages beyond the file). */
+int dx_lazy_add(dx_lazy *lz, int uffd, int pid, int pages_fd, uint64_t pages_file_size,
+                const uint64_t *vaddr, const uint64_t *nr_pages, const uint64_t *flags,
+                size_t n, const uint64_t *vma_start, const uint64_t *vma_end, size_t nvma);
+
+/* The restore finished (criu sent its end mark): start the background copy. */
+void dx_lazy_prefetch(dx_lazy *lz);
+
+/* Wait up to timeout_ms for every task to be complete (all pages placed, or the task
+ * gone) and closed.  1 when complete, 0 on timeout. */
+int dx_lazy_wait(dx_lazy *lz, int timeout_ms);
+
+void dx_lazy_get_stats(dx_lazy *lz, dx_lazy_stats *out);
+
+/* Stop the threads, close every userfaultfd (the kernel then unregisters their ranges:
+ * pages not placed by then are filled with zeros on their next fault), unmap. */
+void dx_lazy_free(dx_lazy *lz);
+
+#endif

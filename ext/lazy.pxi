@@ -1,0 +1,81 @@
+# deltaxfer's own lazy-pages server (ext/c/lazy.c): see deltaxfer.lazyserve.
+
+cdef class LazyServer:
+    """Serves the userfaultfds of a lazily restored tree: page faults first (the faulted
+    page and up to ``fault_pages`` after it), every other image page copied by
+    ``workers`` background threads, ``chunk_pages`` per UFFDIO_COPY, once ``prefetch()``
+    says the restore finished. Follows the tree's forks, mremaps, munmaps and madvises."""
+    cdef dx_lazy *lz
+
+    def __cinit__(self, int workers=1, uint32_t chunk_pages=256, uint32_t fault_pages=16):
+        cdef int err = 0
+        self.lz = dx_lazy_new(workers, chunk_pages, fault_pages, &err)
+        if self.lz == NULL:
+            raise OSError(-err, f"starting the lazy-pages server: {_os.strerror(-err)}")
+
+    def add(self, int uffd, int pid, int pages_fd, uint64_t pages_file_size, vaddr, nr_pages,
+            flags, vma_start, vma_end):
+        """Serve ``uffd`` (owned by the server from now on, also if this raises) for
+        image pid ``pid``: its pagemap as three uint64 arrays, its pages file's fd and
+        size, its VMAs' starts and ends (sorted)."""
+        cdef _Buffer v = u64_buffer(vaddr, "vaddr"), n = u64_buffer(nr_pages, "nr_pages")
+        cdef _Buffer f = u64_buffer(flags, "flags")
+        cdef _Buffer vs = u64_buffer(vma_start, "vma_start"), ve = u64_buffer(vma_end, "vma_end")
+        if not (u64_len(v) == u64_len(n) == u64_len(f)) or u64_len(vs) != u64_len(ve):
+            import os as _o
+            _o.close(uffd)
+            raise ValueError("pagemap arrays (or VMA arrays) of different lengths")
+        cdef int rc
+        if self.lz == NULL:
+            raise ValueError("the lazy-pages server is closed")
+        with nogil:
+            rc = dx_lazy_add(self.lz, uffd, pid, pages_fd, pages_file_size, u64_ptr(v),
+                             u64_ptr(n), u64_ptr(f), u64_len(v), u64_ptr(vs), u64_ptr(ve),
+                             u64_len(vs))
+        if rc == -_errno.EINVAL:
+            raise ValueError(f"pid {pid}: a lazy page in a parent image, outside every VMA, "
+                             f"or beyond the pages file")
+        if rc < 0:
+            raise OSError(-rc, f"serving pid {pid}: {_os.strerror(-rc)}")
+
+    def prefetch(self):
+        """The restore finished: copy every page not faulted yet, in the background."""
+        if self.lz != NULL:
+            dx_lazy_prefetch(self.lz)
+
+    def wait(self, double timeout):
+        """True once every page of every task is placed (or its task exited) and its
+        userfaultfd closed; False after ``timeout`` seconds."""
+        cdef int rc, ms = <int>(timeout * 1000)
+        if self.lz == NULL:
+            return True
+        with nogil:
+            rc = dx_lazy_wait(self.lz, ms)
+        return bool(rc)
+
+    def stats(self):
+        cdef dx_lazy_stats s
+        if self.lz == NULL:
+            return {}
+        dx_lazy_get_stats(self.lz, &s)
+        return {"tasks": s.tasks, "forks": s.forks, "pages_total": s.pages_total,
+                "pages_faulted": s.pages_faulted, "pages_prefetched": s.pages_prefetched,
+                "pages_present": s.pages_present, "pages_dropped": s.pages_dropped,
+                "pages_zero": s.pages_zero, "faults": s.faults, "events": s.events,
+                "eagain": s.eagain, "tasks_gone": s.tasks_gone,
+                "prefetch_ns": s.prefetch_ns, "complete_ns": s.complete_ns,
+                "error": s.error,
+                "error_what": s.error_what.decode("utf-8", "replace") if s.error else ""}
+
+    def close(self):
+        """Stop and close every userfaultfd (pages not placed by then read as zeros)."""
+        cdef dx_lazy *lz = self.lz
+        self.lz = NULL
+        if lz != NULL:
+            with nogil:
+                dx_lazy_free(lz)
+
+    def __dealloc__(self):
+        if self.lz != NULL:
+            dx_lazy_free(self.lz)
+            self.lz = NULL
