@@ -7,7 +7,7 @@ cdef extern from "lazy.h" nogil:
     ctypedef struct dx_lazy_stats:
         uint64_t tasks, forks, pages_total, pages_faulted, pages_prefetched, pages_present
         uint64_t pages_dropped, pages_zero, faults, events, eagain, tasks_gone
-        uint64_t prefetch_ns, complete_ns
+        uint64_t pages_abandoned, placed_ns, prefetch_ns, complete_ns
         int error
         char error_what[128]
     dx_lazy *dx_lazy_new(int workers, uint32_t chunk_pages, uint32_t fault_pages, int *err)

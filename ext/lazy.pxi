@@ -63,6 +63,7 @@ cdef class LazyServer:
                 "pages_present": s.pages_present, "pages_dropped": s.pages_dropped,
                 "pages_zero": s.pages_zero, "faults": s.faults, "events": s.events,
                 "eagain": s.eagain, "tasks_gone": s.tasks_gone,
+                "pages_abandoned": s.pages_abandoned, "placed_ns": s.placed_ns,
                 "prefetch_ns": s.prefetch_ns, "complete_ns": s.complete_ns,
                 "error": s.error,
                 "error_what": s.error_what.decode("utf-8", "replace") if s.error else ""}

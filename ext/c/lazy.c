@@ -73,8 +73,8 @@ struct dx_lazy {
     pthread_t *wk;
     int nwk, evt_started;
     atomic_ullong tasks_n, forks, pages_total, faulted, prefetched, present, dropped, zero,
-        faults, events, eagain, gone_n;
-    uint64_t prefetch_ns, complete_ns;
+        faults, events, eagain, gone_n, abandoned;
+    uint64_t prefetch_ns, placed_ns, complete_ns;
     int error;
     char error_what[128];
 };
@@ -366,12 +366,13 @@ static int register_task(dx_lazy *lz, task_t *t)
         lz->tasks = n;
         lz->cap = cap;
     }
+    /* counted before the workers can see it (they decrement left) */
+    atomic_fetch_add(&lz->tasks_n, 1);
+    atomic_fetch_add(&lz->pages_total, (unsigned long long)atomic_load(&t->left));
     lz->tasks[lz->ntasks++] = t;
     lz->complete = 0;
     pthread_cond_broadcast(&lz->cv);
     pthread_mutex_unlock(&lz->mu);
-    atomic_fetch_add(&lz->tasks_n, 1);
-    atomic_fetch_add(&lz->pages_total, (unsigned long long)atomic_load(&t->left));
     struct epoll_event ev = {.events = EPOLLIN, .data.ptr = t};
     if (epoll_ctl(lz->ep, EPOLL_CTL_ADD, t->uffd, &ev) < 0)
         return -errno;
@@ -512,6 +513,9 @@ static void close_task(task_t *t)
 {
     pthread_rwlock_wrlock(&t->rw);
     if (!t->closed) {
+        long long left = atomic_load(&t->left);
+        if (left > 0)          /* the task exited first: these were never needed */
+            atomic_fetch_add(&t->lz->abandoned, (unsigned long long)left);
         epoll_ctl(t->lz->ep, EPOLL_CTL_DEL, t->uffd, NULL);
         close(t->uffd);
         t->closed = 1;
@@ -530,7 +534,7 @@ static void check_complete(dx_lazy *lz)
     if (!prefetching)
         return;
     uint64_t now = now_ns();
-    int open = 0;
+    int open = 0, unplaced = 0;
     for (size_t i = 0; i < n; i++) {
         pthread_mutex_lock(&lz->mu);
         task_t *t = lz->tasks[i];
@@ -546,8 +550,15 @@ static void check_complete(dx_lazy *lz)
             }
         } else {
             t->complete_since = 0;
+            unplaced++;
         }
         open++;
+    }
+    if (!unplaced) {
+        pthread_mutex_lock(&lz->mu);
+        if (!lz->placed_ns)
+            lz->placed_ns = now;
+        pthread_mutex_unlock(&lz->mu);
     }
     if (!open) {
         pthread_mutex_lock(&lz->mu);
@@ -920,9 +931,11 @@ void dx_lazy_get_stats(dx_lazy *lz, dx_lazy_stats *o)
     o->events = atomic_load(&lz->events);
     o->eagain = atomic_load(&lz->eagain);
     o->tasks_gone = atomic_load(&lz->gone_n);
+    o->pages_abandoned = atomic_load(&lz->abandoned);
     pthread_mutex_lock(&lz->mu);
     o->prefetch_ns = lz->prefetch_ns;
     o->complete_ns = lz->complete_ns;
+    o->placed_ns = lz->placed_ns;
     o->error = lz->error;
     memcpy(o->error_what, lz->error_what, sizeof o->error_what);
     pthread_mutex_unlock(&lz->mu);

@@ -25,6 +25,8 @@ typedef struct {
     uint64_t events;            /* fork / remap / remove / unmap messages read */
     uint64_t eagain;            /* copies refused while the address space was changing */
     uint64_t tasks_gone;        /* tasks that exited before every page was placed */
+    uint64_t pages_abandoned;   /* the pages those tasks never needed */
+    uint64_t placed_ns;         /* monotonic clock: no task lacked a page any more */
     uint64_t prefetch_ns;       /* monotonic clock: prefetch started */
     uint64_t complete_ns;       /* monotonic clock: every page of every task placed */
     int error;                  /* first hard error (-errno), 0 if none */

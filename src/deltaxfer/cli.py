@@ -86,6 +86,8 @@ def cmd_serve(args) -> int:
     tls = server_tls(args.tls_cert, args.tls_key)
     os.umask(0o077)     # every file the receiver (and its criu) creates is private
     criu = find_criu(args.criu) if args.restore else None
+    if criu is not None:
+        criu.lazy_server = args.lazy_pages_server
     if args.runc_root and not args.restore:
         raise ConfigError("--runc-root restores containers: give --restore too")
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
@@ -329,7 +331,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "by root, not writable by others)")
     p.add_argument("--no-lazy-restore", action="store_true",
                    help="restore copying every page in before the process runs (default: "
-                        "criu lazy-pages fills them from the local images on demand)")
+                        "the process runs at once and its pages are filled from the local "
+                        "images as it touches them, the rest in the background)")
+    p.add_argument("--lazy-pages-server", choices=("deltaxfer", "criu"), default="deltaxfer",
+                   help="who fills a lazy restore's pages: deltaxfer's own server (default: "
+                        "faulted pages first, all others copied in the background on all "
+                        "cores) or `criu lazy-pages` (one page per fault, one thread)")
     p.add_argument("--parent-linked-final", action="store_true",
                    help="write a migration's final round as a child image over the held "
                         "pages (only the residual is written; restored eagerly)")

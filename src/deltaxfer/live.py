@@ -13,6 +13,7 @@ guard pages, GC heaps) is read through /proc/PID/mem (_core.read_pages).
 """
 from __future__ import annotations
 
+import errno
 import os
 import threading
 import time
@@ -156,9 +157,12 @@ def snapshot_tree(tasks: list[Task], tracking: Tracking | None = None,
             scan = tracking.scan(task.host_pid) if tracking is not None else None
             run_v, run_l = procmem.migrated_runs(task.host_pid)
         except (ProcessLookupError, OSError) as e:
-            if task.host_pid == tasks[0].host_pid or not _alive(task.host_pid):
-                if task.host_pid == tasks[0].host_pid:
+            # ESRCH: the task is exiting (its memory is gone before it is a zombie)
+            exiting = e.errno == errno.ESRCH or not _alive(task.host_pid)
+            if task.host_pid == tasks[0].host_pid:
+                if exiting:
                     raise LiveError(f"the process to migrate ({task.host_pid}) has exited") from None
+            elif exiting:
                 continue  # a child exited between rounds: the final dump will not have it
             raise LiveError(f"cannot read the memory map of pid {task.host_pid}: {e}") from None
         image_id = f"pid-{task.ns_pid}"

@@ -148,7 +148,8 @@ class _Receiving:
 
     def _prestart_lazy_pages(self) -> None:
         """A migration that asked for a restore (BEGIN.restore) runs a lazy restore at
-        COMMIT, and its `criu lazy-pages` takes 40-55 ms to start here. It reads the
+        COMMIT, and its lazy-pages server takes 40-55 ms to start here (criu's; deltaxfer's,
+        a Python process, about as long). It reads the
         dump's metadata (inventory.img, pstree.img) when it starts and the memory images
         only when the restore hands it the tasks: the agent sends the dump's files before
         the final round (files, round, COMMIT), so at the final ROUND the daemon is started
@@ -167,8 +168,8 @@ class _Receiving:
         tmp = self.session.prepare_images_dir()
         for name in os.listdir(self.files.path):
             os.link(os.path.join(self.files.path, name), os.path.join(tmp, name))
-        log.info("%s: session %s: starting criu lazy-pages for the restore while the final "
-                 "round arrives", self.peer, self.name)
+        log.info("%s: session %s: starting the lazy-pages server (%s) for the restore while "
+                 "the final round arrives", self.peer, self.name, r.criu.lazy_server)
         self.lazy_daemon = self.loop.run_in_executor(None, functools.partial(
             r.criu.start_lazy_pages, tmp, verbosity=r.criu_verbosity))
 

@@ -49,7 +49,8 @@ __all__ = [
 HERE = Path(__file__).resolve().parent
 BIN_DIR = HERE / "bin"  # gitignored
 KINDS = ("memwork", "shmwork", "pyheap")
-_C_FLAGS = {"memwork": [], "shmwork": ["-pthread"], "protnone": [], "pagekinds": []}
+_C_FLAGS = {"memwork": [], "shmwork": ["-pthread"], "protnone": [], "pagekinds": [],
+            "lazyops": []}
 _counter = itertools.count()
 
 

@@ -1,0 +1,191 @@
+"""deltaxfer's own lazy-pages server (deltaxfer.lazyserve, ext/c/lazy.c), which fills a
+lazily restored tree's memory in place of `criu lazy-pages`: real migrations whose
+restored process forks, mremaps, discards (MADV_DONTNEED) and unmaps memory while its
+pages are still arriving, checked by the process itself (and by its forked children);
+the CRIU daemon kept as an option; the daemon's life cycle (it dies with the receiver
+before a restore connects, exits on a restore that fails) and its protocol end."""
+import json
+import os
+import socket
+import struct
+import subprocess
+import sys
+import time
+
+import pytest
+
+import workloads
+from deltaxfer.core import procmem
+from faults import agent_env, agent_tmp, run_migrate  # noqa: F401
+from servers import Server, write_key
+
+LAZYSERVE = [sys.executable, "-m", "deltaxfer.lazyserve", "lazy-pages"]
+
+
+def start_lazyops(tmp_path, mib: float = 128) -> workloads.Workload:
+    prog = workloads.build("lazyops")
+    result = tmp_path / "lazyops.result"
+    w = workloads.Workload("lazyops", [str(prog), "--mib", f"{mib:g}", "--seed", "5",
+                                       "--result", str(result)], result)
+    w._launch(60)
+    return w
+
+
+def done_stats(images_dir) -> dict:
+    """The statistics line the daemon writes when it is done (waits for it)."""
+    path = os.path.join(images_dir, "lazy-pages.log")
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            with open(path) as f:
+                for line in f:
+                    if " done {" in line:
+                        return json.loads(line.split(" done ", 1)[1])
+        except FileNotFoundError:
+            pass
+        time.sleep(0.05)
+    raise AssertionError(f"no 'done' line in {path}: "
+                         f"{open(path).read() if os.path.exists(path) else 'no log'}")
+
+
+def migrate(tmp_path, agent_tmp, server, wl, *extra) -> dict:
+    key = write_key(tmp_path / "client.key")
+    m = run_migrate(wl.pid, server.addr, key, tmp_path / "report.json", *extra,
+                    env=agent_env(agent_tmp), timeout=180)
+    r = m.report
+    if r and r.get("restored_pid"):
+        wl.adopt(r["restored_pid"])
+    assert m.rc == 0 and r["outcome"] == "migrated", (m.rc, m.stderr[-3000:],
+                                                      server.log()[-3000:])
+    return r
+
+
+@pytest.mark.criu
+def test_restored_tree_changes_its_memory_while_pages_arrive(criu, tmp_path, agent_tmp):
+    """lazyops forks children that read its memory, moves a region with mremap, discards
+    pages with MADV_DONTNEED and unmaps others, about every millisecond: right after the
+    restore these hit pages the server has not placed yet. Every page ends up right (the
+    children's reads, the zeros after a discard, the full check), the server followed the
+    events, and it exited once everything was in place."""
+    with Server(tmp_path, extra=["--restore"]) as server, start_lazyops(tmp_path) as wl:
+        before = wl.verify(timeout=60)
+        assert before["ok"], before
+        r = migrate(tmp_path, agent_tmp, server, wl)
+        pid, images = r["restored_pid"], r["destination_path"]
+        stats = done_stats(images)
+        assert stats["error"] == 0, stats
+        assert stats["tasks"] >= 1 and stats["pages_total"] > 0, stats
+        # every page was placed, found present, dropped with what the process discarded,
+        # or never needed by a forked child that exited first
+        placed = (stats["pages_faulted"] + stats["pages_prefetched"] + stats["pages_present"]
+                  + stats["pages_dropped"] + stats["pages_abandoned"])
+        assert placed == stats["pages_total"], stats
+        # the workload's fork/mremap/madvise/munmap reached the server during the restore
+        assert stats["events"] > 0, stats
+        assert stats["pages_prefetched"] > 0, stats
+        first = wl.verify(pid=pid, timeout=60)
+        assert first["ok"], first
+        time.sleep(0.3)
+        again = wl.verify(pid=pid, timeout=60)
+        assert again["ok"] and again["cycles"] > first["cycles"], (first, again)
+        assert again["forks"] > before["forks"], (before, again)
+        # the daemon is gone: no process serves this directory any more
+        deadline = time.monotonic() + 10
+        while procmem.lazy_pages_daemons(images) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not procmem.lazy_pages_daemons(images)
+
+
+@pytest.mark.criu
+def test_memwork_with_criu_lazy_pages_server(criu, tmp_path, agent_tmp):
+    """serve --lazy-pages-server criu: CRIU's own daemon fills the pages."""
+    with Server(tmp_path, extra=["--restore", "--lazy-pages-server", "criu"]) as server, \
+            workloads.start("memwork", mib=32, dirty_mib_per_s=2, tmpdir=tmp_path) as wl:
+        r = migrate(tmp_path, agent_tmp, server, wl)
+        assert "lazy-pages server (criu)" in server.log(), server.log()[-2000:]
+        res = wl.verify(pid=r["restored_pid"], timeout=60)
+        assert res["ok"], res
+        with open(os.path.join(r["destination_path"], "lazy-pages.log")) as f:
+            assert " done {" not in f.read()      # criu's log, not deltaxfer's
+
+
+def _start_daemon(d, *extra) -> subprocess.Popen:
+    p = subprocess.Popen([*LAZYSERVE, "-D", str(d), *extra])
+    deadline = time.monotonic() + 10
+    while not (d / "lazy-pages.socket").exists():
+        assert p.poll() is None and time.monotonic() < deadline, p.poll()
+        time.sleep(0.01)
+    return p
+
+
+def _log(d) -> str:
+    return (d / "lazy-pages.log").read_text()
+
+
+def test_daemon_exits_with_its_receiver_before_a_restore_connects(tmp_path):
+    """Started by a receiver that dies before any restore connects: it exits (a killed
+    `serve` leaves no lazy-pages daemon behind)."""
+    code = ("import subprocess, sys, os, time\n"
+            f"p = subprocess.Popen({LAZYSERVE!r} + ['-D', {str(tmp_path)!r}, '--parent', "
+            "str(os.getpid())])\n"
+            "print(p.pid, flush=True)\n"
+            "time.sleep(60)\n")
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
+    daemon = int(parent.stdout.readline())
+    deadline = time.monotonic() + 10
+    while not (tmp_path / "lazy-pages.socket").exists():
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert daemon in procmem.lazy_pages_daemons(str(tmp_path))
+    parent.kill()
+    parent.wait()
+    deadline = time.monotonic() + 5
+    while procmem.start_time(daemon) is not None and procmem.state(daemon) != "Z" \
+            and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert procmem.start_time(daemon) is None or procmem.state(daemon) == "Z", \
+        "the daemon outlived the receiver that started it"
+    assert "gone before any restore connected" in _log(tmp_path)
+
+
+def test_daemon_exits_on_a_restore_that_fails(tmp_path):
+    """The restore's side closes the socket before its end mark (criu restore failed):
+    the daemon says so and exits 1."""
+    p = _start_daemon(tmp_path)
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(str(tmp_path / "lazy-pages.socket"))
+    s.sendall(struct.pack("<i", -7))      # a zombie: no userfaultfd follows
+    s.close()
+    assert p.wait(10) == 1
+    assert "closed the lazy-pages socket before it finished" in _log(tmp_path)
+    assert "Error (" in _log(tmp_path)
+
+
+def test_daemon_with_nothing_to_serve_exits_at_once(tmp_path):
+    """A restore whose tasks have no lazy memory (zombies only) ends with its end mark:
+    the daemon is done at once, with nothing placed."""
+    p = _start_daemon(tmp_path)
+    # only root (the restore) may connect
+    assert os.stat(tmp_path / "lazy-pages.socket").st_mode & 0o077 == 0
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(str(tmp_path / "lazy-pages.socket"))
+    s.sendall(struct.pack("<i", -3) + struct.pack("<I", 0x52535446))
+    assert p.wait(10) == 0
+    s.close()
+    stats = done_stats(tmp_path)
+    assert stats["tasks"] == 0 and stats["pages_total"] == 0 and stats["error"] == 0, stats
+
+
+def test_daemon_refuses_a_task_without_images(tmp_path):
+    """A pid whose images are missing: a clear error, exit 1, the fd closed."""
+    p = _start_daemon(tmp_path)
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(str(tmp_path / "lazy-pages.socket"))
+    r, w = os.pipe()
+    s.sendall(struct.pack("<i", 42))
+    socket.send_fds(s, [b"\0"], [r])
+    os.close(r)
+    assert p.wait(10) == 1
+    s.close()
+    os.close(w)
+    assert "pagemap-42.img" in _log(tmp_path), _log(tmp_path)
