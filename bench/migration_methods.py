@@ -46,8 +46,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import workloads  # noqa: E402
 from servers import ServeProcess  # noqa: E402
 
-METHODS = ("deltaxfer", "dx-noxor", "dx-nolz4", "dx-noconverge", "rsync", "page-server",
-           "tar-lz4", "lazy-floor")
+METHODS = ("deltaxfer", "dx-noxor", "dx-nolz4", "dx-noconverge", "dx-criulazy", "rsync",
+           "page-server", "tar-lz4", "lazy-floor")
 BASELINES = ("rsync", "page-server", "tar-lz4", "lazy-floor")
 
 
@@ -94,12 +94,16 @@ def check_restored(wl, restored: int, method: str) -> dict:
 # -- deltaxfer --------------------------------------------------------------------------------
 
 DX_FLAGS = {"deltaxfer": [], "dx-noxor": ["--no-xor"], "dx-nolz4": ["--no-lz4"],
-            "dx-noconverge": ["--converge", "off"]}
+            "dx-noconverge": ["--converge", "off"], "dx-criulazy": []}
+# serve's own flags per method: dx-criulazy restores through `criu lazy-pages` instead of
+# deltaxfer's lazy-pages server (the A/B of the restore's brownout)
+DX_SERVE_FLAGS = {"dx-criulazy": ["--lazy-pages-server", "criu"]}
 
 
 def run_deltaxfer(ctx: Ctx, wl, tag: str, method: str) -> dict:
     server = ServeProcess(ctx.tmp / f"serve-{tag}", ctx.key_file, host=ctx.link.dest.addr,
-                          prefix=ctx.dst([]), extra=["--restore"])
+                          prefix=ctx.dst([]),
+                          extra=["--restore", *DX_SERVE_FLAGS.get(method, [])])
     try:
         report_path = ctx.tmp / f"report-{tag}.json"
         err_path = ctx.tmp / f"migrate-{tag}.err"
@@ -129,6 +133,7 @@ def run_deltaxfer(ctx: Ctx, wl, tag: str, method: str) -> dict:
         t = time.monotonic()
         res = check_restored(wl, restored, method)
         first_pass = time.monotonic() - t
+        placed = lazy_placed_s(report.get("destination_path"))
         # after the check, which faulted every page in: the lazy-pages daemon's work counts
         cpu_dst = tree_cpu(server.proc.pid, exclude=[restored]) - cpu_dst0
         if not wait_gone(wl.pid):
@@ -153,12 +158,39 @@ def run_deltaxfer(ctx: Ctx, wl, tag: str, method: str) -> dict:
             # through the lazy restore) against one before the move
             "brownout": {"normal_pass_s": round(normal_pass, 4),
                          "first_pass_s": round(first_pass, 4),
+                         # deltaxfer's lazy-pages server: from the restore's end until
+                         # every page was in place (None with criu's daemon)
+                         "all_resident_s": placed,
                          "ratio": round(first_pass / normal_pass, 3) if normal_pass else None},
             "freeze": {k: v for k, v in report["freeze"].items() if isinstance(v, float)},
             "round_trace": trace,
         }
     finally:
         server.stop()
+
+
+def lazy_placed_s(images_dir) -> float | None:
+    """seconds_to_placed from deltaxfer's lazy-pages server's last log line (it writes it
+    when done: waits up to 30 s for it)."""
+    if not images_dir:
+        return None
+    path = Path(images_dir) / "lazy-pages.log"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            text = path.read_text(errors="replace")
+        except OSError:
+            return None
+        if "restore finished:" not in text:
+            return None          # criu's daemon's log: no such line
+        for line in text.splitlines():
+            if " done {" in line:
+                try:
+                    return json.loads(line.split(" done ", 1)[1]).get("seconds_to_placed")
+                except ValueError:
+                    return None
+        time.sleep(0.05)
+    return None
 
 
 # -- the CRIU baselines -----------------------------------------------------------------------
@@ -520,7 +552,7 @@ def _dir_bytes(d: Path) -> int:
 
 
 RUNNERS = {"deltaxfer": run_deltaxfer, "dx-noxor": run_deltaxfer, "dx-nolz4": run_deltaxfer,
-           "dx-noconverge": run_deltaxfer,
+           "dx-noconverge": run_deltaxfer, "dx-criulazy": run_deltaxfer,
            "rsync": run_rsync, "page-server": run_page_server, "tar-lz4": run_tar_lz4,
            "lazy-floor": run_lazy_floor}
 

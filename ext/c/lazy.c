@@ -52,6 +52,8 @@ typedef struct task {
     seg_t *segs, *bypidx;
     size_t nseg;
     uint64_t cursor;
+    int jumped;                 /* the cursor skipped ahead: rescan from 0 at the end */
+    _Atomic uint64_t hint;      /* 1 + the page after the last faulted window (0: none) */
     const uint8_t *data;
     uint64_t data_pages;
     _Atomic uint64_t *done;
@@ -296,8 +298,11 @@ static int serve_fault(task_t *t, uint64_t addr)
         n++;
     int why;
     uint64_t got = place(t, addr, p, n, &lz->faulted, &why);
-    if (got)
+    if (got) {
+        /* the process reads on from here, most likely: the workers follow it */
+        atomic_store(&t->hint, p + got + 1);
         return 0;                       /* the faulting page is there (the rest is extra) */
+    }
     if (why == -EAGAIN)
         return -EAGAIN;
     if (why == -ESRCH || why == -ENOSPC)
@@ -575,6 +580,7 @@ static void *event_main(void *arg)
 {
     dx_lazy *lz = arg;
     struct epoll_event evs[32];
+    pthread_setname_np(pthread_self(), "dx-lazy-events");
     for (;;) {
         pthread_mutex_lock(&lz->mu);
         int stop = lz->stop;
@@ -603,6 +609,15 @@ static int next_chunk(task_t *t, uint64_t *addr, uint64_t *p, uint64_t *n)
     uint32_t chunk = t->lz->chunk;
     int found = 0;
     pthread_mutex_lock(&t->cmu);
+    /* "faulted pages first": a fault moves the workers to just after its window (the
+     * process most likely reads on from there); what they skipped is found by a pass
+     * from the start once they reach the end */
+    uint64_t h = atomic_exchange(&t->hint, 0);
+    if (h && h - 1 > t->cursor) {
+        t->cursor = h - 1;
+        t->jumped = 1;
+    }
+again:;
     /* the first run (by pidx) that ends after the cursor */
     long lo = 0, hi = (long)t->nseg - 1, k = (long)t->nseg;
     while (lo <= hi) {
@@ -633,6 +648,11 @@ static int next_chunk(task_t *t, uint64_t *addr, uint64_t *p, uint64_t *n)
             break;
         }
         t->cursor = end;
+    }
+    if (!found && t->jumped) {
+        t->jumped = 0;
+        t->cursor = 0;
+        goto again;
     }
     if (!found)
         atomic_store(&t->exhausted, 1);
@@ -702,6 +722,7 @@ static void *worker_main(void *arg)
 {
     dx_lazy *lz = arg;
     size_t rr = 0;
+    pthread_setname_np(pthread_self(), "dx-lazy-copy");
     for (;;) {
         pthread_mutex_lock(&lz->mu);
         while (!lz->stop && !lz->prefetching)

@@ -200,14 +200,19 @@ def main(argv=None) -> int:
                     help="log file, relative to the images directory")
     ap.add_argument("--workers", type=int, default=0,
                     help="background copy threads (0: one per core, at most 8)")
-    ap.add_argument("--chunk-pages", type=int, default=256,
-                    help="pages per background UFFDIO_COPY (default 256 = 1 MiB)")
-    ap.add_argument("--fault-pages", type=int, default=16,
-                    help="pages placed from a faulting address on (default 16)")
+    ap.add_argument("--chunk-pages", type=int, default=64,
+                    help="pages per background UFFDIO_COPY (default 64 = 256 KiB: a fault "
+                         "waits for the copies in flight)")
+    ap.add_argument("--fault-pages", type=int, default=64,
+                    help="pages placed from a faulting address on (default 64)")
     ap.add_argument("--parent", type=int, default=0,
                     help="exit if this process (the receiver) goes away before a "
                          "restore connects")
     args = ap.parse_args(argv)
+    for name in ("workers", "chunk_pages", "fault_pages"):      # experiments (bench)
+        env = os.environ.get(f"DX_LAZY_{name.upper()}")
+        if env:
+            setattr(args, name, int(env))
     os.chdir(args.dir)
     with open(args.log, "a") as log:
         try:
