@@ -47,6 +47,8 @@ typedef struct task {
     int closed;                 /* uffd closed: under rw (write) */
     atomic_int gone;            /* the process exited (or a hard error stopped it) */
     atomic_int exhausted;       /* the workers' cursor passed the last run */
+    atomic_int failed;          /* a copy failed for good: no more background copies; the
+                                   uffd stays open (its missing pages never read as zeros) */
     pthread_rwlock_t rw;
     pthread_mutex_t cmu;        /* cursor */
     seg_t *segs, *bypidx;
@@ -677,7 +679,8 @@ static int work_once(dx_lazy *lz, size_t *rr)
     task_t *t = NULL;
     for (size_t i = 0; i < n; i++) {
         task_t *c = lz->tasks[(*rr + i) % n];
-        if (!c->closed && !atomic_load(&c->gone) && !atomic_load(&c->exhausted)) {
+        if (!c->closed && !atomic_load(&c->gone) && !atomic_load(&c->exhausted) &&
+            !atomic_load(&c->failed)) {
             t = c;
             *rr = (*rr + i) % n;     /* stay on this task: its pages are in file order */
             break;
@@ -710,7 +713,7 @@ static int work_once(dx_lazy *lz, size_t *rr)
         mark(t, p + got, cnt - got, &lz->dropped);
     } else if (why) {
         set_error(lz, why, "UFFDIO_COPY in the background", addr + got * PS);
-        task_gone(t);
+        atomic_store(&t->failed, 1);
     }
     pthread_rwlock_unlock(&t->rw);
     if (again)
