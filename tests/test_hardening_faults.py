@@ -162,18 +162,64 @@ def test_destination_killed(criu, tmp_path, agent_tmp, key_file, phase):
 
 
 @pytest.mark.slow
-def test_destination_killed_inside_criu_restore(criu, tmp_path, agent_tmp, key_file):
-    """The receiver is SIGKILLed while its `criu restore` runs (a criu wrapper holds the
-    restore 1 s, then runs the real one): criu finishes on its own and leaves a stopped
-    copy that no receiver watches; the source rolls back. A receiver started again
-    finds the copy through the pidfile of the restore it had recorded, and kills it."""
+def _slow_criu(tmp_path, criu):
+    """A criu wrapper that holds a restore 1 s before it runs the real one; the mark
+    file says the restore began."""
     mark = tmp_path / "restore-started"
     slow = tmp_path / "slow-criu"
     slow.write_text("#!/bin/sh\n"
                     f'if [ "$1" = restore ]; then touch "{mark}"; sleep 1; fi\n'
                     f'exec "{criu.path}" "$@"\n')
     slow.chmod(0o755)
+    return slow, mark
+
+
+def test_destination_killed_inside_criu_restore_before_lazy_server(criu, tmp_path,
+                                                                   agent_tmp, key_file):
+    """The receiver is SIGKILLed while its `criu restore` is held before it starts: the
+    lazy-pages server it had started for that restore (deltaxfer's, the default) sees its
+    receiver gone before any restore connected and exits, so the restore that comes late
+    finds no server and fails: no restored copy, no daemon is left, the source rolls
+    back, and a receiver started again finds a clean destination."""
+    slow, mark = _slow_criu(tmp_path, criu)
     server = Server(tmp_path, extra=["--restore", "--criu", str(slow)])
+    left = Held()
+    try:
+        with workloads.start("memwork", mib=MIB, dirty_mib_per_s=DIRTY, tmpdir=tmp_path) as wl:
+            before = wl.verify()
+            t0 = time.monotonic()
+            proc = start_migrate(wl.pid, server.addr, key_file, tmp_path / "r.json",
+                                 env=agent_env(agent_tmp))
+            deadline = time.monotonic() + 90
+            while not mark.exists() and time.monotonic() < deadline and proc.poll() is None:
+                time.sleep(0.01)
+            assert mark.exists(), "the restore never began"
+            left = Held(descendants(server.proc.pid))   # the criu wrapper, lazy-pages
+            server.proc.kill()
+            server.proc.wait(10)
+            m = finish_migrate(proc, tmp_path / "r.json", t0, timeout=120)
+            assert_failed_cleanly(m, outcome="rolled back",
+                                  error_has=("connection", "closed", "reset"))
+            assert_source_runs_on(wl, before)
+            time.sleep(3)                               # the held restore ran and failed
+            assert copies_of(wl) == []
+            server.stop()
+            server = Server(tmp_path, extra=["--restore"])
+            assert_destination_clean(wl, server)
+    finally:
+        server.stop()
+        left.kill()
+
+
+def test_destination_killed_inside_criu_restore(criu, tmp_path, agent_tmp, key_file):
+    """The receiver is SIGKILLed while its `criu restore` runs (a criu wrapper holds the
+    restore 1 s, then runs the real one; `criu lazy-pages`, which outlives its receiver,
+    serves it): criu finishes on its own and leaves a stopped copy that no receiver
+    watches; the source rolls back. A receiver started again finds the copy through the
+    pidfile of the restore it had recorded, and kills it."""
+    slow, mark = _slow_criu(tmp_path, criu)
+    server = Server(tmp_path, extra=["--restore", "--criu", str(slow),
+                                     "--lazy-pages-server", "criu"])
     left = Held()
     try:
         with workloads.start("memwork", mib=MIB, dirty_mib_per_s=DIRTY, tmpdir=tmp_path) as wl:

@@ -107,10 +107,7 @@ def add_task(server, pid: int, uffd: int) -> int:
 
 
 def _listen() -> socket.socket:
-    try:
-        os.unlink(SOCKET_NAME)
-    except FileNotFoundError:
-        pass
+    _unlink_socket()
     ls = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old = os.umask(0o077)          # only root (the restore) may connect
     try:
@@ -119,6 +116,13 @@ def _listen() -> socket.socket:
         os.umask(old)
     ls.listen(1)
     return ls
+
+
+def _unlink_socket() -> None:
+    try:
+        os.unlink(SOCKET_NAME)
+    except FileNotFoundError:
+        pass
 
 
 def _parent_gone(parent: int) -> bool:
@@ -143,8 +147,10 @@ def serve(args, log) -> int:
                 say("the receiver that started this daemon is gone before any restore "
                     "connected: exiting")
                 ls.close()
+                _unlink_socket()
                 return 0
     ls.close()
+    _unlink_socket()             # one restore per daemon: nobody else may connect
     conn.settimeout(None)
     workers = args.workers or max(1, min(os.cpu_count() or 1, 8))
     server = _core.LazyServer(workers, args.chunk_pages, args.fault_pages)
