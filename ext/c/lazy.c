@@ -71,6 +71,8 @@ struct dx_lazy {
     size_t ntasks, cap;
     void **maps;
     size_t *maplens, nmaps, mapcap;
+    pthread_t *pop;             /* one thread per mapping: map the file's pages in */
+    size_t npop;
     int prefetching, stop, complete;
     uint32_t chunk, fpages;
     pthread_t evt;
@@ -751,6 +753,30 @@ static void *worker_main(void *arg)
     return NULL;
 }
 
+/* Map a pages file's pages into our page tables ahead of the copies (they are in the
+ * page cache: the receiver just wrote them), while the restore is still running, so that
+ * UFFDIO_COPY does not take a page fault on its source per 16 pages. */
+struct populate_arg {
+    void *addr;
+    size_t len;
+};
+
+static void *populate_main(void *arg)
+{
+    struct populate_arg *a = arg;
+    pthread_setname_np(pthread_self(), "dx-lazy-map");
+#ifndef MADV_POPULATE_READ
+#define MADV_POPULATE_READ 22
+#endif
+    for (size_t off = 0; off < a->len; off += 64 << 20) {
+        size_t n = a->len - off < (64 << 20) ? a->len - off : (64 << 20);
+        if (madvise((char *)a->addr + off, n, MADV_POPULATE_READ) < 0)
+            break;          /* an old kernel (EINVAL) or unmapped: the copies fault instead */
+    }
+    free(a);
+    return NULL;
+}
+
 /* -- the interface ---------------------------------------------------------------------- */
 
 dx_lazy *dx_lazy_new(int workers, uint32_t chunk_pages, uint32_t fault_pages, int *err)
@@ -817,7 +843,6 @@ int dx_lazy_add(dx_lazy *lz, int uffd, int pid, int pages_fd, uint64_t pages_fil
             close(uffd);
             return e;
         }
-        madvise(m, data_pages * PS, MADV_SEQUENTIAL);
         pthread_mutex_lock(&lz->mu);
         if (lz->nmaps == lz->mapcap) {
             size_t cap = lz->mapcap ? lz->mapcap * 2 : 8;
@@ -836,6 +861,20 @@ int dx_lazy_add(dx_lazy *lz, int uffd, int pid, int pages_fd, uint64_t pages_fil
         }
         lz->maps[lz->nmaps] = m;
         lz->maplens[lz->nmaps++] = data_pages * PS;
+        struct populate_arg *pa = malloc(sizeof *pa);
+        pthread_t *pt = realloc(lz->pop, (lz->npop + 1) * sizeof(pthread_t));
+        if (pt)
+            lz->pop = pt;
+        if (pa && pt) {
+            pa->addr = m;
+            pa->len = data_pages * PS;
+            if (pthread_create(&lz->pop[lz->npop], NULL, populate_main, pa) == 0)
+                lz->npop++;
+            else
+                free(pa);
+        } else {
+            free(pa);
+        }
         pthread_mutex_unlock(&lz->mu);
         data = m;
     }
@@ -981,6 +1020,9 @@ void dx_lazy_free(dx_lazy *lz)
         pthread_join(lz->evt, NULL);
     for (int i = 0; i < lz->nwk; i++)
         pthread_join(lz->wk[i], NULL);
+    for (size_t i = 0; i < lz->npop; i++)
+        pthread_join(lz->pop[i], NULL);
+    free(lz->pop);
     for (size_t i = 0; i < lz->ntasks; i++)
         task_free(lz->tasks[i]);
     for (size_t i = 0; i < lz->nmaps; i++)
