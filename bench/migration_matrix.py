@@ -16,6 +16,8 @@
 * ``wirespeed``: issue 12's cells (1 GiB against page-server on loopback, 1 and 10
   Gbit/s; 4 GiB at 1 Gbit/s) and deltaxfer's freeze beside CRIU's lazy floor at 256 MiB,
   1 and 4 GiB on loopback; 2 repetitions.
+* ``lazyrestore``: deltaxfer's lazy-pages server against `criu lazy-pages`
+  (``dx-criulazy``) at 1 and 4 GiB on loopback, page-server beside at 1 GiB; 2 repetitions.
 * ``full``: the cross product, memwork {256M, 1G, 4G} x {0, 10, 100} MiB/s x 4 links x
   6 methods, plus pyheap and redis on every link (hours here).
 * otherwise a comma list of ``WORKLOAD@LINK`` (all methods) or
@@ -95,9 +97,15 @@ WIRESPEED = _join(
 # issue 17's fast writer: 1 GiB whose every mutation rewrites a whole page with fresh
 # random bytes at 60 MiB/s, over 1 Gbit/s, with auto-converge and without
 CONVERGE = _join([("memw1G-d60", "1gbit", ("deltaxfer", "dx-noconverge"))])
+# the lazy restore's page server: deltaxfer's own against `criu lazy-pages` (downtime,
+# the first pass after the move, the destination's CPU), 1 and 4 GiB on loopback, with
+# CRIU's page-server migration as the total-time baseline at 1 GiB
+LAZYRESTORE = _join([("mem1G-d10", "lo", ("deltaxfer", "dx-criulazy", "page-server")),
+                     ("mem4G-d10", "lo", ("deltaxfer", "dx-criulazy"))])
 NAMED = {"default": DEFAULT, "smoke": SMOKE, "ci": CI, "full": FULL, "wirespeed": WIRESPEED,
-         "converge": CONVERGE}
-REPS = {"default": 3, "smoke": 1, "ci": 1, "full": 3, "wirespeed": 2, "converge": 2}
+         "converge": CONVERGE, "lazyrestore": LAZYRESTORE}
+REPS = {"default": 3, "smoke": 1, "ci": 1, "full": 3, "wirespeed": 2, "converge": 2,
+        "lazyrestore": 2}
 
 
 def select(name: str) -> tuple[list, int]:

@@ -27,6 +27,8 @@
 #include <sys/eventfd.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
+#include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -214,6 +216,14 @@ static int edit_segs(task_t *t, uint64_t lo, uint64_t hi, int drop, uint64_t del
     t->segs = out;
     t->nseg = k;
     return rebuild_bypidx(t);
+}
+
+/* The background threads yield to everything else: the receiver and the agent finishing
+ * the freeze (RESUMED ends the downtime) and the restored process itself. The event
+ * thread, which answers the process's faults, keeps the normal priority. */
+static void background_priority(void)
+{
+    setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), 10);
 }
 
 /* -- placing pages ---------------------------------------------------------------------- */
@@ -728,6 +738,7 @@ static void *worker_main(void *arg)
     dx_lazy *lz = arg;
     size_t rr = 0;
     pthread_setname_np(pthread_self(), "dx-lazy-copy");
+    background_priority();
     for (;;) {
         pthread_mutex_lock(&lz->mu);
         while (!lz->stop && !lz->prefetching)
@@ -765,6 +776,7 @@ static void *populate_main(void *arg)
 {
     struct populate_arg *a = arg;
     pthread_setname_np(pthread_self(), "dx-lazy-map");
+    background_priority();
 #ifndef MADV_POPULATE_READ
 #define MADV_POPULATE_READ 22
 #endif
