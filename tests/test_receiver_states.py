@@ -116,6 +116,7 @@ def test_every_state_is_in_the_table():
 class _FakeCriu:
     """A `criu restore` stand-in: the "restored copy" is a stopped sleep."""
     path = "criu"
+    lazy_server = "criu"      # started only at a final round after a dump's files (none)
 
     def __init__(self):
         self.proc = None

@@ -145,31 +145,39 @@ class _Receiving:
         self._set(State.ROUND_IN_FILES if files_first else State.IN_ROUND)
         if self.final_round and files_first:
             self._prestart_lazy_pages()
+        elif self.r.criu is not None and self.r.criu.lazy_server == "deltaxfer":
+            # deltaxfer's server reads nothing until a restore connects: started with the
+            # first round, its start (a Python process, ~0.1 s under load) is long over
+            # by the commit
+            self._prestart_lazy_pages(needs_files=False)
 
-    def _prestart_lazy_pages(self) -> None:
+    def _prestart_lazy_pages(self, needs_files: bool = True) -> None:
         """A migration that asked for a restore (BEGIN.restore) runs a lazy restore at
-        COMMIT, and its lazy-pages server takes 40-55 ms to start here (criu's; deltaxfer's,
-        a Python process, about as long). It reads the
-        dump's metadata (inventory.img, pstree.img) when it starts and the memory images
-        only when the restore hands it the tasks: the agent sends the dump's files before
-        the final round (files, round, COMMIT), so at the final ROUND the daemon is started
-        in the directory the commit will fill, those files linked in, and its start
-        overlaps the final round. Not for containers (runc runs its own restore),
-        parent-linked finals (restored eagerly) or without lazy restore; a daemon that
-        no restore uses is killed (cleanup, or a COMMIT without restore)."""
+        COMMIT, and its lazy-pages server must be up by then: `criu lazy-pages` takes
+        40-55 ms to start here and reads the dump's metadata (inventory.img, pstree.img)
+        when it starts, so it is started at the final ROUND (the agent sends the dump's
+        files before the final round: files, round, COMMIT) in the directory the commit
+        will fill, those files linked in (``needs_files``), its start overlapping the
+        round. deltaxfer's server (a Python process, ~0.1 s to start under load) reads
+        nothing until a restore connects: it is started with the first round. Not for
+        containers (runc runs its own restore), parent-linked finals (restored eagerly)
+        or without lazy restore; a daemon that no restore uses is killed (cleanup, or a
+        COMMIT without restore); one whose receiver dies first exits by itself."""
         r = self.r
         if self.lazy_daemon is not None or not (
                 self.begin["mode"] == "migrate" and self.begin.get("restore")
                 and r.criu is not None and r.lazy_restore and not r.parent_linked_final
                 and self.container is None):
             return
-        if not os.path.exists(os.path.join(self.files.path, "pstree.img")):
+        if needs_files and not os.path.exists(os.path.join(self.files.path, "pstree.img")):
             return                              # not a dump's file set: nothing to start
         tmp = self.session.prepare_images_dir()
-        for name in os.listdir(self.files.path):
-            os.link(os.path.join(self.files.path, name), os.path.join(tmp, name))
+        if needs_files:
+            for name in os.listdir(self.files.path):
+                os.link(os.path.join(self.files.path, name), os.path.join(tmp, name))
         log.info("%s: session %s: starting the lazy-pages server (%s) for the restore while "
-                 "the final round arrives", self.peer, self.name, r.criu.lazy_server)
+                 "the %s round arrives", self.peer, self.name, r.criu.lazy_server,
+                 "final" if needs_files else "first")
         self.lazy_daemon = self.loop.run_in_executor(None, functools.partial(
             r.criu.start_lazy_pages, tmp, verbosity=r.criu_verbosity))
 

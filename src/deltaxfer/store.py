@@ -336,9 +336,16 @@ class Session:
 
     def _save_meta(self) -> None:
         tmp = os.path.join(self.path, "meta.json.tmp")
-        with open(tmp, "w") as f:
-            json.dump(self.meta, f)
-        os.replace(tmp, os.path.join(self.path, "meta.json"))
+        try:
+            with open(tmp, "w") as f:
+                json.dump(self.meta, f)
+            os.replace(tmp, os.path.join(self.path, "meta.json"))
+        except BaseException:
+            try:                 # a full disk: no half-written file is left behind
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            raise
 
     @property
     def round(self) -> int:
@@ -473,7 +480,12 @@ class Session:
         if tmp is not None:
             _rmtree(tmp)
         if self.meta.pop("preparing", None) is not None:
-            self._save_meta()
+            try:
+                self._save_meta()
+            except OSError:
+                # (a full disk) the mark stays on disk: a receiver started later finds no
+                # daemon and no directory for it, and drops it
+                pass
 
     def commit(self, files: "FileSet") -> str:
         """Materialize <session>/images: the held memory images plus the files."""
