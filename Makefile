@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 APT_PACKAGES := gcc make pkg-config liblz4-dev libxxhash-dev iproute2 util-linux rsync
-CORE_SOURCES := $(wildcard ext/*.pyx ext/*.pxd ext/*.pxi ext/c/*.c ext/c/*.h) setup.py
+CORE_SOURCES := $(wildcard ext/*.pyx ext/*.pxd ext/*.pxi ext/c/*.c ext/c/*.h ext/hook/*.c) setup.py
 PYTEST_ARGS ?=
 
 .PHONY: all deps criu runc programs venv build test demo bench bench-compare bench-migrate bench-deps fuzz clean distclean

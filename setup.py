@@ -1,4 +1,5 @@
-"""Build the compiled core ``deltaxfer._core`` from the Cython and C sources under ``ext/``.
+"""Build the compiled core ``deltaxfer._core`` from the Cython and C sources under ``ext/``,
+and the action script ``deltaxfer/_hook_agent`` from ext/hook/hook_agent.c.
 
 liblz4 and libxxhash are the system's, found with pkg-config (the python-lz4 pattern):
 a missing library stops the build with the Debian package to install.
@@ -10,6 +11,7 @@ import subprocess
 import sys
 
 from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
 
 # pkg-config module -> Debian package that provides it
 SYSTEM_LIBS = {"liblz4": "liblz4-dev", "libxxhash": "libxxhash-dev"}
@@ -63,4 +65,17 @@ def ext_modules():
     )
 
 
-setup(ext_modules=ext_modules())
+class build_ext_and_hook(build_ext):
+    """The extension, then the action script `deltaxfer/_hook_agent` (ext/hook/hook_agent.c,
+    a plain executable with the same compiler) beside it: CRIU runs it inside the freeze,
+    where a Python interpreter's start costs ~20 ms."""
+
+    def run(self):
+        super().run()
+        out_dir = os.path.dirname(self.get_ext_fullpath("deltaxfer._core"))
+        obj = self.compiler.compile(["ext/hook/hook_agent.c"], output_dir=self.build_temp,
+                                    extra_postargs=["-O2", "-std=gnu11", "-Wall"])
+        self.compiler.link_executable(obj, "_hook_agent", output_dir=out_dir)
+
+
+setup(ext_modules=ext_modules(), cmdclass={"build_ext": build_ext_and_hook})

@@ -8,3 +8,6 @@ TIMEOUT_ENV = "DELTAXFER_HOOK_TIMEOUT"  # seconds to wait for the agent's verdic
 # set by hook_agent.py when it asked the agent and got no answer: the full hook it hands
 # over to must not ask again (a second post-dump would run the final round twice)
 AGENT_FAILED_ENV = "DELTAXFER_AGENT_FAILED"
+# the Python the compiled action script (deltaxfer/_hook_agent) hands over to when the
+# agent does not answer: `$DELTAXFER_PYTHON -m deltaxfer.hook`
+PYTHON_ENV = "DELTAXFER_PYTHON"

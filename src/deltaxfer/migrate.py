@@ -49,7 +49,7 @@ from deltaxfer.source import EncoderPool
 from deltaxfer.tracking import Tracking
 from deltaxfer.tracking import support as tracking_support
 
-from deltaxfer.hook_env import AGENT_ENV, TIMEOUT_ENV
+from deltaxfer.hook_env import AGENT_ENV, PYTHON_ENV, TIMEOUT_ENV
 
 
 RESUMED_TIMEOUT = 10.0   # for the destination to confirm that its copy runs
@@ -473,12 +473,17 @@ class Agent:
             stop.set()
 
     def write_hook_wrapper(self) -> str:
-        """CRIU execs the action script's path as is (no shell, no arguments): a wrapper
-        that runs the agent-mode hook (hook_agent.py: standard library only, `python -I
-        -S`, ~20 ms less interpreter start inside the freeze than the full hook) with
-        this Python."""
+        """The action script CRIU execs (the path as is: no shell, no arguments): the
+        compiled one (deltaxfer/_hook_agent, ext/hook/hook_agent.c: ~1 ms inside the
+        freeze) when the build made it, else a wrapper that runs the agent-mode hook
+        (hook_agent.py: standard library only, `python -I -S`, ~20 ms of interpreter
+        start) with this Python. Both hand over to the full hook the same way."""
+        here = os.path.dirname(os.path.abspath(__file__))
+        compiled = os.path.join(here, "_hook_agent")
+        if os.access(compiled, os.X_OK):
+            return compiled
         hook = os.path.join(self.work, "deltaxfer-hook")
-        script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hook_agent.py")
+        script = os.path.join(here, "hook_agent.py")
         with open(hook, "w") as f:
             f.write(f"#!/bin/sh\nexec {shlex.quote(sys.executable)} -I -S "
                     f"{shlex.quote(script)}\n")
@@ -493,7 +498,8 @@ class Agent:
         lazy = self.freeze_mode == "lazy"
         self.set_freeze_deadline(self.memory_bytes)
         env = dict(os.environ, **{AGENT_ENV: sock_path,
-                                  TIMEOUT_ENV: str(self.freeze_timeout + 15.0)})
+                                  TIMEOUT_ENV: str(self.freeze_timeout + 15.0),
+                                  PYTHON_ENV: sys.executable})
         hook = self.write_hook_wrapper()
         # CRIU's page server runs over a socketpair (--ps-socket), not a TCP port that
         # another local user could bind first or connect to first

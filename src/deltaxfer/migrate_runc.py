@@ -20,13 +20,14 @@ import asyncio
 import functools
 import os
 import socket
+import sys
 import time
 
 from deltaxfer import runc as rc
 from deltaxfer import transport
 from deltaxfer.criu.lazy import end_lazy_dump
 from deltaxfer.criu.runner import Criu, log_errors
-from deltaxfer.hook_env import AGENT_ENV, LAZY_PORT_ENV, TIMEOUT_ENV
+from deltaxfer.hook_env import AGENT_ENV, LAZY_PORT_ENV, PYTHON_ENV, TIMEOUT_ENV
 from deltaxfer.migrate import Agent, MigrationError, Options, Report, lazy_dump_fits
 from deltaxfer.wire import RUNC_CAP
 
@@ -97,7 +98,7 @@ class ContainerAgent(Agent):
         # deadline, and the port to end the lazy dump at if this agent dies
         env = rc.checkpoint_env(conf, dict(os.environ, **{
             AGENT_ENV: sock_path, TIMEOUT_ENV: str(self.freeze_timeout + 15.0),
-            LAZY_PORT_ENV: str(port)}))
+            LAZY_PORT_ENV: str(port), PYTHON_ENV: sys.executable}))
         args = rc.checkpoint_args(self.runc, self.criu.path, self.container.root,
                                   self.container.id, self.dump_dir, self.dump_dir,
                                   lazy_port=port)
