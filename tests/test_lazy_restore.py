@@ -189,3 +189,26 @@ def test_daemon_refuses_a_task_without_images(tmp_path):
     s.close()
     os.close(w)
     assert "pagemap-42.img" in _log(tmp_path), _log(tmp_path)
+
+
+@pytest.mark.criu
+def test_serve_killed_while_pages_arrive(criu, tmp_path, agent_tmp):
+    """`serve` is SIGKILLed right after the migration, while its lazy-pages server still
+    places the restored copy's pages: the server finishes that work (the copy's memory
+    checks out), then exits — no daemon is left behind, and none stops half-way."""
+    with Server(tmp_path, extra=["--restore"]) as server, \
+            workloads.start("memwork", mib=768, dirty_mib_per_s=4, tmpdir=tmp_path) as wl:
+        r = migrate(tmp_path, agent_tmp, server, wl)
+        images = r["destination_path"]
+        serving = procmem.lazy_pages_daemons(images)
+        server.proc.kill()
+        server.proc.wait(10)
+        assert serving, "the lazy phase was over before serve was killed"
+        res = wl.verify(pid=r["restored_pid"], timeout=120)
+        assert res["ok"], res
+        stats = done_stats(images)
+        assert stats["error"] == 0 and stats["pages_total"] > 0, stats
+        deadline = time.monotonic() + 30
+        while procmem.lazy_pages_daemons(images) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not procmem.lazy_pages_daemons(images)
