@@ -162,16 +162,48 @@ def test_destination_killed(criu, tmp_path, agent_tmp, key_file, phase):
 
 
 @pytest.mark.slow
-def _slow_criu(tmp_path, criu):
-    """A criu wrapper that holds a restore 1 s before it runs the real one; the mark
-    file says the restore began."""
+def _kill_receiver_inside_restore(criu, tmp_path, agent_tmp, key_file, lazy_server: str,
+                                  after) -> None:
+    """Migrate to a receiver whose criu is a wrapper that holds a restore 1 s before it
+    runs the real one; SIGKILL the receiver once the restore began. The migration must
+    roll back and the source run on; then ``after(wl)`` checks the destination and
+    returns the receiver's log line to expect from a receiver started again (or None)."""
     mark = tmp_path / "restore-started"
     slow = tmp_path / "slow-criu"
     slow.write_text("#!/bin/sh\n"
                     f'if [ "$1" = restore ]; then touch "{mark}"; sleep 1; fi\n'
                     f'exec "{criu.path}" "$@"\n')
     slow.chmod(0o755)
-    return slow, mark
+    server = Server(tmp_path, extra=["--restore", "--criu", str(slow),
+                                     "--lazy-pages-server", lazy_server])
+    left = Held()
+    try:
+        with workloads.start("memwork", mib=MIB, dirty_mib_per_s=DIRTY, tmpdir=tmp_path) as wl:
+            before = wl.verify()
+            t0 = time.monotonic()
+            proc = start_migrate(wl.pid, server.addr, key_file, tmp_path / "r.json",
+                                 env=agent_env(agent_tmp))
+            deadline = time.monotonic() + 90
+            while not mark.exists() and time.monotonic() < deadline and proc.poll() is None:
+                time.sleep(0.01)
+            assert mark.exists(), "the restore never began"
+            left = Held(descendants(server.proc.pid))   # the criu wrapper, lazy-pages
+            server.proc.kill()
+            server.proc.wait(10)
+            m = finish_migrate(proc, tmp_path / "r.json", t0, timeout=120)
+            assert_failed_cleanly(m, outcome="rolled back",
+                                  error_has=("connection", "closed", "reset"))
+            assert_source_runs_on(wl, before)
+            expect = after(wl)
+            server.stop()
+            server = Server(tmp_path, extra=["--restore"])
+            assert_destination_clean(wl, server)
+            if expect:
+                log = server.log()
+                assert expect in log, log[-2000:]
+    finally:
+        server.stop()
+        left.kill()
 
 
 def test_destination_killed_inside_criu_restore_before_lazy_server(criu, tmp_path,
@@ -181,34 +213,12 @@ def test_destination_killed_inside_criu_restore_before_lazy_server(criu, tmp_pat
     receiver gone before any restore connected and exits, so the restore that comes late
     finds no server and fails: no restored copy, no daemon is left, the source rolls
     back, and a receiver started again finds a clean destination."""
-    slow, mark = _slow_criu(tmp_path, criu)
-    server = Server(tmp_path, extra=["--restore", "--criu", str(slow)])
-    left = Held()
-    try:
-        with workloads.start("memwork", mib=MIB, dirty_mib_per_s=DIRTY, tmpdir=tmp_path) as wl:
-            before = wl.verify()
-            t0 = time.monotonic()
-            proc = start_migrate(wl.pid, server.addr, key_file, tmp_path / "r.json",
-                                 env=agent_env(agent_tmp))
-            deadline = time.monotonic() + 90
-            while not mark.exists() and time.monotonic() < deadline and proc.poll() is None:
-                time.sleep(0.01)
-            assert mark.exists(), "the restore never began"
-            left = Held(descendants(server.proc.pid))   # the criu wrapper, lazy-pages
-            server.proc.kill()
-            server.proc.wait(10)
-            m = finish_migrate(proc, tmp_path / "r.json", t0, timeout=120)
-            assert_failed_cleanly(m, outcome="rolled back",
-                                  error_has=("connection", "closed", "reset"))
-            assert_source_runs_on(wl, before)
-            time.sleep(3)                               # the held restore ran and failed
-            assert copies_of(wl) == []
-            server.stop()
-            server = Server(tmp_path, extra=["--restore"])
-            assert_destination_clean(wl, server)
-    finally:
-        server.stop()
-        left.kill()
+    def after(wl):
+        time.sleep(3)                                   # the held restore ran and failed
+        assert copies_of(wl) == []
+        return None
+
+    _kill_receiver_inside_restore(criu, tmp_path, agent_tmp, key_file, "deltaxfer", after)
 
 
 def test_destination_killed_inside_criu_restore(criu, tmp_path, agent_tmp, key_file):
@@ -217,42 +227,17 @@ def test_destination_killed_inside_criu_restore(criu, tmp_path, agent_tmp, key_f
     serves it): criu finishes on its own and leaves a stopped copy that no receiver
     watches; the source rolls back. A receiver started again finds the copy through the
     pidfile of the restore it had recorded, and kills it."""
-    slow, mark = _slow_criu(tmp_path, criu)
-    server = Server(tmp_path, extra=["--restore", "--criu", str(slow),
-                                     "--lazy-pages-server", "criu"])
-    left = Held()
-    try:
-        with workloads.start("memwork", mib=MIB, dirty_mib_per_s=DIRTY, tmpdir=tmp_path) as wl:
-            before = wl.verify()
-            t0 = time.monotonic()
-            proc = start_migrate(wl.pid, server.addr, key_file, tmp_path / "r.json",
-                                 env=agent_env(agent_tmp))
-            deadline = time.monotonic() + 90
-            while not mark.exists() and time.monotonic() < deadline and proc.poll() is None:
-                time.sleep(0.01)
-            assert mark.exists(), "the restore never began"
-            left = Held(descendants(server.proc.pid))   # the criu wrapper, lazy-pages
-            server.proc.kill()
-            server.proc.wait(10)
-            m = finish_migrate(proc, tmp_path / "r.json", t0, timeout=120)
-            assert_failed_cleanly(m, outcome="rolled back",
-                                  error_has=("connection", "closed", "reset"))
-            assert_source_runs_on(wl, before)
-            deadline = time.monotonic() + 30        # criu restore finishes without us
-            while time.monotonic() < deadline and not copies_of(wl):
-                time.sleep(0.1)
-            stopped = copies_of(wl)
-            for pid in stopped:
-                wl.adopt(pid)
-            assert len(stopped) == 1 and workloads.proc_state(stopped[0]) in ("T", "t"), stopped
-            server.stop()
-            server = Server(tmp_path, extra=["--restore"])
-            assert_destination_clean(wl, server)
-            log = server.log()
-            assert f"killed the stopped restored copy {stopped[0]}" in log, log[-2000:]
-    finally:
-        server.stop()
-        left.kill()
+    def after(wl):
+        deadline = time.monotonic() + 30        # criu restore finishes without us
+        while time.monotonic() < deadline and not copies_of(wl):
+            time.sleep(0.1)
+        stopped = copies_of(wl)
+        for pid in stopped:
+            wl.adopt(pid)
+        assert len(stopped) == 1 and workloads.proc_state(stopped[0]) in ("T", "t"), stopped
+        return f"killed the stopped restored copy {stopped[0]}"
+
+    _kill_receiver_inside_restore(criu, tmp_path, agent_tmp, key_file, "criu", after)
 
 
 # -- the source's agent killed --------------------------------------------------------------

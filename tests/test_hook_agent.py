@@ -34,7 +34,7 @@ class FakeAgent:
     and counts the connections and the actions it got."""
 
     def __init__(self, path: str, reply):
-        self.path, self.reply, self.actions = path, reply, []
+        self.path, self.reply, self.actions, self.requests = path, reply, [], []
         self.sock = socket.socket(socket.AF_UNIX)
         self.sock.bind(path)
         self.sock.listen(4)
@@ -48,7 +48,8 @@ class FakeAgent:
             except OSError:
                 return
             with c:
-                self.actions.append(json.loads(c.makefile("rb").readline())["action"])
+                self.requests.append(json.loads(c.makefile("rb").readline()))
+                self.actions.append(self.requests[-1]["action"])
                 if self.reply is not None:
                     c.sendall(json.dumps(self.reply).encode() + b"\n")
 
@@ -128,24 +129,12 @@ def test_starts_faster_than_the_full_hook(sock_path):
 
 def test_compiled_form_sends_what_the_python_form_sends(sock_path):
     """The request line: the same JSON (strings escaped, a missing variable null)."""
-    got = []
-
-    class Recorder(FakeAgent):
-        def _serve(self):
-            while True:
-                try:
-                    c, _ = self.sock.accept()
-                except OSError:
-                    return
-                with c:
-                    got.append(json.loads(c.makefile("rb").readline()))
-                    c.sendall(b'{"ok": true}\n')
-
-    agent = Recorder(sock_path, None)
+    agent = FakeAgent(sock_path, {"ok": True})
     try:
         odd = '/tmp/a "quoted"\\dir\twith\ncontrols'
         for form in ("python", "compiled"):
             assert run_hook("pre-dump", sock_path, form, CRTOOLS_IMAGE_DIR=odd).returncode == 0
+        got = agent.requests
         assert got[0] == got[1] == {"action": "pre-dump", "image_dir": odd, "init_pid": None}
     finally:
         agent.close()
