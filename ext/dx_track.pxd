@@ -21,6 +21,9 @@ cdef extern from "track.h" nogil:
                               uint64_t **out_starts, uint64_t **out_ends, size_t *nout,
                               size_t *cap)
     int dx_pagemap_scan_probe(int pagemap_fd)
+    ptrdiff_t dx_scan_page_set(int fd, const uint64_t *starts, const uint64_t *ends,
+                               size_t nvmas, const uint8_t *skip_file, uint64_t **run_vaddrs,
+                               uint64_t **run_lens)
     size_t dx_clean_mask(const uint64_t *vaddrs, size_t n,
                          const uint64_t *tr_starts, const uint64_t *tr_ends, size_t ntr,
                          const uint64_t *wr_starts, const uint64_t *wr_ends, size_t nwr,

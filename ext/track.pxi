@@ -146,6 +146,46 @@ def pagemap_scan_probe():
     return None if rc == 0 else f"PAGEMAP_SCAN: {_os.strerror(-rc)}"
 
 
+def scan_page_set(int fd, starts, ends, skip_file=None):
+    """pagemap_runs through PAGEMAP_SCAN (see track.h dx_scan_page_set): the same runs
+    of the page set CRIU dumps inside the given VMAs, the (huge) zero page left out by the
+    kernel's PAGE_IS_PFNZERO. fd: an open /proc/PID/pagemap. Returns (run_vaddrs,
+    run_lens) as array('Q'); OSError when the kernel has no PAGEMAP_SCAN."""
+    cdef _Buffer sb = u64_buffer(starts, "starts")
+    cdef _Buffer eb = u64_buffer(ends, "ends")
+    cdef size_t n = u64_len(sb), i
+    if u64_len(eb) != n:
+        raise ValueError(f"starts has {n} entries but ends has {u64_len(eb)}")
+    for i in range(n):
+        if (u64_ptr(sb)[i] | u64_ptr(eb)[i]) % DX_PAGE_SIZE or u64_ptr(sb)[i] > u64_ptr(eb)[i]:
+            raise ValueError(f"VMA {i} [{u64_ptr(sb)[i]:#x}, {u64_ptr(eb)[i]:#x}) is not "
+                             f"a page-aligned range")
+    cdef uint64_t *rv = NULL
+    cdef uint64_t *rl = NULL
+    cdef ptrdiff_t k
+    cdef _Buffer fb
+    cdef const uint8_t *fp = NULL
+    if skip_file is not None:
+        fb = bytes_buffer(skip_file, "skip_file")
+        if fb.nbytes != n:
+            raise ValueError(f"skip_file has {fb.nbytes} entries for {n} VMAs")
+        fp = <const uint8_t *>fb.ptr
+    with nogil:
+        k = dx_scan_page_set(fd, u64_ptr(sb), u64_ptr(eb), n, fp, &rv, &rl)
+    try:
+        if k < 0:
+            raise _os_error(<int>k, "PAGEMAP_SCAN of the page set")
+        out_v = new_u64_array(k)
+        out_l = new_u64_array(k)
+        if k:
+            memcpy((<array.array>out_v).data.as_voidptr, rv, k * 8)
+            memcpy((<array.array>out_l).data.as_voidptr, rl, k * 8)
+        return out_v, out_l
+    finally:
+        free(rv)
+        free(rl)
+
+
 def clean_mask(vaddrs, tracked_starts, tracked_ends, written_starts, written_ends, held):
     """bytearray, one byte per page of vaddrs: 1 where the page is in a tracked range,
     in no written range, and held by the destination (see track.h)."""

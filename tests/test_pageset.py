@@ -67,6 +67,11 @@ def compare(dump, tasks) -> dict:
             if e.present:
                 criu |= pages_of(e.vaddr, e.nr_pages)
         run_v, run_l = procmem.migrated_runs(t.host_pid)
+        # PAGEMAP_SCAN's ranges (the default where the kernel has it) and the per-page
+        # /proc/PID/pagemap read give the same runs
+        if procmem.page_set_scan_ok():
+            assert procmem.migrated_runs(t.host_pid, scan=False) == \
+                procmem.migrated_runs(t.host_pid, scan=True) == (run_v, run_l)
         ours = set(_core.run_page_vaddrs(run_v, run_l))
         runs = sorted(zip(run_v, run_l))
         outside = [e for e in pm.entries if e.present and not any(

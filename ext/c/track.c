@@ -39,8 +39,10 @@ struct dx_pm_scan_arg {
 #define DX_PAGEMAP_SCAN _IOWR('f', 16, struct dx_pm_scan_arg)
 #define DX_PM_SCAN_CHECK_WPASYNC (1ull << 1)
 #define DX_PAGE_IS_WRITTEN (1ull << 1)
+#define DX_PAGE_IS_FILE (1ull << 2)
 #define DX_PAGE_IS_PRESENT (1ull << 3)
 #define DX_PAGE_IS_SWAPPED (1ull << 4)
+#define DX_PAGE_IS_PFNZERO (1ull << 5)
 
 #ifndef SYS_pidfd_open
 #define SYS_pidfd_open 434
@@ -332,6 +334,55 @@ ptrdiff_t dx_scan_written(int fd, uint64_t start, uint64_t end,
         cur = a.walk_end;
     }
     return pages;
+}
+
+ptrdiff_t dx_scan_page_set(int fd, const uint64_t *starts, const uint64_t *ends, size_t nvmas,
+                           const uint8_t *skip_file, uint64_t **run_vaddrs, uint64_t **run_lens)
+{
+    struct dx_page_region vec[SCAN_VEC];
+    uint64_t *os = NULL, *oe = NULL;
+    size_t n = 0, cap = 0;
+    *run_vaddrs = *run_lens = NULL;
+    for (size_t k = 0; k < nvmas; k++) {
+        uint64_t cur = starts[k];
+        uint64_t skip = (skip_file && skip_file[k]) ? DX_PAGE_IS_FILE : 0;
+        while (cur < ends[k]) {
+            struct dx_pm_scan_arg a;
+            memset(&a, 0, sizeof a);
+            a.size = sizeof a;
+            a.start = cur;
+            a.end = ends[k];
+            a.vec = (uint64_t)(uintptr_t)vec;
+            a.vec_len = SCAN_VEC;
+            /* present or swapped, not the (huge) zero page, and in a private file
+             * mapping not still the file's page: what CRIU dumps */
+            a.category_inverted = DX_PAGE_IS_PFNZERO | skip;
+            a.category_mask = DX_PAGE_IS_PFNZERO | skip;
+            a.category_anyof_mask = DX_PAGE_IS_PRESENT | DX_PAGE_IS_SWAPPED;
+            a.return_mask = DX_PAGE_IS_PRESENT | DX_PAGE_IS_SWAPPED;
+            int got = ioctl(fd, DX_PAGEMAP_SCAN, &a);
+            if (got < 0) {
+                free(os);
+                free(oe);
+                return -errno;
+            }
+            for (int i = 0; i < got; i++) {
+                int rc = push_range(vec[i].start, vec[i].end, &os, &oe, &n, &cap);
+                if (rc) {
+                    free(os);
+                    free(oe);
+                    return rc;
+                }
+            }
+            if (a.walk_end <= cur || a.walk_end >= ends[k]) break;
+            cur = a.walk_end;
+        }
+    }
+    for (size_t i = 0; i < n; i++)
+        oe[i] -= os[i];                 /* ends -> lengths */
+    *run_vaddrs = os;
+    *run_lens = oe;
+    return (ptrdiff_t)n;
 }
 
 int dx_pagemap_scan_probe(int fd)

@@ -66,6 +66,14 @@ ptrdiff_t dx_scan_written(int pagemap_fd, uint64_t start, uint64_t end,
 
 /* Is PAGEMAP_SCAN there?  0 when the ioctl is known (on our own pagemap), else -errno. */
 int dx_pagemap_scan_probe(int pagemap_fd);
+/* The page set CRIU dumps inside the VMAs [starts[k], ends[k]) -- present or swapped
+ * pages, not mapped to the (huge) zero page, and in the VMAs flagged in skip_file
+ * (private file mappings) not still the file's page -- as runs (vaddr, length in bytes),
+ * from PAGEMAP_SCAN's ranges instead of 8 bytes of /proc/PID/pagemap per page: what
+ * dx_pagemap_runs computes. Returns the number of runs (*run_vaddrs, *run_lens malloc'd)
+ * or -errno. */
+ptrdiff_t dx_scan_page_set(int fd, const uint64_t *starts, const uint64_t *ends, size_t nvmas,
+                           const uint8_t *skip_file, uint64_t **run_vaddrs, uint64_t **run_lens);
 
 /* clean[i] = 1 when page vaddrs[i] lies in one of the tracked ranges, in none of the
  * written ranges, and in held_vaddrs (the destination holds it): its content is what
