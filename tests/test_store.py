@@ -305,6 +305,12 @@ def test_round_with_unchanged_layout_is_applied_in_place(tmp_path):
     assert s.held()["pid-1"].pages_path == pages_file and os.stat(pages_file).st_ino == inode
     assert s.held_hashes("pid-1")[1] == _core.hash_pages(p2)[0]
     assert sorted(os.listdir(s.path)) == ["held", "meta.json"]
+    # the hashes file too was written in place (only the changed entries), and a fresh
+    # session object (no memory of it) reads the same hashes back from disk
+    hashes_file = os.path.join(s.held_dir, "hashes-pid-1.bin")
+    assert array("Q", open(hashes_file, "rb").read()) == _core.hash_pages(p2)[0]
+    assert Store(str(tmp_path)).session("s").held_hashes("pid-1")[1] == \
+        _core.hash_pages(p2)[0]
     # a bad round leaves the held pages as they were
     p3 = bytearray(p2)
     p3[5 * PAGE_SIZE] ^= 1
