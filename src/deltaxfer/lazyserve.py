@@ -215,10 +215,6 @@ def main(argv=None) -> int:
                     help="exit if this process (the receiver) goes away before a "
                          "restore connects")
     args = ap.parse_args(argv)
-    for name in ("workers", "chunk_pages", "fault_pages"):      # experiments (bench)
-        env = os.environ.get(f"DX_LAZY_{name.upper()}")
-        if env:
-            setattr(args, name, int(env))
     os.chdir(args.dir)
     with open(args.log, "a") as log:
         try:
