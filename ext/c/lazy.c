@@ -94,6 +94,20 @@ static uint64_t now_ns(void)
     return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
 }
 
+/* CLOCK_REALTIME + ms, for pthread_cond_timedwait */
+static struct timespec deadline_in(int ms)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    ts.tv_sec += ms / 1000;
+    ts.tv_nsec += (long)(ms % 1000) * 1000000L;
+    if (ts.tv_nsec >= 1000000000L) {
+        ts.tv_sec++;
+        ts.tv_nsec -= 1000000000L;
+    }
+    return ts;
+}
+
 static void set_error(dx_lazy *lz, int err, const char *what, uint64_t addr)
 {
     pthread_mutex_lock(&lz->mu);
@@ -169,6 +183,15 @@ static seg_t *find_seg(task_t *t, uint64_t addr)
     return &t->segs[i];
 }
 
+/* The pages of t's runs: what is left to place of a fresh task. */
+static long long seg_pages(const task_t *t)
+{
+    long long n = 0;
+    for (size_t i = 0; i < t->nseg; i++)
+        n += (long long)((t->segs[i].end - t->segs[i].start) / PS);
+    return n;
+}
+
 static int rebuild_bypidx(task_t *t)
 {
     seg_t *b = realloc(t->bypidx, (t->nseg ? t->nseg : 1) * sizeof(seg_t));
@@ -180,7 +203,7 @@ static int rebuild_bypidx(task_t *t)
     return 0;
 }
 
-/* Apply an event to [lo, hi): drop its pages (shift == 0 && drop) or move them by delta.
+/* Apply an event to [lo, hi): drop its pages (``drop``) or move them by ``delta``.
  * Called under the task's write lock. */
 static int edit_segs(task_t *t, uint64_t lo, uint64_t hi, int drop, uint64_t delta)
 {
@@ -414,18 +437,12 @@ static void handle_fork(task_t *parent, int ufd)
         return;
     }
     c->segs = malloc((parent->nseg ? parent->nseg : 1) * sizeof(seg_t));
-    if (!c->segs) {
-        task_free(c);
-        set_error(lz, -ENOMEM, "fork of a restored task", 0);
-        return;
+    if (c->segs) {
+        memcpy(c->segs, parent->segs, parent->nseg * sizeof(seg_t));
+        c->nseg = parent->nseg;
+        atomic_store(&c->left, seg_pages(c));
     }
-    memcpy(c->segs, parent->segs, parent->nseg * sizeof(seg_t));
-    c->nseg = parent->nseg;
-    long long left = 0;
-    for (size_t i = 0; i < c->nseg; i++)
-        left += (long long)((c->segs[i].end - c->segs[i].start) / PS);
-    atomic_store(&c->left, left);
-    if (rebuild_bypidx(c) < 0) {
+    if (!c->segs || rebuild_bypidx(c) < 0) {
         task_free(c);
         set_error(lz, -ENOMEM, "fork of a restored task", 0);
         return;
@@ -748,13 +765,7 @@ static void *worker_main(void *arg)
         if (stop)
             break;
         if (!work_once(lz, &rr)) {
-            struct timespec ts;
-            clock_gettime(CLOCK_REALTIME, &ts);
-            ts.tv_nsec += 5 * 1000 * 1000;
-            if (ts.tv_nsec >= 1000000000L) {
-                ts.tv_sec++;
-                ts.tv_nsec -= 1000000000L;
-            }
+            struct timespec ts = deadline_in(5);
             pthread_mutex_lock(&lz->mu);
             if (!lz->stop)
                 pthread_cond_timedwait(&lz->cv, &lz->mu, &ts);
@@ -805,7 +816,6 @@ dx_lazy *dx_lazy_new(int workers, uint32_t chunk_pages, uint32_t fault_pages, in
     }
     lz->chunk = chunk_pages;
     lz->fpages = fault_pages;
-    lz->wakefd = -1;
     lz->ep = epoll_create1(EPOLL_CLOEXEC);
     lz->wakefd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     pthread_mutex_init(&lz->mu, NULL);
@@ -903,7 +913,6 @@ int dx_lazy_add(dx_lazy *lz, int uffd, int pid, int pages_fd, uint64_t pages_fil
         return -ENOMEM;
     }
     uint64_t pidx = 0;
-    long long left = 0;
     for (size_t i = 0; i < n; i++) {
         uint64_t f = flags[i];
         if (!(f & PE_PRESENT)) {
@@ -939,14 +948,13 @@ int dx_lazy_add(dx_lazy *lz, int uffd, int pid, int pages_fd, uint64_t pages_fil
                 t->segs = s2;
             }
             t->segs[k++] = (seg_t){start, e2, here};
-            left += (long long)((e2 - start) / PS);
             here += (e2 - start) / PS;
             start = e2;
         }
     }
     t->nseg = k;
     qsort(t->segs, k, sizeof(seg_t), cmp_start);
-    atomic_store(&t->left, left);
+    atomic_store(&t->left, seg_pages(t));
     if (rebuild_bypidx(t) < 0) {
         task_free(t);
         return -ENOMEM;
@@ -973,14 +981,7 @@ void dx_lazy_prefetch(dx_lazy *lz)
 
 int dx_lazy_wait(dx_lazy *lz, int timeout_ms)
 {
-    struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    ts.tv_sec += timeout_ms / 1000;
-    ts.tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
-    if (ts.tv_nsec >= 1000000000L) {
-        ts.tv_sec++;
-        ts.tv_nsec -= 1000000000L;
-    }
+    struct timespec ts = deadline_in(timeout_ms);
     pthread_mutex_lock(&lz->mu);
     while (!lz->complete) {
         if (pthread_cond_timedwait(&lz->cv, &lz->mu, &ts) == ETIMEDOUT)
