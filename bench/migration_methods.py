@@ -171,24 +171,22 @@ def run_deltaxfer(ctx: Ctx, wl, tag: str, method: str) -> dict:
 
 def lazy_placed_s(images_dir) -> float | None:
     """seconds_to_placed from deltaxfer's lazy-pages server's last log line (it writes it
-    when done: waits up to 30 s for it)."""
+    when done: waits up to 30 s for it); None with criu's daemon."""
+    from deltaxfer import lazyserve
+
     if not images_dir:
         return None
-    path = Path(images_dir) / "lazy-pages.log"
+    log = Path(images_dir) / "lazy-pages.log"
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
+        stats = lazyserve.done_stats(images_dir)
+        if stats is not None:
+            return stats.get("seconds_to_placed")
         try:
-            text = path.read_text(errors="replace")
+            if "restore finished:" not in log.read_text(errors="replace"):
+                return None          # criu's daemon's log: no such line
         except OSError:
             return None
-        if "restore finished:" not in text:
-            return None          # criu's daemon's log: no such line
-        for line in text.splitlines():
-            if " done {" in line:
-                try:
-                    return json.loads(line.split(" done ", 1)[1]).get("seconds_to_placed")
-                except ValueError:
-                    return None
         time.sleep(0.05)
     return None
 

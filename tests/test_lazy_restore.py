@@ -4,7 +4,6 @@ restored process forks, mremaps, discards (MADV_DONTNEED) and unmaps memory whil
 pages are still arriving, checked by the process itself (and by its forked children);
 the CRIU daemon kept as an option; the daemon's life cycle (it dies with the receiver
 before a restore connects, exits on a restore that fails) and its protocol end."""
-import json
 import os
 import socket
 import struct
@@ -15,6 +14,7 @@ import time
 import pytest
 
 import workloads
+from deltaxfer import lazyserve
 from deltaxfer.core import procmem
 from faults import agent_env, agent_tmp, run_migrate  # noqa: F401
 from servers import Server, write_key
@@ -33,19 +33,14 @@ def start_lazyops(tmp_path, mib: float = 128) -> workloads.Workload:
 
 def done_stats(images_dir) -> dict:
     """The statistics line the daemon writes when it is done (waits for it)."""
-    path = os.path.join(images_dir, "lazy-pages.log")
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            with open(path) as f:
-                for line in f:
-                    if " done {" in line:
-                        return json.loads(line.split(" done ", 1)[1])
-        except FileNotFoundError:
-            pass
+    while (stats := lazyserve.done_stats(images_dir)) is None:
+        path = os.path.join(images_dir, "lazy-pages.log")
+        assert time.monotonic() < deadline, \
+            f"no 'done' line in {path}: " \
+            f"{open(path).read() if os.path.exists(path) else 'no log'}"
         time.sleep(0.05)
-    raise AssertionError(f"no 'done' line in {path}: "
-                         f"{open(path).read() if os.path.exists(path) else 'no log'}")
+    return stats
 
 
 def migrate(tmp_path, agent_tmp, server, wl, *extra) -> dict:

@@ -37,6 +37,7 @@ import time
 
 from deltaxfer import PAGE_SIZE
 from deltaxfer.criu import images as im
+from deltaxfer.criu.dumpdir import DumpDir
 
 SOCKET_NAME = "lazy-pages.socket"
 RESTORE_FINISHED = 0x52535446
@@ -72,30 +73,19 @@ def task_layout(pid: int):
         f = array("Q", (e.flags for e in pm.entries))
     else:
         pages_id, v, n, f = got
-    mm_path = f"mm-{pid}.img"
-    entries = im.read_entries(mm_path, im.MM_MAGIC)
-    if not entries:
-        raise im.ImageError(mm_path, "no mm_entry")
-    mm = im.decode(mm_path, entries[0], "mm_entry")
-    starts, ends = array("Q"), array("Q")
-    for i, raw in enumerate(mm.get(14, [])):
-        vma = im.decode(mm_path, raw, f"vma_entry #{i}")
-        starts.append(vma.get(1, [0])[-1])
-        ends.append(vma.get(2, [0])[-1])
-    order = sorted(range(len(starts)), key=starts.__getitem__)
-    starts = array("Q", (starts[i] for i in order))
-    ends = array("Q", (ends[i] for i in order))
+    vmas = sorted(DumpDir(".").vmas(pid), key=lambda x: x.start)
+    starts = array("Q", (x.start for x in vmas))
+    ends = array("Q", (x.end for x in vmas))
     return f"pages-{pages_id}.img", v, n, f, starts, ends
 
 
-def add_task(server, pid: int, uffd: int) -> int:
-    """Hand task ``pid``'s userfaultfd to the server; returns its lazy pages."""
+def add_task(server, pid: int, uffd: int) -> None:
+    """Hand task ``pid``'s userfaultfd to the server."""
     try:
         pages, v, n, f, vs, ve = task_layout(pid)
     except BaseException:
         os.close(uffd)
         raise
-    lazy = sum(x for x, fl in zip(n, f) if fl & im.PE_LAZY and fl & im.PE_PRESENT)
     fd = os.open(pages, os.O_RDONLY | os.O_CLOEXEC) if os.path.exists(pages) else -1
     try:
         size = os.fstat(fd).st_size if fd >= 0 else 0
@@ -103,7 +93,19 @@ def add_task(server, pid: int, uffd: int) -> int:
     finally:
         if fd >= 0:
             os.close(fd)
-    return lazy
+
+
+def done_stats(images_dir) -> dict | None:
+    """The statistics a finished server wrote as its log's last line (``done {...}``);
+    None while it has not (or for `criu lazy-pages`' log)."""
+    try:
+        with open(os.path.join(images_dir, "lazy-pages.log"), errors="replace") as f:
+            for line in f:
+                if " done {" in line:
+                    return json.loads(line.split(" done ", 1)[1])
+    except (OSError, ValueError):
+        pass
+    return None
 
 
 def _listen() -> socket.socket:
@@ -155,7 +157,7 @@ def serve(args, log) -> int:
     workers = args.workers or max(1, min(os.cpu_count() or 1, 8))
     server = _core.LazyServer(workers, args.chunk_pages, args.fault_pages)
     t0 = time.monotonic()
-    ntasks, lazy = 0, 0
+    ntasks = 0
     try:
         while True:
             head = _recv_exact(conn, 4)
@@ -173,8 +175,9 @@ def serve(args, log) -> int:
                 raise LazyPagesError(f"no userfaultfd came with pid {value}")
             for extra in fds[1:]:
                 os.close(extra)
-            lazy += add_task(server, value, fds[0])
+            add_task(server, value, fds[0])
             ntasks += 1
+        lazy = server.stats()["pages_total"]
         say(f"restore finished: {ntasks} task(s), {lazy} lazy pages "
             f"({lazy * PAGE_SIZE / 2**20:.1f} MiB), {workers} worker(s)")
         conn.close()
