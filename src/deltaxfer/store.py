@@ -243,6 +243,12 @@ def reshape_pages_file(fd: int, ops, pages: int) -> None:
             size += n
 
 
+def _file_identity(path: str) -> tuple:
+    """(dev, inode, size, mtime_ns): a file unchanged since it was last seen keeps it."""
+    st = os.stat(path)
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
 def _copy_range(src_fd: int, dst_fd: int, src_off: int, dst_off: int, n: int) -> None:
     while n:
         k = os.copy_file_range(src_fd, dst_fd, n, src_off, dst_off)
@@ -432,8 +438,7 @@ class Session:
         vaddrs = held.vaddrs if held.vaddrs is not None else held.pagemap.present_vaddrs()
         cached = os.path.join(self.held_dir, f"hashes-{image_id}.bin")
         try:
-            st = os.stat(cached)
-            key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+            key = _file_identity(cached)
             mem = self._hashes.get(image_id)
             if mem is not None and mem[0] == key and len(mem[1]) == len(vaddrs):
                 return vaddrs, mem[1]            # the file as this receiver wrote it
@@ -473,8 +478,7 @@ class Session:
         if not done:
             with open(path, "wb") as f:
                 f.write(hashes)
-        st = os.stat(path)
-        self._hashes[image_id] = ((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns), hashes)
+        self._hashes[image_id] = (_file_identity(path), hashes)
 
     @property
     def final_dir(self) -> str:

@@ -69,7 +69,7 @@ def _probe() -> str | None:
         return f"userfaultfd asynchronous write-protect is not available (Linux >= 6.7): {e.strerror}"
     finally:
         os.close(fd)
-    why = _core.pagemap_scan_probe()
+    why = procmem.pagemap_scan_unavailable()
     if why:
         return f"{why} (PAGEMAP_SCAN needs Linux >= 6.7)"
     return None

@@ -180,16 +180,21 @@ def _add_range(run_v: array, run_l: array, start: int, end: int) -> tuple[array,
     return nv, nl
 
 
-_SCAN_OK: bool | None = None
+_SCAN_WHY: list[str | None] = []
+
+
+def pagemap_scan_unavailable() -> str | None:
+    """None when the kernel answers PAGEMAP_SCAN (Linux 6.7+), else why; checked once
+    (written-page tracking and the page set both need it)."""
+    if not _SCAN_WHY:
+        from deltaxfer import _core
+        _SCAN_WHY.append(_core.pagemap_scan_probe())
+    return _SCAN_WHY[0]
 
 
 def page_set_scan_ok() -> bool:
-    """Whether the kernel answers PAGEMAP_SCAN (Linux 6.7+), checked once."""
-    global _SCAN_OK
-    if _SCAN_OK is None:
-        from deltaxfer import _core
-        _SCAN_OK = _core.pagemap_scan_probe() is None
-    return _SCAN_OK
+    """Whether migrated_runs reads the page set with PAGEMAP_SCAN."""
+    return pagemap_scan_unavailable() is None
 
 
 def migrated_runs(pid: int, impl=native, maps: list[Vma] | None = None,
