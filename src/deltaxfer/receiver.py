@@ -143,23 +143,19 @@ class _Receiving:
                                             parent_linked=parent_linked)
         files_first = self.state == State.IN_FILES
         self._set(State.ROUND_IN_FILES if files_first else State.IN_ROUND)
-        if self.final_round and files_first:
+        if (self.final_round and files_first) or (
+                self.r.criu is not None and self.r.criu.lazy_server == "deltaxfer"):
             self._prestart_lazy_pages()
-        elif self.r.criu is not None and self.r.criu.lazy_server == "deltaxfer":
-            # deltaxfer's server reads nothing until a restore connects: started with the
-            # first round, its start (a Python process, ~0.1 s under load) is long over
-            # by the commit
-            self._prestart_lazy_pages(needs_files=False)
 
-    def _prestart_lazy_pages(self, needs_files: bool = True) -> None:
+    def _prestart_lazy_pages(self) -> None:
         """A migration that asked for a restore (BEGIN.restore) runs a lazy restore at
         COMMIT, and its lazy-pages server must be up by then: `criu lazy-pages` takes
         40-55 ms to start here and reads the dump's metadata (inventory.img, pstree.img)
         when it starts, so it is started at the final ROUND (the agent sends the dump's
         files before the final round: files, round, COMMIT) in the directory the commit
-        will fill, those files linked in (``needs_files``), its start overlapping the
-        round. deltaxfer's server (a Python process, ~0.1 s to start under load) reads
-        nothing until a restore connects: it is started with the first round. Not for
+        will fill, those files linked in, its start overlapping the round. deltaxfer's
+        server (a Python process, ~0.1 s to start under load) reads nothing until a
+        restore connects: it is started with the first round. Not for
         containers (runc runs its own restore), parent-linked finals (restored eagerly)
         or without lazy restore; a daemon that no restore uses is killed (cleanup, or a
         COMMIT without restore); one whose receiver dies first exits by itself."""
@@ -169,6 +165,9 @@ class _Receiving:
                 and r.criu is not None and r.lazy_restore and not r.parent_linked_final
                 and self.container is None):
             return
+        # deltaxfer's server needs no file at its start: it is started with the first
+        # round, its start (~0.1 s under load) long over by the commit
+        needs_files = r.criu.lazy_server != "deltaxfer"
         if needs_files and not os.path.exists(os.path.join(self.files.path, "pstree.img")):
             return                              # not a dump's file set: nothing to start
         tmp = self.session.prepare_images_dir()

@@ -177,15 +177,15 @@ class Criu:
         return pid
 
     def start_lazy_pages(self, images_dir: str, timeout: float = 10.0,
-                         verbosity: int = 4, server: str | None = None) -> subprocess.Popen:
+                         verbosity: int = 4) -> subprocess.Popen:
         """The lazy restore's page server for images_dir, returned once its socket is
-        there: deltaxfer's own (``server="deltaxfer"``, the default: deltaxfer.lazyserve,
-        faulted pages first and every other page copied in the background on all cores)
-        or `criu lazy-pages` (``"criu"``). A receiver starts it while the final round
-        still arrives (receiver._Receiving._prestart_lazy_pages): either reads the
+        there, by ``lazy_server``: deltaxfer's own ("deltaxfer", the default:
+        deltaxfer.lazyserve, faulted pages first and every other page copied in the
+        background on all cores) or `criu lazy-pages` ("criu"). A receiver starts it
+        before the commit (receiver._Receiving._prestart_lazy_pages): either reads the
         images only when a restore hands it the tasks' userfaultfds, so the directory may
         still be filled -- and renamed: it works in the directory it opened, by inode."""
-        server = server or self.lazy_server
+        server = self.lazy_server
         sock = os.path.join(images_dir, "lazy-pages.socket")
         if server == "deltaxfer":
             cmd = [sys.executable, "-m", "deltaxfer.lazyserve", "lazy-pages", "-D", images_dir,
