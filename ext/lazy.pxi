@@ -22,8 +22,7 @@ cdef class LazyServer:
         cdef _Buffer f = u64_buffer(flags, "flags")
         cdef _Buffer vs = u64_buffer(vma_start, "vma_start"), ve = u64_buffer(vma_end, "vma_end")
         if not (u64_len(v) == u64_len(n) == u64_len(f)) or u64_len(vs) != u64_len(ve):
-            import os as _o
-            _o.close(uffd)
+            _os.close(uffd)
             raise ValueError("pagemap arrays (or VMA arrays) of different lengths")
         cdef int rc
         if self.lz == NULL:
