@@ -303,30 +303,28 @@ static int push_range(uint64_t s, uint64_t e, uint64_t **os, uint64_t **oe, size
     return 0;
 }
 
-ptrdiff_t dx_scan_written(int fd, uint64_t start, uint64_t end,
-                          uint64_t **out_starts, uint64_t **out_ends, size_t *nout, size_t *cap)
+/* PAGEMAP_SCAN of [start, end) with the flags and category masks of `q` (the rest of it
+ * is filled here), the matching ranges appended to (*os, *oe) (touching ones merged);
+ * walk_end resumes a scan the vector filled up.  Returns the pages found, or -errno. */
+static ptrdiff_t scan_ranges(int fd, uint64_t start, uint64_t end, const struct dx_pm_scan_arg *q,
+                             uint64_t **os, uint64_t **oe, size_t *n, size_t *cap)
 {
     struct dx_page_region vec[SCAN_VEC];
     ptrdiff_t pages = 0;
     uint64_t cur = start;
     while (cur < end) {
-        struct dx_pm_scan_arg a;
-        memset(&a, 0, sizeof a);
+        struct dx_pm_scan_arg a = *q;
         a.size = sizeof a;
-        a.flags = DX_PM_SCAN_CHECK_WPASYNC;
         a.start = cur;
         a.end = end;
+        a.walk_end = 0;
         a.vec = (uint64_t)(uintptr_t)vec;
         a.vec_len = SCAN_VEC;
-        a.category_mask = DX_PAGE_IS_WRITTEN;
-        /* not WRITTEN alone: with exactly WRITTEN in both masks the kernel takes a fast
-         * path that counts empty page-table entries as written (and, were we to
-         * re-protect here, would put a uffd-wp marker in each) */
-        a.return_mask = DX_PAGE_IS_WRITTEN | DX_PAGE_IS_PRESENT | DX_PAGE_IS_SWAPPED;
-        int n = ioctl(fd, DX_PAGEMAP_SCAN, &a);
-        if (n < 0) return -errno;
-        for (int i = 0; i < n; i++) {
-            int rc = push_range(vec[i].start, vec[i].end, out_starts, out_ends, nout, cap);
+        a.max_pages = 0;
+        int got = ioctl(fd, DX_PAGEMAP_SCAN, &a);
+        if (got < 0) return -errno;
+        for (int i = 0; i < got; i++) {
+            int rc = push_range(vec[i].start, vec[i].end, os, oe, n, cap);
             if (rc) return rc;
             pages += (ptrdiff_t)((vec[i].end - vec[i].start) >> DX_PAGE_SHIFT);
         }
@@ -336,46 +334,41 @@ ptrdiff_t dx_scan_written(int fd, uint64_t start, uint64_t end,
     return pages;
 }
 
+ptrdiff_t dx_scan_written(int fd, uint64_t start, uint64_t end,
+                          uint64_t **out_starts, uint64_t **out_ends, size_t *nout, size_t *cap)
+{
+    struct dx_pm_scan_arg q;
+    memset(&q, 0, sizeof q);
+    q.flags = DX_PM_SCAN_CHECK_WPASYNC;
+    q.category_mask = DX_PAGE_IS_WRITTEN;
+    /* not WRITTEN alone: with exactly WRITTEN in both masks the kernel takes a fast
+     * path that counts empty page-table entries as written (and, were we to
+     * re-protect here, would put a uffd-wp marker in each) */
+    q.return_mask = DX_PAGE_IS_WRITTEN | DX_PAGE_IS_PRESENT | DX_PAGE_IS_SWAPPED;
+    return scan_ranges(fd, start, end, &q, out_starts, out_ends, nout, cap);
+}
+
 ptrdiff_t dx_scan_page_set(int fd, const uint64_t *starts, const uint64_t *ends, size_t nvmas,
                            const uint8_t *skip_file, uint64_t **run_vaddrs, uint64_t **run_lens)
 {
-    struct dx_page_region vec[SCAN_VEC];
     uint64_t *os = NULL, *oe = NULL;
     size_t n = 0, cap = 0;
     *run_vaddrs = *run_lens = NULL;
     for (size_t k = 0; k < nvmas; k++) {
-        uint64_t cur = starts[k];
         uint64_t skip = (skip_file && skip_file[k]) ? DX_PAGE_IS_FILE : 0;
-        while (cur < ends[k]) {
-            struct dx_pm_scan_arg a;
-            memset(&a, 0, sizeof a);
-            a.size = sizeof a;
-            a.start = cur;
-            a.end = ends[k];
-            a.vec = (uint64_t)(uintptr_t)vec;
-            a.vec_len = SCAN_VEC;
-            /* present or swapped, not the (huge) zero page, and in a private file
-             * mapping not still the file's page: what CRIU dumps */
-            a.category_inverted = DX_PAGE_IS_PFNZERO | skip;
-            a.category_mask = DX_PAGE_IS_PFNZERO | skip;
-            a.category_anyof_mask = DX_PAGE_IS_PRESENT | DX_PAGE_IS_SWAPPED;
-            a.return_mask = DX_PAGE_IS_PRESENT | DX_PAGE_IS_SWAPPED;
-            int got = ioctl(fd, DX_PAGEMAP_SCAN, &a);
-            if (got < 0) {
-                free(os);
-                free(oe);
-                return -errno;
-            }
-            for (int i = 0; i < got; i++) {
-                int rc = push_range(vec[i].start, vec[i].end, &os, &oe, &n, &cap);
-                if (rc) {
-                    free(os);
-                    free(oe);
-                    return rc;
-                }
-            }
-            if (a.walk_end <= cur || a.walk_end >= ends[k]) break;
-            cur = a.walk_end;
+        struct dx_pm_scan_arg q;
+        memset(&q, 0, sizeof q);
+        /* present or swapped, not the (huge) zero page, and in a private file mapping
+         * not still the file's page: what CRIU dumps */
+        q.category_inverted = DX_PAGE_IS_PFNZERO | skip;
+        q.category_mask = DX_PAGE_IS_PFNZERO | skip;
+        q.category_anyof_mask = DX_PAGE_IS_PRESENT | DX_PAGE_IS_SWAPPED;
+        q.return_mask = DX_PAGE_IS_PRESENT | DX_PAGE_IS_SWAPPED;
+        ptrdiff_t rc = scan_ranges(fd, starts[k], ends[k], &q, &os, &oe, &n, &cap);
+        if (rc < 0) {
+            free(os);
+            free(oe);
+            return rc;
         }
     }
     for (size_t i = 0; i < n; i++)
