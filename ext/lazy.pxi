@@ -14,13 +14,16 @@ cdef class LazyServer:
             raise OSError(-err, f"starting the lazy-pages server: {_os.strerror(-err)}")
 
     def add(self, int uffd, int pid, int pages_fd, uint64_t pages_file_size, vaddr, nr_pages,
-            flags, vma_start, vma_end):
+            flags, vma_start, vma_end, pending=None):
         """Serve ``uffd`` (owned by the server from now on, also if this raises) for
         image pid ``pid``: its pagemap as three uint64 arrays, its pages file's fd and
-        size, its VMAs' starts and ends (sorted)."""
+        size, its VMAs' starts and ends (sorted). ``pending`` (post-copy): the sorted
+        vaddrs of lazy pages whose content is not in the pages file yet (see arrived)."""
         cdef _Buffer v = u64_buffer(vaddr, "vaddr"), n = u64_buffer(nr_pages, "nr_pages")
         cdef _Buffer f = u64_buffer(flags, "flags")
         cdef _Buffer vs = u64_buffer(vma_start, "vma_start"), ve = u64_buffer(vma_end, "vma_end")
+        cdef _Buffer pb = u64_buffer(pending if pending is not None else _U64_TEMPLATE,
+                                     "pending")
         if not (u64_len(v) == u64_len(n) == u64_len(f)) or u64_len(vs) != u64_len(ve):
             _os.close(uffd)
             raise ValueError("pagemap arrays (or VMA arrays) of different lengths")
@@ -30,12 +33,37 @@ cdef class LazyServer:
         with nogil:
             rc = dx_lazy_add(self.lz, uffd, pid, pages_fd, pages_file_size, u64_ptr(v),
                              u64_ptr(n), u64_ptr(f), u64_len(v), u64_ptr(vs), u64_ptr(ve),
-                             u64_len(vs))
+                             u64_len(vs), u64_ptr(pb), u64_len(pb))
         if rc == -_errno.EINVAL:
             raise ValueError(f"pid {pid}: a lazy page in a parent image, outside every VMA, "
-                             f"or beyond the pages file")
+                             f"or beyond the pages file, or a pending page that is not a "
+                             f"lazy page of the image")
         if rc < 0:
             raise OSError(-rc, f"serving pid {pid}: {_os.strerror(-rc)}")
+
+    def set_request_fd(self, int fd):
+        """Post-copy: where a fault on a pending page writes its request, a 16-byte
+        record (int32 image pid, uint32 pages, uint64 first page's index in the pages
+        file); -1: nowhere. The caller keeps the fd open while the server runs."""
+        if self.lz != NULL:
+            dx_lazy_set_request_fd(self.lz, fd)
+
+    def arrived(self, int pid, uint64_t first, uint64_t count):
+        """Post-copy: the pages file of image ``pid`` now holds pages [first,
+        first + count): no longer pending; placed now (waking the threads waiting on
+        them). Returns the pages placed."""
+        cdef int64_t rc
+        if self.lz == NULL:
+            raise ValueError("the lazy-pages server is closed")
+        with nogil:
+            rc = dx_lazy_arrived(self.lz, pid, first, count)
+        if rc == -_errno.ENOENT:
+            raise ValueError(f"no task of image pid {pid} has pending pages")
+        if rc == -_errno.EINVAL:
+            raise ValueError(f"pages {first}+{count} are beyond pid {pid}'s pages file")
+        if rc < 0:
+            raise OSError(-rc, _os.strerror(-rc))
+        return rc
 
     def prefetch(self):
         """The restore finished: copy every page not faulted yet, in the background."""
@@ -63,6 +91,8 @@ cdef class LazyServer:
                 "pages_zero": s.pages_zero, "faults": s.faults, "events": s.events,
                 "eagain": s.eagain, "tasks_gone": s.tasks_gone,
                 "pages_abandoned": s.pages_abandoned, "placed_ns": s.placed_ns,
+                "pages_pending": s.pages_pending, "pages_postcopied": s.pages_postcopied,
+                "requests": s.requests, "requests_dropped": s.requests_dropped,
                 "prefetch_ns": s.prefetch_ns, "complete_ns": s.complete_ns,
                 "error": s.error,
                 "error_what": s.error_what.decode("utf-8", "replace") if s.error else ""}

@@ -6,6 +6,11 @@
  *             addresses, each with the index (pidx) of its first page in the pages file;
  *             sorted by start (fault lookup) and, as a copy, by pidx (the workers' order);
  *   done      one bit per page of the pages file: placed, found present, or dropped;
+ *   pending   (post-copy) one bit per page of the pages file whose content is still on
+ *             the source: neither a fault nor a worker places it; a fault on it asks for
+ *             it (a request record on the request fd); dx_lazy_arrived clears the bits
+ *             once the receiver wrote the pages into the file, and places them.  Shared
+ *             by a task and its forks (the same pages file);
  *   rw        workers copy under the read side; the event thread reads and handles the
  *             task's messages under the write side.  A remove/unmap/remap event lets the
  *             process go on as soon as it is read, so no copy may be in flight between
@@ -28,6 +33,7 @@
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/resource.h>
+#include <sys/socket.h>
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
@@ -61,6 +67,8 @@ typedef struct task {
     const uint8_t *data;
     uint64_t data_pages;
     _Atomic uint64_t *done;
+    _Atomic uint64_t *pending;  /* NULL: nothing pending; shared with forks */
+    int own_pending;
     atomic_llong left;          /* pages in segs not yet done */
     uint64_t complete_since;    /* event thread only */
 } task_t;
@@ -81,7 +89,9 @@ struct dx_lazy {
     pthread_t *wk;
     int nwk, evt_started;
     atomic_ullong tasks_n, forks, pages_total, faulted, prefetched, present, dropped, zero,
-        faults, events, eagain, gone_n, abandoned;
+        faults, events, eagain, gone_n, abandoned, pending_n, postcopied, requests,
+        requests_dropped;
+    int reqfd;                  /* post-copy: where fault requests go (-1: none) */
     uint64_t prefetch_ns, placed_ns, complete_ns;
     int error;
     char error_what[128];
@@ -143,6 +153,18 @@ static void mark(task_t *t, uint64_t p, uint64_t n, atomic_ullong *ctr)
         if (ctr)
             atomic_fetch_add(ctr, newly);
     }
+}
+
+static inline int test_pending(task_t *t, uint64_t p)
+{
+    return t->pending &&
+        ((atomic_load_explicit(&t->pending[p >> 6], memory_order_acquire) >> (p & 63)) & 1);
+}
+
+/* neither placeable now nor to be placed: done, or still on the source */
+static inline int skip_page(task_t *t, uint64_t p)
+{
+    return test_page(t, p) || test_pending(t, p);
 }
 
 /* -- segments --------------------------------------------------------------------------- */
@@ -303,6 +325,20 @@ static void task_gone(task_t *t)
         atomic_fetch_add(&t->lz->gone_n, 1);
 }
 
+/* Ask the receiver for pages [p, p+n) of t's pages file (post-copy): one record
+ * {int32 pid, uint32 n, uint64 p}; never blocks -- a request that does not fit is dropped
+ * (the source sends every pending page anyway, only later). */
+static void request(task_t *t, uint64_t p, uint64_t n)
+{
+    dx_lazy *lz = t->lz;
+    struct { int32_t pid; uint32_t n; uint64_t p; } rec = {t->pid, (uint32_t)n, p};
+    int fd = __atomic_load_n(&lz->reqfd, __ATOMIC_ACQUIRE);
+    if (fd >= 0 && send(fd, &rec, sizeof rec, MSG_DONTWAIT | MSG_NOSIGNAL) == sizeof rec)
+        atomic_fetch_add(&lz->requests, 1);
+    else
+        atomic_fetch_add(&lz->requests_dropped, 1);
+}
+
 /* Serve one faulting address: its page and the not-yet-placed pages after it in the same
  * run, up to fault_pages.  0, or -EAGAIN to try again once the queued event is read. */
 static int serve_fault(task_t *t, uint64_t addr)
@@ -330,8 +366,18 @@ static int serve_fault(task_t *t, uint64_t addr)
         wake(t, addr);
         return 0;
     }
+    if (test_pending(t, p)) {
+        /* still on the source: ask for it (and the pending pages after it); the thread
+         * waits until dx_lazy_arrived places it */
+        uint64_t n = 1;
+        while (n < lz->fpages && addr + n * PS < s->end && test_pending(t, p + n) &&
+               !test_page(t, p + n))
+            n++;
+        request(t, p, n);
+        return 0;
+    }
     uint64_t n = 1;
-    while (n < lz->fpages && addr + n * PS < s->end && !test_page(t, p + n))
+    while (n < lz->fpages && addr + n * PS < s->end && !skip_page(t, p + n))
         n++;
     int why;
     uint64_t got = place(t, addr, p, n, &lz->faulted, &why);
@@ -387,6 +433,8 @@ static void task_free(task_t *t)
     free(t->segs);
     free(t->bypidx);
     free((void *)t->done);
+    if (t->own_pending)
+        free((void *)t->pending);
     pthread_rwlock_destroy(&t->rw);
     pthread_mutex_destroy(&t->cmu);
     free(t);
@@ -436,6 +484,7 @@ static void handle_fork(task_t *parent, int ufd)
         set_error(lz, -ENOMEM, "fork of a restored task", 0);
         return;
     }
+    c->pending = parent->pending;
     c->segs = malloc((parent->nseg ? parent->nseg : 1) * sizeof(seg_t));
     if (c->segs) {
         memcpy(c->segs, parent->segs, parent->nseg * sizeof(seg_t));
@@ -665,11 +714,11 @@ again:;
         const seg_t *s = &t->bypidx[k];
         uint64_t end = s->pidx + (s->end - s->start) / PS;
         uint64_t q = t->cursor > s->pidx ? t->cursor : s->pidx;
-        while (q < end && test_page(t, q))
+        while (q < end && skip_page(t, q))
             q++;
         if (q < end) {
             uint64_t r = q + 1;
-            while (r < end && r - q < chunk && !test_page(t, r))
+            while (r < end && r - q < chunk && !skip_page(t, r))
                 r++;
             *addr = s->start + (q - s->pidx) * PS;
             *p = q;
@@ -815,6 +864,7 @@ dx_lazy *dx_lazy_new(int workers, uint32_t chunk_pages, uint32_t fault_pages, in
         return NULL;
     }
     lz->chunk = chunk_pages;
+    lz->reqfd = -1;
     lz->fpages = fault_pages;
     lz->ep = epoll_create1(EPOLL_CLOEXEC);
     lz->wakefd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
@@ -854,7 +904,8 @@ dx_lazy *dx_lazy_new(int workers, uint32_t chunk_pages, uint32_t fault_pages, in
 
 int dx_lazy_add(dx_lazy *lz, int uffd, int pid, int pages_fd, uint64_t pages_file_size,
                 const uint64_t *vaddr, const uint64_t *nr_pages, const uint64_t *flags,
-                size_t n, const uint64_t *vma_start, const uint64_t *vma_end, size_t nvma)
+                size_t n, const uint64_t *vma_start, const uint64_t *vma_end, size_t nvma,
+                const uint64_t *pending, size_t npending)
 {
     uint64_t data_pages = pages_file_size / PS;
     const uint8_t *data = NULL;
@@ -906,11 +957,19 @@ int dx_lazy_add(dx_lazy *lz, int uffd, int pid, int pages_fd, uint64_t pages_fil
         return -ENOMEM;
     }
     /* the lazy runs, cut at VMA ends: one UFFDIO_COPY stays inside one VMA */
-    size_t cap = n + nvma + 1, k = 0, j = 0;
+    size_t cap = n + nvma + 1, k = 0, j = 0, pi = 0;
     t->segs = malloc(cap * sizeof(seg_t));
     if (!t->segs) {
         task_free(t);
         return -ENOMEM;
+    }
+    if (npending) {
+        t->pending = calloc((data_pages + 63) / 64 + 1, sizeof(uint64_t));
+        if (!t->pending) {
+            task_free(t);
+            return -ENOMEM;
+        }
+        t->own_pending = 1;
     }
     uint64_t pidx = 0;
     for (size_t i = 0; i < n; i++) {
@@ -927,6 +986,20 @@ int dx_lazy_add(dx_lazy *lz, int uffd, int pid, int pages_fd, uint64_t pages_fil
         if (pidx > data_pages) {
             task_free(t);
             return -EINVAL;                     /* the pages file is too short */
+        }
+        /* pending pages (sorted) must be lazy pages of the image: criu would restore any
+         * other page itself, from the file, stale */
+        if (pi < npending && pending[pi] < start) {
+            task_free(t);
+            return -EINVAL;
+        }
+        for (; pi < npending && pending[pi] < end; pi++) {
+            if (!(f & PE_LAZY) || (pending[pi] & (PS - 1))) {
+                task_free(t);
+                return -EINVAL;
+            }
+            uint64_t q = here + (pending[pi] - start) / PS;
+            t->pending[q >> 6] |= 1ULL << (q & 63);
         }
         if (!(f & PE_LAZY))
             continue;
@@ -952,6 +1025,11 @@ int dx_lazy_add(dx_lazy *lz, int uffd, int pid, int pages_fd, uint64_t pages_fil
             start = e2;
         }
     }
+    if (pi < npending) {
+        task_free(t);
+        return -EINVAL;                         /* a pending page outside the image */
+    }
+    atomic_fetch_add(&lz->pending_n, (unsigned long long)npending);
     t->nseg = k;
     qsort(t->segs, k, sizeof(seg_t), cmp_start);
     atomic_store(&t->left, seg_pages(t));
@@ -966,6 +1044,105 @@ int dx_lazy_add(dx_lazy *lz, int uffd, int pid, int pages_fd, uint64_t pages_fil
         return rc;
     }
     return 0;
+}
+
+void dx_lazy_set_request_fd(dx_lazy *lz, int fd)
+{
+    __atomic_store_n(&lz->reqfd, fd, __ATOMIC_RELEASE);
+}
+
+/* Place pages [p, p+n) of t's pages file where t's runs still want them (under its read
+ * lock); the workers are pointed back at p for whatever this could not place. */
+static uint64_t place_arrived(task_t *t, uint64_t p, uint64_t n)
+{
+    dx_lazy *lz = t->lz;
+    uint64_t placed = 0, endp = p + n;
+    pthread_rwlock_rdlock(&t->rw);
+    if (t->closed || atomic_load(&t->gone)) {
+        pthread_rwlock_unlock(&t->rw);
+        return 0;
+    }
+    for (size_t k = 0; k < t->nseg; k++) {        /* bypidx: sorted by pidx */
+        const seg_t *s = &t->bypidx[k];
+        uint64_t sp = s->pidx, se = s->pidx + (s->end - s->start) / PS;
+        if (se <= p)
+            continue;
+        if (sp >= endp)
+            break;
+        uint64_t q = sp > p ? sp : p, qe = se < endp ? se : endp;
+        while (q < qe) {
+            while (q < qe && test_page(t, q))
+                q++;
+            uint64_t r = q;
+            while (r < qe && !test_page(t, r))
+                r++;
+            if (r == q)
+                break;
+            int why;
+            uint64_t got = place(t, s->start + (q - sp) * PS, q, r - q, &lz->postcopied, &why);
+            placed += got;
+            if (why == -ESRCH || why == -ENOSPC) {
+                task_gone(t);
+                goto out;
+            }
+            if (why == -ENOENT) {
+                /* not mapped where the runs say (yet): during the restore the restorer
+                 * is still moving VMAs into place; the workers place it once it is done
+                 * (after the restore, a range the process dropped comes as an event) */
+                got++;
+            } else if (why == -EAGAIN) {
+                goto out;                           /* the workers retry it */
+            } else if (why) {
+                set_error(lz, why, "UFFDIO_COPY of a post-copied page", s->start + (q - sp) * PS);
+                goto out;
+            }
+            q += got;
+        }
+    }
+out:
+    pthread_rwlock_unlock(&t->rw);
+    rewind_cursor(t, p);
+    return placed;
+}
+
+int64_t dx_lazy_arrived(dx_lazy *lz, int pid, uint64_t p, uint64_t n)
+{
+    pthread_mutex_lock(&lz->mu);
+    size_t nt = lz->ntasks, m = 0;
+    task_t **ts = malloc((nt ? nt : 1) * sizeof *ts);
+    if (!ts) {
+        pthread_mutex_unlock(&lz->mu);
+        return -ENOMEM;
+    }
+    for (size_t i = 0; i < nt; i++)
+        if (lz->tasks[i]->pid == pid && lz->tasks[i]->pending)
+            ts[m++] = lz->tasks[i];
+    pthread_mutex_unlock(&lz->mu);
+    if (!m) {
+        free(ts);
+        return -ENOENT;
+    }
+    if (p + n > ts[0]->data_pages || p + n < p) {
+        free(ts);
+        return -EINVAL;
+    }
+    /* the content is in the file now: no longer pending for any task of this image */
+    _Atomic uint64_t *pend = ts[0]->pending;
+    for (uint64_t q = p, left = n; left;) {
+        uint64_t bit = q & 63, take = 64 - bit < left ? 64 - bit : left;
+        uint64_t mask = take == 64 ? ~0ULL : (((1ULL << take) - 1) << bit);
+        atomic_fetch_and_explicit(&pend[q >> 6], ~mask, memory_order_release);
+        q += take;
+        left -= take;
+    }
+    int64_t placed = 0;
+    for (size_t i = 0; i < m; i++)
+        placed += (int64_t)place_arrived(ts[i], p, n);
+    free(ts);
+    pthread_mutex_lock(&lz->mu);
+    pthread_cond_broadcast(&lz->cv);            /* workers waiting for work */
+    pthread_mutex_unlock(&lz->mu);
+    return placed;
 }
 
 void dx_lazy_prefetch(dx_lazy *lz)
@@ -1008,6 +1185,10 @@ void dx_lazy_get_stats(dx_lazy *lz, dx_lazy_stats *o)
     o->eagain = atomic_load(&lz->eagain);
     o->tasks_gone = atomic_load(&lz->gone_n);
     o->pages_abandoned = atomic_load(&lz->abandoned);
+    o->pages_pending = atomic_load(&lz->pending_n);
+    o->pages_postcopied = atomic_load(&lz->postcopied);
+    o->requests = atomic_load(&lz->requests);
+    o->requests_dropped = atomic_load(&lz->requests_dropped);
     pthread_mutex_lock(&lz->mu);
     o->prefetch_ns = lz->prefetch_ns;
     o->complete_ns = lz->complete_ns;

@@ -26,6 +26,10 @@ typedef struct {
     uint64_t eagain;            /* copies refused while the address space was changing */
     uint64_t tasks_gone;        /* tasks that exited before every page was placed */
     uint64_t pages_abandoned;   /* the pages those tasks never needed */
+    uint64_t pages_pending;     /* post-copy: pages whose content was still on the source */
+    uint64_t pages_postcopied;  /* placed as they arrived (dx_lazy_arrived) */
+    uint64_t requests;          /* post-copy: faults on pending pages asked for */
+    uint64_t requests_dropped;  /* ... that could not be written (no fd, or it was full) */
     uint64_t placed_ns;         /* monotonic clock: no task lacked a page any more */
     uint64_t prefetch_ns;       /* monotonic clock: prefetch started */
     uint64_t complete_ns;       /* monotonic clock: every page of every task placed */
@@ -47,7 +51,18 @@ dx_lazy *dx_lazy_new(int workers, uint32_t chunk_pages, uint32_t fault_pages, in
  * that is in the parent image, outside every VMA, or pages beyond the file). */
 int dx_lazy_add(dx_lazy *lz, int uffd, int pid, int pages_fd, uint64_t pages_file_size,
                 const uint64_t *vaddr, const uint64_t *nr_pages, const uint64_t *flags,
-                size_t n, const uint64_t *vma_start, const uint64_t *vma_end, size_t nvma);
+                size_t n, const uint64_t *vma_start, const uint64_t *vma_end, size_t nvma,
+                const uint64_t *pending, size_t npending);
+
+/* Post-copy: pending[0..npending) (sorted vaddrs, lazy pages of the image) are not in the
+ * pages file yet.  No fault or worker places them; a fault on one writes a request
+ * {int32 pid, uint32 n, uint64 first page index in the pages file} to the fd set here
+ * (a socket; never blocks, dropped when full); dx_lazy_arrived(pid, p, n) says the pages
+ * file now holds pages [p, p+n) of image pid: they are placed (waking the faulting
+ * threads).  Returns the pages placed, or -errno (-ENOENT: no task of pid with pending
+ * pages, -EINVAL: beyond the pages file). */
+void dx_lazy_set_request_fd(dx_lazy *lz, int fd);
+int64_t dx_lazy_arrived(dx_lazy *lz, int pid, uint64_t p, uint64_t n);
 
 /* The restore finished (criu sent its end mark): start the background copy. */
 void dx_lazy_prefetch(dx_lazy *lz);

@@ -21,6 +21,26 @@ before a restore connects it exits with the --parent process (the receiver that 
 it), so a killed `serve` leaves none behind; once it serves a restored tree it finishes
 that work, whatever happens to its parent: the tree's memory is only complete once it has.
 
+Post-copy (docs/ARCHITECTURE.md "Post-copy"): when the receiver restores a tree whose
+last written pages are still on the frozen source, it leaves ``postcopy-pending-PID.bin``
+(the pages' vaddrs, sorted u64) beside the images and connects to ``postcopy.socket``
+before the restore starts (the restore itself may touch such a page: the kernel writes a
+thread's rseq area when the restorer registers it). Those pages are placed by no fault
+and no worker: a fault on one sends a request (int32 pid, uint32 pages, uint64 first
+page's index in the pages file) back over that socket, and the receiver's records say
+what arrived (pages that arrive before their task was handed over are placed when it
+is):
+
+    (pid > 0, n, p)    the pages file of image pid holds pages [p, p+n) now: place them
+    (-1, 0, pid)       the restored tree's root (-2, 0, start: its start time)
+    (0, 0, 0)          every pending page arrived
+
+The socket closing before that record means the pages can never come (the source or the
+receiver was lost): the restored tree, which cannot run without them, is killed; before
+the receiver named it (the restore still running), this daemon exits, so that the
+restore, which may be waiting on one of those pages, ends, and the receiver kills what
+it restored.
+
 Its log (-o, default lazy-pages.log in the images directory) ends with one JSON line of
 statistics: pages placed by faults and by the workers, the time from the restore's end
 to the last page.
@@ -32,14 +52,20 @@ import json
 import os
 import socket
 import struct
+import signal
 import sys
+import threading
 import time
+from array import array
 
 from deltaxfer import PAGE_SIZE
 from deltaxfer.criu import images as im
 from deltaxfer.criu.dumpdir import DumpDir
 
 SOCKET_NAME = "lazy-pages.socket"
+POSTCOPY_SOCKET = "postcopy.socket"
+PENDING_FILE = "postcopy-pending-{pid}.bin"
+POSTCOPY_RECORD = struct.Struct("<iIQ")
 RESTORE_FINISHED = 0x52535446
 _INT = struct.Struct("<i")
 
@@ -86,13 +112,133 @@ def add_task(server, pid: int, uffd: int) -> None:
     except BaseException:
         os.close(uffd)
         raise
+    pending = read_pending(pid)
     fd = os.open(pages, os.O_RDONLY | os.O_CLOEXEC) if os.path.exists(pages) else -1
     try:
         size = os.fstat(fd).st_size if fd >= 0 else 0
-        server.add(uffd, pid, fd, size, v, n, f, vs, ve)
+        server.add(uffd, pid, fd, size, v, n, f, vs, ve, pending)
     finally:
         if fd >= 0:
             os.close(fd)
+
+
+def read_pending(pid: int) -> array | None:
+    """The post-copy pending vaddrs of image pid (None: none)."""
+    try:
+        with open(PENDING_FILE.format(pid=pid), "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return None
+    if len(data) % 8:
+        raise LazyPagesError(f"{PENDING_FILE.format(pid=pid)}: a partial entry")
+    out = array("Q")
+    out.frombytes(data)
+    if sys.byteorder != "little":
+        out.byteswap()
+    return out
+
+
+class PostcopyRelay(threading.Thread):
+    """The receiver's post-copy connection: arrivals in, fault requests out (the
+    server writes those itself, on the same socket)."""
+
+    def __init__(self, say):
+        super().__init__(name="dx-postcopy", daemon=True)
+        self.say = say
+        self.server = None
+        self.ready = threading.Event()     # the server exists
+        self.lock = threading.Lock()       # arrivals vs handing a task over
+        self.early: dict[int, list] = {}   # arrivals for tasks not handed over yet
+        self.stop = threading.Event()
+        self.ended = False                 # the end record came
+        self.connected = False
+        self.root = self.start_time = None
+        self.arrivals = 0
+        self.ls = _listen(POSTCOPY_SOCKET, backlog=1)
+        self.ls.settimeout(0.2)
+
+    def run(self) -> None:
+        try:
+            conn = None
+            while not self.stop.is_set():
+                try:
+                    conn, _ = self.ls.accept()
+                    break
+                except (TimeoutError, socket.timeout):
+                    continue
+            if conn is None:
+                return
+            self.connected = True
+            while not self.ready.wait(0.2):
+                if self.stop.is_set():
+                    return
+            self.server.set_request_fd(conn.fileno())
+            try:
+                self._serve(conn)
+            finally:
+                self.server.set_request_fd(-1)
+                conn.close()
+        except Exception as e:       # logged; the main thread finds the relay over
+            self.say(f"Error (deltaxfer lazyserve): post-copy relay: {type(e).__name__}: {e}")
+            self._lost()
+
+    def _serve(self, conn) -> None:
+        size = POSTCOPY_RECORD.size
+        buf = b""
+        while True:
+            chunk = conn.recv(64 * size)
+            if not chunk:
+                if not self.ended:
+                    self._lost()
+                return
+            buf += chunk
+            k = len(buf) - len(buf) % size
+            for pid, n, value in POSTCOPY_RECORD.iter_unpack(buf[:k]):
+                if pid > 0:
+                    with self.lock:
+                        try:
+                            self.server.arrived(pid, value, n)
+                        except ValueError:   # its task is not handed over yet
+                            self.early.setdefault(pid, []).append((value, n))
+                    self.arrivals += n
+                elif pid == 0:
+                    self.ended = True
+                    self.say(f"post-copy: every pending page arrived ({self.arrivals})")
+                elif pid == -1:
+                    self.root = value
+                elif pid == -2:
+                    self.start_time = value
+            buf = buf[k:]
+
+    def _lost(self) -> None:
+        """The pending pages can never come: the restored tree cannot run correctly
+        without them (its threads wait on them forever): kill it."""
+        if self.ended:
+            return
+        from deltaxfer.pidref import signal_tree
+        if self.root:
+            n = signal_tree(int(self.root), signal.SIGKILL, self.start_time)
+            self.say(f"Error (deltaxfer lazyserve): the post-copy connection closed before "
+                     f"every pending page arrived: killed the restored tree {self.root} "
+                     f"({n} tasks)")
+        else:
+            # the restore may be waiting on a pending page: end it (the receiver kills
+            # whatever it restored, still stopped)
+            self.say("Error (deltaxfer lazyserve): the post-copy connection closed before "
+                     "every pending page arrived, during the restore: exiting")
+            os._exit(1)
+
+    def add_task(self, server, pid: int, uffd: int) -> None:
+        """add_task, then the pages of that image that arrived before it."""
+        with self.lock:
+            add_task(server, pid, uffd)
+            for first, n in self.early.pop(pid, ()):
+                server.arrived(pid, first, n)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.ls.close()
+        _unlink_socket(POSTCOPY_SOCKET)
 
 
 def done_stats(images_dir) -> dict | None:
@@ -108,21 +254,21 @@ def done_stats(images_dir) -> dict | None:
     return None
 
 
-def _listen() -> socket.socket:
-    _unlink_socket()
+def _listen(name: str = SOCKET_NAME, backlog: int = 1) -> socket.socket:
+    _unlink_socket(name)
     ls = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old = os.umask(0o077)          # only root (the restore) may connect
+    old = os.umask(0o077)          # only root (the restore, the receiver) may connect
     try:
-        ls.bind(SOCKET_NAME)
+        ls.bind(name)
     finally:
         os.umask(old)
-    ls.listen(1)
+    ls.listen(backlog)
     return ls
 
 
-def _unlink_socket() -> None:
+def _unlink_socket(name: str = SOCKET_NAME) -> None:
     try:
-        os.unlink(SOCKET_NAME)
+        os.unlink(name)
     except FileNotFoundError:
         pass
 
@@ -138,6 +284,7 @@ def serve(args, log) -> int:
         log.write(f"{time.strftime('%H:%M:%S')} {msg}\n")
         log.flush()
 
+    relay = PostcopyRelay(say)
     ls = _listen()
     ls.settimeout(0.2)
     while True:
@@ -150,12 +297,16 @@ def serve(args, log) -> int:
                     "connected: exiting")
                 ls.close()
                 _unlink_socket()
+                relay.close()
                 return 0
     ls.close()
     _unlink_socket()             # one restore per daemon: nobody else may connect
     conn.settimeout(None)
     workers = args.workers or max(1, min(os.cpu_count() or 1, 8))
     server = _core.LazyServer(workers, args.chunk_pages, args.fault_pages)
+    relay.server = server
+    relay.ready.set()
+    relay.start()
     t0 = time.monotonic()
     ntasks = 0
     try:
@@ -175,18 +326,24 @@ def serve(args, log) -> int:
                 raise LazyPagesError(f"no userfaultfd came with pid {value}")
             for extra in fds[1:]:
                 os.close(extra)
-            add_task(server, value, fds[0])
+            relay.add_task(server, value, fds[0])
             ntasks += 1
-        lazy = server.stats()["pages_total"]
+        st = server.stats()
+        lazy = st["pages_total"]
         say(f"restore finished: {ntasks} task(s), {lazy} lazy pages "
-            f"({lazy * PAGE_SIZE / 2**20:.1f} MiB), {workers} worker(s)")
+            f"({lazy * PAGE_SIZE / 2**20:.1f} MiB), {workers} worker(s)"
+            + (f", {st['pages_pending']} of them still on the source (post-copy)"
+               if st["pages_pending"] else ""))
         conn.close()
         last = time.monotonic()
         while not server.wait(1.0):
             if time.monotonic() - last >= 10:
                 last = time.monotonic()
                 say(f"still serving: {json.dumps(server.stats())}")
+        relay.close()
         stats = server.stats()
+        stats["postcopy"] = {"connected": relay.connected, "ended": relay.ended,
+                             "arrived": relay.arrivals} if stats["pages_pending"] else None
         # from the restore's end to the last page in place (the daemon then waits 0.1 s
         # for a late fork event before it closes the last userfaultfd)
         stats["seconds_to_placed"] = round((stats["placed_ns"] - stats["prefetch_ns"])
@@ -197,6 +354,7 @@ def serve(args, log) -> int:
         say("done " + json.dumps(stats))
         return 1 if stats["error"] else 0
     finally:
+        relay.close()
         server.close()
 
 

@@ -259,14 +259,17 @@ def _lazy_layout(v: array, n: array, f: array) -> _LazyLayout | None:
 
 
 def frozen_images(dump: DumpDir, tasks: list[Task], tracking: Tracking | None = None,
-                  held: dict | None = None,
-                  pages_in_tasks: bool = False) -> tuple[list[SourceImage], list, int]:
+                  held: dict | None = None, pages_in_tasks: bool = False,
+                  pending: dict | None = None) -> tuple[list[SourceImage], list, int]:
     """The final round's memory images from a (lazy) dump of the frozen tree: LAZY-only
     entries are read from the frozen processes, PRESENT ones from the pages files, both
     window by window as the round is sent (TaskPages). Returns (images, opened
     MemoryImages and readers to close, bytes to read from process memory). With
     ``tracking``, lazy pages not written since the last round (and held by the
-    destination) are not read: they are marked clean."""
+    destination) are not read: they are marked clean. ``pending`` (a dict, post-copy):
+    the written pages the destination holds an older copy of are not read either --
+    the round sends them as held -- and are listed there instead, {image id: (host pid,
+    vaddrs)}, for after the resume."""
     host = {t.ns_pid: t.host_pid for t in tasks}
     images, opened, from_memory = [], [], 0
     for name in sorted(os.listdir(dump.path)):
@@ -293,7 +296,7 @@ def frozen_images(dump: DumpDir, tasks: list[Task], tracking: Tracking | None = 
                 if lay.has_lazy:
                     pid = host[int(image_id[4:])]
                     image, reader, n_mem = _lazy_source_image(
-                        image_id, pid, lay, mem.pages, tracking, held)
+                        image_id, pid, lay, mem.pages, tracking, held, pending)
                     opened.append(reader)
                     from_memory += n_mem
                     images.append(image)
@@ -329,11 +332,34 @@ def frozen_images(dump: DumpDir, tasks: list[Task], tracking: Tracking | None = 
         vaddrs = _core.run_page_vaddrs(starts, lens)
         lay = _LazyLayout(vaddrs, pairs, file_at, file_len, file_from, True, file_pos)
         image, reader, n_mem = _lazy_source_image(image_id, pid, lay, mem.pages, tracking,
-                                                  held)
+                                                  held, pending)
         opened.append(reader)
         from_memory += n_mem
         images.append(image)
     return images, opened, from_memory
+
+
+def _postpone_written(image_id, pid, vaddrs, clean, skip, h, pending):
+    """Post-copy: the pages to be read (not skipped) that the destination holds an
+    older copy of become clean and skipped (the round sends their held hash), listed in
+    ``pending``. Pages the destination does not hold at all still go in the round (it
+    has nothing to put there). Whole-mask integer operations, no loop per page."""
+    n = len(vaddrs)
+    held_mask = _core.clean_mask(vaddrs, array("Q", [0]), array("Q", [1 << 63]),
+                                 array("Q"), array("Q"), h.vaddrs)
+    s = int.from_bytes(skip, "little")
+    p = int.from_bytes(held_mask, "little") & ~s
+    if not p:
+        return clean, skip
+    mask = p.to_bytes(n, "little")
+    out = array("Q")
+    i = mask.find(1)
+    while i >= 0:
+        out.append(vaddrs[i])
+        i = mask.find(1, i + 1)
+    pending[image_id] = (pid, out)
+    return (bytearray((int.from_bytes(clean, "little") | p).to_bytes(n, "little")),
+            bytearray((s | p).to_bytes(n, "little")))
 
 
 def _fast_lazy_image(path: str, image_id: str, host: dict):
@@ -358,10 +384,11 @@ def _fast_lazy_image(path: str, image_id: str, host: dict):
 
 
 def _lazy_source_image(image_id: str, pid: int, lay: _LazyLayout, file_pages, tracking,
-                       held) -> tuple[SourceImage, "TaskPages", int]:
+                       held, pending=None) -> tuple[SourceImage, "TaskPages", int]:
     """The final round's image of one frozen process: LAZY pages read from the task (the
     clean ones -- tracked, not written, held by the destination -- not at all), PRESENT
-    ones from the dump's pages file. Returns (image, reader, bytes read from memory)."""
+    ones from the dump's pages file. Returns (image, reader, bytes read from memory).
+    ``pending`` (post-copy): see frozen_images."""
     vaddrs = lay.vaddrs
     scan = tracking.scan(pid) if tracking is not None else None
     h = held.get(image_id) if held else None
@@ -373,6 +400,8 @@ def _lazy_source_image(image_id: str, pid: int, lay: _LazyLayout, file_pages, tr
         if clean is not None:
             clean[a:a + n] = bytes(n)
         skip[a:a + n] = b"\x01" * n
+    if pending is not None and clean is not None:
+        clean, skip = _postpone_written(image_id, pid, vaddrs, clean, skip, h, pending)
     from_memory = (len(vaddrs) - skip.count(1)) * PAGE_SIZE
     reader = TaskPages(pid, vaddrs, skip, root=False, strict=True, file_at=lay.file_at,
                        file_len=lay.file_len, file_from=lay.file_from, file_pages=file_pages)

@@ -53,6 +53,10 @@ from deltaxfer.hook_env import AGENT_ENV, PYTHON_ENV, TIMEOUT_ENV
 
 
 RESUMED_TIMEOUT = 10.0   # for the destination to confirm that its copy runs
+# --converge auto ends in post-copy only when the predicted downtime, every throttle level
+# used, is over this many times the target (a prediction is rough: measured here, a
+# 48 MiB writer over 50 Mbit/s predicted at 1.7x the target froze for 0.76x of it)
+POSTCOPY_FACTOR = 3.0
 # A lazy dump keeps the tree's pages referenced in pipes until it is ended: ~2048 open
 # files per GiB measured with CRIU 4.1.1 on the project's VM, plus CRIU's own.
 LAZY_DUMP_FDS_PER_GIB = 2048
@@ -178,8 +182,8 @@ class Agent:
         self.session = opts.session or f"migrate-{socket.gethostname()}-{pid}-{int(time.time())}"
         self.report = Report(pid, f"{host}:{port}", self.session)
         self.policy = Convergence(opts.downtime_target, opts.max_rounds,
-                                  throttle_levels=THROTTLE_LEVELS if opts.converge == "auto"
-                                  else ())
+                                  throttle_levels=THROTTLE_LEVELS
+                                  if opts.converge in ("auto", "throttle") else ())
         self.throttle = Throttle()
         # the encoder threads; their window buffers live across rounds (no fresh memory
         # touched inside the freeze)
@@ -197,6 +201,10 @@ class Agent:
         self.source: PidRef | None = None  # the process to migrate, taken in run()
         self.frozen_refs: list[PidRef] = []  # the tree's tasks, taken when it was frozen
         self.cwd_locks: CwdLocks | None = None  # see criu/proclock.py; held while CRIU dumps
+        self.postcopy = False              # this freeze ends in post-copy (choose_postcopy)
+        self.postcopy_why = ""
+        self.postcopy_task: asyncio.Task | None = None   # the pages after RESUMED
+        self.postcopy_report: dict = {}
 
     def start_tracking(self) -> None:
         """Written-page tracking when asked for and the kernel can (else content hashing,
@@ -363,6 +371,47 @@ class Agent:
         self.report.freeze["mode"] = mode if fits or mode != "page-server" else \
             f"{mode} ({why})"
 
+    def postcopy_unavailable(self) -> str:
+        """Why this migration cannot end in post-copy ('' when it can)."""
+        if not self.opts.restore:
+            return "--no-restore: post-copy needs the destination to run the copy"
+        if self.tracking is None:
+            return ("no written-page tracking (" + self.report.tracking.get("reason", "off")
+                    + "): without it every page is read inside the freeze anyway")
+        if self.sender is None or not self.sender.state.get("postcopy"):
+            return ("the destination does not take post-copy (it needs `deltaxfer serve "
+                    "--restore` with deltaxfer's lazy-pages server, and a process, not a "
+                    "container)")
+        return ""
+
+    def choose_postcopy(self) -> None:
+        """After the live rounds: whether the freeze ends in post-copy. postcopy: always
+        (checked possible before the rounds); auto: when the rounds stopped with the
+        residual's transfer still over the downtime budget, every throttle level used
+        (policy.over_budget), the predicted downtime over POSTCOPY_FACTOR x the target,
+        and post-copy is possible."""
+        mode = self.opts.converge
+        predicted = self.report.predicted_downtime
+        if mode == "postcopy":
+            self.postcopy, self.postcopy_why = True, "--converge postcopy"
+        elif mode == "auto" and self.policy.over_budget and predicted is not None \
+                and predicted > POSTCOPY_FACTOR * self.opts.downtime_target:
+            # only where sending the residual (not CRIU's fixed cost) breaks the target
+            # with every throttle level used, and by far: post-copy's risk (the memory
+            # split between the hosts until the last page arrived) and its brownout (a
+            # fast writer waits on its pages at link speed) buy something only then
+            why = self.postcopy_unavailable()
+            if why:
+                self.postcopy_why = f"post-copy not possible: {why}"
+            else:
+                self.postcopy = True
+                self.postcopy_why = (f"predicted downtime {predicted * 1000:.0f} ms over the "
+                                     f"target {self.opts.downtime_target * 1000:.0f} ms with "
+                                     f"the throttle at {self.policy.throttle:.0%}")
+        if self.postcopy and self.freeze_mode != "lazy":
+            self.postcopy = False
+            self.postcopy_why = "post-copy not possible: the freeze is not a lazy dump"
+
     def set_freeze_deadline(self, memory_bytes: int) -> None:
         self.freeze_timeout = self.opts.freeze_timeout or 15.0 + 2.0 * memory_bytes / 2**30
 
@@ -405,11 +454,13 @@ class Agent:
         await self.sender.files(self.dump_dir, dump.verbatim_files())
         f["files"] = round(time.monotonic() - t_files, 6)
         t = time.monotonic()
+        pending = {} if self.postcopy else None
         images, opened, from_memory = await loop.run_in_executor(
             self.pipeline.pool, frozen_images, dump, tasks, self.tracking,
-            self.held, self.sink is not None)
+            self.held, self.sink is not None, pending)
         f["read_memory"] = round(time.monotonic() - t, 6)
         f["read_bytes"] = from_memory
+        push = None
         try:
             t = time.monotonic()
             rs = await self.sender.round(images, final=True)
@@ -423,8 +474,23 @@ class Agent:
                 "read_pages": from_memory // PAGE_SIZE, "skipped": c["skipped"],
                 "wire_bytes": c["stored_bytes"], "seconds": round(rs.seconds, 6),
                 "send_seconds": round(rs.send_seconds, 6)})
+            if pending:
+                # post-copy: the written pages left out of the round follow the resume
+                from deltaxfer.postcopy import PostcopyPush
+                push = PostcopyPush(self.sender.conn, pending,
+                                    {img.image_id: i for i, img in enumerate(images)},
+                                    compress=self.opts.compress, pool=self.pipeline.pool)
+                await push.send_pending()
+                f["postcopy_pages"] = push.pages
             t = time.monotonic()
-            done = await self.sender.commit(self.opts.restore)
+            if push is None:
+                done = await self.sender.commit(self.opts.restore)
+            else:
+                await self.sender.send_commit(self.opts.restore, push.pages)
+                # the pages flow from here, while the destination restores
+                push.start(self.opts.round_timeout)
+                self.postcopy_task = push.task
+                done = await push.committed
             f["commit_restore"] = round(time.monotonic() - t, 6)
             self.report.destination_path = done["path"]
             if done["restored_pid"] is not None:
@@ -432,12 +498,16 @@ class Agent:
                 # by itself: the dump leaves it stopped (--leave-stopped) and it is
                 # killed only when the destination confirms that its copy runs.
                 t = time.monotonic()
-                await self.sender.resume(RESUMED_TIMEOUT)
+                await self.sender.resume(RESUMED_TIMEOUT, push)
                 f["resume"] = round(time.monotonic() - t, 6)
                 self.report.restored_pid = done["restored_pid"]
             self.confirmed = True
             self.t_running = time.monotonic()
             self.report.downtime = round(self.t_running - self.t_freeze, 6)
+        except BaseException:
+            if push is not None and push.task is not None and not self.confirmed:
+                push.cancel()          # the source resumes (or is left stopped): no pages
+            raise
         finally:
             for m in opened:
                 m.close()
@@ -556,6 +626,24 @@ class Agent:
                 proc.kill()
                 await proc.wait()
 
+    @property
+    def postcopy_pending(self) -> bool:
+        """Pages the running copy lacks are still to be read from the frozen source."""
+        return self.postcopy_task is not None and not self.postcopy_task.done()
+
+    async def finish_postcopy(self) -> bool:
+        """Wait for the post-copy (if any); False (and the report says why) when it
+        failed: the destination then kills its copy, and the source stays stopped."""
+        if self.postcopy_task is None:
+            return True
+        try:
+            self.postcopy_report = await self.postcopy_task
+            return True
+        except (Exception, asyncio.CancelledError) as e:
+            what = str(e) if isinstance(e, transport.PeerError) else f"{type(e).__name__}: {e}"
+            self.report.error = f"post-copy failed: {what}"
+            return False
+
     def stored_hint(self) -> str:
         pids = " ".join(str(r.pid) for r in self.frozen_refs) or str(self.pid)
         return (f"on the destination, restore the images when you want the process there: "
@@ -603,7 +691,7 @@ class Agent:
         the source is stopped first (SIGSTOP, a group stop the tasks keep when criu's
         ptrace lets go), left for the operator. Otherwise: criu's ptrace lets go and the
         tree runs on — the rollback."""
-        if self.confirmed:
+        if self.confirmed and not self.postcopy_pending:
             self.signal_frozen_tree(signal.SIGKILL)
         elif self.resume_sent:
             self.signal_frozen_tree(signal.SIGSTOP)
@@ -631,11 +719,15 @@ class Agent:
             self.source = PidRef(self.pid, "the process to migrate")
             self.start_tracking()
             await self.begin_session()
+            if self.opts.converge == "postcopy" and self.postcopy_unavailable():
+                raise MigrationError(f"--converge postcopy: {self.postcopy_unavailable()}; "
+                                     "nothing was frozen")
             await self.live_rounds()
             # the freeze must find every task running: a task stopped by the duty cycle
             # would be dumped, and restored, stopped
             self.throttle.release()
             self.choose_freeze()
+            self.choose_postcopy()
             rc = await self.freeze_and_push()
             if rc == 0 and self.confirmed and not self.opts.restore \
                     and not self.opts.kill_source:
@@ -645,6 +737,16 @@ class Agent:
                                        "source is left stopped")
                 self.report.hint = self.stored_hint()
                 await self.sender.goodbye()
+            elif rc == 0 and self.confirmed and not await self.finish_postcopy():
+                # the copy ran without some of its pages and could not get them: the
+                # destination kills it; the source, whose memory is whole but which the
+                # copy ran ahead of, stays stopped for the operator
+                pids = " ".join(str(r.pid) for r in self.frozen_refs) or str(self.pid)
+                self.report.outcome = ("post-copy failed: the destination's copy is killed; "
+                                       "the source is left stopped")
+                self.report.hint = (f"the copy ran for a while before it was killed; if "
+                                    f"nothing it did matters, resume the source from the "
+                                    f"freeze with `kill -CONT {pids}`, else kill it")
             elif rc == 0 and self.confirmed:
                 # the destination runs the process (or, --no-restore --kill-source, holds
                 # its images): end the (stopped) source, through the pidfds taken while
@@ -687,11 +789,18 @@ class Agent:
                 except (TimeoutError, transport.TransportError, OSError):
                     pass
         finally:
+            if self.postcopy_task is not None and not self.postcopy_task.done():
+                self.postcopy_task.cancel()
             if self.sender is not None:
                 self.report.wire_bytes_sent = self.sender.wire_stats["bytes_out"]
                 self.sender.close()
             self.throttle.release()     # on every exit path (the guardian also on our death)
             self.report.converge = {"mode": self.opts.converge, **self.throttle.summary()}
+            if self.postcopy_why:
+                self.report.converge["postcopy_reason"] = self.postcopy_why
+            if self.postcopy_task is not None:
+                self.report.converge["postcopy"] = self.postcopy_report or {
+                    "pages": self.report.freeze.get("postcopy_pages"), "completed": False}
             self.pipeline.close()
             if self.tracking is not None:
                 # releases the write-protection: the source (if it runs on) is as before
@@ -737,6 +846,12 @@ def run_standalone_hook(action: str, config: dict, env) -> int:
         criu = find_criu(config.get("criu"))
     except (ConfigError, OSError, RuntimeError) as e:
         print(f"deltaxfer hook: {action}: {e}", file=sys.stderr)
+        return 1 if action == "post-dump" else 0
+    if opts.converge == "postcopy":
+        # the hook's process ends when post-dump returns: nothing would be left to send
+        # the pages that follow the resume
+        print(f"deltaxfer hook: {action}: converge=postcopy needs `deltaxfer migrate` (the "
+              "agent stays up after the resume); the hook cannot", file=sys.stderr)
         return 1 if action == "post-dump" else 0
     agent = Agent(init_pid, host, port, key, criu, opts)
     try:

@@ -55,6 +55,9 @@ class Convergence:
     throttle_levels: tuple = ()
     history: list[RoundMeasure] = field(default_factory=list)
     throttle: float = 0.0          # the level in force
+    # set when the rounds stopped: sending the residual still breaks the target with
+    # every throttle level used (what post-copy is for: --converge auto)
+    over_budget: bool = False
 
     def predict(self, m: RoundMeasure) -> tuple[float, float, float]:
         """(predicted downtime, dirty pages/s, bandwidth B/s) if we froze after round m.
@@ -116,6 +119,7 @@ class Convergence:
                 return decide(False, f"{stalled or 'max rounds reached'}, predicted downtime "
                                      f"{predicted * 1000:.0f} ms: throttling the tree to "
                                      f"{self.throttle:.0%} stopped")
+            self.over_budget = transfer > budget
             if stalled:
                 return decide(True, stalled + (f" at {self.throttle:.0%} throttle"
                                                if self.throttle else ""))

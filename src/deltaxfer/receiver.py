@@ -51,6 +51,7 @@ class State(enum.Enum):
     IN_FILES = "in files"                # after FILE, until COMMIT (a file opens and closes inside)
     ROUND_IN_FILES = "in a round, files open"   # a round while the file set is open
     AWAITING_RESUME = "awaiting RESUME"  # COMMITTED a stopped copy; RESUME lets it run
+    POSTCOPY = "in post-copy"            # the copy runs; its pending pages still arrive
     CLOSED = "closed"                    # CLOSE, ERROR or a lost connection: the session ended
 
 
@@ -64,14 +65,17 @@ ACCEPTS: dict[State, dict[MsgType, str]] = {
     State.IN_ROUND: {**{t: "_" + t.name.lower() for t in _ROUND_MESSAGES},
                      MsgType.FILE: "_file"},      # opens the file set inside the round
     State.IN_FILES: {**{t: "_" + t.name.lower() for t in _FILE_MESSAGES},
-                     MsgType.ROUND: "_round", MsgType.COMMIT: "_commit"},
+                     MsgType.ROUND: "_round", MsgType.COMMIT: "_commit",
+                     MsgType.PENDING: "_pending"},
     State.ROUND_IN_FILES: {t: "_" + t.name.lower() for t in _ROUND_MESSAGES + _FILE_MESSAGES},
     State.AWAITING_RESUME: {},     # RESUME only, taken by Receiver._await_resume
+    State.POSTCOPY: {},            # POSTCOPY_PAGES and POSTCOPY_END, taken by postcopy.py
     State.CLOSED: {},
 }
 
 # messages whose payload is binary: decoded by their handler, not as a control body
-_BINARY = frozenset({MsgType.PAGES, MsgType.PAGEMAP, MsgType.FILE_DATA})
+_BINARY = frozenset({MsgType.PAGES, MsgType.PAGEMAP, MsgType.FILE_DATA, MsgType.PENDING,
+                     MsgType.POSTCOPY_PAGES, MsgType.FETCH})
 
 
 def _refusal(state: State, t: MsgType) -> str:
@@ -107,6 +111,10 @@ class _Receiving:
         self.records = {"zero": 0, "xor": 0, "full": 0}
         # the lazy restore's `criu lazy-pages`, started during the final round
         self.lazy_daemon: asyncio.Future | None = None
+        # post-copy: the last round's image ids by index, and PENDING's runs by index
+        self.round_ids: dict[int, str] = {}
+        self.pending: dict[int, list] = {}
+        self.pending_pages = 0
 
     def _set(self, state: State) -> None:
         self.state = state
@@ -229,6 +237,9 @@ class _Receiving:
     async def _round_end(self, body: dict) -> None:
         conn = self.conn
         t_end = time.monotonic()
+        self.round_ids = {i: x.image_id for i, x in self.rnd.images.items()}
+        self.pending.clear()
+        self.pending_pages = 0
         done = await self.loop.run_in_executor(self.worker, self.rnd.finish)
         t_done = time.monotonic()
         self.rnd = None
@@ -239,6 +250,20 @@ class _Receiving:
         log.info("%s: session %s round %d complete: %d pages held (%.3f s from ROUND, "
                  "%.3f s of it finishing after ROUND_END)", self.peer, self.name,
                  done["round"], done["pages"], t_done - self.t_round, t_done - t_end)
+
+    # --- post-copy: PENDING (IN_FILES, after the final round) names the pages whose
+    # content comes after RESUMED
+    async def _pending(self, msg) -> None:
+        from deltaxfer.wire import decode_runs
+        index, vaddrs, counts = decode_runs(msg.payload, "PENDING")
+        image_id = self.round_ids.get(index)
+        if image_id is None or not image_id.startswith("pid-"):
+            raise StoreError("bad-payload", f"PENDING for image index {index}: not a process "
+                                            "image of the last round")
+        if not self.r.postcopy_ok(self.begin):
+            raise StoreError("unexpected", "PENDING: this server does not take post-copy")
+        self.pending.setdefault(index, []).append((vaddrs, counts))
+        self.pending_pages += sum(counts)
 
     # --- files: FILE opens the set (IN_FILES / ROUND_IN_FILES) until COMMIT
     async def _file(self, body: dict) -> None:
@@ -259,6 +284,18 @@ class _Receiving:
     async def _commit(self, body: dict) -> None:
         r, conn, session, loop = self.r, self.conn, self.session, self.loop
         peer, name, container = self.peer, self.name, self.container
+        postcopy = None
+        if body.get("postcopy_pages") is not None or self.pending:
+            from deltaxfer.postcopy import PostcopyReceiver
+            if not (body["restore"] and self.begin["mode"] == "migrate"
+                    and r.postcopy_ok(self.begin)):
+                raise StoreError("unexpected", "a post-copy COMMIT needs a migration restored "
+                                               "here by deltaxfer's lazy-pages server")
+            if body.get("postcopy_pages") != self.pending_pages:
+                raise StoreError("missing-page", f"COMMIT names {body.get('postcopy_pages')} "
+                                                 f"pending pages, PENDING named "
+                                                 f"{self.pending_pages}")
+            postcopy = PostcopyReceiver(self, self.round_ids, self.pending)
         daemon = None
         if body["restore"] and container is None:
             # started in images.tmp: it must be up before the commit renames that
@@ -274,6 +311,15 @@ class _Receiving:
             raise
         self.files = None
         self._set(State.IDLE)
+        pc_task = None
+        if postcopy is not None:
+            # the restore's lazy-pages server reads these as it takes each task; the pages
+            # flow from now on (the restore itself may wait on one), read by postcopy.run,
+            # the connection's only reader until the post-copy ends
+            await loop.run_in_executor(self.worker, postcopy.write_pending_files, path)
+            await postcopy.connect(path)
+            self._set(State.POSTCOPY)
+            pc_task = loop.create_task(postcopy.run())
         pid = None
         # a migration's copy is restored stopped and runs only once the source has
         # confirmed (RESUME) that it will not resume itself
@@ -289,22 +335,38 @@ class _Receiving:
             session.restored(pid if two_phase else None)
         elif body["restore"]:
             session.mark_restoring()
-            pid = await loop.run_in_executor(None, r._restore, path, two_phase, daemon)
+            try:
+                pid = await loop.run_in_executor(None, r._restore, path, two_phase, daemon)
+            except BaseException:
+                if pc_task is not None:
+                    pc_task.cancel()
+                    postcopy.close()
+                raise
             # until RESUME, a restarted receiver kills this stopped copy
             session.restored(pid if two_phase else None)
+        start = session.meta["restoring"].get("start") if pid is not None else None
+        if postcopy is not None:
+            postcopy.set_tree(pid, start)   # a failure from here on kills it
         await conn.send_control(MsgType.COMMITTED, {"path": path, "restored_pid": pid})
         if pid is not None and two_phase:
-            self._set(State.AWAITING_RESUME)
+            if postcopy is None:
+                self._set(State.AWAITING_RESUME)
             try:
-                await r._await_resume(conn, peer, name, pid,
-                                      session.meta["restoring"].get("start"))
+                await r._await_resume(conn, peer, name, pid, start,
+                                      postcopy.resume if postcopy is not None else None)
             except BaseException:
                 if container is not None:   # the killed copy's runc state
                     self.drop_session = True
                     await loop.run_in_executor(None, r._drop_container, container)
+                if pc_task is not None:
+                    pc_task.cancel()
+                    postcopy.close()
                 raise
-            self._set(State.IDLE)
             session.restored(None)
+            if pc_task is not None:
+                # the copy runs; a failure from here kills it (its memory is incomplete)
+                self.postcopy_report = await pc_task
+            self._set(State.IDLE)
         seconds = time.monotonic() - self.t0
         wire = conn.stats["bytes_in"]
         records = self.records
@@ -312,6 +374,8 @@ class _Receiving:
                   "round": session.round, "wire_bytes_received": wire,
                   "records": dict(records), "seconds": round(seconds, 6),
                   "wire_rate_MBps": round(wire / seconds / 1e6, 3)}
+        if postcopy is not None:
+            report["postcopy"] = getattr(self, "postcopy_report", None)
         log.info("%s: session %s committed: %.2f MiB received in %.2f s "
                  "(%.1f MB/s; pages %d full, %d xor-delta, %d zero); restorable "
                  "images in %s%s", peer, name, wire / 2**20, seconds,
@@ -360,6 +424,15 @@ class Receiver:
         self.on_commit = on_commit
         self.active: set[str] = set()
 
+    def postcopy_ok(self, begin: dict) -> bool:
+        """Whether a migration's final round may leave pages for after the resume:
+        only a process (not a container) restored lazily here, served by deltaxfer's own
+        lazy-pages server (which places pending pages as they arrive)."""
+        return (self.criu is not None and self.lazy_restore and not self.parent_linked_final
+                and getattr(self.criu, "lazy_server", "") == "deltaxfer"
+                and begin.get("mode") == "migrate" and bool(begin.get("restore"))
+                and begin.get("container") is None)
+
     async def handle(self, conn) -> None:
         """One connection: BEGIN, STATE, then the session's states (State, ACCEPTS) until
         CLOSE; ERROR on any failure."""
@@ -405,7 +478,8 @@ class Receiver:
             await conn.send_control(MsgType.STATE, {
                 "session": name, "round": session.round, "source": session.meta["source"],
                 "images": [{"id": i, "pages": len(v), "digest": f"{image_digest(h):016x}"}
-                           for i, (v, h) in tables.items()]})
+                           for i, (v, h) in tables.items()],
+                "postcopy": self.postcopy_ok(begin)})
             for index, (v, h) in enumerate(tables.values()):
                 for payload in iter_held(index, v, h):
                     await conn.send(MsgType.HELD, payload)
@@ -434,12 +508,16 @@ class Receiver:
                 self.active.discard(name)
 
     async def _await_resume(self, conn, peer: str, name: str, pid: int,
-                            start: int | None) -> None:
+                            start: int | None, resume: asyncio.Future | None = None) -> None:
         """RESUME from the source: let the restored tree run. Anything else — silence, a
         lost connection, an ERROR — means the source may run on: kill the copy. The tree
-        is signalled only while ``pid`` still has the start time recorded at restore."""
+        is signalled only while ``pid`` still has the start time recorded at restore.
+        ``resume``: RESUME as another reader of the connection takes it (post-copy)."""
         try:
-            await conn.recv_control(MsgType.RESUME, timeout=RESUME_TIMEOUT)
+            if resume is not None:
+                await asyncio.wait_for(asyncio.shield(resume), RESUME_TIMEOUT)
+            else:
+                await conn.recv_control(MsgType.RESUME, timeout=RESUME_TIMEOUT)
         except BaseException as e:
             killed = signal_tree(pid, signal.SIGKILL, start)
             log.warning("%s: session %s: no RESUME from the source (%s): killed the restored "

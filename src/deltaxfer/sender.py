@@ -226,17 +226,29 @@ class SenderSession:
     async def files(self, image_dir: str, names: list[str]) -> tuple[int, int]:
         return await send_files(self.conn, image_dir, names)
 
-    async def commit(self, restore: bool) -> dict:
+    async def commit(self, restore: bool, postcopy_pages: int | None = None) -> dict:
         """COMMIT; COMMITTED's body: where the images are, and the restored (stopped)
-        copy's pid when the destination restored."""
-        await self.conn.send_control(MsgType.COMMIT, {"restore": restore})
+        copy's pid when the destination restored. ``postcopy_pages``: the pages PENDING
+        named (post-copy)."""
+        await self.send_commit(restore, postcopy_pages)
         return await self.conn.recv_control(MsgType.COMMITTED)
 
-    async def resume(self, timeout: float) -> dict:
-        """RESUME the destination's copy and wait for RESUMED. From the moment RESUME is
-        written the copy may run: ``resume_sent`` says so to the caller's rollback."""
+    async def send_commit(self, restore: bool, postcopy_pages: int | None = None) -> None:
+        body = {"restore": restore}
+        if postcopy_pages is not None:
+            body["postcopy_pages"] = postcopy_pages
+        await self.conn.send_control(MsgType.COMMIT, body)
+
+    async def resume(self, timeout: float, postcopy=None) -> dict:
+        """RESUME the destination's copy and wait for RESUMED (``postcopy``: a
+        PostcopyPush, which reads the connection and sends the rest of the pages from
+        now on). From the moment RESUME is written the copy may run: ``resume_sent`` says
+        so to the caller's rollback."""
         self.resume_sent = True
         await self.conn.send_control(MsgType.RESUME, {})
+        if postcopy is not None:
+            postcopy.resume_sent()
+            return await asyncio.wait_for(asyncio.shield(postcopy.resumed), timeout)
         return await self.conn.recv_control(MsgType.RESUMED, timeout=timeout)
 
     async def error(self, code: str, reason: str) -> None:

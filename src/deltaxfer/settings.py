@@ -68,10 +68,14 @@ SETTINGS: tuple[Setting, ...] = (
             "content hashing; on = fail without it; off = content hashing only", "--tracking",
             choices=("auto", "on", "off")),
     Setting("converge", "choice", "", "auto", "when the rounds stop shrinking with the "
-            "predicted downtime over the target: auto = slow the process tree in steps (a "
-            "stop/continue duty cycle of 30..95 %, released before the freeze and on every "
-            "exit) and go on; off = freeze with what is left", "--converge",
-            choices=("auto", "off")),
+            "predicted downtime over the target: throttle = slow the process tree in steps "
+            "(a stop/continue duty cycle of 30..95 %, released before the freeze and on "
+            "every exit) and go on; postcopy = freeze and resume the copy at once, the pages "
+            "written since the last round following it (fetched first when it faults on "
+            "them; needs written-page tracking and a `serve --restore` with deltaxfer's "
+            "lazy-pages server); auto = throttle, then post-copy if the predicted downtime "
+            "is still over the target and post-copy is possible; off = freeze with what is "
+            "left", "--converge", choices=("auto", "throttle", "postcopy", "off")),
     Setting("freeze", "choice", "", "auto", "how CRIU dumps in the freeze: lazy (pages stay "
             "in the frozen tasks; needs ~2048 open files per GiB), page-server (a plain dump "
             "whose pages deltaxfer throws away as they come), auto: lazy when it fits",
@@ -238,7 +242,7 @@ class Options:
     freeze: str = "auto"             # lazy, page-server, or auto (lazy when it fits)
     progress: object = None          # callable(str) for the per-round line
     encoder_threads: int | None = None   # None: $DELTAXFER_ENCODER_THREADS, else all cores
-    converge: str = "auto"           # auto: throttle the tree when rounds stall (throttle.py); off
+    converge: str = "auto"           # auto, throttle (throttle.py), postcopy (postcopy.py), off
     criu_opts: list = field(default_factory=list)   # the operator's own `criu dump` options
     criu_config: str | None = None   # a CRIU configuration file for the dump (--config)
     criu_verbosity: int = 2          # criu dump's -vN (criu.runner.CRIU_VERBOSITY)

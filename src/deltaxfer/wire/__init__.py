@@ -9,8 +9,9 @@ Handshake: new_nonce, server_proof, client_proof, proof_matches, choose_version,
 No sockets here: deltaxfer.transport moves the bytes.
 """
 from .binary import (TABLE_MAX_ENTRIES, Pagemap, decode_held, decode_pagemap, decode_pages,
-                     encode_held, encode_pagemap, encode_pagemap_entries, encode_pages,
-                     iter_file_data, iter_held, iter_pagemap)
+                     decode_postcopy_pages, decode_runs, encode_held, encode_pagemap,
+                     encode_pagemap_entries, encode_pages, encode_postcopy_pages,
+                     iter_file_data, iter_held, iter_pagemap, iter_runs)
 from .control import SCHEMAS, decode_control, encode_control, parse_control, validate_control
 from .framing import Decoder, Message, encode, encode_header
 from .handshake import (NONCE_SIZE, choose_version, client_proof, common_caps, new_nonce,
@@ -36,6 +37,10 @@ def decode_payload(m: Message):
         return decode_held(m.payload)
     if m.type == MsgType.PAGES:
         return decode_pages(m.payload)
+    if m.type in (MsgType.PENDING, MsgType.FETCH):
+        return decode_runs(m.payload, m.type.name)
+    if m.type == MsgType.POSTCOPY_PAGES:
+        return decode_postcopy_pages(m.payload)
     return m.payload
 
 

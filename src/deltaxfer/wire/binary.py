@@ -1,4 +1,5 @@
-"""Binary payloads: PAGEMAP and HELD tables, PAGES (u32 index + a core frame), FILE_DATA.
+"""Binary payloads: PAGEMAP and HELD tables, PAGES (u32 index + a core frame), FILE_DATA;
+post-copy: PENDING and FETCH tables of runs (vaddr, pages), POSTCOPY_PAGES.
 
 Tables are built and read with array/memoryview casts, never a Python loop per entry: a
 PAGEMAP entry (u64 vaddr, u32 nr_pages, u32 flags) is, on a little-endian host, the u64 pair
@@ -204,3 +205,72 @@ def iter_file_data(data):
     m = memoryview(data).cast("B")
     for at in range(0, len(m), FILE_DATA_LIMIT):
         yield m[at:at + FILE_DATA_LIMIT]
+
+
+# -- post-copy: PENDING and FETCH (runs of pages), POSTCOPY_PAGES --------------------------
+
+_PC_HEAD = struct.Struct("<IIII")       # u32 index, u32 runs, u32 flags, u32 raw bytes
+PC_LZ4 = 1
+PC_MAX_RAW = 16 * 1024 * 1024
+
+
+def iter_runs(index: int, vaddrs, counts, what: str = "PENDING"):
+    """PENDING / FETCH payloads: runs (vaddr, pages) of one image."""
+    v, n = _u64(vaddrs, what), _u64(counts, what)
+    if len(v) != len(n):
+        raise ValueError(f"{what}: {len(v)} vaddrs but {len(n)} counts")
+    for at in range(0, max(len(v), 1), TABLE_MAX_ENTRIES):
+        yield _table(index, v[at:at + TABLE_MAX_ENTRIES], n[at:at + TABLE_MAX_ENTRIES], what)
+
+
+def decode_runs(payload, what: str = "PENDING") -> tuple[int, array, array]:
+    """(index, vaddrs, page counts) of a PENDING or FETCH payload: page-aligned vaddrs,
+    counts of at least one page."""
+    index, pairs = _read_table(payload, what, TABLE_LIMIT)
+    v, n = array("Q", pairs[0::2].tobytes()), array("Q", pairs[1::2].tobytes())
+    if any(x & 4095 for x in v) or (len(n) and (min(n) < 1 or max(n) > 1 << 32)):
+        raise ProtocolError(ErrorCode.BAD_PAYLOAD, f"{what}: a run that is not page-aligned "
+                                                   "or not 1..2^32 pages")
+    return index, v, n
+
+
+def encode_postcopy_pages(index: int, vaddrs, counts, data, lz4: bool) -> bytearray:
+    """POSTCOPY_PAGES: runs (vaddr, pages) of one image and their pages, back to back
+    (``data``: lz4-compressed when ``lz4``; the raw size is sum(counts) pages)."""
+    v, n = _u64(vaddrs, "POSTCOPY_PAGES"), _u64(counts, "POSTCOPY_PAGES")
+    raw = sum(n) * 4096
+    if raw > PC_MAX_RAW:
+        raise ValueError(f"POSTCOPY_PAGES: {raw} bytes of pages, at most {PC_MAX_RAW}")
+    pairs = array("Q", bytes(16 * len(v)))
+    view = memoryview(pairs)
+    view[0::2] = v
+    view[1::2] = n
+    out = bytearray(_PC_HEAD.pack(index, len(v), PC_LZ4 if lz4 else 0, raw))
+    out += _le(pairs)
+    out += data
+    return out
+
+
+def decode_postcopy_pages(payload) -> tuple[int, array, array, bool, int, memoryview]:
+    """(index, vaddrs, counts, lz4, raw bytes, data) of a POSTCOPY_PAGES payload."""
+    m = memoryview(payload).cast("B")
+    if len(m) > PAGES_LIMIT:
+        raise ProtocolError(ErrorCode.TOO_LARGE, f"POSTCOPY_PAGES payload over {PAGES_LIMIT} "
+                                                 "bytes")
+    if len(m) < _PC_HEAD.size:
+        raise ProtocolError(ErrorCode.BAD_PAYLOAD, "POSTCOPY_PAGES payload lacks its header")
+    index, nruns, flags, raw = _PC_HEAD.unpack_from(m)
+    end = _PC_HEAD.size + 16 * nruns
+    if flags & ~PC_LZ4 or end > len(m) or raw > PC_MAX_RAW:
+        raise ProtocolError(ErrorCode.BAD_PAYLOAD, "POSTCOPY_PAGES: bad header")
+    pairs = array("Q", m[_PC_HEAD.size:end].tobytes())
+    if not _LITTLE:
+        pairs.byteswap()
+    v, n = pairs[0::2], pairs[1::2]
+    if any(x & 4095 for x in v) or (len(n) and min(n) < 1) or sum(n) * 4096 != raw:
+        raise ProtocolError(ErrorCode.BAD_PAYLOAD, "POSTCOPY_PAGES: runs do not match the "
+                                                   "page bytes, or are not page-aligned")
+    data = m[end:]
+    if not flags & PC_LZ4 and len(data) != raw:
+        raise ProtocolError(ErrorCode.BAD_PAYLOAD, "POSTCOPY_PAGES: page bytes truncated")
+    return index, v, n, bool(flags & PC_LZ4), raw, data

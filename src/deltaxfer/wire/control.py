@@ -128,6 +128,8 @@ SCHEMAS: dict[MsgType, dict] = {
     MsgType.COMMITTED: {"path": _str, "restored_pid": _optional_int},
     MsgType.RESUME: {},
     MsgType.RESUMED: {"pid": _int},
+    MsgType.POSTCOPY_END: {"pages": _int},
+    MsgType.POSTCOPY_DONE: {"pages": _int, "requests": _int},
     MsgType.ERROR: {"code": _str, "reason": _str},
     MsgType.CLOSE: {},
 }
@@ -142,6 +144,10 @@ OPTIONAL: dict[MsgType, dict] = {
                     # server that does not (no --restore) refuses it at BEGIN, before any
                     # round; an old server drops the key and refuses at COMMIT as before
                     "restore": _bool},
+    # the receiver can take a post-copy commit (PENDING, then pages after RESUMED)
+    MsgType.STATE: {"postcopy": _bool},
+    # post-copy: how many pages PENDING named (their content comes after RESUMED)
+    MsgType.COMMIT: {"postcopy_pages": _int},
 }
 
 

@@ -48,18 +48,28 @@ class MsgType(IntEnum):
     COMMITTED = 0x41
     RESUME = 0x42
     RESUMED = 0x43
+    # post-copy (docs/PROTOCOL.md "Post-copy"): PENDING before COMMIT, then after RESUMED
+    # POSTCOPY_PAGES from the source, FETCH from the destination, POSTCOPY_END -> _DONE
+    PENDING = 0x50
+    POSTCOPY_PAGES = 0x51
+    FETCH = 0x52
+    POSTCOPY_END = 0x53
+    POSTCOPY_DONE = 0x54
     ERROR = 0x7E
     CLOSE = 0x7F
 
 
-BINARY_TYPES = frozenset({MsgType.HELD, MsgType.PAGEMAP, MsgType.PAGES, MsgType.FILE_DATA})
+BINARY_TYPES = frozenset({MsgType.HELD, MsgType.PAGEMAP, MsgType.PAGES, MsgType.FILE_DATA,
+                          MsgType.PENDING, MsgType.POSTCOPY_PAGES, MsgType.FETCH})
 CONTROL_TYPES = frozenset(MsgType) - BINARY_TYPES
 HANDSHAKE_TYPES = frozenset({MsgType.HELLO, MsgType.WELCOME, MsgType.AUTH, MsgType.READY,
                              MsgType.ERROR, MsgType.CLOSE})
 
 LIMITS: dict[MsgType, int] = {t: CONTROL_LIMIT for t in CONTROL_TYPES}
 LIMITS.update({MsgType.HELD: TABLE_LIMIT, MsgType.PAGEMAP: TABLE_LIMIT,
-               MsgType.PAGES: PAGES_LIMIT, MsgType.FILE_DATA: FILE_DATA_LIMIT})
+               MsgType.PAGES: PAGES_LIMIT, MsgType.FILE_DATA: FILE_DATA_LIMIT,
+               MsgType.PENDING: TABLE_LIMIT, MsgType.FETCH: TABLE_LIMIT,
+               MsgType.POSTCOPY_PAGES: PAGES_LIMIT})
 MAX_PAYLOAD = max(LIMITS.values())
 
 # indexed by the type byte: the limit, or -1 for a byte that is not a message type

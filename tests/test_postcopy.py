@@ -1,0 +1,176 @@
+"""Post-copy of the residual (issue 17, deliverable 3b; deltaxfer/postcopy.py): real
+migrations whose final round leaves the pages written since the last round on the frozen
+source; the copy resumes at once and deltaxfer's lazy-pages server places those pages as
+they arrive, asking for the ones the copy faults on first. Checked by the workloads
+themselves (every page's content), by both sides' statistics, and on the failure path:
+the link lost while pages are still on the source kills the destination's copy and
+leaves the source stopped with its memory whole."""
+import os
+import signal
+import subprocess
+import time
+from array import array
+
+import pytest
+
+import workloads
+from deltaxfer import lazyserve
+from deltaxfer.core import procmem
+from deltaxfer.postcopy import page_runs
+from deltaxfer.wire import (MsgType, ProtocolError, decode_postcopy_pages, decode_runs,
+                            encode_postcopy_pages, iter_runs)
+from faults import agent_env, agent_tmp, migrate_cmd, run_migrate  # noqa: F401
+from lab import TwoHosts
+from servers import Server, ServeProcess, write_key
+
+
+# -- the wire and the runs ------------------------------------------------------------------
+
+def test_page_runs_cut_at_gaps_and_at_the_batch_size():
+    v = array("Q", [0x1000, 0x2000, 0x3000, 0x5000] + [0x10000 + i * 4096 for i in range(5)])
+    starts, counts = page_runs(v, limit=3)
+    assert list(starts) == [0x1000, 0x5000, 0x10000, 0x13000]
+    assert list(counts) == [3, 1, 3, 2]
+
+
+def test_postcopy_pages_round_trip_and_refusals():
+    data = bytes(range(256)) * 16 * 3
+    p = encode_postcopy_pages(7, [0x1000, 0x8000], [1, 2], data, False)
+    index, v, n, lz4, raw, got = decode_postcopy_pages(p)
+    assert (index, list(v), list(n), lz4, raw, bytes(got)) == (7, [0x1000, 0x8000], [1, 2],
+                                                                False, 3 * 4096, data)
+    with pytest.raises(ProtocolError):          # the runs say 3 pages, 2 came
+        decode_postcopy_pages(p[:-4096])
+    bad = bytearray(p)
+    bad[16] = 1                                 # a vaddr that is not page-aligned
+    with pytest.raises(ProtocolError):
+        decode_postcopy_pages(bad)
+    with pytest.raises(ProtocolError):
+        decode_postcopy_pages(p[:10])
+    (table,) = list(iter_runs(2, [0x4000], [3], "FETCH"))
+    assert [list(x) if not isinstance(x, int) else x for x in decode_runs(table, "FETCH")] \
+        == [2, [0x4000], [3]]
+    (zero,) = list(iter_runs(2, [0x4000], [0], "FETCH"))
+    with pytest.raises(ProtocolError):
+        decode_runs(zero, "FETCH")
+    assert MsgType.POSTCOPY_PAGES in (MsgType.PENDING, MsgType.POSTCOPY_PAGES)
+
+
+# -- real migrations ------------------------------------------------------------------------
+
+def _migrate(tmp_path, agent_tmp, server, wl, *extra, timeout=240) -> dict:
+    key = write_key(tmp_path / "client.key")
+    m = run_migrate(wl.pid, server.addr, key, tmp_path / "report.json", *extra,
+                    env=agent_env(agent_tmp), timeout=timeout)
+    r = m.report
+    if r and r.get("restored_pid"):
+        wl.adopt(r["restored_pid"])
+    assert m.rc == 0 and r["outcome"] == "migrated", (m.rc, m.stderr[-3000:], r and r.get(
+        "error"), server.log()[-3000:])
+    return r
+
+
+def _lazy_stats(images) -> dict:
+    deadline = time.monotonic() + 60
+    while (stats := lazyserve.done_stats(images)) is None:
+        assert time.monotonic() < deadline, open(os.path.join(images, "lazy-pages.log")).read()
+        time.sleep(0.05)
+    return stats
+
+
+@pytest.mark.criu
+@pytest.mark.parametrize("whole_pages", [True, False], ids=["whole-pages", "words"])
+def test_fast_writer_migrates_in_postcopy(criu, tmp_path, agent_tmp, whole_pages):
+    """A writer rewriting pages as fast as it can (whole random pages; single words):
+    `--converge postcopy` leaves what it wrote since the last round on the source; the
+    copy runs at once, every page ends up right (memwork checks all of them, twice), the
+    destination's server held those pages back until they arrived and placed them, and
+    both sides account for every one."""
+    with Server(tmp_path, extra=["--restore"]) as server, \
+            workloads.start("memwork", mib=96, dirty_mib_per_s=200, tmpdir=tmp_path,
+                            whole_pages=whole_pages) as wl:
+        r = _migrate(tmp_path, agent_tmp, server, wl, "--converge", "postcopy",
+                     "--max-rounds", "3")
+        pc = r["converge"]["postcopy"]
+        assert r["converge"]["postcopy_reason"] == "--converge postcopy"
+        assert pc["pages"] > 0 and pc["pages"] == r["freeze"]["postcopy_pages"], r["converge"]
+        res = wl.verify(pid=r["restored_pid"], timeout=120)
+        assert res["ok"], res
+        stats = _lazy_stats(r["destination_path"])
+        assert stats["error"] == 0, stats
+        assert stats["pages_pending"] == pc["pages"], (stats, pc)
+        assert stats["postcopy"] == {"connected": True, "ended": True,
+                                     "arrived": pc["pages"]}, stats
+        placed = (stats["pages_faulted"] + stats["pages_prefetched"] + stats["pages_present"]
+                  + stats["pages_dropped"] + stats["pages_abandoned"]
+                  + stats["pages_postcopied"])
+        assert placed == stats["pages_total"], stats
+        time.sleep(0.3)
+        again = wl.verify(pid=r["restored_pid"], timeout=120)
+        assert again["ok"] and again["mutations"] > res["mutations"], (res, again)
+        # the source is gone (killed once every page had arrived)
+        assert not procmem.exists(r["pid"]) or procmem.state(r["pid"]) == "Z"
+
+
+@pytest.mark.criu
+def test_postcopy_refused_where_it_cannot_run(criu, tmp_path, agent_tmp):
+    """--converge postcopy without a restore, or without written-page tracking, is
+    refused before anything is frozen; the source runs on."""
+    with Server(tmp_path, extra=["--restore"]) as server, \
+            workloads.start("memwork", mib=16, dirty_mib_per_s=2, tmpdir=tmp_path) as wl:
+        key = write_key(tmp_path / "client.key")
+        for extra, why in ((["--no-restore"], "--no-restore"),
+                           (["--tracking", "off"], "tracking")):
+            m = run_migrate(wl.pid, server.addr, key, tmp_path / "r.json", "--converge",
+                            "postcopy", *extra, env=agent_env(agent_tmp))
+            assert m.rc != 0 and "postcopy" in m.report["error"] and why in \
+                m.report["error"], m.report
+            assert "source runs on" in m.report["outcome"], m.report
+        assert wl.verify(timeout=60)["ok"]
+
+
+@pytest.mark.criu
+def test_link_lost_in_postcopy_kills_the_copy_and_keeps_the_source(criu, tmp_path, agent_tmp):
+    """Two hosts joined by a veth shaped to 200 Mbit/s, so that the pages after the
+    resume take seconds: the agent is killed then (the link is gone with it). The
+    destination kills its copy, which cannot run without those pages; the source stays
+    stopped -- not killed, not resumed by deltaxfer -- and, resumed by hand, its memory
+    checks out."""
+    key = write_key(tmp_path / "k.key")
+    with TwoHosts(rate="200mbit") as lab:
+        server = ServeProcess(tmp_path / "serve", str(key), host=lab.dest.addr,
+                              prefix=lab.dest.command([]), extra=["--restore"])
+        try:
+            with workloads.start("memwork", mib=64, dirty_mib_per_s=400, tmpdir=tmp_path,
+                                 whole_pages=True,
+                                 prefix=tuple(lab.source.command([]))) as wl:
+                argv = lab.source.command(migrate_cmd(
+                    wl.pid, f"{server.host}:{server.port}", key, tmp_path / "r.json",
+                    "--converge", "postcopy", "--max-rounds", "2"))
+                p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True,
+                                     env=agent_env(agent_tmp))
+                source = wl.pid
+                try:
+                    deadline = time.monotonic() + 180
+                    while "the restored process" not in server.log():
+                        assert p.poll() is None, (p.communicate(), server.log()[-3000:])
+                        assert time.monotonic() < deadline, server.log()[-3000:]
+                        time.sleep(0.01)
+                    restored = int(server.log().split("the restored process ")[-1].split()[0])
+                    p.kill()
+                finally:
+                    p.communicate(timeout=30)
+                assert "post-copy done" not in server.log(), \
+                    "the post-copy was over before the agent was killed"
+                deadline = time.monotonic() + 60
+                while procmem.exists(restored) and procmem.state(restored) != "Z":
+                    assert time.monotonic() < deadline, f"the copy {restored} still runs"
+                    time.sleep(0.05)
+                assert "post-copy failed" in server.log(), server.log()[-2000:]
+                assert procmem.state(source) in ("T", "t"), procmem.state(source)
+                os.kill(source, signal.SIGCONT)
+                res = wl.verify(timeout=120)
+                assert res["ok"], res
+        finally:
+            server.stop()
