@@ -46,8 +46,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import workloads  # noqa: E402
 from servers import ServeProcess  # noqa: E402
 
-METHODS = ("deltaxfer", "dx-noxor", "dx-nolz4", "dx-noconverge", "dx-criulazy", "rsync",
-           "page-server", "tar-lz4", "lazy-floor")
+METHODS = ("deltaxfer", "dx-noxor", "dx-nolz4", "dx-noconverge", "dx-criulazy",
+           "dx-throttle", "dx-postcopy", "rsync", "page-server", "tar-lz4", "lazy-floor")
 BASELINES = ("rsync", "page-server", "tar-lz4", "lazy-floor")
 
 
@@ -94,7 +94,8 @@ def check_restored(wl, restored: int, method: str) -> dict:
 # -- deltaxfer --------------------------------------------------------------------------------
 
 DX_FLAGS = {"deltaxfer": [], "dx-noxor": ["--no-xor"], "dx-nolz4": ["--no-lz4"],
-            "dx-noconverge": ["--converge", "off"], "dx-criulazy": []}
+            "dx-noconverge": ["--converge", "off"], "dx-criulazy": [],
+            "dx-throttle": ["--converge", "throttle"], "dx-postcopy": ["--converge", "postcopy"]}
 # serve's own flags per method: dx-criulazy restores through `criu lazy-pages` instead of
 # deltaxfer's lazy-pages server (the A/B of the restore's brownout)
 DX_SERVE_FLAGS = {"dx-criulazy": ["--lazy-pages-server", "criu"]}
@@ -551,6 +552,7 @@ def _dir_bytes(d: Path) -> int:
 
 RUNNERS = {"deltaxfer": run_deltaxfer, "dx-noxor": run_deltaxfer, "dx-nolz4": run_deltaxfer,
            "dx-noconverge": run_deltaxfer, "dx-criulazy": run_deltaxfer,
+           "dx-throttle": run_deltaxfer, "dx-postcopy": run_deltaxfer,
            "rsync": run_rsync, "page-server": run_page_server, "tar-lz4": run_tar_lz4,
            "lazy-floor": run_lazy_floor}
 

@@ -36,8 +36,8 @@ def test_page_runs_cut_at_gaps_and_at_the_batch_size():
 def test_postcopy_pages_round_trip_and_refusals():
     data = bytes(range(256)) * 16 * 3
     p = encode_postcopy_pages(7, [0x1000, 0x8000], [1, 2], data, False)
-    index, v, n, lz4, raw, got = decode_postcopy_pages(p)
-    assert (index, list(v), list(n), lz4, raw, bytes(got)) == (7, [0x1000, 0x8000], [1, 2],
+    index, v, n, flags, raw, got = decode_postcopy_pages(p)
+    assert (index, list(v), list(n), flags, raw, bytes(got)) == (7, [0x1000, 0x8000], [1, 2],
                                                                 False, 3 * 4096, data)
     with pytest.raises(ProtocolError):          # the runs say 3 pages, 2 came
         decode_postcopy_pages(p[:-4096])
@@ -54,6 +54,36 @@ def test_postcopy_pages_round_trip_and_refusals():
     with pytest.raises(ProtocolError):
         decode_runs(zero, "FETCH")
     assert MsgType.POSTCOPY_PAGES in (MsgType.PENDING, MsgType.POSTCOPY_PAGES)
+
+
+def test_postcopy_xor_body_is_checked_against_the_destinations_copy(tmp_path):
+    """The destination applies an XOR body only to the copy the source named: pages
+    whose copy here has another hash are refused (digest), never patched."""
+    from array import array as arr
+
+    from deltaxfer import _core
+    from deltaxfer.postcopy import PostcopyReceiver, _Image
+    from deltaxfer.store import StoreError
+
+    old = bytes([7]) * 4096 + bytes([9]) * 4096
+    new = bytes([7]) * 4000 + bytes(96) + bytes([9]) * 4096
+    path = tmp_path / "pages.img"
+    path.write_bytes(old)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        hashes, _, _ = _core.hash_pages(old)
+        img = _Image(0, "pid-1", arr("Q", [0x1000, 0x2000]), arr("Q", hashes), fd)
+        img.mask[:] = b"\x01\x01"
+        deltas, lengths = _core.xor_encode_pages(old, new)
+        body = arr("q", lengths).tobytes() + deltas
+        rcv = PostcopyReceiver.__new__(PostcopyReceiver)
+        got = rcv._undelta(img, [0x1000], [2], memoryview(body))
+        assert bytes(got) == new
+        img.hashes[1] ^= 1                     # the copy here is not the one named
+        with pytest.raises(StoreError, match="not the one"):
+            rcv._undelta(img, [0x1000], [2], memoryview(body))
+    finally:
+        os.close(fd)
 
 
 # -- real migrations ------------------------------------------------------------------------
@@ -87,8 +117,9 @@ def test_fast_writer_migrates_in_postcopy(criu, tmp_path, agent_tmp, whole_pages
     destination's server held those pages back until they arrived and placed them, and
     both sides account for every one."""
     with Server(tmp_path, extra=["--restore"]) as server, \
-            workloads.start("memwork", mib=96, dirty_mib_per_s=200, tmpdir=tmp_path,
-                            whole_pages=whole_pages) as wl:
+            workloads.start("memwork", mib=96 if whole_pages else 48, dirty_mib_per_s=200,
+                            tmpdir=tmp_path, whole_pages=whole_pages) as wl:
+        # (48 MiB: inside the 64 MiB XOR cache, the source has every page's base)
         r = _migrate(tmp_path, agent_tmp, server, wl, "--converge", "postcopy",
                      "--max-rounds", "3")
         pc = r["converge"]["postcopy"]
@@ -105,6 +136,10 @@ def test_fast_writer_migrates_in_postcopy(criu, tmp_path, agent_tmp, whole_pages
                   + stats["pages_dropped"] + stats["pages_abandoned"]
                   + stats["pages_postcopied"])
         assert placed == stats["pages_total"], stats
+        if not whole_pages:
+            # single words changed: the pages went as XOR deltas against the copy the
+            # destination held (its hash checked on both sides), a fraction of their size
+            assert pc["xor_pages"] > 0 and pc["bytes"] < pc["pages"] * 4096 / 4, pc
         time.sleep(0.3)
         again = wl.verify(pid=r["restored_pid"], timeout=120)
         assert again["ok"] and again["mutations"] > res["mutations"], (res, again)

@@ -5,6 +5,7 @@ order, then the environment; a file with such lines is held to the hook file's r
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -42,6 +43,18 @@ def test_criu_config_file_gives_the_same_options_as_the_flags(tmp_path):
     assert _comparable(got) == _comparable(_cli(*flags))
 
 
+def _fake_criu(argv):
+    """A process whose command line is a criu dump's (``dump`` + argv), returned once its
+    /proc/PID/cmdline says so (under load the new program's argv shows up late)."""
+    fake = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", "dump",
+                             *argv])
+    deadline = time.monotonic() + 10
+    while b"\0dump\0" not in open(f"/proc/{fake.pid}/cmdline", "rb").read():
+        assert time.monotonic() < deadline, "the stand-in criu never showed its argv"
+        time.sleep(0.01)
+    return fake
+
+
 def test_order_hook_file_then_criu_files_then_environment(tmp_path):
     hook_conf = tmp_path / "hook.conf"
     hook_conf.write_text("max_rounds = 5\ndowntime_target_ms = 500\nsession = from-hook\n")
@@ -55,8 +68,7 @@ def test_order_hook_file_then_criu_files_then_environment(tmp_path):
     argv = ["-t", "1", "--config", str(last)]
     assert criu_config_files(argv, env)[-2:] == [str(first), str(last)]
     # a hook under this criu: our own process stands in for it (its argv is read)
-    fake = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", "dump",
-                             *argv])
+    fake = _fake_criu(argv)
     try:
         c = hook_config(env, criu_pid=fake.pid)
         assert (c["max_rounds"], c["downtime_target_ms"], c["session"]) == ("3", "500", "last")
@@ -65,8 +77,7 @@ def test_order_hook_file_then_criu_files_then_environment(tmp_path):
         # --no-default-config: CRIU skips ~/.criu/default.conf, and so do we
         fake.kill()
         fake.wait()
-        fake = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", "dump",
-                                 "--no-default-config", *argv])
+        fake = _fake_criu(["--no-default-config", *argv])
         c = hook_config(env, criu_pid=fake.pid)
         assert (c["max_rounds"], c["session"]) == ("5", "last")
     finally:

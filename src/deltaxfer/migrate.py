@@ -479,7 +479,9 @@ class Agent:
                 from deltaxfer.postcopy import PostcopyPush
                 push = PostcopyPush(self.sender.conn, pending,
                                     {img.image_id: i for i, img in enumerate(images)},
-                                    compress=self.opts.compress, pool=self.pipeline.pool)
+                                    compress=self.opts.compress, pool=self.pipeline.pool,
+                                    held=self.held if self.opts.xor else None,
+                                    caches=self.sender.caches)
                 await push.send_pending()
                 f["postcopy_pages"] = push.pages
             t = time.monotonic()

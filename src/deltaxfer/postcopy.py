@@ -29,6 +29,7 @@ import asyncio
 import logging
 import os
 import signal
+import sys
 import time
 from array import array
 from bisect import bisect_left, bisect_right
@@ -40,6 +41,7 @@ from deltaxfer.pidref import signal_tree
 from deltaxfer.store import StoreError
 from deltaxfer.wire import (MsgType, decode_control, decode_postcopy_pages, decode_runs,
                             encode_postcopy_pages, iter_runs)
+from deltaxfer.wire.binary import PC_LZ4, PC_XOR
 
 log = logging.getLogger("deltaxfer.serve")
 
@@ -180,18 +182,21 @@ class PostcopyReceiver:
         """On the worker: one POSTCOPY_PAGES into the pages file; the records for the
         lazy-pages server (sent once the pages are written)."""
         import lz4.block
-        index, starts, counts, compressed, raw, data = decode_postcopy_pages(payload)
+        index, starts, counts, flags, raw, data = decode_postcopy_pages(payload)
         img = self.images.get(index)
         if img is None:
             raise StoreError("bad-payload", f"POSTCOPY_PAGES for image index {index}, which "
                                             "has no pending pages")
-        if compressed:
+        if flags & PC_LZ4:
             try:
                 data = lz4.block.decompress(data, uncompressed_size=raw)
             except lz4.block.LZ4BlockError as e:
                 raise StoreError("bad-payload", f"POSTCOPY_PAGES: {e}") from None
-            if len(data) != raw:
-                raise StoreError("bad-payload", "POSTCOPY_PAGES: wrong decompressed size")
+        if len(data) != raw:
+            raise StoreError("bad-payload", "POSTCOPY_PAGES: the body's size is not its "
+                                            "header's")
+        if flags & PC_XOR:
+            data = self._undelta(img, starts, counts, memoryview(data))
         view = memoryview(data)
         out = bytearray()
         off = 0
@@ -210,6 +215,50 @@ class PostcopyReceiver:
             out += POSTCOPY_RECORD.pack(img.pid, c, i)
             off += c * PAGE_SIZE
         return bytes(out)
+
+    def _undelta(self, img: _Image, starts, counts, body: memoryview) -> bytearray:
+        """The pages of an XOR body: the pages in the file (the destination's older
+        copies, checked against their held hashes) patched by the deltas, and the whole
+        pages put in."""
+        npages = sum(counts)
+        lengths = array("q", body[:8 * npages].tobytes())
+        if sys.byteorder != "little":
+            lengths.byteswap()
+        if min(lengths, default=0) < -1:
+            raise StoreError("bad-payload", "POSTCOPY_PAGES: a negative delta length")
+        dsum = sum(x for x in lengths if x > 0)
+        deltas = body[8 * npages:8 * npages + dsum]
+        whole = body[8 * npages + dsum:]
+        if len(deltas) != dsum or len(whole) != lengths.count(-1) * PAGE_SIZE:
+            raise StoreError("bad-payload", "POSTCOPY_PAGES: the deltas and whole pages do "
+                                            "not add up")
+        pages = bytearray(npages * PAGE_SIZE)
+        at = 0
+        base_hashes = array("Q")
+        for a, c in zip(starts, counts):
+            i = img.span(a, c, "POSTCOPY_PAGES")
+            got = os.preadv(img.fd, [memoryview(pages)[at * PAGE_SIZE:(at + c) * PAGE_SIZE]],
+                            i * PAGE_SIZE)
+            if got != c * PAGE_SIZE:
+                raise StoreError("internal", f"{img.image_id}: the pages file is short")
+            base_hashes.extend(img.hashes[i:i + c])
+            at += c
+        hashes, _, _ = _core.hash_pages(pages)
+        for k in range(npages):
+            if lengths[k] != -1 and hashes[k] != base_hashes[k]:
+                raise StoreError("digest", f"POSTCOPY_PAGES: an XOR delta for a page of "
+                                           f"{img.image_id} whose copy here is not the one "
+                                           "the source names")
+        try:
+            _core.xor_decode_pages(pages, deltas, lengths)
+        except ValueError as e:
+            raise StoreError("bad-payload", f"POSTCOPY_PAGES: {e}") from None
+        w = 0
+        for k in range(npages):
+            if lengths[k] == -1:
+                pages[k * PAGE_SIZE:(k + 1) * PAGE_SIZE] = whole[w * PAGE_SIZE:(w + 1) * PAGE_SIZE]
+                w += 1
+        return pages
 
     async def _relay(self) -> None:
         """Fault requests from the lazy-pages server -> FETCH to the source (the pages
@@ -313,8 +362,13 @@ class PostcopyPush:
     ``index``: {image id: its index in that round}."""
 
     def __init__(self, conn, pending: dict, index: dict[str, int], *, compress: bool,
-                 pool):
+                 pool, held: dict | None = None, caches: dict | None = None):
         self.conn, self.compress, self.pool = conn, compress, pool
+        # XOR deltas against the destination's older copy: its hashes (``held``, as the
+        # final round left them) and the source's copy of what it sent (the XOR caches)
+        self.held, self.caches = held or {}, caches or {}
+        self.id_of = {i: image_id for image_id, i in index.items()}
+        self.xor_pages = 0
         self.images = []      # (index, host pid, run starts, run counts, sent flags)
         for image_id, (pid, vaddrs) in sorted(pending.items(), key=lambda x: index[x[0]]):
             starts, counts = page_runs(vaddrs)
@@ -331,9 +385,10 @@ class PostcopyPush:
             for payload in iter_runs(index, starts, counts, "PENDING"):
                 await self.conn.send(MsgType.PENDING, payload)
 
-    def _read(self, pid: int, starts, counts) -> tuple[bytes, bool]:
-        """On an encoder thread: the pages of these runs from the frozen task, lz4 when
-        that saves a tenth or more."""
+    def _read(self, index: int, pid: int, starts, counts) -> tuple[bytes, bool, int]:
+        """On an encoder thread: the pages of these runs from the frozen task, as XOR
+        deltas where the destination's copy is known here, lz4 when that saves a tenth
+        or more. (body, lz4, raw size of an XOR body or 0)."""
         import lz4.block
         lens = array("Q", (c * PAGE_SIZE for c in counts))
         buf = bytearray(sum(lens))
@@ -341,11 +396,58 @@ class PostcopyPush:
         if failed:
             raise OSError(f"post-copy: {nbytes} bytes of process {pid} could not be read "
                           f"(first at 0x{failed[0][0]:x})")
+        body, xor_raw = self._deltas(index, starts, counts, buf)
         if self.compress:
-            packed = lz4.block.compress(bytes(buf), store_size=False)
-            if len(packed) < 0.9 * len(buf):
-                return packed, True
-        return bytes(buf), False
+            packed = lz4.block.compress(bytes(body), store_size=False)
+            if len(packed) < 0.9 * len(body):
+                return packed, True, xor_raw
+        return bytes(body), False, xor_raw
+
+    def _deltas(self, index: int, starts, counts, buf: bytearray):
+        """(body, raw size) of an XOR body for these pages, or (buf, 0) when no page
+        has a known base: a page's base is the XOR cache's copy when its hash is the
+        destination's (the final round's held hash of that vaddr)."""
+        image_id = self.id_of.get(index)
+        cache, held = self.caches.get(image_id), self.held.get(image_id)
+        if cache is None or held is None:
+            return buf, 0
+        npages = len(buf) // PAGE_SIZE
+        old = bytearray(len(buf))
+        want = array("Q")
+        k = 0
+        for a, c in zip(starts, counts):
+            i = bisect_left(held.vaddrs, a)
+            want.extend(held.hashes[i:i + c])
+            for j in range(c):
+                page = cache.lookup(a + j * PAGE_SIZE)
+                if page is not None:
+                    old[(k + j) * PAGE_SIZE:(k + j + 1) * PAGE_SIZE] = page
+            k += c
+        hashes, _, _ = _core.hash_pages(old)
+        based = [k for k in range(npages) if hashes[k] == want[k]]
+        if not based:
+            return buf, 0
+        mv, ov = memoryview(buf), memoryview(old)
+        sel_new = b"".join(mv[k * PAGE_SIZE:(k + 1) * PAGE_SIZE] for k in based)
+        sel_old = b"".join(ov[k * PAGE_SIZE:(k + 1) * PAGE_SIZE] for k in based)
+        deltas, dl = _core.xor_encode_pages(sel_old, sel_new)
+        lengths = array("q", [-1]) * npages
+        out = bytearray()
+        dv = memoryview(deltas)
+        at = 0
+        for k, n in zip(based, dl):
+            lengths[k] = n
+            if n > 0:
+                out += dv[at:at + n]
+                at += n
+        for k in range(npages):
+            if lengths[k] == -1:
+                out += mv[k * PAGE_SIZE:(k + 1) * PAGE_SIZE]
+        if sys.byteorder != "little":
+            lengths.byteswap()
+        body = lengths.tobytes() + out
+        self.xor_pages += sum(1 for n in dl if n >= 0)
+        return body, len(body)
 
     def start(self, timeout: float) -> None:
         """Right after COMMIT: from now on this is the connection's only reader (COMMITTED
@@ -481,8 +583,9 @@ class PostcopyPush:
                 index, pid, starts, counts, _ = img
                 s = array("Q", (starts[k] for k in ids))
                 c = array("Q", (counts[k] for k in ids))
-                data, packed = await loop.run_in_executor(self.pool, self._read, pid, s, c)
-                payload = encode_postcopy_pages(index, s, c, data, packed)
+                data, packed, xor_raw = await loop.run_in_executor(
+                    self.pool, self._read, index, pid, s, c)
+                payload = encode_postcopy_pages(index, s, c, data, packed, xor_raw)
                 self.bytes += len(payload)
                 await self.conn.send(MsgType.POSTCOPY_PAGES, payload)
             t_sent = time.monotonic()
@@ -491,5 +594,5 @@ class PostcopyPush:
         return {"pages": self.pages, "bytes": self.bytes, "batch_pages": BATCH_PAGES,
                 "seconds": round(time.monotonic() - t0, 6),
                 "send_seconds": round(t_sent - t0, 6), "fetch_requests": self.fetches,
-                "fetched_pages": self.fetched_pages,
+                "fetched_pages": self.fetched_pages, "xor_pages": self.xor_pages,
                 "destination_requests": body.get("requests", 0)}

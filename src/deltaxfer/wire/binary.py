@@ -210,7 +210,8 @@ def iter_file_data(data):
 # -- post-copy: PENDING and FETCH (runs of pages), POSTCOPY_PAGES --------------------------
 
 _PC_HEAD = struct.Struct("<IIII")       # u32 index, u32 runs, u32 flags, u32 raw bytes
-PC_LZ4 = 1
+PC_LZ4 = 1          # the body is one lz4 block
+PC_XOR = 2          # the body is i64 lengths per page, XOR deltas, then whole pages
 PC_MAX_RAW = 16 * 1024 * 1024
 
 
@@ -234,25 +235,30 @@ def decode_runs(payload, what: str = "PENDING") -> tuple[int, array, array]:
     return index, v, n
 
 
-def encode_postcopy_pages(index: int, vaddrs, counts, data, lz4: bool) -> bytearray:
+def encode_postcopy_pages(index: int, vaddrs, counts, data, lz4: bool, xor_raw: int = 0
+                          ) -> bytearray:
     """POSTCOPY_PAGES: runs (vaddr, pages) of one image and their pages, back to back
-    (``data``: lz4-compressed when ``lz4``; the raw size is sum(counts) pages)."""
+    (``data``: lz4-compressed when ``lz4``; the raw size is sum(counts) pages). With
+    ``xor_raw`` (the body's raw size), the body is per page an i64 length (-1: the page
+    follows whole; 0: unchanged; else an XOR+RLE delta against the destination's copy),
+    the deltas back to back, then the whole pages."""
     v, n = _u64(vaddrs, "POSTCOPY_PAGES"), _u64(counts, "POSTCOPY_PAGES")
-    raw = sum(n) * 4096
-    if raw > PC_MAX_RAW:
+    raw = xor_raw or sum(n) * 4096
+    if raw > PC_MAX_RAW + 8 * sum(n):
         raise ValueError(f"POSTCOPY_PAGES: {raw} bytes of pages, at most {PC_MAX_RAW}")
     pairs = array("Q", bytes(16 * len(v)))
     view = memoryview(pairs)
     view[0::2] = v
     view[1::2] = n
-    out = bytearray(_PC_HEAD.pack(index, len(v), PC_LZ4 if lz4 else 0, raw))
+    flags = (PC_LZ4 if lz4 else 0) | (PC_XOR if xor_raw else 0)
+    out = bytearray(_PC_HEAD.pack(index, len(v), flags, raw))
     out += _le(pairs)
     out += data
     return out
 
 
-def decode_postcopy_pages(payload) -> tuple[int, array, array, bool, int, memoryview]:
-    """(index, vaddrs, counts, lz4, raw bytes, data) of a POSTCOPY_PAGES payload."""
+def decode_postcopy_pages(payload) -> tuple[int, array, array, int, int, memoryview]:
+    """(index, vaddrs, counts, flags, raw bytes, data) of a POSTCOPY_PAGES payload."""
     m = memoryview(payload).cast("B")
     if len(m) > PAGES_LIMIT:
         raise ProtocolError(ErrorCode.TOO_LARGE, f"POSTCOPY_PAGES payload over {PAGES_LIMIT} "
@@ -261,16 +267,18 @@ def decode_postcopy_pages(payload) -> tuple[int, array, array, bool, int, memory
         raise ProtocolError(ErrorCode.BAD_PAYLOAD, "POSTCOPY_PAGES payload lacks its header")
     index, nruns, flags, raw = _PC_HEAD.unpack_from(m)
     end = _PC_HEAD.size + 16 * nruns
-    if flags & ~PC_LZ4 or end > len(m) or raw > PC_MAX_RAW:
+    if flags & ~(PC_LZ4 | PC_XOR) or end > len(m) or raw > PC_MAX_RAW + 8 * (PC_MAX_RAW // 4096):
         raise ProtocolError(ErrorCode.BAD_PAYLOAD, "POSTCOPY_PAGES: bad header")
     pairs = array("Q", m[_PC_HEAD.size:end].tobytes())
     if not _LITTLE:
         pairs.byteswap()
     v, n = pairs[0::2], pairs[1::2]
-    if any(x & 4095 for x in v) or (len(n) and min(n) < 1) or sum(n) * 4096 != raw:
+    pages = sum(n)
+    if any(x & 4095 for x in v) or (len(n) and min(n) < 1) or pages * 4096 > PC_MAX_RAW or (
+            raw != pages * 4096 if not flags & PC_XOR else raw < 8 * pages):
         raise ProtocolError(ErrorCode.BAD_PAYLOAD, "POSTCOPY_PAGES: runs do not match the "
                                                    "page bytes, or are not page-aligned")
     data = m[end:]
     if not flags & PC_LZ4 and len(data) != raw:
         raise ProtocolError(ErrorCode.BAD_PAYLOAD, "POSTCOPY_PAGES: page bytes truncated")
-    return index, v, n, bool(flags & PC_LZ4), raw, data
+    return index, v, n, flags, raw, data
