@@ -5,6 +5,7 @@ they arrive, asking for the ones the copy faults on first. Checked by the worklo
 themselves (every page's content), by both sides' statistics, and on the failure path:
 the link lost while pages are still on the source kills the destination's copy and
 leaves the source stopped with its memory whole."""
+import json
 import os
 import signal
 import subprocess
@@ -164,13 +165,12 @@ def test_postcopy_refused_where_it_cannot_run(criu, tmp_path, agent_tmp):
         assert wl.verify(timeout=60)["ok"]
 
 
-@pytest.mark.criu
-def test_link_lost_in_postcopy_kills_the_copy_and_keeps_the_source(criu, tmp_path, agent_tmp):
-    """Two hosts joined by a veth shaped to 200 Mbit/s, so that the pages after the
-    resume take seconds: the agent is killed then (the link is gone with it). The
-    destination kills its copy, which cannot run without those pages; the source stays
-    stopped -- not killed, not resumed by deltaxfer -- and, resumed by hand, its memory
-    checks out."""
+def _postcopy_on_a_slow_link(tmp_path, agent_tmp, interrupt):
+    """A whole-page writer migrated in post-copy between two hosts joined by a veth
+    shaped to 200 Mbit/s, so that the pages after the resume take seconds;
+    ``interrupt(migrate process, server)`` is called as soon as the copy runs. Returns
+    (source pid, restored pid, server log, migrate's report or None), the source still
+    there for the caller to check (and resumed, and verified, by it)."""
     key = write_key(tmp_path / "k.key")
     with TwoHosts(rate="200mbit") as lab:
         server = ServeProcess(tmp_path / "serve", str(key), host=lab.dest.addr,
@@ -179,8 +179,9 @@ def test_link_lost_in_postcopy_kills_the_copy_and_keeps_the_source(criu, tmp_pat
             with workloads.start("memwork", mib=64, dirty_mib_per_s=400, tmpdir=tmp_path,
                                  whole_pages=True,
                                  prefix=tuple(lab.source.command([]))) as wl:
+                report = tmp_path / "r.json"
                 argv = lab.source.command(migrate_cmd(
-                    wl.pid, f"{server.host}:{server.port}", key, tmp_path / "r.json",
+                    wl.pid, f"{server.host}:{server.port}", key, report,
                     "--converge", "postcopy", "--max-rounds", "2"))
                 p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True,
@@ -193,19 +194,57 @@ def test_link_lost_in_postcopy_kills_the_copy_and_keeps_the_source(criu, tmp_pat
                         assert time.monotonic() < deadline, server.log()[-3000:]
                         time.sleep(0.01)
                     restored = int(server.log().split("the restored process ")[-1].split()[0])
-                    p.kill()
+                    interrupt(p, server)
                 finally:
-                    p.communicate(timeout=30)
-                assert "post-copy done" not in server.log(), \
-                    "the post-copy was over before the agent was killed"
+                    p.communicate(timeout=60)
+                log = server.log()
+                assert "post-copy done" not in log, \
+                    "the post-copy was over before it was interrupted"
                 deadline = time.monotonic() + 60
                 while procmem.exists(restored) and procmem.state(restored) != "Z":
                     assert time.monotonic() < deadline, f"the copy {restored} still runs"
                     time.sleep(0.05)
-                assert "post-copy failed" in server.log(), server.log()[-2000:]
+                # the source: stopped, whole; resumed by hand, it checks out
                 assert procmem.state(source) in ("T", "t"), procmem.state(source)
                 os.kill(source, signal.SIGCONT)
                 res = wl.verify(timeout=120)
                 assert res["ok"], res
+                r = json.loads(report.read_text()) if report.exists() else None
+                return source, restored, log, r
         finally:
             server.stop()
+
+
+@pytest.mark.criu
+def test_link_lost_in_postcopy_kills_the_copy_and_keeps_the_source(criu, tmp_path, agent_tmp):
+    """The agent is SIGKILLed while pages are still on the source (the link goes with
+    it): the destination kills its copy, which cannot run without them; the source stays
+    stopped -- not killed, not resumed by deltaxfer -- and its memory is whole."""
+    _, _, log, _ = _postcopy_on_a_slow_link(tmp_path, agent_tmp, lambda p, server: p.kill())
+    assert "post-copy failed" in log, log[-2000:]
+
+
+@pytest.mark.criu
+def test_serve_killed_in_postcopy_kills_the_copy_and_keeps_the_source(criu, tmp_path,
+                                                                      agent_tmp):
+    """`serve` is SIGKILLed while pages are still on the source: its lazy-pages server,
+    told which tree it serves, kills that tree when the receiver's socket closes; the
+    agent reports the post-copy failed and leaves the source stopped, with the operator's
+    way on in the report."""
+    def kill_serve(p, server):
+        server.proc.kill()
+
+    source, _, _, r = _postcopy_on_a_slow_link(tmp_path, agent_tmp, kill_serve)
+    assert r is not None and r["outcome"].startswith("post-copy failed"), r
+    assert "post-copy failed" in r["error"] and f"kill -CONT {source}" in r["hint"], r
+
+
+def test_hook_refuses_postcopy(tmp_path, capsys):
+    """The stand-alone hook ends when post-dump returns: nothing would send the pages
+    after the resume, so converge=postcopy is refused there (post-dump fails: criu
+    resumes the tree)."""
+    from deltaxfer.migrate import run_standalone_hook
+    key = write_key(tmp_path / "k.key")
+    config = {"to": "127.0.0.1:9", "key_file": str(key), "converge": "postcopy"}
+    assert run_standalone_hook("post-dump", config, {}) == 1
+    assert "postcopy" in capsys.readouterr().err
