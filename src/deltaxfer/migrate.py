@@ -843,17 +843,16 @@ def run_standalone_hook(action: str, config: dict, env) -> int:
                             session_default=f"hook-{socket.gethostname()}-{init_pid}",
                             progress=lambda line: print(f"deltaxfer hook: {line}",
                                                         file=sys.stderr), for_hook=True)
+        if opts.converge == "postcopy":
+            # the hook's process ends when post-dump returns: nothing would be left to
+            # send the pages that follow the resume
+            raise ConfigError("converge=postcopy needs `deltaxfer migrate` (its agent stays "
+                              "up after the resume); the stand-alone hook cannot")
         host, port = parse_hostport(config["to"], what="to")
         key = load_key(config.get("key_file", ""))
         criu = find_criu(config.get("criu"))
     except (ConfigError, OSError, RuntimeError) as e:
         print(f"deltaxfer hook: {action}: {e}", file=sys.stderr)
-        return 1 if action == "post-dump" else 0
-    if opts.converge == "postcopy":
-        # the hook's process ends when post-dump returns: nothing would be left to send
-        # the pages that follow the resume
-        print(f"deltaxfer hook: {action}: converge=postcopy needs `deltaxfer migrate` (the "
-              "agent stays up after the resume); the hook cannot", file=sys.stderr)
         return 1 if action == "post-dump" else 0
     agent = Agent(init_pid, host, port, key, criu, opts)
     try:
