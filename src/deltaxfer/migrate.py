@@ -474,6 +474,9 @@ class Agent:
                 "read_pages": from_memory // PAGE_SIZE, "skipped": c["skipped"],
                 "wire_bytes": c["stored_bytes"], "seconds": round(rs.seconds, 6),
                 "send_seconds": round(rs.send_seconds, 6)})
+            if self.postcopy and not pending:
+                self.postcopy_why += ("; nothing the destination holds was written since "
+                                      "the last round: no page to follow the resume")
             if pending:
                 # post-copy: the written pages left out of the round follow the resume
                 from deltaxfer.postcopy import PostcopyPush
