@@ -9,6 +9,7 @@ cdef extern from "lazy.h" nogil:
         uint64_t pages_dropped, pages_zero, faults, events, eagain, tasks_gone
         uint64_t pages_abandoned, placed_ns, prefetch_ns, complete_ns
         uint64_t pages_pending, pages_postcopied, requests, requests_dropped
+        uint64_t fault_waits, fault_wait_ns, fault_wait_max_ns
         int error
         char error_what[128]
     dx_lazy *dx_lazy_new(int workers, uint32_t chunk_pages, uint32_t fault_pages, int *err)

@@ -93,6 +93,9 @@ cdef class LazyServer:
                 "pages_abandoned": s.pages_abandoned, "placed_ns": s.placed_ns,
                 "pages_pending": s.pages_pending, "pages_postcopied": s.pages_postcopied,
                 "requests": s.requests, "requests_dropped": s.requests_dropped,
+                "fault_waits": s.fault_waits,
+                "fault_wait_s": round(s.fault_wait_ns / 1e9, 6),
+                "fault_wait_max_s": round(s.fault_wait_max_ns / 1e9, 6),
                 "prefetch_ns": s.prefetch_ns, "complete_ns": s.complete_ns,
                 "error": s.error,
                 "error_what": s.error_what.decode("utf-8", "replace") if s.error else ""}

@@ -133,6 +133,10 @@ def test_fast_writer_migrates_in_postcopy(criu, tmp_path, agent_tmp, whole_pages
         assert stats["pages_pending"] == pc["pages"], (stats, pc)
         assert stats["postcopy"] == {"connected": True, "ended": True,
                                      "arrived": pc["pages"]}, stats
+        # how long the copy's faults waited on pending pages, as the server timed them,
+        # reaches the source's report (QEMU's post-copy "blocktime")
+        assert pc["fault_waits"] == stats["fault_waits"] >= 1, (pc, stats)
+        assert 0 < pc["fault_wait_max_s"] <= pc["fault_wait_s"] < pc["seconds"] + 30, pc
         placed = (stats["pages_faulted"] + stats["pages_prefetched"] + stats["pages_present"]
                   + stats["pages_dropped"] + stats["pages_abandoned"]
                   + stats["pages_postcopied"])

@@ -68,6 +68,7 @@ typedef struct task {
     uint64_t data_pages;
     _Atomic uint64_t *done;
     _Atomic uint64_t *pending;  /* NULL: nothing pending; shared with forks */
+    _Atomic uint64_t *waiting;  /* with pending: per page, when a fault first asked for it */
     int own_pending;
     atomic_llong left;          /* pages in segs not yet done */
     uint64_t complete_since;    /* event thread only */
@@ -90,7 +91,7 @@ struct dx_lazy {
     int nwk, evt_started;
     atomic_ullong tasks_n, forks, pages_total, faulted, prefetched, present, dropped, zero,
         faults, events, eagain, gone_n, abandoned, pending_n, postcopied, requests,
-        requests_dropped;
+        requests_dropped, waits, wait_ns, wait_max_ns;
     int reqfd;                  /* post-copy: where fault requests go (-1: none) */
     uint64_t prefetch_ns, placed_ns, complete_ns;
     int error;
@@ -279,6 +280,26 @@ static void wake(task_t *t, uint64_t addr)
     ioctl(t->uffd, UFFDIO_WAKE, &r);
 }
 
+/* Pages [p, p+n) were just placed: the faults that waited on them (post-copy) are over. */
+static void note_waits(task_t *t, uint64_t p, uint64_t n)
+{
+    dx_lazy *lz = t->lz;
+    uint64_t now = 0;
+    for (uint64_t q = p; q < p + n; q++) {
+        uint64_t since = atomic_exchange(&t->waiting[q], 0);
+        if (!since)
+            continue;
+        if (!now)
+            now = now_ns();
+        uint64_t w = now > since ? now - since : 0;
+        atomic_fetch_add(&lz->waits, 1);
+        atomic_fetch_add(&lz->wait_ns, w);
+        unsigned long long m = atomic_load(&lz->wait_max_ns);
+        while (w > m && !atomic_compare_exchange_weak(&lz->wait_max_ns, &m, w)) {
+        }
+    }
+}
+
 /* UFFDIO_COPY pages [p, p+n) of the pages file to addr..: returns how many were handled
  * (copied or found present) before it stopped; *why = 0, or the -errno it stopped on
  * (-EAGAIN: the address space is changing, try again after its event is read). */
@@ -296,6 +317,8 @@ static uint64_t place(task_t *t, uint64_t addr, uint64_t p, uint64_t n, atomic_u
         uint64_t got = rc == 0 ? n : (c.copy > 0 ? (uint64_t)c.copy / PS : 0);
         if (got) {
             mark(t, p, got, ctr);
+            if (t->waiting)
+                note_waits(t, p, got);
             addr += got * PS;
             p += got;
             n -= got;
@@ -332,6 +355,8 @@ static void request(task_t *t, uint64_t p, uint64_t n)
 {
     dx_lazy *lz = t->lz;
     struct { int32_t pid; uint32_t n; uint64_t p; } rec = {t->pid, (uint32_t)n, p};
+    uint64_t none = 0;
+    atomic_compare_exchange_strong(&t->waiting[p], &none, now_ns());
     int fd = __atomic_load_n(&lz->reqfd, __ATOMIC_ACQUIRE);
     if (fd >= 0 && send(fd, &rec, sizeof rec, MSG_DONTWAIT | MSG_NOSIGNAL) == sizeof rec)
         atomic_fetch_add(&lz->requests, 1);
@@ -433,8 +458,10 @@ static void task_free(task_t *t)
     free(t->segs);
     free(t->bypidx);
     free((void *)t->done);
-    if (t->own_pending)
+    if (t->own_pending) {
         free((void *)t->pending);
+        free((void *)t->waiting);
+    }
     pthread_rwlock_destroy(&t->rw);
     pthread_mutex_destroy(&t->cmu);
     free(t);
@@ -485,6 +512,7 @@ static void handle_fork(task_t *parent, int ufd)
         return;
     }
     c->pending = parent->pending;
+    c->waiting = parent->waiting;
     c->segs = malloc((parent->nseg ? parent->nseg : 1) * sizeof(seg_t));
     if (c->segs) {
         memcpy(c->segs, parent->segs, parent->nseg * sizeof(seg_t));
@@ -965,7 +993,8 @@ int dx_lazy_add(dx_lazy *lz, int uffd, int pid, int pages_fd, uint64_t pages_fil
     }
     if (npending) {
         t->pending = calloc((data_pages + 63) / 64 + 1, sizeof(uint64_t));
-        if (!t->pending) {
+        t->waiting = calloc(data_pages + 1, sizeof(uint64_t));
+        if (!t->pending || !t->waiting) {
             task_free(t);
             return -ENOMEM;
         }
@@ -1189,6 +1218,9 @@ void dx_lazy_get_stats(dx_lazy *lz, dx_lazy_stats *o)
     o->pages_postcopied = atomic_load(&lz->postcopied);
     o->requests = atomic_load(&lz->requests);
     o->requests_dropped = atomic_load(&lz->requests_dropped);
+    o->fault_waits = atomic_load(&lz->waits);
+    o->fault_wait_ns = atomic_load(&lz->wait_ns);
+    o->fault_wait_max_ns = atomic_load(&lz->wait_max_ns);
     pthread_mutex_lock(&lz->mu);
     o->prefetch_ns = lz->prefetch_ns;
     o->complete_ns = lz->complete_ns;

@@ -30,6 +30,9 @@ typedef struct {
     uint64_t pages_postcopied;  /* placed as they arrived (dx_lazy_arrived) */
     uint64_t requests;          /* post-copy: faults on pending pages asked for */
     uint64_t requests_dropped;  /* ... that could not be written (no fd, or it was full) */
+    uint64_t fault_waits;       /* post-copy: pages a fault waited for, until placed */
+    uint64_t fault_wait_ns;     /* ... the waits summed (from the first fault's request) */
+    uint64_t fault_wait_max_ns; /* ... the longest */
     uint64_t placed_ns;         /* monotonic clock: no task lacked a page any more */
     uint64_t prefetch_ns;       /* monotonic clock: prefetch started */
     uint64_t complete_ns;       /* monotonic clock: every page of every task placed */

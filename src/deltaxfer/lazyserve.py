@@ -33,7 +33,8 @@ is):
 
     (pid > 0, n, p)    the pages file of image pid holds pages [p, p+n) now: place them
     (-1, 0, pid)       the restored tree's root (-2, 0, start: its start time)
-    (0, 0, 0)          every pending page arrived
+    (0, 0, 0)          every pending page arrived; answered with (-3, faults that
+                       waited on a page, ns waited in all) and (-4, 0, longest wait ns)
 
 The socket closing before that record means the pages can never come (the source or the
 receiver was lost): the restored tree, which cannot run without them, is killed; before
@@ -204,6 +205,14 @@ class PostcopyRelay(threading.Thread):
                 elif pid == 0:
                     self.ended = True
                     self.say(f"post-copy: every pending page arrived ({self.arrivals})")
+                    # how long the copy's faults waited on pages (QEMU's "blocktime"):
+                    # every pending page is placed by now (dx_lazy_arrived places it)
+                    self.server.set_request_fd(-1)
+                    st = self.server.stats()
+                    conn.sendall(POSTCOPY_RECORD.pack(-3, st["fault_waits"],
+                                                      round(st["fault_wait_s"] * 1e9))
+                                 + POSTCOPY_RECORD.pack(-4, 0,
+                                                        round(st["fault_wait_max_s"] * 1e9)))
                 elif pid == -1:
                     self.root = value
                 elif pid == -2:

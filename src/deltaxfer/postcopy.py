@@ -120,6 +120,9 @@ class PostcopyReceiver:
         self.requests = 0
         self.bytes_in = 0
         self.pid = self.start = None           # the restored tree, once restored
+        # the lazy-pages server's count of the copy's faults that waited on a page
+        self.blocked = {"fault_waits": None, "fault_wait_s": None, "fault_wait_max_s": None}
+        self.blocked_known = asyncio.Event()
         self.resume = asyncio.get_running_loop().create_future()   # RESUME came
 
     def write_pending_files(self, path: str) -> None:
@@ -273,6 +276,14 @@ class PostcopyReceiver:
             k = len(buf) - len(buf) % size
             want: dict[int, tuple[array, array]] = {}
             for pid, n, p in POSTCOPY_RECORD.iter_unpack(buf[:k]):
+                if pid == -3:
+                    self.blocked["fault_waits"] = n
+                    self.blocked["fault_wait_s"] = round(p / 1e9, 6)
+                    continue
+                if pid == -4:
+                    self.blocked["fault_wait_max_s"] = round(p / 1e9, 6)
+                    self.blocked_known.set()
+                    continue
                 img = self.by_pid.get(pid)
                 if img is None or p + n > len(img.vaddrs) or not img.mask.count(1, p, p + n):
                     continue
@@ -317,11 +328,17 @@ class PostcopyReceiver:
             self.writer.write(POSTCOPY_RECORD.pack(0, 0, 0))
             await self.writer.drain()
             await loop.run_in_executor(self.rcv.worker, self._save_hashes)
+            try:      # the server's answer to the end record: how long faults waited
+                await asyncio.wait_for(self.blocked_known.wait(), 2.0)
+            except TimeoutError:
+                pass
             pages = end["pages"]
             await self.conn.send_control(MsgType.POSTCOPY_DONE,
-                                         {"pages": pages, "requests": self.requests})
+                                         {"pages": pages, "requests": self.requests,
+                                          **{k: v for k, v in self.blocked.items()
+                                             if v is not None}})
             report = {"pages": pages, "requests": self.requests, "bytes": self.bytes_in,
-                      "seconds": round(time.monotonic() - t0, 6)}
+                      "seconds": round(time.monotonic() - t0, 6), **self.blocked}
             log.info("%s: session %s: post-copy done: %d pages (%.1f MiB on the wire) in "
                      "%.3f s, %d fault requests", self.rcv.peer, self.rcv.name, pages,
                      self.bytes_in / 2**20, report["seconds"], self.requests)
@@ -595,4 +612,9 @@ class PostcopyPush:
                 "seconds": round(time.monotonic() - t0, 6),
                 "send_seconds": round(t_sent - t0, 6), "fetch_requests": self.fetches,
                 "fetched_pages": self.fetched_pages, "xor_pages": self.xor_pages,
-                "destination_requests": body.get("requests", 0)}
+                "destination_requests": body.get("requests", 0),
+                # the copy's faults that waited on a page still on the source, and how
+                # long (summed, and the longest), as the destination's server timed them
+                "fault_waits": body.get("fault_waits"),
+                "fault_wait_s": body.get("fault_wait_s"),
+                "fault_wait_max_s": body.get("fault_wait_max_s")}

@@ -30,6 +30,12 @@ def _int(v, where):
     return v
 
 
+def _float(v, where):
+    if type(v) not in (int, float) or not 0 <= v < 1e12:     # (no NaN, no infinity)
+        _bad(where, "a non-negative number", v)
+    return float(v)
+
+
 def _bool(v, where):
     if type(v) is not bool:
         _bad(where, "true or false", v)
@@ -148,6 +154,9 @@ OPTIONAL: dict[MsgType, dict] = {
     MsgType.STATE: {"postcopy": _bool},
     # post-copy: how many pages PENDING named (their content comes after RESUMED)
     MsgType.COMMIT: {"postcopy_pages": _int},
+    # how long the copy's faults waited on pages still on the source
+    MsgType.POSTCOPY_DONE: {"fault_waits": _int, "fault_wait_s": _float,
+                            "fault_wait_max_s": _float},
 }
 
 
