@@ -298,3 +298,44 @@ def test_hook_refuses_postcopy(tmp_path, capsys):
     config = {"to": "127.0.0.1:9", "key_file": str(key), "converge": "postcopy"}
     assert run_standalone_hook("post-dump", config, {}) == 1
     assert "postcopy" in capsys.readouterr().err
+
+
+@pytest.mark.criu
+def test_source_continued_during_postcopy_is_reported(criu, tmp_path, agent_tmp):
+    """CRIU leaves the source SIGSTOPped; something else continuing it while its pages are
+    still being read means the copy may hold pages of two moments. deltaxfer cannot undo
+    that, but it sees it (the tasks' run time grew after post-dump) and says so."""
+    key = write_key(tmp_path / "k.key")
+    with TwoHosts(rate="200mbit") as lab:
+        server = ServeProcess(tmp_path / "serve", str(key), host=lab.dest.addr,
+                              prefix=lab.dest.command([]), extra=["--restore"])
+        try:
+            with workloads.start("memwork", mib=64, dirty_mib_per_s=400, tmpdir=tmp_path,
+                                 whole_pages=True,
+                                 prefix=tuple(lab.source.command([]))) as wl:
+                report = tmp_path / "r.json"
+                argv = lab.source.command(migrate_cmd(
+                    wl.pid, f"{server.host}:{server.port}", key, report,
+                    "--converge", "postcopy", "--max-rounds", "2"))
+                p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True,
+                                     env=agent_env(agent_tmp))
+                source = wl.pid
+                try:
+                    deadline = time.monotonic() + 180
+                    while "the restored process" not in server.log():
+                        assert p.poll() is None, (p.communicate(), server.log()[-3000:])
+                        assert time.monotonic() < deadline, server.log()[-3000:]
+                        time.sleep(0.01)
+                    os.kill(source, signal.SIGCONT)
+                finally:
+                    p.communicate(timeout=120)
+                r = json.loads(report.read_text())
+                if r.get("restored_pid"):
+                    wl.adopt(r["restored_pid"])
+                assert r["outcome"] == "migrated", r
+                assert "post-copy done" not in server.log().split("the restored process")[0]
+                assert source in r["converge"]["postcopy"]["source_ran"], r["converge"]
+                assert "ran during the post-copy" in r["hint"], r
+        finally:
+            server.stop()

@@ -318,6 +318,9 @@ class Agent:
                 self.frozen_refs.append(PidRef(t.host_pid, "the task"))
             except ProcessChanged:
                 pass   # killed by someone else inside the freeze: nothing to signal
+        # CRIU's parasite is gone by post-dump: from here the tasks run only if someone
+        # continues them (a post-copy reads them for seconds after the resume)
+        self.frozen_run_ns = {r.pid: procmem.run_ns(r.pid) for r in self.frozen_refs}
 
     def signal_frozen_tree(self, sig: int) -> None:
         for ref in self.frozen_refs:
@@ -636,6 +639,20 @@ class Agent:
         """Pages the running copy lacks are still to be read from the frozen source."""
         return self.postcopy_task is not None and not self.postcopy_task.done()
 
+    def check_still_frozen(self) -> None:
+        """After a post-copy: a source task that ran meanwhile (something sent it SIGCONT:
+        CRIU leaves it only SIGSTOPped) may have changed pages after they were read, so
+        the copy's memory may mix two moments. Nothing can undo that now: say so."""
+        ran = [pid for pid, before in getattr(self, "frozen_run_ns", {}).items()
+               if before is not None and (now := procmem.run_ns(pid)) is not None
+               and now > before]
+        if ran:
+            self.postcopy_report["source_ran"] = ran
+            self.report.hint = (f"the source's task(s) {' '.join(map(str, ran))} ran during "
+                                "the post-copy (continued by something else than deltaxfer): "
+                                "pages read after that may be newer than the others in the "
+                                "copy; check the service on the destination")
+
     async def finish_postcopy(self) -> bool:
         """Wait for the post-copy (if any); False (and the report says why) when it
         failed: the destination then kills its copy, and the source stays stopped."""
@@ -643,6 +660,7 @@ class Agent:
             return True
         try:
             self.postcopy_report = await self.postcopy_task
+            self.check_still_frozen()
             return True
         except (Exception, asyncio.CancelledError) as e:
             what = str(e) if isinstance(e, transport.PeerError) else f"{type(e).__name__}: {e}"

@@ -475,6 +475,23 @@ def state(pid: int) -> str | None:
         return None
 
 
+def run_ns(pid: int) -> int | None:
+    """Nanoseconds a process's threads have spent on a CPU (their /proc/PID/task/*/
+    schedstat summed): grows only while it runs. None when it does not exist."""
+    total = 0
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return None
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            continue          # a thread that exited meanwhile
+    return total
+
+
 def boot_ticks_now() -> int:
     """Now, in the unit of start_time (clock ticks since boot)."""
     with open("/proc/uptime") as f:
