@@ -5,6 +5,7 @@ they arrive, asking for the ones the copy faults on first. Checked by the worklo
 themselves (every page's content), by both sides' statistics, and on the failure path:
 the link lost while pages are still on the source kills the destination's copy and
 leaves the source stopped with its memory whole."""
+import contextlib
 import json
 import os
 import signal
@@ -212,12 +213,12 @@ def test_postcopy_refused_where_it_cannot_run(criu, tmp_path, agent_tmp):
         assert wl.verify(timeout=60)["ok"]
 
 
-def _postcopy_on_a_slow_link(tmp_path, agent_tmp, interrupt):
-    """A whole-page writer migrated in post-copy between two hosts joined by a veth
-    shaped to 200 Mbit/s, so that the pages after the resume take seconds;
-    ``interrupt(migrate process, server)`` is called as soon as the copy runs. Returns
-    (source pid, restored pid, server log, migrate's report or None), the source still
-    there for the caller to check (and resumed, and verified, by it)."""
+@contextlib.contextmanager
+def _postcopy_running(tmp_path, agent_tmp):
+    """A whole-page writer being migrated in post-copy between two hosts joined by a veth
+    shaped to 200 Mbit/s, so that the pages after the resume take seconds: yields
+    (workload, migrate process, server, report path, restored pid) as soon as the copy
+    runs and RESUMED is on its way to the source."""
     key = write_key(tmp_path / "k.key")
     with TwoHosts(rate="200mbit") as lab:
         server = ServeProcess(tmp_path / "serve", str(key), host=lab.dest.addr,
@@ -233,7 +234,6 @@ def _postcopy_on_a_slow_link(tmp_path, agent_tmp, interrupt):
                 p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True,
                                      env=agent_env(agent_tmp))
-                source = wl.pid
                 try:
                     deadline = time.monotonic() + 180
                     while "the restored process" not in server.log():
@@ -241,28 +241,36 @@ def _postcopy_on_a_slow_link(tmp_path, agent_tmp, interrupt):
                         assert time.monotonic() < deadline, server.log()[-3000:]
                         time.sleep(0.01)
                     restored = int(server.log().split("the restored process ")[-1].split()[0])
-                    # (RESUMED on its way to the source: the pages follow it for seconds)
                     time.sleep(0.3)
-                    interrupt(p, server)
+                    yield wl, p, server, report, restored
                 finally:
-                    p.communicate(timeout=60)
-                deadline = time.monotonic() + 60
-                while procmem.exists(restored) and procmem.state(restored) != "Z":
-                    assert time.monotonic() < deadline, f"the copy {restored} still runs"
-                    time.sleep(0.05)
-                time.sleep(0.5)       # the receiver's last words
-                log = server.log()
-                assert "post-copy done" not in log, \
-                    "the post-copy was over before it was interrupted"
-                # the source: stopped, whole; resumed by hand, it checks out
-                assert procmem.state(source) in ("T", "t"), procmem.state(source)
-                os.kill(source, signal.SIGCONT)
-                res = wl.verify(timeout=120)
-                assert res["ok"], res
-                r = json.loads(report.read_text()) if report.exists() else None
-                return source, restored, log, r
+                    if p.poll() is None:
+                        p.communicate(timeout=120)
         finally:
             server.stop()
+
+
+def _postcopy_on_a_slow_link(tmp_path, agent_tmp, interrupt):
+    """_postcopy_running, then ``interrupt(migrate process, server)``: the copy must be
+    killed and the source stay stopped, its memory whole (resumed and verified here).
+    Returns (source pid, server log, migrate's report or None)."""
+    with _postcopy_running(tmp_path, agent_tmp) as (wl, p, server, report, restored):
+        source = wl.pid
+        interrupt(p, server)
+        p.communicate(timeout=60)
+        deadline = time.monotonic() + 60
+        while procmem.exists(restored) and procmem.state(restored) != "Z":
+            assert time.monotonic() < deadline, f"the copy {restored} still runs"
+            time.sleep(0.05)
+        time.sleep(0.5)       # the receiver's last words
+        log = server.log()
+        assert "post-copy done" not in log, "the post-copy was over before it was interrupted"
+        # the source: stopped, whole; resumed by hand, it checks out
+        assert procmem.state(source) in ("T", "t"), procmem.state(source)
+        os.kill(source, signal.SIGCONT)
+        res = wl.verify(timeout=120)
+        assert res["ok"], res
+        return source, log, json.loads(report.read_text()) if report.exists() else None
 
 
 @pytest.mark.criu
@@ -270,7 +278,7 @@ def test_link_lost_in_postcopy_kills_the_copy_and_keeps_the_source(criu, tmp_pat
     """The agent is SIGKILLed while pages are still on the source (the link goes with
     it): the destination kills its copy, which cannot run without them; the source stays
     stopped -- not killed, not resumed by deltaxfer -- and its memory is whole."""
-    _, _, log, _ = _postcopy_on_a_slow_link(tmp_path, agent_tmp, lambda p, server: p.kill())
+    _, log, _ = _postcopy_on_a_slow_link(tmp_path, agent_tmp, lambda p, server: p.kill())
     assert "post-copy failed" in log, log[log.find("the restored process"):]
 
 
@@ -284,7 +292,7 @@ def test_serve_killed_in_postcopy_kills_the_copy_and_keeps_the_source(criu, tmp_
     def kill_serve(p, server):
         server.proc.kill()
 
-    source, _, _, r = _postcopy_on_a_slow_link(tmp_path, agent_tmp, kill_serve)
+    source, _, r = _postcopy_on_a_slow_link(tmp_path, agent_tmp, kill_serve)
     assert r is not None and r["outcome"].startswith("post-copy failed"), r
     assert "post-copy failed" in r["error"] and f"kill -CONT {source}" in r["hint"], r
 
@@ -305,37 +313,12 @@ def test_source_continued_during_postcopy_is_reported(criu, tmp_path, agent_tmp)
     """CRIU leaves the source SIGSTOPped; something else continuing it while its pages are
     still being read means the copy may hold pages of two moments. deltaxfer cannot undo
     that, but it sees it (the tasks' run time grew after post-dump) and says so."""
-    key = write_key(tmp_path / "k.key")
-    with TwoHosts(rate="200mbit") as lab:
-        server = ServeProcess(tmp_path / "serve", str(key), host=lab.dest.addr,
-                              prefix=lab.dest.command([]), extra=["--restore"])
-        try:
-            with workloads.start("memwork", mib=64, dirty_mib_per_s=400, tmpdir=tmp_path,
-                                 whole_pages=True,
-                                 prefix=tuple(lab.source.command([]))) as wl:
-                report = tmp_path / "r.json"
-                argv = lab.source.command(migrate_cmd(
-                    wl.pid, f"{server.host}:{server.port}", key, report,
-                    "--converge", "postcopy", "--max-rounds", "2"))
-                p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True,
-                                     env=agent_env(agent_tmp))
-                source = wl.pid
-                try:
-                    deadline = time.monotonic() + 180
-                    while "the restored process" not in server.log():
-                        assert p.poll() is None, (p.communicate(), server.log()[-3000:])
-                        assert time.monotonic() < deadline, server.log()[-3000:]
-                        time.sleep(0.01)
-                    os.kill(source, signal.SIGCONT)
-                finally:
-                    p.communicate(timeout=120)
-                r = json.loads(report.read_text())
-                if r.get("restored_pid"):
-                    wl.adopt(r["restored_pid"])
-                assert r["outcome"] == "migrated", r
-                assert "post-copy done" not in server.log().split("the restored process")[0]
-                assert source in r["converge"]["postcopy"]["source_ran"], r["converge"]
-                assert "ran during the post-copy" in r["hint"], r
-        finally:
-            server.stop()
+    with _postcopy_running(tmp_path, agent_tmp) as (wl, p, server, report, restored):
+        source = wl.pid
+        os.kill(source, signal.SIGCONT)
+        p.communicate(timeout=120)
+        r = json.loads(report.read_text())
+        wl.adopt(restored)
+        assert r["outcome"] == "migrated", r
+        assert source in r["converge"]["postcopy"]["source_ran"], r["converge"]
+        assert "ran during the post-copy" in r["hint"], r
