@@ -64,6 +64,11 @@ def test_wrapper_runs_criu_through_the_unpacked_loader(tmp_path):
     assert [os.path.realpath(p) for p in out[1].split(":")] == \
         [f"{r}/usr/lib/x86_64-linux-gnu", f"{r}/lib/x86_64-linux-gnu"]
     assert os.path.realpath(out[2]) == f"{r}/usr/sbin/criu" and out[3:] == ["check", "--all"]
+    # called by its own path (relative too), and found on PATH: the same criu
+    for argv, kw in (([str(w), "x"], {"cwd": "/"}), (["bin/criu", "x"], {"cwd": tmp_path / "p"}),
+                     (["criu", "x"], {"cwd": "/", "env": {"PATH": str(tmp_path / "p" / "bin")}})):
+        out = subprocess.run(argv, capture_output=True, text=True, check=True, **kw).stdout.split()
+        assert os.path.realpath(os.path.join(kw["cwd"], out[2])) == f"{r}/usr/sbin/criu", (argv, out)
 
 
 def test_default_prefix_is_where_find_criu_looks():

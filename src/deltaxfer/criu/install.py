@@ -109,11 +109,16 @@ def packages_from_depends(text: str) -> list[str]:
 
 def wrapper(suite: str, loader: str, triplet: str) -> str:
     """PREFIX/bin/criu: the unpacked criu through the unpacked loader (``loader``
-    relative to PREFIX/root)."""
+    relative to PREFIX/root). Its own directory is found without a subprocess unless it
+    is called through a symlink: a criu restore runs inside the freeze, and two forks
+    (readlink, dirname) cost ~5 ms of it here."""
     return (f"#!/bin/sh\n"
             f"# criu from Debian {suite}, started with its own libc (installed by "
             f"deltaxfer.criu.install)\n"
-            f'root="$(dirname "$(readlink -f "$0")")/../root"\n'
+            f'self="$0"\n'
+            f'[ -L "$self" ] && self="$(readlink -f "$self")"\n'
+            f'case "$self" in */*) ;; *) self="$(command -v -- "$self")" ;; esac\n'
+            f'root="${{self%/*}}/../root"\n'
             f'exec "$root/{loader}" --library-path "$root/usr/lib/{triplet}:$root/lib/{triplet}" '
             f'"$root/usr/sbin/criu" "$@"\n')
 
