@@ -471,6 +471,18 @@ def tmp_leftovers(root) -> list[str]:
     return out
 
 
+def wait_stopped(pid: int, timeout: float = 5) -> str | None:
+    """The process's state once it is stopped (or the last one seen): CRIU's
+    --leave-stopped sends SIGSTOP as it lets go, and the task takes the stop when it next
+    runs, so just after criu exits it may still read R."""
+    deadline = time.monotonic() + timeout
+    while True:
+        state = _proc_state(pid)
+        if state in ("T", "t") or time.monotonic() > deadline:
+            return state
+        time.sleep(0.01)
+
+
 def wait_not_frozen(pid: int, timeout: float = 15) -> str | None:
     """The process's state once it is no longer stopped/traced (or the last one seen)."""
     deadline = time.monotonic() + timeout

@@ -19,7 +19,8 @@ import workloads
 from deltaxfer.cli import build_parser, main
 from deltaxfer.criu import runner
 from deltaxfer.criu.runner import CriuError, check_criu_config, check_criu_opts, dump_args
-from faults import agent_env, agent_tmp, copies_of, run_migrate, wait_gone  # noqa: F401
+from faults import (agent_env, agent_tmp, copies_of, run_migrate,  # noqa: F401
+                    wait_gone, wait_stopped)
 from servers import Server, write_key
 
 HOOK = Path(sys.executable).parent / "deltaxfer-hook"
@@ -441,7 +442,7 @@ def test_no_restore_leaves_the_source_stopped(criu, tmp_path, agent_tmp, kill):
         if kill:
             assert wait_gone(wl.pid)
             return
-        assert workloads.proc_state(wl.pid) == "T", workloads.proc_state(wl.pid)
+        assert wait_stopped(wl.pid) == "T", workloads.proc_state(wl.pid)
         assert f"criu restore -D {r['destination_path']}" in r["hint"], r["hint"]
         assert f"kill -CONT {wl.pid}" in r["hint"], r["hint"]
         assert copies_of(wl) == []

@@ -18,7 +18,7 @@ import workloads
 from deltaxfer import PAGE_SIZE, _core, live, tracking
 from deltaxfer.core import procmem
 from deltaxfer.criu import images as im
-from faults import agent_env, agent_tmp, run_migrate  # noqa: F401
+from faults import agent_env, agent_tmp, run_migrate, wait_stopped  # noqa: F401
 from servers import Server, write_key
 from test_migrate_criu import migrate_ok
 
@@ -101,7 +101,7 @@ def test_page_set_is_what_criu_dumps(criu, tmp_path, mode):
         tasks = live.process_tree(wl.pid)
         assert len(tasks) == (2 if mode == "cow" else 1), tasks
         criu.dump(wl.pid, str(dump), leave="stopped")
-        assert workloads.proc_state(wl.pid) == "T"
+        assert wait_stopped(wl.pid) == "T"
         got = compare(str(dump), tasks)
         root = got[tasks[0].ns_pid]
         for ns, g in got.items():
