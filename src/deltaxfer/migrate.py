@@ -318,9 +318,6 @@ class Agent:
                 self.frozen_refs.append(PidRef(t.host_pid, "the task"))
             except ProcessChanged:
                 pass   # killed by someone else inside the freeze: nothing to signal
-        # CRIU's parasite is gone by post-dump: from here the tasks run only if someone
-        # continues them (a post-copy reads them for seconds after the resume)
-        self.frozen_run_ns = {r.pid: procmem.run_ns(r.pid) for r in self.frozen_refs}
 
     def signal_frozen_tree(self, sig: int) -> None:
         for ref in self.frozen_refs:
@@ -639,6 +636,18 @@ class Agent:
         """Pages the running copy lacks are still to be read from the frozen source."""
         return self.postcopy_task is not None and not self.postcopy_task.done()
 
+    async def note_source_stopped(self) -> None:
+        """Once criu let go of the source (its tasks take the SIGSTOP of --leave-stopped,
+        which costs them a little run time): each task's run time, while a post-copy
+        still reads them. From here a task runs only if something continues it."""
+        if not self.postcopy_pending:
+            return
+        deadline = time.monotonic() + 2.0
+        for r in self.frozen_refs:
+            while procmem.state(r.pid) not in ("T", "t", None) and time.monotonic() < deadline:
+                await asyncio.sleep(0.005)
+        self.frozen_run_ns = {r.pid: procmem.run_ns(r.pid) for r in self.frozen_refs}
+
     def check_still_frozen(self) -> None:
         """After a post-copy: a source task that ran meanwhile (something sent it SIGCONT:
         CRIU leaves it only SIGSTOPped) may have changed pages after they were read, so
@@ -659,6 +668,7 @@ class Agent:
         if self.postcopy_task is None:
             return True
         try:
+            await self.note_source_stopped()
             self.postcopy_report = await self.postcopy_task
             self.check_still_frozen()
             return True
