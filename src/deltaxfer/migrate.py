@@ -493,7 +493,9 @@ class Agent:
             else:
                 await self.sender.send_commit(self.opts.restore, push.pages)
                 # the pages flow from here, while the destination restores
-                push.start(self.opts.round_timeout)
+                # the deadline of a round, plus a second per MB pending (a link that
+                # moves less than 1 MB/s is taken for stalled)
+                push.start(self.opts.round_timeout + push.pages * PAGE_SIZE / 1e6)
                 self.postcopy_task = push.task
                 done = await push.committed
             f["commit_restore"] = round(time.monotonic() - t, 6)

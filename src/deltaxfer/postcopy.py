@@ -50,7 +50,9 @@ BATCH_PAGES = 128          # pages per POSTCOPY_PAGES message: 512 KiB
 # fault's pages go out behind at most this much (~4 ms at 1 Gbit/s, 80 ms at 50 Mbit/s)
 # instead of behind the several MiB a tuned TCP buffer holds
 MAX_QUEUED = 512 * 1024
-POSTCOPY_IDLE = 30.0       # the destination gives up after this long without a message
+# once the copy runs, the destination gives up after this long without a message (before
+# that, during the restore, the source's freeze deadline bounds the wait)
+POSTCOPY_IDLE = 30.0
 
 
 def unsent_bytes(conn) -> int:
@@ -307,7 +309,8 @@ class PostcopyReceiver:
         try:
             # until POSTCOPY_END and RESUME (after COMMITTED: either may come first)
             while end is None or not self.resume.done():
-                msg = await self.conn.recv(timeout=POSTCOPY_IDLE)
+                msg = await self.conn.recv(
+                    timeout=POSTCOPY_IDLE if self.resume.done() else None)
                 if msg.type == MsgType.RESUME and not self.resume.done():
                     decode_control(msg)
                     self.resume.set_result(True)
