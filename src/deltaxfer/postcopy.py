@@ -1,15 +1,20 @@
-"""Post-copy of the residual (docs/ARCHITECTURE.md "Post-copy"), both halves.
+"""Post-copy of the residual (docs/ARCHITECTURE.md "Post-copy of the residual"), both
+halves.
 
 A migration whose rounds do not converge can end in post-copy: inside the freeze the
 final round leaves out the pages written since the last round that the destination
 holds an older copy of (they are sent as held: no read, no bytes); PENDING names them;
 the destination commits, restores lazily and writes their vaddrs beside the images for
 deltaxfer's lazy-pages server, which places no such page until it has arrived. The copy
-resumes at once. Then, over the same connection:
+resumes at once. From COMMIT on, over the same connection:
 
-    source -> POSTCOPY_PAGES...   every pending page, in address order, read from the
-                                  still-frozen source (process_vm_readv), lz4 if it helps
-    destination -> FETCH          a fault on a pending page: those pages go next
+    source -> POSTCOPY_PAGES...   until RESUME only the pages asked for, then every
+                                  pending page in address order, read from the
+                                  still-frozen source (process_vm_readv); XOR deltas
+                                  against the destination's copy where known, lz4 if
+                                  it helps
+    destination -> FETCH          a fault (the restore's too) on a pending page: those
+                                  pages go next
     source -> POSTCOPY_END        every page was sent
     destination -> POSTCOPY_DONE  every page is in the pages file (and the server told)
 
@@ -400,8 +405,9 @@ class PostcopyPush:
         self.task = self.reader = None
 
     async def send_pending(self) -> None:
+        """PENDING: each image's pending pages, as the runs the pages will go in (any
+        runs would do: the destination expands them to pages)."""
         for index, _, starts, counts, _ in self.images:
-            # PENDING names pages, not the message runs: merge what the batching split
             for payload in iter_runs(index, starts, counts, "PENDING"):
                 await self.conn.send(MsgType.PENDING, payload)
 
