@@ -198,6 +198,23 @@ static long find_le(const seg_t *s, size_t n, uint64_t addr)
     return ans;
 }
 
+/* index in t->bypidx of the first run (by pidx) that ends after page p, or nseg */
+static size_t first_run_after(const task_t *t, uint64_t p)
+{
+    long lo = 0, hi = (long)t->nseg - 1, k = (long)t->nseg;
+    while (lo <= hi) {
+        long mid = (lo + hi) / 2;
+        const seg_t *s = &t->bypidx[mid];
+        if (s->pidx + (s->end - s->start) / PS > p) {
+            k = mid;
+            hi = mid - 1;
+        } else {
+            lo = mid + 1;
+        }
+    }
+    return (size_t)k;
+}
+
 static seg_t *find_seg(task_t *t, uint64_t addr)
 {
     long i = find_le(t->segs, t->nseg, addr);
@@ -726,18 +743,7 @@ static int next_chunk(task_t *t, uint64_t *addr, uint64_t *p, uint64_t *n)
         t->jumped = 1;
     }
 again:;
-    /* the first run (by pidx) that ends after the cursor */
-    long lo = 0, hi = (long)t->nseg - 1, k = (long)t->nseg;
-    while (lo <= hi) {
-        long mid = (lo + hi) / 2;
-        const seg_t *s = &t->bypidx[mid];
-        if (s->pidx + (s->end - s->start) / PS > t->cursor) {
-            k = mid;
-            hi = mid - 1;
-        } else {
-            lo = mid + 1;
-        }
-    }
+    long k = (long)first_run_after(t, t->cursor);
     for (; k < (long)t->nseg; k++) {
         const seg_t *s = &t->bypidx[k];
         uint64_t end = s->pidx + (s->end - s->start) / PS;
@@ -1091,7 +1097,7 @@ static uint64_t place_arrived(task_t *t, uint64_t p, uint64_t n)
         pthread_rwlock_unlock(&t->rw);
         return 0;
     }
-    for (size_t k = 0; k < t->nseg; k++) {        /* bypidx: sorted by pidx */
+    for (size_t k = first_run_after(t, p); k < t->nseg; k++) {   /* bypidx: by pidx */
         const seg_t *s = &t->bypidx[k];
         uint64_t sp = s->pidx, se = s->pidx + (s->end - s->start) / PS;
         if (se <= p)
