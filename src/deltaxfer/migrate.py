@@ -754,8 +754,9 @@ class Agent:
             self.source = PidRef(self.pid, "the process to migrate")
             self.start_tracking()
             await self.begin_session()
-            if self.opts.converge == "postcopy" and self.postcopy_unavailable():
-                raise MigrationError(f"--converge postcopy: {self.postcopy_unavailable()}; "
+            why = self.postcopy_unavailable() if self.opts.converge == "postcopy" else ""
+            if why:
+                raise MigrationError(f"--converge postcopy: {why}; "
                                      "nothing was frozen")
             await self.live_rounds()
             # the freeze must find every task running: a task stopped by the duty cycle

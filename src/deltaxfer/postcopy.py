@@ -39,6 +39,7 @@ import time
 from array import array
 from bisect import bisect_left, bisect_right
 from collections import deque
+from typing import NamedTuple
 
 from deltaxfer import PAGE_SIZE, _core
 from deltaxfer.lazyserve import PENDING_FILE, POSTCOPY_RECORD, POSTCOPY_SOCKET
@@ -103,14 +104,17 @@ class _Image:
         self.left = 0
         self.changed: list[tuple[int, int]] = []
 
-    def span(self, vaddr: int, count: int, what: str) -> int:
-        """The layout index of pages [vaddr, +count), which must all be pending."""
+    def span(self, vaddr: int, count: int, what: str, *, pending: bool = True) -> int:
+        """The layout index of pages [vaddr, +count): held pages that must all be
+        pending (``pending``), or none of them (PENDING naming them)."""
         i = bisect_left(self.vaddrs, vaddr)
         if (i + count > len(self.vaddrs) or self.vaddrs[i] != vaddr
                 or self.vaddrs[i + count - 1] != vaddr + (count - 1) * PAGE_SIZE
-                or self.mask.count(1, i, i + count) != count):
+                or self.mask.count(1, i, i + count) != (count if pending else 0)):
             raise StoreError("bad-payload", f"{what}: pages at 0x{vaddr:x} (+{count}) of "
-                                            f"{self.image_id} are not pending")
+                                            f"{self.image_id} are not "
+                                            + ("pending" if pending else
+                                               "held pages (or are named twice)"))
         return i
 
 
@@ -145,13 +149,7 @@ class PostcopyReceiver:
             pv = array("Q")
             for starts, counts in runs:
                 for a, c in zip(starts, counts):
-                    i = bisect_left(vaddrs, a)
-                    if (i + c > len(vaddrs) or vaddrs[i] != a
-                            or vaddrs[i + c - 1] != a + (c - 1) * PAGE_SIZE
-                            or img.mask.count(1, i, i + c)):
-                        raise StoreError("bad-payload", f"PENDING: pages at 0x{a:x} (+{c}) "
-                                                        f"are not held pages of {image_id} "
-                                                        "(or are named twice)")
+                    i = img.span(a, c, "PENDING", pending=False)
                     img.mask[i:i + c] = b"\x01" * c
                     pv.extend(range(a, a + c * PAGE_SIZE, PAGE_SIZE))
             img.left = len(pv)
@@ -205,13 +203,14 @@ class PostcopyReceiver:
         if len(data) != raw:
             raise StoreError("bad-payload", "POSTCOPY_PAGES: the body's size is not its "
                                             "header's")
+        # every run checked (all pending) before anything is read or written
+        at = [img.span(a, c, "POSTCOPY_PAGES") for a, c in zip(starts, counts)]
         if flags & PC_XOR:
-            data = self._undelta(img, starts, counts, memoryview(data))
+            data = self._undelta(img, at, counts, memoryview(data))
         view = memoryview(data)
         out = bytearray()
         off = 0
-        for a, c in zip(starts, counts):
-            i = img.span(a, c, "POSTCOPY_PAGES")
+        for i, c in zip(at, counts):
             chunk = view[off:off + c * PAGE_SIZE]
             done = 0
             while done < len(chunk):
@@ -226,10 +225,10 @@ class PostcopyReceiver:
             off += c * PAGE_SIZE
         return bytes(out)
 
-    def _undelta(self, img: _Image, starts, counts, body: memoryview) -> bytearray:
-        """The pages of an XOR body: the pages in the file (the destination's older
-        copies, checked against their held hashes) patched by the deltas, and the whole
-        pages put in."""
+    def _undelta(self, img: _Image, at, counts, body: memoryview) -> bytearray:
+        """The pages of an XOR body for runs of ``counts`` pages at layout indexes
+        ``at``: the pages in the file (the destination's older copies, checked against
+        their held hashes) patched by the deltas, and the whole pages put in."""
         npages = sum(counts)
         lengths = array("q", body[:8 * npages].tobytes())
         if sys.byteorder != "little":
@@ -243,16 +242,15 @@ class PostcopyReceiver:
             raise StoreError("bad-payload", "POSTCOPY_PAGES: the deltas and whole pages do "
                                             "not add up")
         pages = bytearray(npages * PAGE_SIZE)
-        at = 0
+        k = 0
         base_hashes = array("Q")
-        for a, c in zip(starts, counts):
-            i = img.span(a, c, "POSTCOPY_PAGES")
-            got = os.preadv(img.fd, [memoryview(pages)[at * PAGE_SIZE:(at + c) * PAGE_SIZE]],
+        for i, c in zip(at, counts):
+            got = os.preadv(img.fd, [memoryview(pages)[k * PAGE_SIZE:(k + c) * PAGE_SIZE]],
                             i * PAGE_SIZE)
             if got != c * PAGE_SIZE:
                 raise StoreError("internal", f"{img.image_id}: the pages file is short")
             base_hashes.extend(img.hashes[i:i + c])
-            at += c
+            k += c
         hashes, _, _ = _core.hash_pages(pages)
         for k in range(npages):
             if lengths[k] != -1 and hashes[k] != base_hashes[k]:
@@ -381,6 +379,14 @@ class PostcopyReceiver:
 
 # -- the source -----------------------------------------------------------------------------
 
+class _Runs(NamedTuple):
+    """One image's pending pages on the source, as the runs they go in."""
+    index: int            # the image's index in the final round
+    pid: int              # the frozen task (host pid)
+    starts: array
+    counts: array
+    sent: bytearray       # one byte per run: queued for sending
+
 class PostcopyPush:
     """The source's half: PENDING before COMMIT, the pages after RESUMED. ``pending``:
     {image id: (host pid, sorted vaddrs)} from the final round (live.frozen_images);
@@ -394,11 +400,12 @@ class PostcopyPush:
         self.held, self.caches = held or {}, caches or {}
         self.id_of = {i: image_id for image_id, i in index.items()}
         self.xor_pages = 0
-        self.images = []      # (index, host pid, run starts, run counts, sent flags)
+        self.images: list[_Runs] = []
         for image_id, (pid, vaddrs) in sorted(pending.items(), key=lambda x: index[x[0]]):
             starts, counts = page_runs(vaddrs)
-            self.images.append((index[image_id], pid, starts, counts, bytearray(len(starts))))
-        self.by_index = {x[0]: x for x in self.images}
+            self.images.append(_Runs(index[image_id], pid, starts, counts,
+                                     bytearray(len(starts))))
+        self.by_index = {x.index: x for x in self.images}
         self.pages = sum(len(v) for _, v in pending.values())
         self.fetches = self.fetched_pages = 0
         self.bytes = 0
@@ -407,8 +414,8 @@ class PostcopyPush:
     async def send_pending(self) -> None:
         """PENDING: each image's pending pages, as the runs the pages will go in (any
         runs would do: the destination expands them to pages)."""
-        for index, _, starts, counts, _ in self.images:
-            for payload in iter_runs(index, starts, counts, "PENDING"):
+        for img in self.images:
+            for payload in iter_runs(img.index, img.starts, img.counts, "PENDING"):
                 await self.conn.send(MsgType.PENDING, payload)
 
     def _read(self, index: int, pid: int, starts, counts) -> tuple[bytes, bool, int]:
@@ -511,7 +518,7 @@ class PostcopyPush:
                     img = self.by_index.get(index)
                     if img is None:
                         continue
-                    _, _, starts, counts, sent = img
+                    starts, counts, sent = img.starts, img.counts, img.sent
                     for a, n in zip(v, c):
                         self.fetches += 1
                         k = max(bisect_right(starts, a) - 1, 0)
@@ -536,35 +543,36 @@ class PostcopyPush:
             self._fail(e)
             raise
 
-    def _next_batch(self, queue: deque, cursor: list):
+    def _next_batch(self, cursor: list):
         """(image, run ids) of the next message: fault requests first, then address
         order; at most BATCH_PAGES pages of one image."""
+        queue = self.queue
         while queue:
             index, k = queue.popleft()
             img = self.by_index[index]
-            if not img[4][k]:
-                ids, pages = [k], img[3][k]
-                img[4][k] = 1
+            if not img.sent[k]:
+                ids, pages = [k], img.counts[k]
+                img.sent[k] = 1
                 while queue and queue[0][0] == index and pages < BATCH_PAGES:
                     _, k2 = queue.popleft()
-                    if not img[4][k2]:
-                        img[4][k2] = 1
+                    if not img.sent[k2]:
+                        img.sent[k2] = 1
                         ids.append(k2)
-                        pages += img[3][k2]
+                        pages += img.counts[k2]
                 self.fetched_pages += pages
                 return img, ids
         while cursor[0] < len(self.images):
             img = self.images[cursor[0]]
-            sent = img[4]
+            sent = img.sent
             k = sent.find(0, cursor[1])
             if k < 0:
                 cursor[0], cursor[1] = cursor[0] + 1, 0
                 continue
             ids, pages = [], 0
-            while k >= 0 and k < len(sent) and pages + img[3][k] <= BATCH_PAGES:
+            while k >= 0 and k < len(sent) and pages + img.counts[k] <= BATCH_PAGES:
                 sent[k] = 1
                 ids.append(k)
-                pages += img[3][k]
+                pages += img.counts[k]
                 k = sent.find(0, k + 1)
             cursor[1] = ids[-1] + 1
             return img, ids
@@ -602,16 +610,15 @@ class PostcopyPush:
                 # keep the link's queue short: a fault's request overtakes the rest
                 while unsent_bytes(self.conn) > MAX_QUEUED:
                     await asyncio.sleep(0.001)
-                nxt = self._next_batch(self.queue, cursor)
+                nxt = self._next_batch(cursor)
                 if nxt is None:
                     break
                 img, ids = nxt
-                index, pid, starts, counts, _ = img
-                s = array("Q", (starts[k] for k in ids))
-                c = array("Q", (counts[k] for k in ids))
+                s = array("Q", (img.starts[k] for k in ids))
+                c = array("Q", (img.counts[k] for k in ids))
                 data, packed, xor_raw = await loop.run_in_executor(
-                    self.pool, self._read, index, pid, s, c)
-                payload = encode_postcopy_pages(index, s, c, data, packed, xor_raw)
+                    self.pool, self._read, img.index, img.pid, s, c)
+                payload = encode_postcopy_pages(img.index, s, c, data, packed, xor_raw)
                 self.bytes += len(payload)
                 await self.conn.send(MsgType.POSTCOPY_PAGES, payload)
             t_sent = time.monotonic()
