@@ -365,18 +365,25 @@ def nspids(pid: int) -> list[int]:
     return [pid]
 
 
-def children(pid: int) -> list[int]:
-    out = []
+def _per_thread(pid: int, name: str) -> list[str] | None:
+    """/proc/PID/task/*/NAME of each thread of a process (a thread that exited meanwhile
+    left out), or None when the process does not exist."""
     try:
-        for tid in os.listdir(f"/proc/{pid}/task"):
-            try:
-                with open(f"/proc/{pid}/task/{tid}/children") as f:
-                    out += [int(x) for x in f.read().split()]
-            except FileNotFoundError:
-                pass
-    except FileNotFoundError:
-        pass
+        tids = os.listdir(f"/proc/{pid}/task")
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    out = []
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/{name}") as f:
+                out.append(f.read())
+        except (FileNotFoundError, ProcessLookupError):
+            continue
     return out
+
+
+def children(pid: int) -> list[int]:
+    return [int(x) for text in _per_thread(pid, "children") or () for x in text.split()]
 
 
 def alive(pid: int) -> bool:
@@ -478,18 +485,8 @@ def state(pid: int) -> str | None:
 def run_ns(pid: int) -> int | None:
     """Nanoseconds a process's threads have spent on a CPU (their /proc/PID/task/*/
     schedstat summed): grows only while it runs. None when it does not exist."""
-    total = 0
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return None
-    for tid in tids:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
-                total += int(f.read().split()[0])
-        except (OSError, ValueError, IndexError):
-            continue          # a thread that exited meanwhile
-    return total
+    stats = _per_thread(pid, "schedstat")
+    return None if stats is None else sum(int(x.split()[0]) for x in stats if x.split())
 
 
 def boot_ticks_now() -> int:
