@@ -21,7 +21,7 @@ before a restore connects it exits with the --parent process (the receiver that 
 it), so a killed `serve` leaves none behind; once it serves a restored tree it finishes
 that work, whatever happens to its parent: the tree's memory is only complete once it has.
 
-Post-copy (docs/ARCHITECTURE.md "Post-copy"): when the receiver restores a tree whose
+Post-copy (docs/ARCHITECTURE.md "Post-copy of the residual"): when the receiver restores a tree whose
 last written pages are still on the frozen source, it leaves ``postcopy-pending-PID.bin``
 (the pages' vaddrs, sorted u64) beside the images and connects to ``postcopy.socket``
 before the restore starts (the restore itself may touch such a page: the kernel writes a
@@ -146,8 +146,7 @@ class PostcopyRelay(threading.Thread):
     def __init__(self, say):
         super().__init__(name="dx-postcopy", daemon=True)
         self.say = say
-        self.server = None
-        self.ready = threading.Event()     # the server exists
+        self.server = None                 # set before the thread starts
         self.lock = threading.Lock()       # arrivals vs handing a task over
         self.early: dict[int, list] = {}   # arrivals for tasks not handed over yet
         self.stop = threading.Event()
@@ -170,9 +169,6 @@ class PostcopyRelay(threading.Thread):
             if conn is None:
                 return
             self.connected = True
-            while not self.ready.wait(0.2):
-                if self.stop.is_set():
-                    return
             self.server.set_request_fd(conn.fileno())
             try:
                 self._serve(conn)
@@ -314,7 +310,6 @@ def serve(args, log) -> int:
     workers = args.workers or max(1, min(os.cpu_count() or 1, 8))
     server = _core.LazyServer(workers, args.chunk_pages, args.fault_pages)
     relay.server = server
-    relay.ready.set()
     relay.start()
     t0 = time.monotonic()
     ntasks = 0
@@ -349,7 +344,6 @@ def serve(args, log) -> int:
             if time.monotonic() - last >= 10:
                 last = time.monotonic()
                 say(f"still serving: {json.dumps(server.stats())}")
-        relay.close()
         stats = server.stats()
         stats["postcopy"] = {"connected": relay.connected, "ended": relay.ended,
                              "arrived": relay.arrivals} if stats["pages_pending"] else None

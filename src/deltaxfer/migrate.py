@@ -205,6 +205,7 @@ class Agent:
         self.postcopy_why = ""
         self.postcopy_task: asyncio.Task | None = None   # the pages after RESUMED
         self.postcopy_report: dict = {}
+        self.frozen_run_ns: dict = {}     # the source's run time once criu let go (post-copy)
 
     def start_tracking(self) -> None:
         """Written-page tracking when asked for and the kernel can (else content hashing,
@@ -654,7 +655,7 @@ class Agent:
         """After a post-copy: a source task that ran meanwhile (something sent it SIGCONT:
         CRIU leaves it only SIGSTOPped) may have changed pages after they were read, so
         the copy's memory may mix two moments. Nothing can undo that now: say so."""
-        ran = [pid for pid, before in getattr(self, "frozen_run_ns", {}).items()
+        ran = [pid for pid, before in self.frozen_run_ns.items()
                if before is not None and (now := procmem.run_ns(pid)) is not None
                and now > before]
         if ran:
@@ -679,8 +680,12 @@ class Agent:
             self.report.error = f"post-copy failed: {what}"
             return False
 
+    def frozen_pids(self) -> str:
+        """The source tree's pids, for the operator's `kill -CONT` (or the root's)."""
+        return " ".join(str(r.pid) for r in self.frozen_refs) or str(self.pid)
+
     def stored_hint(self) -> str:
-        pids = " ".join(str(r.pid) for r in self.frozen_refs) or str(self.pid)
+        pids = self.frozen_pids()
         return (f"on the destination, restore the images when you want the process there: "
                 f"`criu restore -D {self.report.destination_path} --shell-job -d` (plus the "
                 f"restore options the process needs, e.g. --ext-unix-sk); or resume the source "
@@ -777,7 +782,7 @@ class Agent:
                 # the copy ran without some of its pages and could not get them: the
                 # destination kills it; the source, whose memory is whole but which the
                 # copy ran ahead of, stays stopped for the operator
-                pids = " ".join(str(r.pid) for r in self.frozen_refs) or str(self.pid)
+                pids = self.frozen_pids()
                 self.report.outcome = ("post-copy failed: the destination's copy is killed; "
                                        "the source is left stopped")
                 self.report.hint = (f"the copy ran for a while before it was killed; if "

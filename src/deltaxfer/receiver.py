@@ -284,11 +284,10 @@ class _Receiving:
     async def _commit(self, body: dict) -> None:
         r, conn, session, loop = self.r, self.conn, self.session, self.loop
         peer, name, container = self.peer, self.name, self.container
-        postcopy = None
+        postcopy = pc_report = None
         if body.get("postcopy_pages") is not None or self.pending:
             from deltaxfer.postcopy import PostcopyReceiver
-            if not (body["restore"] and self.begin["mode"] == "migrate"
-                    and r.postcopy_ok(self.begin)):
+            if not (body["restore"] and r.postcopy_ok(self.begin)):
                 raise StoreError("unexpected", "a post-copy COMMIT needs a migration restored "
                                                "here by deltaxfer's lazy-pages server")
             if body.get("postcopy_pages") != self.pending_pages:
@@ -365,7 +364,7 @@ class _Receiving:
             session.restored(None)
             if pc_task is not None:
                 # the copy runs; a failure from here kills it (its memory is incomplete)
-                self.postcopy_report = await pc_task
+                pc_report = await pc_task
             self._set(State.IDLE)
         seconds = time.monotonic() - self.t0
         wire = conn.stats["bytes_in"]
@@ -375,7 +374,7 @@ class _Receiving:
                   "records": dict(records), "seconds": round(seconds, 6),
                   "wire_rate_MBps": round(wire / seconds / 1e6, 3)}
         if postcopy is not None:
-            report["postcopy"] = getattr(self, "postcopy_report", None)
+            report["postcopy"] = pc_report
         log.info("%s: session %s committed: %.2f MiB received in %.2f s "
                  "(%.1f MB/s; pages %d full, %d xor-delta, %d zero); restorable "
                  "images in %s%s", peer, name, wire / 2**20, seconds,

@@ -226,14 +226,15 @@ class SenderSession:
     async def files(self, image_dir: str, names: list[str]) -> tuple[int, int]:
         return await send_files(self.conn, image_dir, names)
 
-    async def commit(self, restore: bool, postcopy_pages: int | None = None) -> dict:
+    async def commit(self, restore: bool) -> dict:
         """COMMIT; COMMITTED's body: where the images are, and the restored (stopped)
-        copy's pid when the destination restored. ``postcopy_pages``: the pages PENDING
-        named (post-copy)."""
-        await self.send_commit(restore, postcopy_pages)
+        copy's pid when the destination restored."""
+        await self.send_commit(restore)
         return await self.conn.recv_control(MsgType.COMMITTED)
 
     async def send_commit(self, restore: bool, postcopy_pages: int | None = None) -> None:
+        """COMMIT alone (post-copy: ``postcopy_pages``, the pages PENDING named; its
+        PostcopyPush then reads COMMITTED)."""
         body = {"restore": restore}
         if postcopy_pages is not None:
             body["postcopy_pages"] = postcopy_pages
