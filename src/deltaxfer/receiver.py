@@ -32,6 +32,7 @@ IDLE_TIMEOUT = 300.0
 
 
 PAGES_BATCH = 64      # frames handed to a session's worker thread at once, at most
+PAGES_BATCH_BYTES = 8 << 20   # and payload bytes (framing.POOL_BYTES counts on this bound)
 
 
 def _apply_frames(rnd, batch) -> dict:
@@ -223,9 +224,11 @@ class _Receiving:
         # the frames already received go to the worker in one hand-off: a thread switch
         # per frame costs more than applying a small frame
         batch = [decode_pages(msg.payload)]
-        while len(batch) < PAGES_BATCH and \
+        size = len(msg.payload)
+        while len(batch) < PAGES_BATCH and size < PAGES_BATCH_BYTES and \
                 (nxt := self.conn.recv_ready(MsgType.PAGES)) is not None:
             batch.append(decode_pages(nxt.payload))
+            size += len(nxt.payload)
         counts = await self.loop.run_in_executor(self.worker, _apply_frames, self.rnd, batch)
         for k, v in counts.items():
             self.records[k] += v
