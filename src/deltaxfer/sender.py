@@ -70,14 +70,42 @@ def pagemap_pairs(pm: im.Pagemap) -> array:
     return out
 
 
-def _windows(images: list[SourceImage], window_pages: int):
+def _windows(images: list[SourceImage], window_pages: int, span_pages: int | None = None):
     """(image index, lo, hi, first, last) of every window, in wire order; an image without
-    pages has one empty window (it still reports the held pages it removes)."""
+    pages has one empty window (it still reports the held pages it removes). A window
+    has at most window_pages pages to read; where the image's clean mask leaves few to
+    read, it spans up to span_pages (source.SPARSE_SPAN)."""
     for index, img in enumerate(images):
         n = len(img.vaddrs)
-        los = range(0, n, window_pages) if n else [0]
-        for k, lo in enumerate(los):
-            yield index, lo, min(lo + window_pages, n), k == 0, k == len(los) - 1
+        bounds = list(window_bounds(img.clean, n, window_pages, span_pages)) if n \
+            else [(0, 0)]
+        for k, (lo, hi) in enumerate(bounds):
+            yield index, lo, hi, k == 0, k == len(bounds) - 1
+
+
+def window_bounds(clean, n: int, window_pages: int, span_pages: int | None = None):
+    """[lo, hi) of the windows over n pages: window_pages each, or -- with a clean mask
+    (nonzero = clean, not read) -- consecutive such spans merged while their pages to
+    read stay within window_pages and the span within span_pages. Counting is
+    bytearray.count over the mask: no Python step per page."""
+    span = span_pages or window_pages
+    if clean is None or span <= window_pages:
+        for lo in range(0, n, window_pages):
+            yield lo, min(lo + window_pages, n)
+        return
+    lo = 0
+    while lo < n:
+        hi = min(lo + window_pages, n)
+        to_read = clean.count(0, lo, hi)
+        while hi < n and hi - lo < span:
+            nxt = min(hi + window_pages, n, lo + span)
+            more = clean.count(0, hi, nxt)
+            if to_read + more > window_pages:
+                break
+            to_read += more
+            hi = nxt
+        yield lo, hi
+        lo = hi
 
 
 async def send_round(conn, round_no: int, images: list[SourceImage], held: dict[str, Held], *,
@@ -95,7 +123,7 @@ async def send_round(conn, round_no: int, images: list[SourceImage], held: dict[
     t0 = time.monotonic()
     new_held: dict[str, Held] = {}
     await conn.send_control(MsgType.ROUND, {"round": round_no, "final": final})
-    todo = _windows(images, pipeline.window_pages)
+    todo = _windows(images, pipeline.window_pages, pipeline.span_pages)
     pending: deque = deque()
 
     def submit() -> None:
