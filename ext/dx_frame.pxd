@@ -1,5 +1,5 @@
 # Index of ext/c/frame.h: page records packed into checksummed, lz4-compressed frames.
-from libc.stdint cimport uint8_t, uint32_t, uint64_t
+from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
 
 cdef extern from "frame.h" nogil:
     enum: DX_FRAME_VERSION
@@ -23,6 +23,7 @@ cdef extern from "frame.h" nogil:
         size_t out_len
         size_t raw_cap
         uint64_t frames, records, raw_bytes, stored_bytes
+        int64_t prefix_index
 
     int dx_fw_init(dx_frame_writer *w, size_t frame_size, int compress)
     void dx_fw_free(dx_frame_writer *w)

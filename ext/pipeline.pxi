@@ -6,7 +6,7 @@ _EMPTY_U64 = array.array("Q")
 def encode_round(pages, vaddrs, prev_vaddrs=None, prev_hashes=None, base_pages=None,
                  XorCache cache=None, bint xor=True, size_t xor_cap=DX_DELTA_DEFAULT_CAP,
                  size_t frame_size=DX_FRAME_DEFAULT_SIZE, bint compress=True, clean=None,
-                 bint next_round=True):
+                 bint next_round=True, long long pages_index=-1):
     """Encode one round; returns (frames bytes, hashes array('Q'), stats dict).
 
     See deltaxfer.core.pipeline.encode_round for the meaning of each argument.
@@ -16,6 +16,8 @@ def encode_round(pages, vaddrs, prev_vaddrs=None, prev_hashes=None, base_pages=N
     next_round: advance the cache's round first (one call = one round). A round encoded
     as several windows, possibly on several threads sharing the cache, passes False and
     calls cache.next_round() once before its first window.
+    pages_index (0..2**32-1): each frame is preceded by that u32 (little-endian), making
+    the output a run of whole PAGES payloads (index, frame) for the link, without a copy.
     """
     cdef _Buffer pb = pages_buffer(pages, "pages")
     cdef _Buffer vb = u64_buffer(vaddrs, "vaddrs")
@@ -48,7 +50,10 @@ def encode_round(pages, vaddrs, prev_vaddrs=None, prev_hashes=None, base_pages=N
         base = bb.ptr
     if xor_cap < 1:
         raise ValueError("xor_cap must be at least 1 byte")
+    if pages_index > 0xFFFFFFFF:
+        raise ValueError(f"pages_index {pages_index} is not a u32")
     cdef FrameWriter fw = FrameWriter(frame_size, compress)
+    fw.w.prefix_index = pages_index if pages_index >= 0 else -1
     cdef array.array hashes = new_u64_array(n)
     cdef dx_round_stats st
     memset(&st, 0, sizeof(st))

@@ -284,3 +284,30 @@ def test_a_clean_page_the_destination_lacks_is_an_error(impl):
         encode_round(pages, vaddrs, prev, clean=bytes([0, 0, 0, 1]), impl=impl)
     with pytest.raises(ValueError, match="clean"):
         encode_round(pages, vaddrs, prev, clean=bytes([0, 1]), impl=impl)
+
+
+def test_pages_index_output_is_the_pages_payloads_of_the_frames():
+    """encode_round(..., pages_index=i) writes each frame preceded by i as a u32: exactly
+    the PAGES payloads encode_pages(i, frame) builds from the plain output (the sender
+    sends them without a copy); hashes and counts are unchanged; an index over u32 is
+    refused."""
+    import os
+
+    from deltaxfer import _core
+    from deltaxfer.core.pipeline import split_frames, split_payloads
+    from deltaxfer.wire import decode_pages, encode_pages
+
+    n = 700
+    pages = bytearray(os.urandom(4096 * n))
+    pages[4096 * 5:4096 * 9] = bytes(4096 * 4)            # zero records too
+    vaddrs = array("Q", [0x7f0000000000 + i * 4096 for i in range(n)])
+    plain, h1, s1 = _core.encode_round(pages, vaddrs, frame_size=1 << 20)
+    prefixed, h2, s2 = _core.encode_round(pages, vaddrs, frame_size=1 << 20,
+                                          pages_index=0x01020304)
+    want = [bytes(encode_pages(0x01020304, f)) for f in split_frames(plain)]
+    got = [bytes(p) for p in split_payloads(prefixed)]
+    assert len(want) >= 3 and got == want
+    assert h1 == h2 and s1 == s2
+    assert all(decode_pages(p)[0] == 0x01020304 for p in got)
+    with pytest.raises(ValueError):
+        _core.encode_round(pages, vaddrs, pages_index=1 << 32)

@@ -13,6 +13,7 @@ int dx_fw_init(dx_frame_writer *w, size_t frame_size, int compress)
     if (!w->raw) return -DX_E_NOMEM;
     w->raw_cap = frame_size;
     w->compress = compress;
+    w->prefix_index = -1;
     return 0;
 }
 
@@ -39,9 +40,11 @@ int dx_fw_flush(dx_frame_writer *w)
 {
     if (w->nrecords == 0) return 0;
     size_t bound = (size_t)LZ4_compressBound((int)w->raw_len);
-    if (out_reserve(w, DX_FRAME_HEADER_SIZE + (bound > w->raw_len ? bound : w->raw_len)))
+    size_t prefix = w->prefix_index >= 0 ? 4 : 0;
+    if (out_reserve(w, prefix + DX_FRAME_HEADER_SIZE + (bound > w->raw_len ? bound : w->raw_len)))
         return -DX_E_NOMEM;
-    uint8_t *hdr = w->out + w->out_len, *payload = hdr + DX_FRAME_HEADER_SIZE;
+    if (prefix) dx_store32(w->out + w->out_len, (uint32_t)w->prefix_index);
+    uint8_t *hdr = w->out + w->out_len + prefix, *payload = hdr + DX_FRAME_HEADER_SIZE;
     uint8_t flags = 0;
     size_t stored = 0;
     if (w->compress) {
@@ -59,7 +62,7 @@ int dx_fw_flush(dx_frame_writer *w)
     dx_store32(hdr + 16, (uint32_t)stored);
     dx_store64(hdr + 20, dx_xxh3(w->raw, w->raw_len));
     dx_store32(hdr + 28, (uint32_t)dx_xxh3(hdr, 28));
-    w->out_len += DX_FRAME_HEADER_SIZE + stored;
+    w->out_len += prefix + DX_FRAME_HEADER_SIZE + stored;
     w->frames++;
     w->raw_bytes += w->raw_len;
     w->stored_bytes += DX_FRAME_HEADER_SIZE + stored;

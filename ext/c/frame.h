@@ -38,6 +38,9 @@ typedef struct {
     int compress;
     uint8_t *out;            /* finished frames, back to back */
     size_t out_len, out_cap;
+    /* >= 0: each frame in out is preceded by this value as a little-endian u32 (the image
+     * index that starts a PAGES payload), so a payload goes out without a copy */
+    int64_t prefix_index;
     uint64_t frames, records, raw_bytes, stored_bytes;
 } dx_frame_writer;
 

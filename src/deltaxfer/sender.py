@@ -23,11 +23,11 @@ from array import array
 from collections import deque
 
 from deltaxfer import _core
-from deltaxfer.core.pipeline import split_frames
+from deltaxfer.core.pipeline import split_payloads
 from deltaxfer.criu import images as im
 from deltaxfer.source import EncoderPool, Held, SentRound, SourceImage, clean_window
 from deltaxfer.store import image_digest
-from deltaxfer.wire import MsgType, ProtocolError, decode_held, encode_pages, iter_pagemap
+from deltaxfer.wire import MsgType, ProtocolError, decode_held, iter_pagemap
 from deltaxfer.wire import iter_file_data
 
 
@@ -148,7 +148,8 @@ async def send_round(conn, round_no: int, images: list[SourceImage], held: dict[
             fut.set_result(done)
         else:
             fut = loop.run_in_executor(pipeline.pool, functools.partial(
-                pipeline.encode, img, h, lo, hi, xor=xor, compress=compress, cache=cache))
+                pipeline.encode, img, h, lo, hi, xor=xor, compress=compress, cache=cache,
+                pages_index=index))
         pending.append((job, fut))
 
     try:
@@ -169,8 +170,9 @@ async def send_round(conn, round_no: int, images: list[SourceImage], held: dict[
             frames, window_hashes, st, read_s, encode_s = await fut
             pending.popleft()
             submit()
-            for frame in split_frames(frames):
-                await conn.send(MsgType.PAGES, encode_pages(index, frame))
+            # whole PAGES payloads (index, frame) as the encoder wrote them: no copy here
+            for payload in split_payloads(frames):
+                await conn.send(MsgType.PAGES, payload)
             hashes.extend(window_hashes)
             stats.add(st)
             stats.removed += st.get("removed", 0)

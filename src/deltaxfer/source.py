@@ -155,10 +155,12 @@ def clean_window(img: SourceImage, held: Held | None, lo: int, hi: int):
 
 
 def encode_window(img: SourceImage, held: Held | None, lo: int, hi: int, buf, *, xor: bool,
-                  compress: bool, cache=None):
+                  compress: bool, cache=None, pages_index: int = -1):
     """Fill pages [lo, hi) of ``img`` into ``buf`` (or take a view of them) and encode
     them against the held pages of that vaddr range (called on an encoder thread; the
-    core releases the GIL). Returns (frames, hashes, stats, read seconds, encode seconds).
+    core releases the GIL). Returns (frames, hashes, stats, read seconds, encode seconds);
+    with ``pages_index`` (the image's index in the round) each frame comes as a whole
+    PAGES payload, that index first (core.pipeline.split_payloads).
     The windows of one image partition the held pages too: the first takes those below
     its range, the last those above, so 'removed' counts each held page once."""
     t0 = time.perf_counter()
@@ -177,7 +179,7 @@ def encode_window(img: SourceImage, held: Held | None, lo: int, hi: int, buf, *,
     frames, hashes, stats = _core.encode_round(pages, img.vaddrs[lo:hi], xor=xor,
                                                compress=compress, cache=cache,
                                                frame_size=FRAME_SIZE, next_round=False,
-                                               **kwargs)
+                                               pages_index=pages_index, **kwargs)
     return frames, hashes, stats, t1 - t0, time.perf_counter() - t1
 
 
@@ -231,12 +233,12 @@ class EncoderPool:
         return buf
 
     def encode(self, img: SourceImage, held: Held | None, lo: int, hi: int, *, xor: bool,
-               compress: bool, cache=None):
+               compress: bool, cache=None, pages_index: int = -1):
         """encode_window into this thread's buffer (run on the pool)."""
         buf = self.buffer()
         try:
             return encode_window(img, held, lo, hi, buf, xor=xor, compress=compress,
-                                 cache=cache)
+                                 cache=cache, pages_index=pages_index)
         finally:
             if hi - lo > self.window_pages:
                 # a sparse window touched pages beyond the dense part: give them back, so

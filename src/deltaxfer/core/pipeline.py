@@ -90,6 +90,18 @@ def apply_round(frames, pages, vaddrs, impl=native) -> dict:
     return impl.apply_frames(frames, pages, vaddrs)
 
 
+def split_payloads(frames, prefix: int = 4) -> list[memoryview]:
+    """The payloads of encode_round(..., pages_index=i) output, one memoryview each:
+    ``prefix`` bytes (the u32 image index of a PAGES payload) then one frame (its header
+    checked)."""
+    mv, out, off = memoryview(frames).cast("B"), [], 0
+    while off < len(mv):
+        n = prefix + native.read_frame_header(mv[off + prefix:])["frame_len"]
+        out.append(mv[off:off + n])
+        off += n
+    return out
+
+
 def split_frames(frames) -> list[memoryview]:
     """The frames of a round, one memoryview each (headers are checked)."""
     mv, out, off = memoryview(frames).cast("B"), [], 0
