@@ -20,6 +20,7 @@ from deltaxfer.core import procmem
 from deltaxfer.criu.runner import CriuError
 from deltaxfer.pidref import signal_tree
 from deltaxfer.store import Store, StoreError, image_digest
+from deltaxfer.wire.framing import held_bytes
 from deltaxfer.wire import (MsgType, ProtocolError, decode_control, decode_pagemap,
                             decode_pages, iter_held)
 
@@ -32,7 +33,7 @@ IDLE_TIMEOUT = 300.0
 
 
 PAGES_BATCH = 64      # frames handed to a session's worker thread at once, at most
-PAGES_BATCH_BYTES = 8 << 20   # and payload bytes (framing.POOL_BYTES counts on this bound)
+PAGES_BATCH_BYTES = 8 << 20   # and buffer bytes (framing.POOL_BYTES counts on this bound)
 
 
 def _apply_frames(rnd, batch) -> dict:
@@ -224,11 +225,11 @@ class _Receiving:
         # the frames already received go to the worker in one hand-off: a thread switch
         # per frame costs more than applying a small frame
         batch = [decode_pages(msg.payload)]
-        size = len(msg.payload)
+        size = held_bytes(msg.payload)
         while len(batch) < PAGES_BATCH and size < PAGES_BATCH_BYTES and \
                 (nxt := self.conn.recv_ready(MsgType.PAGES)) is not None:
             batch.append(decode_pages(nxt.payload))
-            size += len(nxt.payload)
+            size += held_bytes(nxt.payload)
         counts = await self.loop.run_in_executor(self.worker, _apply_frames, self.rnd, batch)
         for k, v in counts.items():
             self.records[k] += v

@@ -28,7 +28,7 @@ from .wire import (CAPS, HANDSHAKE_TIMEOUT, HEADER_SIZE, LIMITS, VERSIONS, Decod
                    MsgType, ProtocolError, choose_version, decode_control, encode_control,
                    encode_header)
 from .wire import handshake as hs
-from .wire.framing import SMALL_PAYLOAD
+from .wire.framing import SMALL_PAYLOAD, held_bytes
 from .keys import INSECURE_KEY, loopback_peer_uid
 
 log = logging.getLogger("deltaxfer.transport")
@@ -202,7 +202,7 @@ class _FrameProtocol(asyncio.BufferedProtocol):
             return
         for m in messages:
             self._queue.append(m)
-            self._queued += HEADER_SIZE + len(m.payload)
+            self._queued += HEADER_SIZE + held_bytes(m.payload)
         if self._queued > RECV_HIGH_WATER and not self._reading_paused and not self.closing:
             self._reading_paused = True
             self.transport.pause_reading()
@@ -244,7 +244,7 @@ class _FrameProtocol(asyncio.BufferedProtocol):
 
     def _pop(self) -> Message:
         m = self._queue.popleft()
-        self._queued -= HEADER_SIZE + len(m.payload)
+        self._queued -= HEADER_SIZE + held_bytes(m.payload)
         if self._reading_paused and self._queued <= RECV_LOW_WATER and not self.closing:
             self._reading_paused = False
             self.transport.resume_reading()

@@ -27,10 +27,12 @@ _MAGIC_U16 = int.from_bytes(MAGIC, "little")
 SMALL_PAYLOAD = 64 * 1024                    # parsed in the linear buffer
 LINEAR_CAPACITY = 256 * 1024                 # >= HEADER_SIZE + SMALL_PAYLOAD, never grows
 # big-payload buffers kept for reuse, at most: what a receiver can hold at once -- the
-# transport's unconsumed queue (RECV_HIGH_WATER, 32 MiB), the frames a session's worker is
-# applying (receiver.PAGES_BATCH_BYTES, 8 MiB) and the frame being decoded. A smaller pool
-# gave most frames of a first round a fresh 1 MiB bytearray (zero-fill, 256 page faults,
-# munmap at free): 0.3 s of the receiving event loop per GiB, measured with py-spy.
+# transport's unconsumed queue (RECV_HIGH_WATER, 32 MiB, counted in buffer bytes:
+# held_bytes), the frames a session's worker is applying (receiver.PAGES_BATCH_BYTES,
+# 8 MiB of buffers) and the frame being decoded. A pool smaller than that, or a queue
+# counted in payload bytes (a 570 KB lz4 frame sits in a 1 MiB size class), gave most
+# frames of a first round a fresh bytearray (zero-fill, page faults, munmap at free):
+# 0.3 s of the receiving event loop per GiB, measured with py-spy.
 POOL_BYTES = 48 << 20
 _POOL_REFS = 3                               # refs to a free pooled buffer: pool, loop var, call
 
@@ -71,6 +73,14 @@ class _PayloadPool:
     @property
     def held(self) -> int:
         return sum(map(len, self._bufs))
+
+
+def held_bytes(payload) -> int:
+    """The memory a received payload holds: its pooled buffer's size for a big payload
+    (a view of that buffer), else its length."""
+    if isinstance(payload, memoryview) and isinstance(payload.obj, bytearray):
+        return len(payload.obj)
+    return len(payload)
 
 
 def frame_seed(prefix8: int, seq: int) -> int:
