@@ -34,3 +34,6 @@ cdef extern from "apply.h" nogil:
     int dx_pagemap_check(const uint64_t *pairs, size_t n, uint64_t max_nr, uint64_t *present,
                          size_t *err_index)
     void dx_pagemap_present_vaddrs(const uint64_t *pairs, size_t n, uint64_t *out)
+    int64_t dx_copy_received_runs(int src_fd, int dst_fd, const uint64_t *runs, size_t nruns,
+                                  uint64_t *out, int *err)
+    int dx_write_u64_runs(int fd, const uint64_t *values, const uint64_t *pairs, size_t npairs)

@@ -102,3 +102,49 @@ def layout_diff(old_vaddrs, new_vaddrs):
                 j += 1
     array.resize(out, <Py_ssize_t>(3 * n))
     return out
+
+
+def copy_received_runs(int src_fd, int dst_fd, runs):
+    """A round over held pages, finishing: copy the pages of the received runs (runs =
+    merge_parent_hashes' (vaddr, nr_pages, from_parent) triples; received pages lie back
+    to back in src_fd from byte 0) to their layout index in dst_fd with
+    copy_file_range, one call per run, no Python per run. Returns array('Q') of
+    (index, nr_pages) pairs, one per run copied."""
+    cdef _Buffer rb = u64_buffer(runs, "runs")
+    cdef size_t n = u64_len(rb)
+    if n % 3:
+        raise ValueError(f"runs holds {n} entries, not (vaddr, nr_pages, from_parent) triples")
+    cdef array.array out = new_u64_array(2 * (n // 3))
+    cdef int err = 0
+    cdef int64_t copied
+    with nogil:
+        copied = dx_copy_received_runs(src_fd, dst_fd, u64_ptr(rb), n // 3,
+                                       <uint64_t *>out.data.as_voidptr, &err)
+    if copied == -DX_E_APPLY_IO:
+        raise OSError(err, f"copying received pages: {_os.strerror(err)}")
+    if copied < 0:
+        raise EOFError("the received pages file ended early")
+    array.resize(out, <Py_ssize_t>(2 * copied))
+    return out
+
+
+def write_u64_runs(int fd, values, pairs):
+    """pwrite values[at:at + n] at byte 8 * at of fd for each (at, n) of pairs (the
+    entries of a u64 table file a round changed), no Python per pair."""
+    cdef _Buffer vb = u64_buffer(values, "values")
+    cdef _Buffer pb = u64_buffer(pairs, "pairs")
+    cdef size_t np_ = u64_len(pb), nv = u64_len(vb), r
+    cdef const uint64_t *pp = u64_ptr(pb)
+    if np_ % 2:
+        raise ValueError("pairs holds an odd number of entries")
+    for r in range(0, np_, 2):
+        if pp[r] > nv or pp[r + 1] > nv - pp[r]:
+            raise ValueError(f"run ({pp[r]}, {pp[r + 1]}) is outside {nv} values")
+    cdef int rc
+    cdef int err = 0
+    with nogil:
+        rc = dx_write_u64_runs(fd, u64_ptr(vb), pp, np_ // 2)
+        if rc:
+            err = c_errno.errno
+    if rc:
+        raise OSError(err, f"writing table entries: {_os.strerror(err)}")

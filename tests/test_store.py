@@ -465,3 +465,58 @@ def test_page_applier_matches_reference(tmp_path, seed, n_held, n_new, mode, cor
         if not corrupt and mode == 0:      # every page present: the same digest as the source
             assert c[3][1] == 0 and c[3][0] == bytes(hashes)
             assert c_file == bytes(pages)
+
+
+def test_copy_received_runs_and_write_u64_runs(tmp_path):
+    """The in-place finish's two C loops: received runs (back to back in the side file)
+    land at their layout index in the held file, held runs are left alone, the copied
+    runs are reported as (index, count) pairs; write_u64_runs rewrites exactly those
+    table entries; a side file shorter than the runs, or a pair outside the table, is
+    an error, not a silent partial copy."""
+    import os
+    from array import array
+
+    from deltaxfer import _core
+
+    P = 4096
+    held = bytearray(os.urandom(10 * P))
+    side = os.urandom(4 * P)
+    # layout of 10 pages: 2 held, 1 received, 3 held, 3 received, 1 held
+    runs = array("Q", [0x1000, 2, 1, 0x3000, 1, 0, 0x4000, 3, 1, 0x7000, 3, 0, 0xa000, 1, 1])
+    hp, sp = tmp_path / "held", tmp_path / "side"
+    hp.write_bytes(held)
+    sp.write_bytes(side)
+    src, dst = os.open(sp, os.O_RDONLY), os.open(hp, os.O_WRONLY)
+    try:
+        pairs = _core.copy_received_runs(src, dst, runs)
+    finally:
+        os.close(src)
+        os.close(dst)
+    assert list(pairs) == [2, 1, 6, 3]
+    want = bytearray(held)
+    want[2 * P:3 * P] = side[:P]
+    want[6 * P:9 * P] = side[P:4 * P]
+    assert hp.read_bytes() == want
+
+    table = array("Q", range(100, 110))
+    tp = tmp_path / "table"
+    tp.write_bytes(bytes(80))
+    fd = os.open(tp, os.O_WRONLY)
+    try:
+        _core.write_u64_runs(fd, table, pairs)
+        with pytest.raises(ValueError):
+            _core.write_u64_runs(fd, table, array("Q", [8, 3]))
+    finally:
+        os.close(fd)
+    got = array("Q")
+    got.frombytes(tp.read_bytes())
+    assert list(got) == [0, 0, 102, 0, 0, 0, 106, 107, 108, 0]
+
+    sp.write_bytes(side[:2 * P])                     # one received page short
+    src, dst = os.open(sp, os.O_RDONLY), os.open(hp, os.O_WRONLY)
+    try:
+        with pytest.raises(EOFError):
+            _core.copy_received_runs(src, dst, runs)
+    finally:
+        os.close(src)
+        os.close(dst)

@@ -268,3 +268,48 @@ void dx_pagemap_present_vaddrs(const uint64_t *pairs, size_t n, uint64_t *out)
         for (uint64_t j = 0; j < nr; j++) out[k++] = v + j * DX_PAGE_SIZE;
     }
 }
+
+int64_t dx_copy_received_runs(int src_fd, int dst_fd, const uint64_t *runs, size_t nruns,
+                              uint64_t *out, int *err)
+{
+    uint64_t at = 0, off = 0;
+    int64_t copied = 0;
+    for (size_t r = 0; r < nruns; r++) {
+        uint64_t n = runs[3 * r + 1];
+        if (!runs[3 * r + 2]) {
+            loff_t off_in = (loff_t)(off * DX_PAGE_SIZE), off_out = (loff_t)(at * DX_PAGE_SIZE);
+            size_t left = (size_t)n * DX_PAGE_SIZE;
+            while (left) {
+                ssize_t k = copy_file_range(src_fd, &off_in, dst_fd, &off_out, left, 0);
+                if (k < 0 && errno == EINTR) continue;
+                if (k < 0) { *err = errno; return -DX_E_APPLY_IO; }
+                if (k == 0) return -DX_E_APPLY_HELD_SHORT;
+                left -= (size_t)k;
+            }
+            out[2 * copied] = at;
+            out[2 * copied + 1] = n;
+            copied++;
+            off += n;
+        }
+        at += n;
+    }
+    return copied;
+}
+
+int dx_write_u64_runs(int fd, const uint64_t *values, const uint64_t *pairs, size_t npairs)
+{
+    for (size_t r = 0; r < npairs; r++) {
+        const uint8_t *p = (const uint8_t *)(values + pairs[2 * r]);
+        size_t left = (size_t)pairs[2 * r + 1] * 8;
+        off_t off = (off_t)(pairs[2 * r] * 8);
+        while (left) {
+            ssize_t k = pwrite(fd, p, left, off);
+            if (k < 0 && errno == EINTR) continue;
+            if (k <= 0) { if (k == 0) errno = ENOSPC; return -1; }
+            p += k;
+            off += k;
+            left -= (size_t)k;
+        }
+    }
+    return 0;
+}

@@ -93,4 +93,17 @@ int dx_pagemap_check(const uint64_t *pairs, size_t n, uint64_t max_nr, uint64_t 
 /* The vaddr of every present page of checked pairs into out[present]. */
 void dx_pagemap_present_vaddrs(const uint64_t *pairs, size_t n, uint64_t *out);
 
+/* A round over held pages, finishing (store.InPlaceRound.finish): copy the received
+ * runs of its side file into the held pages file.  runs: (vaddr, nr_pages, from_held)
+ * triples in layout order (dx merge_parent_hashes); the pages of the runs with
+ * from_held == 0 lie back to back in src from byte 0 and go to their layout index in
+ * dst.  Each copied run's (index, nr_pages) goes to out (2 * nruns entries at most).
+ * Returns the number of runs copied, or a negative DX_E_APPLY_* (errno in *err). */
+int64_t dx_copy_received_runs(int src_fd, int dst_fd, const uint64_t *runs, size_t nruns,
+                              uint64_t *out, int *err);
+
+/* pwrite values[at .. at + n) at byte at * 8 of fd for every (at, n) pair: the entries
+ * of a u64 table file that a round changed.  0, or -1 with errno. */
+int dx_write_u64_runs(int fd, const uint64_t *values, const uint64_t *pairs, size_t npairs);
+
 #endif

@@ -102,7 +102,7 @@ class _Image:
         self.vaddrs, self.hashes, self.fd = vaddrs, hashes, fd
         self.mask = bytearray(len(vaddrs))      # 1: pending
         self.left = 0
-        self.changed: list[tuple[int, int]] = []
+        self.changed = array("Q")              # (index, count) pairs written
 
     def span(self, vaddr: int, count: int, what: str, *, pending: bool = True) -> int:
         """The layout index of pages [vaddr, +count): held pages that must all be
@@ -218,7 +218,7 @@ class PostcopyReceiver:
             hashes, _, _ = _core.hash_pages(chunk)
             img.hashes[i:i + c] = hashes
             img.mask[i:i + c] = bytes(c)
-            img.changed.append((i, c))
+            img.changed.extend((i, c))
             img.left -= c
             self.left -= c
             out += POSTCOPY_RECORD.pack(img.pid, c, i)

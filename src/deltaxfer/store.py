@@ -249,16 +249,6 @@ def _file_identity(path: str) -> tuple:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
-def _copy_range(src_fd: int, dst_fd: int, src_off: int, dst_off: int, n: int) -> None:
-    while n:
-        k = os.copy_file_range(src_fd, dst_fd, n, src_off, dst_off)
-        if k <= 0:
-            raise StoreError("internal", f"held pages file ended early at byte {src_off}")
-        src_off += k
-        dst_off += k
-        n -= k
-
-
 def shared_runs(old: im.Pagemap, new: im.Pagemap):
     """(old_page_index, new_page_index, nr_pages) for every run of pages present in both
     pagemaps (a merge of the two entry lists; per entry, not per page)."""
@@ -455,10 +445,10 @@ class Session:
             return vaddrs, hashes
 
     def write_hashes(self, image_id: str, hashes: array, changed=None) -> None:
-        """hashes-ID.bin in held/ as ``hashes``. ``changed`` ((index, count) runs): the
-        layout is the file's and only those entries differ -- they are written in place
-        (a few KiB instead of 8 MiB at 4 GiB; a crash in between leaves held/.dirty
-        anyway, see InPlaceRound). Remembered for held_hashes."""
+        """hashes-ID.bin in held/ as ``hashes``. ``changed`` (array('Q') of (index,
+        count) pairs): the layout is the file's and only those entries differ -- they are
+        written in place (a few KiB instead of 8 MiB at 4 GiB; a crash in between leaves
+        held/.dirty anyway, see InPlaceRound). Remembered for held_hashes."""
         path = os.path.join(self.held_dir, f"hashes-{image_id}.bin")
         done = False
         if changed is not None:
@@ -469,9 +459,7 @@ class Session:
             if fd >= 0:
                 try:
                     if os.fstat(fd).st_size == len(hashes) * 8:
-                        view = memoryview(hashes).cast("B")
-                        for at, n in changed:
-                            os.pwrite(fd, view[at * 8:(at + n) * 8], at * 8)
+                        _core.write_u64_runs(fd, hashes, changed)
                         done = True
                 finally:
                     os.close(fd)
@@ -921,15 +909,13 @@ class InPlaceRound(ParentRound):
                 try:
                     if img.reshape is not None:
                         reshape_pages_file(dst, img.reshape, len(img.held_vaddrs))
-                    at = off = 0
-                    received = []                      # (at, n) of the received runs
-                    for r in range(0, len(img.runs), 3):
-                        n = img.runs[r + 1]
-                        if not img.runs[r + 2]:        # received, not from the held pages
-                            _copy_range(src, dst, off * PAGE_SIZE, at * PAGE_SIZE, n * PAGE_SIZE)
-                            received.append((at, n))
-                            off += n
-                        at += n
+                    # (index, n) pairs of the received runs, copied in C: a syscall per run
+                    # and no Python (hundreds of single-page runs in a final round)
+                    try:
+                        received = _core.copy_received_runs(src, dst, img.runs)
+                    except EOFError:
+                        raise StoreError("internal", f"{img.image_id}: the round's received "
+                                                     "pages file ended early") from None
                 finally:
                     os.close(src)
                     os.close(dst)
