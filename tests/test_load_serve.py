@@ -154,9 +154,17 @@ def test_two_migrations_at_once_and_a_third_refused(criu, tmp_path, agent_tmp):
     import subprocess
     from faults import finish_migrate, start_migrate
     key_file = write_key(tmp_path / "client.key")
+    async def probe(port):
+        """A third client: refused (PeerError busy) while both sessions hold the slots;
+        one accepted (a migration already ended) just says goodbye."""
+        conn = await transport.connect("127.0.0.1", port, key=KEY)
+        await conn.goodbye()
+
+    # 64 MiB each: both migrations overlap for a second or more (16 MiB ones could end
+    # before the other had authenticated)
     with Server(tmp_path, extra=["--restore", "--max-connections", "2"]) as server, \
-            workloads.start("memwork", mib=16, dirty_mib_per_s=2, tmpdir=tmp_path) as a, \
-            workloads.start("memwork", mib=16, dirty_mib_per_s=2, tmpdir=tmp_path) as b:
+            workloads.start("memwork", mib=64, dirty_mib_per_s=2, tmpdir=tmp_path) as a, \
+            workloads.start("memwork", mib=64, dirty_mib_per_s=2, tmpdir=tmp_path) as b:
         t0 = time.monotonic()
         procs = [start_migrate(wl.pid, server.addr, key_file, tmp_path / f"r{i}.json",
                                "--max-rounds", "4", env=agent_env(agent_tmp))
@@ -164,11 +172,11 @@ def test_two_migrations_at_once_and_a_third_refused(criu, tmp_path, agent_tmp):
         # while both are connected, a third client is refused
         deadline = time.monotonic() + 30
         refused = None
-        while time.monotonic() < deadline and refused is None:
+        while time.monotonic() < deadline and refused is None and \
+                all(p.poll() is None for p in procs):
             if server.log().count("authenticated") >= 2:
                 try:
-                    conn = run(transport.connect("127.0.0.1", server.port, key=KEY))
-                    run(conn.goodbye())
+                    run(probe(server.port))
                 except PeerError as e:
                     refused = e
             time.sleep(0.05)
