@@ -166,6 +166,28 @@ class Report:
         return dict(self.__dict__)
 
 
+def wait_seized(pid: int, stop: threading.Event, timeout: float,
+                poll: float = 0.001) -> bool:
+    """Whether every thread of the tree under pid was seen stopped under a tracer (CRIU's
+    seizure) before ``stop`` was set or ``timeout`` s passed (run on a thread). A thread
+    once seen so stays seized until CRIU lets go; CRIU's parasite runs in it meanwhile,
+    not the program's own code."""
+    seen: set[int] = set()
+    deadline = time.monotonic() + timeout
+    while not stop.is_set() and time.monotonic() < deadline:
+        complete = True
+        for t in process_tree(pid):
+            for tid, traced in (procmem.threads_under_tracer(t.host_pid) or {}).items():
+                if traced:
+                    seen.add(tid)
+                elif tid not in seen:
+                    complete = False
+        if complete and seen:
+            return True
+        time.sleep(poll)
+    return False
+
+
 def progress_line(r: dict) -> str:
     return (f"round {r['round']:>2}: {r['changed']:>8} pages changed of {r['pages']}, "
             f"{r['wire_bytes'] / 2**20:8.2f} MiB in {r['seconds']:.2f} s "
@@ -206,6 +228,8 @@ class Agent:
         self.postcopy_task: asyncio.Task | None = None   # the pages after RESUMED
         self.postcopy_report: dict = {}
         self.frozen_run_ns: dict = {}     # the source's run time once criu let go (post-copy)
+        self.seized_task: asyncio.Task | None = None   # the round while CRIU dumps
+        self.post_dump_seen = threading.Event()        # stops waiting for the seizure
 
     def start_tracking(self) -> None:
         """Written-page tracking when asked for and the kernel can (else content hashing,
@@ -297,8 +321,10 @@ class Agent:
                 reply = {"ok": True}
                 # CRIU freezes the tree as soon as the pre-dump script has returned
                 self.t_freeze = time.monotonic()
+                self.start_seized_round()
             elif action == "post-dump":
                 self.t_post = time.monotonic()
+                self.post_dump_seen.set()
                 if self.cwd_locks is not None:
                     self.cwd_locks.release()   # CRIU's parasites are gone by now
                 ok = await self.final_round_within_deadline()
@@ -309,6 +335,71 @@ class Agent:
             await writer.drain()
         finally:
             writer.close()
+
+    # -- overlap: a round while CRIU dumps ----------------------------------------------------
+    def start_seized_round(self) -> None:
+        """At pre-dump: the round that runs while CRIU dumps (seized_round), where it can
+        help and cannot hurt."""
+        why = ("--no-overlap-dump" if not self.opts.overlap_dump else
+               "not a lazy freeze" if self.freeze_mode != "lazy" else
+               "no written-page tracking" if self.tracking is None else
+               "post-copy: the written pages follow the resume" if self.postcopy else
+               "no session" if self.sender is None else "")
+        if why:
+            self.report.freeze["overlap"] = {"ran": False, "why": why}
+            return
+        self.seized_task = asyncio.get_running_loop().create_task(self.seized_round())
+
+    async def seized_round(self) -> None:
+        """Issue 17 (overlap): while CRIU dumps the frozen tree -- once it has seized every
+        thread, each seen stopped under its tracer, from when on none runs its own code
+        until CRIU lets go after post-dump -- one more live round (scan, protect, read,
+        send), so that the final round at post-dump carries only what changed during the
+        dump (CRIU's code page, the kernel's rseq updates while the parasite runs): the
+        residual flows while CRIU works, on the other core. Correctness does not rest on
+        the seizure being seen right: the final round still scans and reads every page
+        written since this round's scan, as after any live round."""
+        loop = asyncio.get_running_loop()
+        ov = self.report.freeze["overlap"] = {"ran": False}
+        seized = await loop.run_in_executor(None, wait_seized, self.pid, self.post_dump_seen,
+                                            self.freeze_timeout)
+        if not seized:
+            ov["why"] = "CRIU's seizure of every thread was not seen before post-dump"
+            return
+        t0 = time.monotonic()
+        ov["seized_after"] = round(t0 - self.t_freeze, 6)
+        tasks = process_tree(self.pid)
+        snap = await loop.run_in_executor(self.pipeline.pool, snapshot_tree, tasks,
+                                          self.tracking, self.held)
+        try:
+            rs = await self.sender.round(snap.images, final=False)
+        finally:
+            snap.close()
+        c = rs.counts
+        self.report.rounds.append({
+            "round": self.sender.round_no, "live": True, "seized": True, "pages": rs.pages,
+            "changed": c["changed"] + c["added"], "sent_full": c["sent_full"],
+            "sent_xor": c["sent_xor"], "sent_zero": c["sent_zero"], "removed": rs.removed,
+            "written_pages": snap.written_pages, "read_pages": snap.pages_read,
+            "skipped": c["skipped"], "failed_pages": snap.pages_failed,
+            "wire_bytes": c["stored_bytes"], "read_seconds": round(snap.seconds, 6),
+            "seconds": round(time.monotonic() - t0, 6),
+            "decision": "while CRIU dumps (every thread seized)"})
+        ov.update(ran=True, seconds=round(time.monotonic() - t0, 6),
+                  pages=c["changed"] + c["added"], wire_bytes=c["stored_bytes"])
+
+    async def join_seized_round(self) -> None:
+        """Post-dump: the round sent while CRIU dumped must be complete before the final
+        one (its failure is the final round's); how long it ran past the dump is
+        recorded."""
+        task, self.seized_task = self.seized_task, None
+        if task is None:
+            return
+        t = time.monotonic()
+        await task
+        ov = self.report.freeze.get("overlap")
+        if ov is not None and ov.get("ran"):
+            ov["after_dump"] = round(time.monotonic() - t, 6)
 
     def take_frozen_refs(self) -> None:
         """pidfds for every task of the frozen tree (nothing in it can exit or fork while
@@ -441,6 +532,7 @@ class Agent:
         loop = asyncio.get_running_loop()
         f = self.report.freeze
         f["dump"] = round(self.t_post - self.t_freeze, 6)
+        await self.join_seized_round()
         t = time.monotonic()
         dump = DumpDir.open(self.dump_dir)
         tasks = self.frozen_tasks = process_tree(self.pid)
@@ -624,6 +716,10 @@ class Agent:
                 self.report.hint = left_behind_hint(self.pid, log_errors(log, limit=50))
             return rc
         finally:
+            self.post_dump_seen.set()          # a seizure no longer to wait for
+            if self.seized_task is not None:   # the dump failed before post-dump
+                self.seized_task.cancel()
+                self.seized_task = None
             self.cwd_locks.release()
             server.close()
             if self.sink is not None:

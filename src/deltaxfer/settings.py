@@ -80,6 +80,12 @@ SETTINGS: tuple[Setting, ...] = (
             "in the frozen tasks; needs ~2048 open files per GiB), page-server (a plain dump "
             "whose pages deltaxfer throws away as they come), auto: lazy when it fits",
             "--freeze", not_hook=_CRIU_DECIDES, choices=("auto", "lazy", "page-server")),
+    Setting("overlap_dump", "bool", "", True, "send the pages written since the last round "
+            "while CRIU dumps the frozen tree (one more round once CRIU has seized every "
+            "thread; the final round then carries only what changed during the dump); off: "
+            "after the dump. Lazy freezes with written-page tracking, not post-copy",
+            "--no-overlap-dump", not_hook="the hook's pre-dump process ends before CRIU "
+            "freezes the tree"),
     Setting("encoder_threads", "int", "threads", None, "threads that read and encode "
             "windows of pages (default: $DELTAXFER_ENCODER_THREADS, else all cores)",
             "--encoder-threads", metavar="N", minimum=1),
@@ -243,6 +249,7 @@ class Options:
     progress: object = None          # callable(str) for the per-round line
     encoder_threads: int | None = None   # None: $DELTAXFER_ENCODER_THREADS, else all cores
     converge: str = "auto"           # auto, throttle (throttle.py), postcopy (postcopy.py), off
+    overlap_dump: bool = True        # a round while CRIU dumps the seized tree (migrate.py)
     criu_opts: list = field(default_factory=list)   # the operator's own `criu dump` options
     criu_config: str | None = None   # a CRIU configuration file for the dump (--config)
     criu_verbosity: int = 2          # criu dump's -vN (criu.runner.CRIU_VERBOSITY)
@@ -301,6 +308,7 @@ def options_from(values: Mapping[str, Any], sources: Mapping[str, str] | None = 
                    max_rounds=v["max_rounds"], xor=v["xor"], compress=v["lz4"],
                    cache_bytes=v["xor_cache_mib"] << 20, restore=v["restore"],
                    tracking=v["tracking"], freeze=v["freeze"], converge=v["converge"],
+                   overlap_dump=v["overlap_dump"],
                    encoder_threads=v["encoder_threads"], ssl=ssl, progress=progress,
                    criu_opts=criu_opts, criu_config=criu_config,
                    criu_verbosity=int(v["criu_verbosity"]),

@@ -382,6 +382,31 @@ def _per_thread(pid: int, name: str) -> list[str] | None:
     return out
 
 
+def threads_under_tracer(pid: int) -> dict[int, bool] | None:
+    """{tid: stopped under a tracer now (State t with a TracerPid)} for each thread of a
+    process, from /proc/PID/task/TID/status; None when the process does not exist."""
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    out = {}
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/status") as f:
+                text = f.read()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        state = tracer = None
+        for line in text.splitlines():
+            if line.startswith("State:"):
+                state = line.split()[1]
+            elif line.startswith("TracerPid:"):
+                tracer = line.split()[1]
+                break
+        out[int(tid)] = state == "t" and tracer not in (None, "0")
+    return out
+
+
 def children(pid: int) -> list[int]:
     return [int(x) for text in _per_thread(pid, "children") or () for x in text.split()]
 
