@@ -164,6 +164,8 @@ def run_deltaxfer(ctx: Ctx, wl, tag: str, method: str) -> dict:
                          "all_resident_s": placed,
                          "ratio": round(first_pass / normal_pass, 3) if normal_pass else None},
             "freeze": {k: v for k, v in report["freeze"].items() if isinstance(v, float)},
+            # the round sent while CRIU dumped (migrate.Agent.seized_round): ran or why not
+            "overlap": report["freeze"].get("overlap"),
             "round_trace": trace,
         }
     finally:
