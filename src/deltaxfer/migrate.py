@@ -377,7 +377,8 @@ class Agent:
             snap.close()
         c = rs.counts
         self.report.rounds.append({
-            "round": self.sender.round_no, "live": True, "seized": True, "pages": rs.pages,
+            # not live: the tree does not run during it (it is frozen, inside the freeze)
+            "round": self.sender.round_no, "live": False, "seized": True, "pages": rs.pages,
             "changed": c["changed"] + c["added"], "sent_full": c["sent_full"],
             "sent_xor": c["sent_xor"], "sent_zero": c["sent_zero"], "removed": rs.removed,
             "written_pages": snap.written_pages, "read_pages": snap.pages_read,
