@@ -251,6 +251,22 @@ def _postcopy_running(tmp_path, agent_tmp):
             server.stop()
 
 
+def _lazy_daemons(tmp_path) -> list[int]:
+    """deltaxfer lazy-pages servers serving a directory under tmp_path."""
+    out = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if b"deltaxfer.lazyserve" in argv and any(str(tmp_path).encode() in a for a in argv):
+            out.append(int(d))
+    return out
+
+
 def _postcopy_on_a_slow_link(tmp_path, agent_tmp, interrupt):
     """_postcopy_running, then ``interrupt(migrate process, server)``: the copy must be
     killed and the source stay stopped, its memory whole (resumed and verified here).
@@ -264,6 +280,11 @@ def _postcopy_on_a_slow_link(tmp_path, agent_tmp, interrupt):
             assert time.monotonic() < deadline, f"the copy {restored} still runs"
             time.sleep(0.05)
         time.sleep(0.5)       # the receiver's last words
+        # and the copy's lazy-pages server ends with it (it used to stay, waiting on the
+        # pending pages forever)
+        while _lazy_daemons(tmp_path):
+            assert time.monotonic() < deadline, f"lazy-pages server left: {_lazy_daemons(tmp_path)}"
+            time.sleep(0.05)
         log = server.log()
         assert "post-copy done" not in log, "the post-copy was over before it was interrupted"
         # the source: stopped, whole; resumed by hand, it checks out

@@ -217,7 +217,10 @@ class PostcopyRelay(threading.Thread):
 
     def _lost(self) -> None:
         """The pending pages can never come: the restored tree cannot run correctly
-        without them (its threads wait on them forever): kill it."""
+        without them (its threads wait on them forever): kill it, and end this daemon --
+        nothing is left to serve, and nothing else would end it (its workers wait on the
+        pending pages, and a killed task's userfaultfd says nothing; before 2026-11-30
+        such daemons stayed, one per failed post-copy)."""
         if self.ended:
             return
         from deltaxfer.pidref import signal_tree
@@ -225,13 +228,14 @@ class PostcopyRelay(threading.Thread):
             n = signal_tree(int(self.root), signal.SIGKILL, self.start_time)
             self.say(f"Error (deltaxfer lazyserve): the post-copy connection closed before "
                      f"every pending page arrived: killed the restored tree {self.root} "
-                     f"({n} tasks)")
+                     f"({n} tasks); exiting")
         else:
             # the restore may be waiting on a pending page: end it (the receiver kills
             # whatever it restored, still stopped)
             self.say("Error (deltaxfer lazyserve): the post-copy connection closed before "
                      "every pending page arrived, during the restore: exiting")
-            os._exit(1)
+        _unlink_socket(POSTCOPY_SOCKET)
+        os._exit(1)
 
     def add_task(self, server, pid: int, uffd: int) -> None:
         """add_task, then the pages of that image that arrived before it."""
