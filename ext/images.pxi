@@ -142,6 +142,44 @@ def pagemap_encode_fast(uint32_t pages_id, vaddrs, nr_pages, flags):
     return bytes(out[:pos])
 
 
+def pagemap_encode_pairs(uint32_t pages_id, pairs):
+    """pagemap_encode_fast for entries given as PAGEMAP's (vaddr, nr_pages | flags << 32)
+    u64 pairs (an ArrayPagemap's own), without splitting them into three arrays first."""
+    cdef _Buffer bp = u64_buffer(pairs, "pairs")
+    cdef size_t m = u64_len(bp), n, i, pos, t
+    if m % 2:
+        raise ValueError("pairs holds an odd number of u64")
+    n = m // 2
+    cdef const uint64_t *pp = u64_ptr(bp)
+    cdef bytearray out = bytearray(16 + 8 + n * 40)
+    cdef uint8_t *o = <uint8_t *>out
+    cdef uint8_t tmp[32]
+    cdef uint64_t low32 = 0xFFFFFFFF
+    with nogil:
+        pos = 0
+        _put32(o, &pos, 0x54564319)
+        _put32(o, &pos, 0x56084025)
+        t = 0
+        tmp[t] = 0x08
+        t += 1
+        t = _putv(tmp, t, pages_id)
+        _put32(o, &pos, <uint32_t>t)
+        memcpy(o + pos, tmp, t)
+        pos += t
+        for i in range(n):
+            t = 0
+            tmp[t] = 0x08
+            t = _putv(tmp, t + 1, pp[2 * i])
+            tmp[t] = 0x10
+            t = _putv(tmp, t + 1, pp[2 * i + 1] & low32)
+            tmp[t] = 0x20
+            t = _putv(tmp, t + 1, pp[2 * i + 1] >> 32)
+            _put32(o, &pos, <uint32_t>t)
+            memcpy(o + pos, tmp, t)
+            pos += t
+    return bytes(memoryview(out)[:pos])
+
+
 cdef inline void _put32(uint8_t *o, size_t *pos, uint32_t v) noexcept nogil:
     o[pos[0]] = v & 0xFF
     o[pos[0] + 1] = (v >> 8) & 0xFF
