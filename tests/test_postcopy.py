@@ -252,19 +252,8 @@ def _postcopy_running(tmp_path, agent_tmp):
 
 
 def _lazy_daemons(tmp_path) -> list[int]:
-    """deltaxfer lazy-pages servers serving a directory under tmp_path."""
-    out = []
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            with open(f"/proc/{d}/cmdline", "rb") as f:
-                argv = f.read().split(b"\0")
-        except OSError:
-            continue
-        if b"deltaxfer.lazyserve" in argv and any(str(tmp_path).encode() in a for a in argv):
-            out.append(int(d))
-    return out
+    """Lazy-pages servers (deltaxfer's or criu's) serving a directory under tmp_path."""
+    return [pid for pid, d, _ in procmem.lazy_pages_processes() if d.startswith(str(tmp_path))]
 
 
 def _postcopy_on_a_slow_link(tmp_path, agent_tmp, interrupt):
