@@ -718,9 +718,11 @@ class Agent:
             return rc
         finally:
             self.post_dump_seen.set()          # a seizure no longer to wait for
-            if self.seized_task is not None:   # the dump failed before post-dump
-                self.seized_task.cancel()
-                self.seized_task = None
+            task, self.seized_task = self.seized_task, None
+            if task is not None:               # the dump failed before post-dump
+                if task.done() and not task.cancelled():
+                    task.exception()           # the dump's failure is the one reported
+                task.cancel()
             self.cwd_locks.release()
             server.close()
             if self.sink is not None:
