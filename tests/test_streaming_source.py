@@ -110,6 +110,8 @@ def test_clean_window_equals_encoding_it():
         slow = encode_window(img, held, lo, hi, buf, xor=True, compress=True)
         assert fast is not None and fast[0] == b"" and slow[0] == b""
         assert fast[1] == slow[1] == hashes[lo:hi]
+        # the held layout being the image's (the sender checks once per image): the same
+        assert clean_window(img, held, lo, hi, aligned=True)[:3] == fast[:3]
         assert {k: v for k, v in fast[2].items() if v} == \
             {k: v for k, v in slow[2].items() if v and k in fast[2]}
     img.clean[20] = 0

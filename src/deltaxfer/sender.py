@@ -125,6 +125,7 @@ async def send_round(conn, round_no: int, images: list[SourceImage], held: dict[
     await conn.send_control(MsgType.ROUND, {"round": round_no, "final": final})
     todo = _windows(images, pipeline.window_pages, pipeline.span_pages)
     pending: deque = deque()
+    same_layout: dict[int, bool] = {}   # per image: held vaddrs == its vaddrs (one compare)
 
     def submit() -> None:
         job = next(todo, None)
@@ -142,7 +143,9 @@ async def send_round(conn, round_no: int, images: list[SourceImage], held: dict[
             # before a later round could XOR against them; 0.17 s of encoder CPU per GiB
             # measured). Pages enter the cache from the round that sends them again.
             cache = None
-        done = clean_window(img, h, lo, hi)
+        if index not in same_layout:
+            same_layout[index] = h is not None and h.vaddrs == img.vaddrs
+        done = clean_window(img, h, lo, hi, aligned=same_layout[index])
         if done is not None:         # nothing to read or encode: no thread hand-off either
             fut = loop.create_future()
             fut.set_result(done)

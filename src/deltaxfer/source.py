@@ -135,19 +135,25 @@ def base_for(held: Held, base_image: im.MemoryImage | None) -> memoryview | None
     return base_image.pages if hashes == held.hashes else None
 
 
-def clean_window(img: SourceImage, held: Held | None, lo: int, hi: int):
+def clean_window(img: SourceImage, held: Held | None, lo: int, hi: int, *,
+                 aligned: bool = False):
     """The result of encode_window for a window whose every page is clean (written-page
     tracking: held by the destination and not written since), without reading or encoding
     anything: the held hashes of exactly those vaddrs, no frame. None when the window is
     not wholly clean or the held pages of its range are not exactly its pages. Inside the
-    freeze most windows are clean: this keeps the final round O(written pages)."""
+    freeze most windows are clean: this keeps the final round O(written pages).
+    ``aligned``: the held vaddrs are the image's (compared once per image by the
+    caller), so no window needs its own search and comparison."""
     if img.clean is None or held is None or hi <= lo or img.clean.find(0, lo, hi) >= 0:
         return None
-    n = len(img.vaddrs)
-    plo = bisect_left(held.vaddrs, img.vaddrs[lo]) if lo else 0
-    phi = bisect_left(held.vaddrs, img.vaddrs[hi]) if hi < n else len(held.vaddrs)
-    if phi - plo != hi - lo or held.vaddrs[plo:phi] != img.vaddrs[lo:hi]:
-        return None
+    if aligned:       # the caller found held.vaddrs == img.vaddrs: the same indexes
+        plo, phi = lo, hi
+    else:
+        n = len(img.vaddrs)
+        plo = bisect_left(held.vaddrs, img.vaddrs[lo]) if lo else 0
+        phi = bisect_left(held.vaddrs, img.vaddrs[hi]) if hi < n else len(held.vaddrs)
+        if phi - plo != hi - lo or held.vaddrs[plo:phi] != img.vaddrs[lo:hi]:
+            return None
     k = hi - lo
     stats = dict.fromkeys(_STAT_KEYS, 0)
     stats.update(scanned=k, unchanged=k, skipped=k)
