@@ -26,3 +26,46 @@ def criu():
 def loop_kind(request):
     """Each transport test runs on both event loops."""
     return request.param
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_processes(request):
+    """After a test that had a tmp_path, a process still running whose command line names
+    that directory -- a workload's restored copy that a failing test never adopted, a
+    lazy-pages server -- is killed and reported as a warning: one failure must not leave
+    memory-hungry processes to the tests after it."""
+    yield
+    tmp = request.node.funcargs.get("tmp_path")
+    if tmp is None:
+        return
+    import signal
+    import time
+    import warnings
+    needle = str(tmp).encode()
+
+    def running() -> dict[int, str]:
+        out = {}
+        for name in os.listdir("/proc"):
+            if not name.isdigit() or int(name) == os.getpid():
+                continue
+            try:
+                with open(f"/proc/{name}/cmdline", "rb") as f:
+                    argv = f.read().split(b"\0")
+            except OSError:
+                continue
+            if any(needle in a for a in argv):
+                out[int(name)] = b" ".join(argv[:3]).decode(errors="replace")
+        return out
+    deadline = time.monotonic() + 2.0      # a daemon finishing its last pages may end
+    while (procs := running()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = []
+    for pid, what in procs.items():
+        try:
+            os.kill(pid, signal.SIGKILL)
+            left.append(f"{pid} {what}")
+        except OSError:
+            pass
+    if left:
+        warnings.warn(f"{request.node.nodeid} left {len(left)} process(es) running, "
+                      f"killed: {left}")
