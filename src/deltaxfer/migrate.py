@@ -258,28 +258,47 @@ class Agent:
         """RESUME went out: from then on the source must not resume by itself."""
         return self.sender is not None and self.sender.resume_sent
 
-    async def live_rounds(self) -> None:
+    async def tree_round(self, tasks, timeout: float | None = None):
+        """One round of the tree as it is now: snapshot_tree on an encoder thread (scan,
+        clean mask, protect), then the round sent -- within ``timeout`` s when given --
+        and the snapshot's readers closed. Returns (SentRound, the snapshot)."""
         loop = asyncio.get_running_loop()
+        snap = await loop.run_in_executor(self.pipeline.pool, snapshot_tree, tasks,
+                                          self.tracking, self.held)
+        try:
+            async with asyncio.timeout(timeout):
+                rs = await self.sender.round(snap.images, final=False)
+        except TimeoutError:
+            raise MigrationError(f"live round {self.sender.round_no} did not complete within "
+                                 f"{timeout:.0f} s (link stalled?)") from None
+        finally:
+            snap.close()
+        return rs, snap
+
+    def round_record(self, rs, snap, seconds: float, **more) -> dict:
+        """A round of tree_round as the report lists it (``more``: the kind's own
+        fields)."""
+        c = rs.counts
+        return {"round": self.sender.round_no, **more, "pages": rs.pages,
+                "changed": c["changed"] + c["added"], "sent_full": c["sent_full"],
+                "sent_xor": c["sent_xor"], "sent_zero": c["sent_zero"], "removed": rs.removed,
+                "written_pages": snap.written_pages, "read_pages": snap.pages_read,
+                "skipped": c["skipped"], "failed_pages": snap.pages_failed,
+                "read_thread_seconds": round(rs.read_seconds, 6),
+                "wire_bytes": c["stored_bytes"], "read_seconds": round(snap.seconds, 6),
+                "seconds": round(seconds, 6)}
+
+    async def live_rounds(self) -> None:
         last_read = None
         while True:
             self.source.check()
             tasks = process_tree(self.pid)
             t_read = time.monotonic()
-            snap = await loop.run_in_executor(self.pipeline.pool, snapshot_tree, tasks,
-                                              self.tracking, self.held)
+            rs, snap = await self.tree_round(tasks, self.opts.round_timeout)
             self.memory_bytes = snap.bytes_read
-            try:
-                async with asyncio.timeout(self.opts.round_timeout):
-                    rs = await self.sender.round(snap.images, final=False)
-            except TimeoutError:
-                raise MigrationError(f"live round {self.sender.round_no} did not complete within "
-                                     f"{self.opts.round_timeout:.0f} s (link stalled?)") from None
-            finally:
-                snap.close()
             c = rs.counts
-            changed = c["changed"] + c["added"]
-            m = RoundMeasure(self.sender.round_no, rs.pages, changed, c["stored_bytes"],
-                             time.monotonic() - t_read, snap.seconds,
+            m = RoundMeasure(self.sender.round_no, rs.pages, c["changed"] + c["added"],
+                             c["stored_bytes"], time.monotonic() - t_read, snap.seconds,
                              t_read - last_read if last_read else float("inf"))
             last_read = t_read
             d = self.policy.observe(m)
@@ -289,20 +308,12 @@ class Agent:
                     self.throttle.set(d.throttle, [t.host_pid for t in tasks])
                 except ThrottleError as e:
                     raise MigrationError(f"auto-converge: {e}") from None
-            rec = {"round": self.sender.round_no, "live": True, "pages": rs.pages, "changed": changed,
-                   "sent_full": c["sent_full"], "sent_xor": c["sent_xor"],
-                   "sent_zero": c["sent_zero"], "removed": rs.removed,
-                   "written_pages": snap.written_pages, "read_pages": snap.pages_read,
-                   "skipped": c["skipped"],
-                   "failed_pages": snap.pages_failed,
-                   "read_thread_seconds": round(rs.read_seconds, 6),
-                   "wire_bytes": c["stored_bytes"], "read_seconds": round(snap.seconds, 6),
-                   "seconds": round(m.seconds, 6),
-                   "bandwidth_MBps": (c["stored_bytes"] / max(m.seconds - snap.seconds, 1e-6)
-                                      / 1e6),
-                   "dirty_MBps": d.dirty_pages_per_s * PAGE_SIZE / 1e6,
-                   "predicted_downtime": round(d.predicted_downtime, 6),
-                   "decision": d.reason, "throttle": d.throttle}
+            rec = self.round_record(rs, snap, m.seconds, live=True)
+            rec.update({"bandwidth_MBps": (c["stored_bytes"]
+                                           / max(m.seconds - snap.seconds, 1e-6) / 1e6),
+                        "dirty_MBps": d.dirty_pages_per_s * PAGE_SIZE / 1e6,
+                        "predicted_downtime": round(d.predicted_downtime, 6),
+                        "decision": d.reason, "throttle": d.throttle})
             self.report.rounds.append(rec)
             if self.opts.progress:
                 self.opts.progress(progress_line(rec))
@@ -368,26 +379,14 @@ class Agent:
             return
         t0 = time.monotonic()
         ov["seized_after"] = round(t0 - self.t_freeze, 6)
-        tasks = process_tree(self.pid)
-        snap = await loop.run_in_executor(self.pipeline.pool, snapshot_tree, tasks,
-                                          self.tracking, self.held)
-        try:
-            rs = await self.sender.round(snap.images, final=False)
-        finally:
-            snap.close()
-        c = rs.counts
-        self.report.rounds.append({
-            # not live: the tree does not run during it (it is frozen, inside the freeze)
-            "round": self.sender.round_no, "live": False, "seized": True, "pages": rs.pages,
-            "changed": c["changed"] + c["added"], "sent_full": c["sent_full"],
-            "sent_xor": c["sent_xor"], "sent_zero": c["sent_zero"], "removed": rs.removed,
-            "written_pages": snap.written_pages, "read_pages": snap.pages_read,
-            "skipped": c["skipped"], "failed_pages": snap.pages_failed,
-            "wire_bytes": c["stored_bytes"], "read_seconds": round(snap.seconds, 6),
-            "seconds": round(time.monotonic() - t0, 6),
-            "decision": "while CRIU dumps (every thread seized)"})
-        ov.update(ran=True, seconds=round(time.monotonic() - t0, 6),
-                  pages=c["changed"] + c["added"], wire_bytes=c["stored_bytes"])
+        # bounded by the freeze deadline: post-dump awaits it inside final_round's
+        rs, snap = await self.tree_round(process_tree(self.pid))
+        # not live: the tree does not run during it (it is frozen, inside the freeze)
+        rec = self.round_record(rs, snap, time.monotonic() - t0, live=False, seized=True)
+        rec["decision"] = "while CRIU dumps (every thread seized)"
+        self.report.rounds.append(rec)
+        ov.update(ran=True, seconds=rec["seconds"], pages=rec["changed"],
+                  wire_bytes=rec["wire_bytes"])
 
     async def join_seized_round(self) -> None:
         """Post-dump: the round sent while CRIU dumped must be complete before the final
