@@ -365,26 +365,9 @@ def nspids(pid: int) -> list[int]:
     return [pid]
 
 
-def _per_thread(pid: int, name: str) -> list[str] | None:
-    """/proc/PID/task/*/NAME of each thread of a process (a thread that exited meanwhile
-    left out), or None when the process does not exist."""
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    out = []
-    for tid in tids:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/{name}") as f:
-                out.append(f.read())
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-    return out
-
-
-def threads_under_tracer(pid: int) -> dict[int, bool] | None:
-    """{tid: stopped under a tracer now (State t with a TracerPid)} for each thread of a
-    process, from /proc/PID/task/TID/status; None when the process does not exist."""
+def _per_thread(pid: int, name: str) -> dict[int, str] | None:
+    """{tid: /proc/PID/task/TID/NAME} for each thread of a process (a thread that exited
+    meanwhile left out), or None when the process does not exist."""
     try:
         tids = os.listdir(f"/proc/{pid}/task")
     except (FileNotFoundError, ProcessLookupError):
@@ -392,23 +375,35 @@ def threads_under_tracer(pid: int) -> dict[int, bool] | None:
     out = {}
     for tid in tids:
         try:
-            with open(f"/proc/{pid}/task/{tid}/status") as f:
-                text = f.read()
+            with open(f"/proc/{pid}/task/{tid}/{name}") as f:
+                out[int(tid)] = f.read()
         except (FileNotFoundError, ProcessLookupError):
             continue
-        state = tracer = None
-        for line in text.splitlines():
-            if line.startswith("State:"):
-                state = line.split()[1]
-            elif line.startswith("TracerPid:"):
-                tracer = line.split()[1]
-                break
-        out[int(tid)] = state == "t" and tracer not in (None, "0")
     return out
 
 
+def _under_tracer(status: str) -> bool:
+    """A thread's status file says: stopped under a tracer (State t with a TracerPid)."""
+    state = tracer = None
+    for line in status.splitlines():
+        if line.startswith("State:"):
+            state = line.split()[1]
+        elif line.startswith("TracerPid:"):
+            tracer = line.split()[1]
+            break
+    return state == "t" and tracer not in (None, "0")
+
+
+def threads_under_tracer(pid: int) -> dict[int, bool] | None:
+    """{tid: stopped under a tracer now} for each thread of a process; None when the
+    process does not exist."""
+    status = _per_thread(pid, "status")
+    return None if status is None else {tid: _under_tracer(t) for tid, t in status.items()}
+
+
 def children(pid: int) -> list[int]:
-    return [int(x) for text in _per_thread(pid, "children") or () for x in text.split()]
+    return [int(x) for text in (_per_thread(pid, "children") or {}).values()
+            for x in text.split()]
 
 
 def alive(pid: int) -> bool:
@@ -511,7 +506,8 @@ def run_ns(pid: int) -> int | None:
     """Nanoseconds a process's threads have spent on a CPU (their /proc/PID/task/*/
     schedstat summed): grows only while it runs. None when it does not exist."""
     stats = _per_thread(pid, "schedstat")
-    return None if stats is None else sum(int(x.split()[0]) for x in stats if x.split())
+    return None if stats is None else sum(int(x.split()[0]) for x in stats.values()
+                                          if x.split())
 
 
 def boot_ticks_now() -> int:
