@@ -107,77 +107,67 @@ def pagemap_encode_fast(uint32_t pages_id, vaddrs, nr_pages, flags):
         if u64_ptr(bn)[i] >= (<uint64_t>1 << 32):
             raise ValueError(f"pagemap entry at {u64_ptr(bv)[i]:#x} has {u64_ptr(bn)[i]} pages; "
                              "split it (CRIU 4.1's nr_pages is 32-bit)")
-    # worst case per entry: 4 (size) + 3 keys + 10 + 5 + 10 varint bytes
-    cdef bytearray out = bytearray(16 + 8 + n * 40)
+    cdef bytearray out = bytearray(_pagemap_bound(n))
     cdef uint8_t *o = <uint8_t *>out
-    cdef uint64_t fields[3]
-    cdef uint8_t tmp[32]
-    cdef size_t t, k
-    cdef uint64_t x
     with nogil:
-        pos = 0
-        _put32(o, &pos, 0x54564319)
-        _put32(o, &pos, 0x56084025)
-        t = 0
-        tmp[t] = 0x08
-        t += 1
-        t = _putv(tmp, t, pages_id)
-        _put32(o, &pos, <uint32_t>t)
-        memcpy(o + pos, tmp, t)
-        pos += t
+        pos = _pagemap_head(o, pages_id)
         for i in range(n):
-            fields[0] = u64_ptr(bv)[i]
-            fields[1] = u64_ptr(bn)[i]
-            fields[2] = u64_ptr(bf)[i]
-            t = 0
-            tmp[t] = 0x08
-            t = _putv(tmp, t + 1, fields[0])
-            tmp[t] = 0x10
-            t = _putv(tmp, t + 1, fields[1])
-            tmp[t] = 0x20
-            t = _putv(tmp, t + 1, fields[2])
-            _put32(o, &pos, <uint32_t>t)
-            memcpy(o + pos, tmp, t)
-            pos += t
-    return bytes(out[:pos])
+            pos = _pagemap_entry(o, pos, u64_ptr(bv)[i], u64_ptr(bn)[i], u64_ptr(bf)[i])
+    return bytes(memoryview(out)[:pos])
 
 
 def pagemap_encode_pairs(uint32_t pages_id, pairs):
     """pagemap_encode_fast for entries given as PAGEMAP's (vaddr, nr_pages | flags << 32)
     u64 pairs (an ArrayPagemap's own), without splitting them into three arrays first."""
     cdef _Buffer bp = u64_buffer(pairs, "pairs")
-    cdef size_t m = u64_len(bp), n, i, pos, t
+    cdef size_t m = u64_len(bp), n, i, pos
     if m % 2:
         raise ValueError("pairs holds an odd number of u64")
     n = m // 2
     cdef const uint64_t *pp = u64_ptr(bp)
-    cdef bytearray out = bytearray(16 + 8 + n * 40)
+    cdef bytearray out = bytearray(_pagemap_bound(n))
     cdef uint8_t *o = <uint8_t *>out
-    cdef uint8_t tmp[32]
     cdef uint64_t low32 = 0xFFFFFFFF
     with nogil:
-        pos = 0
-        _put32(o, &pos, 0x54564319)
-        _put32(o, &pos, 0x56084025)
-        t = 0
-        tmp[t] = 0x08
-        t += 1
-        t = _putv(tmp, t, pages_id)
-        _put32(o, &pos, <uint32_t>t)
-        memcpy(o + pos, tmp, t)
-        pos += t
+        pos = _pagemap_head(o, pages_id)
         for i in range(n):
-            t = 0
-            tmp[t] = 0x08
-            t = _putv(tmp, t + 1, pp[2 * i])
-            tmp[t] = 0x10
-            t = _putv(tmp, t + 1, pp[2 * i + 1] & low32)
-            tmp[t] = 0x20
-            t = _putv(tmp, t + 1, pp[2 * i + 1] >> 32)
-            _put32(o, &pos, <uint32_t>t)
-            memcpy(o + pos, tmp, t)
-            pos += t
+            pos = _pagemap_entry(o, pos, pp[2 * i], pp[2 * i + 1] & low32, pp[2 * i + 1] >> 32)
     return bytes(memoryview(out)[:pos])
+
+
+cdef inline size_t _pagemap_bound(size_t n) noexcept:
+    """Bytes a pagemap image of n entries can take: magics and head, and per entry 4
+    (size) + 3 keys + 10 + 5 + 10 varint bytes at most."""
+    return 16 + 8 + n * 40
+
+
+cdef inline size_t _pagemap_head(uint8_t *o, uint32_t pages_id) noexcept nogil:
+    """CRIU's two magics and the pagemap head (field 1: pages_id) at o; its length."""
+    cdef uint8_t tmp[16]
+    cdef size_t pos = 0, t
+    _put32(o, &pos, 0x54564319)
+    _put32(o, &pos, 0x56084025)
+    tmp[0] = 0x08
+    t = _putv(tmp, 1, pages_id)
+    _put32(o, &pos, <uint32_t>t)
+    memcpy(o + pos, tmp, t)
+    return pos + t
+
+
+cdef inline size_t _pagemap_entry(uint8_t *o, size_t pos, uint64_t vaddr, uint64_t nr,
+                                  uint64_t flags) noexcept nogil:
+    """One pagemap entry (fields 1, 2, 4, length-prefixed) at o + pos; the new pos."""
+    cdef uint8_t tmp[32]
+    cdef size_t t
+    tmp[0] = 0x08
+    t = _putv(tmp, 1, vaddr)
+    tmp[t] = 0x10
+    t = _putv(tmp, t + 1, nr)
+    tmp[t] = 0x20
+    t = _putv(tmp, t + 1, flags)
+    _put32(o, &pos, <uint32_t>t)
+    memcpy(o + pos, tmp, t)
+    return pos + t
 
 
 cdef inline void _put32(uint8_t *o, size_t *pos, uint32_t v) noexcept nogil:
