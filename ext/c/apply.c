@@ -70,6 +70,22 @@ void dx_applier_free(dx_applier *a)
     a->raw_cap = 0;
 }
 
+/* Pages [from, from+n) of in_fd to pages [to, to+n) of out_fd, in the kernel; 0, or
+ * -DX_E_APPLY_IO (errno in *err) or -DX_E_APPLY_HELD_SHORT (in_fd ended first). */
+static int copy_pages(int in_fd, uint64_t from, int out_fd, uint64_t to, uint64_t n, int *err)
+{
+    loff_t off_in = (loff_t)(from * DX_PAGE_SIZE), off_out = (loff_t)(to * DX_PAGE_SIZE);
+    size_t left = (size_t)n * DX_PAGE_SIZE;
+    while (left) {
+        ssize_t k = copy_file_range(in_fd, &off_in, out_fd, &off_out, left, 0);
+        if (k < 0 && errno == EINTR) continue;
+        if (k < 0) { *err = errno; return -DX_E_APPLY_IO; }
+        if (k == 0) return -DX_E_APPLY_HELD_SHORT;
+        left -= (size_t)k;
+    }
+    return 0;
+}
+
 int64_t dx_applier_share_held(dx_applier *a, int held_fd, const uint64_t *held_hashes)
 {
     if (a->mode != DX_APPLY_AT_INDEX) return -DX_E_ARG;
@@ -81,15 +97,8 @@ int64_t dx_applier_share_held(dx_applier *a, int held_fd, const uint64_t *held_h
         size_t n = 0;          /* a run: consecutive in both files */
         while (i + n < a->nheld && j + n < a->npages && a->held_vaddrs[i + n] == a->vaddrs[j + n])
             n++;
-        loff_t off_in = (loff_t)i * DX_PAGE_SIZE, off_out = (loff_t)j * DX_PAGE_SIZE;
-        size_t left = n * DX_PAGE_SIZE;
-        while (left) {
-            ssize_t k = copy_file_range(held_fd, &off_in, a->fd, &off_out, left, 0);
-            if (k < 0 && errno == EINTR) continue;
-            if (k < 0) { a->err_errno = errno; return -DX_E_APPLY_IO; }
-            if (k == 0) return -DX_E_APPLY_HELD_SHORT;
-            left -= (size_t)k;
-        }
+        int rc = copy_pages(held_fd, i, a->fd, j, n, &a->err_errno);
+        if (rc) return rc;
         for (size_t k = 0; k < n; k++) {
             a->hashes[j + k] = held_hashes[i + k];
             a->src[j + k] = DX_SRC_HELD;
@@ -277,15 +286,8 @@ int64_t dx_copy_received_runs(int src_fd, int dst_fd, const uint64_t *runs, size
     for (size_t r = 0; r < nruns; r++) {
         uint64_t n = runs[3 * r + 1];
         if (!runs[3 * r + 2]) {
-            loff_t off_in = (loff_t)(off * DX_PAGE_SIZE), off_out = (loff_t)(at * DX_PAGE_SIZE);
-            size_t left = (size_t)n * DX_PAGE_SIZE;
-            while (left) {
-                ssize_t k = copy_file_range(src_fd, &off_in, dst_fd, &off_out, left, 0);
-                if (k < 0 && errno == EINTR) continue;
-                if (k < 0) { *err = errno; return -DX_E_APPLY_IO; }
-                if (k == 0) return -DX_E_APPLY_HELD_SHORT;
-                left -= (size_t)k;
-            }
+            int rc = copy_pages(src_fd, off, dst_fd, at, n, err);
+            if (rc) return rc;
             out[2 * copied] = at;
             out[2 * copied + 1] = n;
             copied++;
