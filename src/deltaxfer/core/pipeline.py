@@ -104,12 +104,7 @@ def split_payloads(frames, prefix: int = 4) -> list[memoryview]:
 
 def split_frames(frames) -> list[memoryview]:
     """The frames of a round, one memoryview each (headers are checked)."""
-    mv, out, off = memoryview(frames).cast("B"), [], 0
-    while off < len(mv):
-        n = native.read_frame_header(mv[off:])["frame_len"]
-        out.append(mv[off:off + n])
-        off += n
-    return out
+    return split_payloads(frames, prefix=0)
 
 
 def apply_to_dict(frames, store: dict, impl=native) -> int:
