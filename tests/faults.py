@@ -366,6 +366,20 @@ def run_migrate(pid, to, key_file, report_path, *extra, timeout: float = 120,
     return finish_migrate(proc, report_path, t0, timeout)
 
 
+def migrate_adopting(wl, to: str, tmp_path, agent_dir, *extra, timeout: float = 180
+                     ) -> Migration:
+    """`deltaxfer migrate` of workload wl to ``to`` (a key written in tmp_path, the
+    agent's work under agent_dir), its restored copy adopted by wl whatever the outcome,
+    so that the test's end kills it; the caller asserts on the result."""
+    from servers import write_key
+    key = write_key(tmp_path / "client.key")
+    m = run_migrate(wl.pid, to, key, tmp_path / "report.json", *extra,
+                    env=agent_env(agent_dir), timeout=timeout)
+    if m.report and m.report.get("restored_pid"):
+        wl.adopt(m.report["restored_pid"])
+    return m
+
+
 @pytest.fixture
 def agent_tmp():
     """A short directory for the migration agent's work directory (its unix socket path

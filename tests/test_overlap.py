@@ -12,8 +12,8 @@ import pytest
 import workloads
 from deltaxfer.live import process_tree
 from deltaxfer.migrate import wait_seized
-from faults import agent_env, agent_tmp, run_migrate  # noqa: F401
-from servers import Server, write_key
+from faults import agent_tmp, migrate_adopting  # noqa: F401
+from servers import Server
 
 # seizes the given threads as CRIU does (PTRACE_SEIZE + PTRACE_INTERRUPT), waits for
 # their stops, says so, and holds them until stdin closes (exiting detaches them)
@@ -87,12 +87,8 @@ def test_the_residual_goes_while_criu_dumps(criu, tmp_path, agent_tmp, kind):
     kw = {"dirty_mib_per_s": 20} if kind == "memwork" else {}
     with Server(tmp_path, extra=["--restore"]) as server, \
             workloads.start(kind, mib=64, tmpdir=tmp_path, **kw) as wl:
-        key = write_key(tmp_path / "client.key")
-        m = run_migrate(wl.pid, server.addr, key, tmp_path / "report.json",
-                        env=agent_env(agent_tmp), timeout=180)
+        m = migrate_adopting(wl, server.addr, tmp_path, agent_tmp)
         r = m.report
-        if r and r.get("restored_pid"):
-            wl.adopt(r["restored_pid"])
         assert m.rc == 0 and r["outcome"] == "migrated", (m.stderr[-3000:], r and r["error"])
         ov = r["freeze"]["overlap"]
         assert ov["ran"] is True, ov
@@ -116,12 +112,8 @@ def test_no_overlap_dump_sends_the_residual_after_the_dump(criu, tmp_path, agent
     round carries the pages written since the last live round."""
     with Server(tmp_path, extra=["--restore"]) as server, \
             workloads.start("memwork", mib=64, dirty_mib_per_s=20, tmpdir=tmp_path) as wl:
-        key = write_key(tmp_path / "client.key")
-        m = run_migrate(wl.pid, server.addr, key, tmp_path / "report.json",
-                        "--no-overlap-dump", env=agent_env(agent_tmp), timeout=180)
+        m = migrate_adopting(wl, server.addr, tmp_path, agent_tmp, "--no-overlap-dump")
         r = m.report
-        if r and r.get("restored_pid"):
-            wl.adopt(r["restored_pid"])
         assert m.rc == 0 and r["outcome"] == "migrated", (m.stderr[-3000:], r and r["error"])
         assert r["freeze"]["overlap"] == {"ran": False, "why": "--no-overlap-dump"}
         assert not any(x.get("seized") for x in r["rounds"])

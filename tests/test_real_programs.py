@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 import workloads
-from faults import agent_env, agent_tmp, run_migrate, wait_gone  # noqa: F401
-from servers import Server, write_key
+from faults import agent_tmp, migrate_adopting, wait_gone  # noqa: F401
+from servers import Server
 
 pytestmark = [pytest.mark.criu, pytest.mark.slow]
 
@@ -51,12 +51,8 @@ def need(program: str, package: str) -> str:
 
 def migrate(tmp_path, agent_tmp, server, wl) -> int:
     """Migrate wl; the restored copy's host pid (adopted by wl), the source gone."""
-    key = write_key(tmp_path / "client.key")
-    m = run_migrate(wl.pid, server.addr, key, tmp_path / "report.json",
-                    env=agent_env(agent_tmp), timeout=240)
+    m = migrate_adopting(wl, server.addr, tmp_path, agent_tmp, timeout=240)
     r = m.report
-    if r and r.get("restored_pid"):
-        wl.adopt(r["restored_pid"])
     assert m.rc == 0, (m.rc, m.stderr[-3000:], r and r.get("error"), server.log()[-3000:])
     assert r["outcome"] == "migrated" and r["error"] is None, r
     assert len(r["rounds"]) >= 2 and r["rounds"][-1]["live"] is False, r["rounds"]
