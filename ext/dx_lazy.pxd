@@ -6,7 +6,7 @@ cdef extern from "lazy.h" nogil:
         pass
     ctypedef struct dx_lazy_stats:
         uint64_t tasks, forks, pages_total, pages_faulted, pages_prefetched, pages_present
-        uint64_t pages_dropped, pages_zero, faults, events, eagain, tasks_gone
+        uint64_t pages_dropped, pages_zero, pages_zero_image, faults, events, eagain, tasks_gone
         uint64_t pages_abandoned, placed_ns, prefetch_ns, complete_ns
         uint64_t pages_pending, pages_postcopied, requests, requests_dropped
         uint64_t fault_waits, fault_wait_ns, fault_wait_max_ns

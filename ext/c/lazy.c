@@ -38,6 +38,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "hash.h"
 #include "lazy.h"
 
 #define PS 4096ULL
@@ -46,6 +47,10 @@
 #define PE_PRESENT (1ULL << 2)
 #define GRACE_NS (100ULL * 1000 * 1000)   /* a complete task's uffd stays open this long */
 #define MAX_RETRY 256
+#define HOLE_SPAN (2ULL << 20)  /* a fault in a hole maps zeros up to this alignment */
+#define GAP_PAGES 512           /* holes between image runs up to this are zero-mapped */
+#define RA_FIRST 8          /* a forward reader's first window (pages), then doubling */
+#define RA_SLACK 64         /* pages past the last window still counted as going forward */
 
 typedef struct { uint64_t start, end, pidx; } seg_t;
 
@@ -64,6 +69,10 @@ typedef struct task {
     uint64_t cursor;
     int jumped;                 /* the cursor skipped ahead: rescan from 0 at the end */
     _Atomic uint64_t hint;      /* 1 + the page after the last faulted window (0: none) */
+    uint64_t ra_start, ra_end;  /* event thread: pages file range [start, end) of the
+                                   last fault's window, for telling a reader going
+                                   forward from scattered accesses */
+    uint32_t ra_pages;          /* event thread: the next sequential fault's window */
     const uint8_t *data;
     uint64_t data_pages;
     _Atomic uint64_t *done;
@@ -89,6 +98,7 @@ struct dx_lazy {
     pthread_t evt;
     pthread_t *wk;
     int nwk, evt_started;
+    atomic_ullong zero_image;
     atomic_ullong tasks_n, forks, pages_total, faulted, prefetched, present, dropped, zero,
         faults, events, eagain, gone_n, abandoned, pending_n, postcopied, requests,
         requests_dropped, waits, wait_ns, wait_max_ns;
@@ -327,12 +337,29 @@ static uint64_t place(task_t *t, uint64_t addr, uint64_t p, uint64_t n, atomic_u
     uint64_t handled = 0;
     *why = 0;
     while (n) {
-        struct uffdio_copy c = {.dst = addr, .src = (uint64_t)(uintptr_t)(t->data + p * PS),
-                                .len = n * PS, .mode = 0, .copy = 0};
-        int rc = ioctl(t->uffd, UFFDIO_COPY, &c);
+        /* a run of pages that are all zeros or none zero: zeros get the zero page (no
+         * copy, no memory until the process writes there, as for a page never written) */
+        int zero = dx_page_is_zero(t->data + p * PS);
+        uint64_t k = 1;
+        while (k < n && dx_page_is_zero(t->data + (p + k) * PS) == zero)
+            k++;
+        int rc;
+        uint64_t got;
+        if (zero) {
+            struct uffdio_zeropage z = {.range = {.start = addr, .len = k * PS}, .mode = 0};
+            rc = ioctl(t->uffd, UFFDIO_ZEROPAGE, &z);
+            got = rc == 0 ? k : (z.zeropage > 0 ? (uint64_t)z.zeropage / PS : 0);
+        } else {
+            struct uffdio_copy c = {.dst = addr,
+                                    .src = (uint64_t)(uintptr_t)(t->data + p * PS),
+                                    .len = k * PS, .mode = 0, .copy = 0};
+            rc = ioctl(t->uffd, UFFDIO_COPY, &c);
+            got = rc == 0 ? k : (c.copy > 0 ? (uint64_t)c.copy / PS : 0);
+        }
         int e = rc ? errno : 0;
-        uint64_t got = rc == 0 ? n : (c.copy > 0 ? (uint64_t)c.copy / PS : 0);
         if (got) {
+            if (zero)
+                atomic_fetch_add(&lz->zero_image, got);
             mark(t, p, got, ctr);
             if (t->waiting)
                 note_waits(t, p, got);
@@ -341,10 +368,10 @@ static uint64_t place(task_t *t, uint64_t addr, uint64_t p, uint64_t n, atomic_u
             n -= got;
             handled += got;
         }
-        if (rc == 0 || !n)
+        if (!n)
             break;
-        if (e == EAGAIN && got)
-            continue;                               /* a partial copy: go on */
+        if (rc == 0 || (e == EAGAIN && got))
+            continue;                   /* the next run, or the rest of a partial one */
         if (e == EEXIST) {                          /* placed by the other side */
             mark(t, p, 1, &lz->present);
             addr += PS;
@@ -381,26 +408,74 @@ static void request(task_t *t, uint64_t p, uint64_t n)
         atomic_fetch_add(&lz->requests_dropped, 1);
 }
 
+/* Map the zero page at pages [addr, addr + n*PS) of t that the dump had no page for.
+ * 0 if the page at addr is mapped now (the waiters on what was mapped are woken), else
+ * -EAGAIN (the address space is changing), or 1: nothing mapped at addr -- it is there
+ * already, or it is not ours (a range leaving the registered VMA is cut to its first
+ * page first).  `fault`: a fault waits on addr (errors are the server's then). */
+static int zero_range(task_t *t, uint64_t addr, uint64_t n, int fault)
+{
+    dx_lazy *lz = t->lz;
+    for (;;) {
+        struct uffdio_zeropage z = {.range = {.start = addr, .len = n * PS}, .mode = 0};
+        int rc = ioctl(t->uffd, UFFDIO_ZEROPAGE, &z);
+        if (z.zeropage > 0) {          /* all, or a partial run: mapped and woken */
+            atomic_fetch_add(&lz->zero, (unsigned long long)z.zeropage / PS);
+            return 0;
+        }
+        if (rc == 0)
+            return 0;
+        int e = errno;
+        if (e == ENOENT && n > 1) {     /* past the end of the registered VMA */
+            n = 1;
+            continue;
+        }
+        if (e == EAGAIN)
+            return -EAGAIN;
+        if (e == ESRCH || e == ENOSPC)
+            task_gone(t);
+        else if (fault && e != EEXIST && e != ENOENT)
+            set_error(lz, -e, "UFFDIO_ZEROPAGE", addr);
+        return 1;
+    }
+}
+
+/* A worker placed pages of t up to `end`, the end of an image run: the hole after it, up
+ * to the next run, holds pages the dump had none for (never written on the source, which
+ * read as zeros there without a fault).  A short hole between runs gets the zero page now,
+ * so that a reader going through the image does not stop at each one; a long hole (an
+ * untouched part of a large mapping) is left to its faults, which take 2 MiB at once:
+ * mapping it all would cost page tables for memory nobody uses. */
+static void zero_gap_after(task_t *t, uint64_t end)
+{
+    long i = find_le(t->segs, t->nseg, end - 1);
+    if (i < 0 || (size_t)(i + 1) >= t->nseg || t->segs[i].end != end)
+        return;
+    uint64_t next = t->segs[i + 1].start;
+    if (next > end && next - end <= GAP_PAGES * PS)
+        zero_range(t, end, (next - end) / PS, 0);
+}
+
 /* Serve one faulting address: its page and the not-yet-placed pages after it in the same
  * run, up to fault_pages.  0, or -EAGAIN to try again once the queued event is read. */
 static int serve_fault(task_t *t, uint64_t addr)
 {
     dx_lazy *lz = t->lz;
     seg_t *s = find_seg(t, addr);
-    if (!s) {                           /* not an image page: a zero page, as in a dump */
-        struct uffdio_zeropage z = {.range = {.start = addr, .len = PS}, .mode = 0};
-        if (ioctl(t->uffd, UFFDIO_ZEROPAGE, &z) == 0) {
-            atomic_fetch_add(&lz->zero, 1);
-            return 0;
-        }
-        int e = errno;
-        if (e == EAGAIN)
+    if (!s) {
+        /* Not an image page: memory the dump had no page for (never written), read as
+         * zeros.  The zero page goes over the rest of that hole up to the next image page
+         * or the 2 MiB boundary (one page table), in one call: a reader crossing a long
+         * hole takes one fault per 2 MiB, not one per page. */
+        long i = find_le(t->segs, t->nseg, addr);
+        uint64_t end = (addr | (HOLE_SPAN - 1)) + 1;
+        if ((size_t)(i + 1) < t->nseg && t->segs[i + 1].start < end)
+            end = t->segs[i + 1].start;
+        int rc = zero_range(t, addr, (end - addr) / PS, 1);
+        if (rc == -EAGAIN)
             return -EAGAIN;
-        if (e == ESRCH || e == ENOSPC)
-            task_gone(t);
-        else if (e != EEXIST && e != ENOENT)
-            set_error(lz, -e, "UFFDIO_ZEROPAGE", addr);
-        wake(t, addr);
+        if (rc)
+            wake(t, addr);
         return 0;
     }
     uint64_t p = s->pidx + (addr - s->start) / PS;
@@ -418,15 +493,32 @@ static int serve_fault(task_t *t, uint64_t addr)
         request(t, p, n);
         return 0;
     }
+    /* Like readahead: a fault at or just after the previous fault's window is a reader
+     * going forward -- its window doubles (up to fault_pages) and the workers jump to
+     * just after it; any other fault is a scattered access, served with its own page
+     * only (the least time the thread waits) and leaving the workers where they are. */
+    int forward = t->ra_end && p >= t->ra_start && p <= t->ra_end + RA_SLACK;
+    uint32_t want = forward ? t->ra_pages : 1;
     uint64_t n = 1;
-    while (n < lz->fpages && addr + n * PS < s->end && !skip_page(t, p + n))
+    while (n < want && addr + n * PS < s->end && !skip_page(t, p + n))
         n++;
     int why;
     uint64_t got = place(t, addr, p, n, &lz->faulted, &why);
+    t->ra_start = p;
+    t->ra_end = p + (got ? got : 1);
+    t->ra_pages = forward ? (t->ra_pages * 2 < lz->fpages ? t->ra_pages * 2 : lz->fpages)
+                          : (lz->fpages < RA_FIRST ? lz->fpages : RA_FIRST);
     if (got) {
-        /* the process reads on from here, most likely: the workers follow it */
-        atomic_store(&t->hint, p + got + 1);
-        return 0;                       /* the faulting page is there (the rest is extra) */
+        /* a reader going forward reads on from here: the workers follow it */
+        if (forward)
+            atomic_store(&t->hint, p + got + 1);
+        /* The faulting page is there, but maybe not by this copy: a worker's UFFDIO_COPY
+         * that filled it (EEXIST here) wakes the waiters of its range only when the whole
+         * copy returns, and a fault queued while that copy ran was seen asleep until the
+         * task's uffd closed (~0.1 s later, measured).  A wake of a page nobody waits on
+         * costs one ioctl. */
+        wake(t, addr);
+        return 0;
     }
     if (why == -EAGAIN)
         return -EAGAIN;
@@ -813,6 +905,8 @@ static int work_once(dx_lazy *lz, size_t *rr)
     }
     int why;
     uint64_t got = place(t, addr, p, cnt, &lz->prefetched, &why);
+    if (got == cnt && !why)
+        zero_gap_after(t, addr + cnt * PS);
     int again = 0;
     if (why == -EAGAIN) {
         atomic_fetch_add(&lz->eagain, 1);
@@ -1215,6 +1309,7 @@ void dx_lazy_get_stats(dx_lazy *lz, dx_lazy_stats *o)
     o->pages_present = atomic_load(&lz->present);
     o->pages_dropped = atomic_load(&lz->dropped);
     o->pages_zero = atomic_load(&lz->zero);
+    o->pages_zero_image = atomic_load(&lz->zero_image);
     o->faults = atomic_load(&lz->faults);
     o->events = atomic_load(&lz->events);
     o->eagain = atomic_load(&lz->eagain);

@@ -21,6 +21,7 @@ typedef struct {
     uint64_t pages_present;     /* found already there (EEXIST): placed by the other side */
     uint64_t pages_dropped;     /* never placed: unmapped or discarded by the process first */
     uint64_t pages_zero;        /* zero pages placed on faults outside the image */
+    uint64_t pages_zero_image;  /* image pages found all zeros: the zero page, no copy */
     uint64_t faults;            /* page-fault messages read */
     uint64_t events;            /* fork / remap / remove / unmap messages read */
     uint64_t eagain;            /* copies refused while the address space was changing */
