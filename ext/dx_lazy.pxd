@@ -16,7 +16,8 @@ cdef extern from "lazy.h" nogil:
     int dx_lazy_add(dx_lazy *lz, int uffd, int pid, int pages_fd, uint64_t pages_file_size,
                     const uint64_t *vaddr, const uint64_t *nr_pages, const uint64_t *flags,
                     size_t n, const uint64_t *vma_start, const uint64_t *vma_end, size_t nvma,
-                    const uint64_t *pending, size_t npending)
+                    const uint64_t *pending, size_t npending, const uint64_t *hashes,
+                    size_t nhashes)
     void dx_lazy_set_request_fd(dx_lazy *lz, int fd)
     int64_t dx_lazy_arrived(dx_lazy *lz, int pid, uint64_t p, uint64_t n)
     void dx_lazy_prefetch(dx_lazy *lz)

@@ -14,16 +14,20 @@ cdef class LazyServer:
             raise OSError(-err, f"starting the lazy-pages server: {_os.strerror(-err)}")
 
     def add(self, int uffd, int pid, int pages_fd, uint64_t pages_file_size, vaddr, nr_pages,
-            flags, vma_start, vma_end, pending=None):
+            flags, vma_start, vma_end, pending=None, hashes=None):
         """Serve ``uffd`` (owned by the server from now on, also if this raises) for
         image pid ``pid``: its pagemap as three uint64 arrays, its pages file's fd and
         size, its VMAs' starts and ends (sorted). ``pending`` (post-copy): the sorted
-        vaddrs of lazy pages whose content is not in the pages file yet (see arrived)."""
+        vaddrs of lazy pages whose content is not in the pages file yet (see arrived).
+        ``hashes``: the receiver's XXH3-64 of each page of the pages file (one per page,
+        else ignored): pages hashing as zeros get the zero page, their file pages unread."""
         cdef _Buffer v = u64_buffer(vaddr, "vaddr"), n = u64_buffer(nr_pages, "nr_pages")
         cdef _Buffer f = u64_buffer(flags, "flags")
         cdef _Buffer vs = u64_buffer(vma_start, "vma_start"), ve = u64_buffer(vma_end, "vma_end")
         cdef _Buffer pb = u64_buffer(pending if pending is not None else _U64_TEMPLATE,
                                      "pending")
+        cdef _Buffer hb = u64_buffer(hashes if hashes is not None else _U64_TEMPLATE,
+                                     "hashes")
         if not (u64_len(v) == u64_len(n) == u64_len(f)) or u64_len(vs) != u64_len(ve):
             _os.close(uffd)
             raise ValueError("pagemap arrays (or VMA arrays) of different lengths")
@@ -33,7 +37,8 @@ cdef class LazyServer:
         with nogil:
             rc = dx_lazy_add(self.lz, uffd, pid, pages_fd, pages_file_size, u64_ptr(v),
                              u64_ptr(n), u64_ptr(f), u64_len(v), u64_ptr(vs), u64_ptr(ve),
-                             u64_len(vs), u64_ptr(pb), u64_len(pb))
+                             u64_len(vs), u64_ptr(pb), u64_len(pb), u64_ptr(hb),
+                             u64_len(hb))
         if rc == -_errno.EINVAL:
             raise ValueError(f"pid {pid}: a lazy page in a parent image, outside every VMA, "
                              f"or beyond the pages file, or a pending page that is not a "

@@ -234,3 +234,17 @@ def test_zero_pages_and_holes_are_mapped_without_copies(criu, tmp_path, agent_tm
         time.sleep(1.0)                  # ~1000 mutations, many on zero-mapped pages
         again = wl.verify(pid=pid, timeout=60)
         assert again["ok"] and again["mutations"] > first["mutations"], (first, again)
+
+
+def test_page_hashes_beside_a_pages_file(tmp_path, monkeypatch):
+    """The hashes the commit puts beside pages-ID.img are taken only when there is one per
+    page of the file; otherwise the server finds the zero pages by reading them."""
+    from array import array
+
+    monkeypatch.chdir(tmp_path)
+    want = array("Q", [0, 1, 2**64 - 1, 12345])
+    (tmp_path / lazyserve.page_hashes_name(7)).write_bytes(want.tobytes())
+    assert lazyserve.page_hashes("pages-7.img", 4) == want
+    assert lazyserve.page_hashes("pages-7.img", 5) is None      # another length
+    assert lazyserve.page_hashes("pages-7.img", 3) is None
+    assert lazyserve.page_hashes("pages-8.img", 4) is None      # none for this file

@@ -161,7 +161,14 @@ def test_files_and_commit(tmp_path):
         files.data(data[1000:])
         files.end(_core.xxh3_64(data))
     path = s.commit(files)
-    assert sorted(os.listdir(path)) == ["core-1.img", "pagemap-1.img", "pages-1.img", "pstree.img"]
+    assert sorted(os.listdir(path)) == ["core-1.img", "dx-hashes-1.bin", "pagemap-1.img",
+                                        "pages-1.img", "pstree.img"]
+    # beside the pages file, the hash of each of its pages (for the lazy-pages server)
+    pages = open(os.path.join(path, "pages-1.img"), "rb").read()
+    hashes = array("Q")
+    hashes.frombytes(open(os.path.join(path, "dx-hashes-1.bin"), "rb").read())
+    assert list(hashes) == [_core.xxh3_64(pages[i:i + PAGE_SIZE])
+                            for i in range(0, len(pages), PAGE_SIZE)] and len(hashes) == 4
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o700
     assert stat.S_IMODE(os.stat(os.path.join(path, "core-1.img")).st_mode) == 0o600
     assert not os.path.exists(files.path)

@@ -79,6 +79,9 @@ typedef struct task {
     _Atomic uint64_t *pending;  /* NULL: nothing pending; shared with forks */
     _Atomic uint64_t *waiting;  /* with pending: per page, when a fault first asked for it */
     int own_pending;
+    const uint64_t *zero;       /* NULL, or one bit per page of the pages file: all zeros
+                                   (from the receiver's hashes); shared with forks */
+    int own_zero;
     atomic_llong left;          /* pages in segs not yet done */
     uint64_t complete_since;    /* event thread only */
 } task_t;
@@ -327,6 +330,15 @@ static void note_waits(task_t *t, uint64_t p, uint64_t n)
     }
 }
 
+/* Page p of the pages file is all zeros: by the receiver's hashes when it gave them (the
+ * file's page is not read, nor brought into the page cache), else by its content. */
+static inline int page_is_zero(const task_t *t, uint64_t p)
+{
+    if (t->zero)
+        return (int)((t->zero[p >> 6] >> (p & 63)) & 1);
+    return dx_page_is_zero(t->data + p * PS);
+}
+
 /* UFFDIO_COPY pages [p, p+n) of the pages file to addr..: returns how many were handled
  * (copied or found present) before it stopped; *why = 0, or the -errno it stopped on
  * (-EAGAIN: the address space is changing, try again after its event is read). */
@@ -339,9 +351,9 @@ static uint64_t place(task_t *t, uint64_t addr, uint64_t p, uint64_t n, atomic_u
     while (n) {
         /* a run of pages that are all zeros or none zero: zeros get the zero page (no
          * copy, no memory until the process writes there, as for a page never written) */
-        int zero = dx_page_is_zero(t->data + p * PS);
+        int zero = page_is_zero(t, p);
         uint64_t k = 1;
-        while (k < n && dx_page_is_zero(t->data + (p + k) * PS) == zero)
+        while (k < n && page_is_zero(t, p + k) == zero)
             k++;
         int rc;
         uint64_t got;
@@ -567,6 +579,8 @@ static void task_free(task_t *t)
     free(t->segs);
     free(t->bypidx);
     free((void *)t->done);
+    if (t->own_zero)
+        free((void *)t->zero);
     if (t->own_pending) {
         free((void *)t->pending);
         free((void *)t->waiting);
@@ -621,6 +635,7 @@ static void handle_fork(task_t *parent, int ufd)
         return;
     }
     c->pending = parent->pending;
+    c->zero = parent->zero;
     c->waiting = parent->waiting;
     c->segs = malloc((parent->nseg ? parent->nseg : 1) * sizeof(seg_t));
     if (c->segs) {
@@ -1033,7 +1048,8 @@ dx_lazy *dx_lazy_new(int workers, uint32_t chunk_pages, uint32_t fault_pages, in
 int dx_lazy_add(dx_lazy *lz, int uffd, int pid, int pages_fd, uint64_t pages_file_size,
                 const uint64_t *vaddr, const uint64_t *nr_pages, const uint64_t *flags,
                 size_t n, const uint64_t *vma_start, const uint64_t *vma_end, size_t nvma,
-                const uint64_t *pending, size_t npending)
+                const uint64_t *pending, size_t npending, const uint64_t *hashes,
+                size_t nhashes)
 {
     uint64_t data_pages = pages_file_size / PS;
     const uint8_t *data = NULL;
@@ -1062,7 +1078,11 @@ int dx_lazy_add(dx_lazy *lz, int uffd, int pid, int pages_fd, uint64_t pages_fil
         }
         lz->maps[lz->nmaps] = m;
         lz->maplens[lz->nmaps++] = data_pages * PS;
-        struct populate_arg *pa = malloc(sizeof *pa);
+        /* with the receiver's hashes the zero pages are known and never read: mapping
+         * the file ahead would read them (allocating and clearing page cache for the
+         * parts of the file never written), and on a machine whose cores are all busy
+         * the copies map what they read as fast (measured: 2 cores, 1 GiB) */
+        struct populate_arg *pa = nhashes == data_pages ? NULL : malloc(sizeof *pa);
         pthread_t *pt = realloc(lz->pop, (lz->npop + 1) * sizeof(pthread_t));
         if (pt)
             lz->pop = pt;
@@ -1157,6 +1177,19 @@ int dx_lazy_add(dx_lazy *lz, int uffd, int pid, int pages_fd, uint64_t pages_fil
     if (pi < npending) {
         task_free(t);
         return -EINVAL;                         /* a pending page outside the image */
+    }
+    if (nhashes && nhashes == data_pages) {
+        uint64_t *z = calloc((data_pages + 63) / 64 + 1, sizeof(uint64_t));
+        if (!z) {
+            task_free(t);
+            return -ENOMEM;
+        }
+        const uint64_t zh = dx_zero_page_hash();
+        for (uint64_t q = 0; q < data_pages; q++)
+            if (hashes[q] == zh && !(t->pending && test_pending(t, q)))
+                z[q >> 6] |= 1ULL << (q & 63);
+        t->zero = z;
+        t->own_zero = 1;
     }
     atomic_fetch_add(&lz->pending_n, (unsigned long long)npending);
     t->nseg = k;

@@ -52,11 +52,15 @@ dx_lazy *dx_lazy_new(int workers, uint32_t chunk_pages, uint32_t fault_pages, in
  * `pages_fd` (mapped here, read-only; the caller may close it) -- and whose VMAs end at
  * vma_start[j]..vma_end[j] (sorted).  Only entries flagged both present and lazy are
  * served (CRIU restores the others itself).  Returns 0 or -errno (-EINVAL: a lazy entry
- * that is in the parent image, outside every VMA, or pages beyond the file). */
+ * that is in the parent image, outside every VMA, or pages beyond the file).
+ * hashes[0..nhashes): the receiver's XXH3 of every page of the pages file (nhashes = the
+ * file's pages), or none: pages hashing as the zero page get the zero page, without the
+ * file being read (a pending page never: its content is still to come). */
 int dx_lazy_add(dx_lazy *lz, int uffd, int pid, int pages_fd, uint64_t pages_file_size,
                 const uint64_t *vaddr, const uint64_t *nr_pages, const uint64_t *flags,
                 size_t n, const uint64_t *vma_start, const uint64_t *vma_end, size_t nvma,
-                const uint64_t *pending, size_t npending);
+                const uint64_t *pending, size_t npending, const uint64_t *hashes,
+                size_t nhashes);
 
 /* Post-copy: pending[0..npending) (sorted vaddrs, lazy pages of the image) are not in the
  * pages file yet.  No fault or worker places them; a fault on one writes a request

@@ -106,6 +106,31 @@ def task_layout(pid: int):
     return f"pages-{pages_id}.img", v, n, f, starts, ends
 
 
+def page_hashes_name(pages_id: int) -> str:
+    """The file the receiver's commit puts beside pages-ID.img in the images directory:
+    the XXH3-64 of each of its pages, in file order (array('Q') as the store writes it,
+    native byte order: the same machine reads it). Not a CRIU image: CRIU never opens
+    it."""
+    return f"dx-hashes-{int(pages_id)}.bin"
+
+
+def page_hashes(pages: str, npages: int):
+    """The receiver's hash of every page of ``pages`` (pages-ID.img), from the file the
+    commit put beside it (store.page_hashes_name), as array('Q'); None without one, or
+    with one of another length (the server then reads each page to find the zeros)."""
+    pages_id = pages[len("pages-"):-len(".img")]
+    try:
+        with open(page_hashes_name(int(pages_id)), "rb") as f:
+            raw = f.read(npages * 8 + 1)
+    except (OSError, ValueError):
+        return None
+    if len(raw) != npages * 8:
+        return None
+    out = array("Q")
+    out.frombytes(raw)
+    return out
+
+
 def add_task(server, pid: int, uffd: int) -> None:
     """Hand task ``pid``'s userfaultfd to the server."""
     try:
@@ -117,7 +142,8 @@ def add_task(server, pid: int, uffd: int) -> None:
     fd = os.open(pages, os.O_RDONLY | os.O_CLOEXEC) if os.path.exists(pages) else -1
     try:
         size = os.fstat(fd).st_size if fd >= 0 else 0
-        server.add(uffd, pid, fd, size, v, n, f, vs, ve, pending)
+        server.add(uffd, pid, fd, size, v, n, f, vs, ve, pending,
+                   page_hashes(pages, size // PAGE_SIZE))
     finally:
         if fd >= 0:
             os.close(fd)
@@ -348,6 +374,9 @@ def serve(args, log) -> int:
             if time.monotonic() - last >= 10:
                 last = time.monotonic()
                 say(f"still serving: {json.dumps(server.stats())}")
+        # everything is in place: what is left (the log line, unmapping the pages files,
+        # exiting) yields to the restored tree, which may still be on its first pass
+        os.nice(10)
         stats = server.stats()
         stats["postcopy"] = {"connected": relay.connected, "ended": relay.ended,
                              "arrived": relay.arrivals} if stats["pages_pending"] else None

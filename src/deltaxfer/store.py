@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from deltaxfer import PAGE_SIZE, _core
 from deltaxfer.core import procmem
 from deltaxfer.criu import images as im
+from deltaxfer.lazyserve import page_hashes_name
 from deltaxfer.wire import ProtocolError, names
 from deltaxfer.criu.images import image_id_of  # noqa: F401 (one rule, with the image names)
 
@@ -539,6 +540,13 @@ class Session:
                 for name in os.listdir(self.held_dir):
                     if im.is_memory_image(name):
                         os.link(os.path.join(self.held_dir, name), os.path.join(tmp, name))
+                # each pages file's page hashes, for the lazy-pages server: a page hashing
+                # as zeros gets the zero page without its file page being read
+                for image_id, held in self.held().items():
+                    hashes = os.path.join(self.held_dir, f"hashes-{image_id}.bin")
+                    if os.path.exists(hashes):
+                        os.link(hashes, os.path.join(
+                            tmp, page_hashes_name(held.pagemap.pages_id)))
             for name in os.listdir(files.path):
                 os.rename(os.path.join(files.path, name), os.path.join(tmp, name))
             final = os.path.join(self.path, "images")
