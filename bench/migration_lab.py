@@ -209,6 +209,7 @@ class WorkloadSpec:
     mutate: float = 0
     keys: int = 0
     whole: bool = False     # memwork --whole-pages: every mutation a fresh random page
+    mix: int = 0            # scanwork: mixing rounds per word read (the cost of a pass)
 
     def start(self, link, tmp: Path):
         """Start it in the link's source namespace (its own PID namespace), check it
@@ -220,6 +221,9 @@ class WorkloadSpec:
 
             wl = rediswork.start(tmpdir=tmp, keys=self.keys, prefix=prefix,
                                  verify_prefix=link.dest.command([]))
+        elif self.kind == "scanwork":
+            wl = workloads.start("scanwork", mib=self.mib, mix=self.mix, tmpdir=tmp,
+                                 prefix=prefix, ready_timeout=600)
         elif self.kind == "pyheap":
             wl = workloads.start("pyheap", objects=self.objects, mutate_per_s=self.mutate,
                                  tmpdir=tmp, prefix=prefix, ready_timeout=600)
@@ -244,6 +248,11 @@ def memwork(mib: int, dirty: float, whole: bool = False) -> WorkloadSpec:
     size = f"{mib // 1024}G" if mib >= 1024 and mib % 1024 == 0 else f"{mib}M"
     return WorkloadSpec(f"mem{'w' if whole else ''}{size}-d{dirty:g}", "memwork", mib=mib,
                         dirty=dirty, whole=whole)
+
+
+def scanwork(mib: int, mix: int) -> WorkloadSpec:
+    size = f"{mib // 1024}G" if mib >= 1024 and mib % 1024 == 0 else f"{mib}M"
+    return WorkloadSpec(f"scan{size}-m{mix}", "scanwork", mib=mib, mix=mix)
 
 
 def wait_gone(pid: int, timeout: float = 10) -> bool:

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import re
 
-from migration_lab import LINKS, WorkloadSpec, memwork
+from migration_lab import LINKS, WorkloadSpec, memwork, scanwork
 from migration_methods import BASELINES, METHODS
 
 ALL = METHODS
@@ -45,10 +45,14 @@ LINK_ORDER = ("lo", "veth", "1gbit", "10gbit")
 def workload(name: str) -> WorkloadSpec:
     if name in WORKLOADS:
         return WORKLOADS[name]
+    m = re.fullmatch(r"scan(\d+)([MG])-m(\d+)", name)
+    if m:
+        return scanwork(int(m.group(1)) * (1024 if m.group(2) == "G" else 1), int(m.group(3)))
     m = re.fullmatch(r"mem(w?)(\d+)([MG])-d(\d+(?:\.\d+)?)", name)
     if not m:
         raise ValueError(f"unknown workload {name!r}: {sorted(WORKLOADS)} or "
-                         "mem[w]<N>[MG]-d<R> (w: every mutation rewrites a whole page)")
+                         "mem[w]<N>[MG]-d<R> (w: every mutation rewrites a whole page) or "
+                         "scan<N>[MG]-m<K> (reads all its memory, K mixing rounds per word)")
     mib = int(m.group(2)) * (1024 if m.group(3) == "G" else 1)
     return memwork(mib, float(m.group(4)), whole=bool(m.group(1)))
 
@@ -105,10 +109,14 @@ CONVERGE = _join([(wl, "1gbit", ("deltaxfer", "dx-throttle", "dx-postcopy", "dx-
 # CRIU's page-server migration as the total-time baseline at 1 GiB
 LAZYRESTORE = _join([("mem1G-d10", "lo", ("deltaxfer", "dx-criulazy", "page-server")),
                      ("mem4G-d10", "lo", ("deltaxfer", "dx-criulazy"))])
+# issue 17's brownout: workloads that read all their memory over and over, a fast reader
+# (a plain read: ~0.12 s per GiB here) and one spending ~2.2 s per GiB and pass (as the
+# issue's), the pass spanning the move and the next one against the passes before it
+BROWNOUT = _join([(w, "lo", ("deltaxfer", "dx-criulazy")) for w in ("scan1G-m0", "scan1G-m12")])
 NAMED = {"default": DEFAULT, "smoke": SMOKE, "ci": CI, "full": FULL, "wirespeed": WIRESPEED,
-         "converge": CONVERGE, "lazyrestore": LAZYRESTORE}
+         "converge": CONVERGE, "lazyrestore": LAZYRESTORE, "brownout": BROWNOUT}
 REPS = {"default": 3, "smoke": 1, "ci": 1, "full": 3, "wirespeed": 2, "converge": 2,
-        "lazyrestore": 2}
+        "lazyrestore": 2, "brownout": 2}
 
 
 def select(name: str) -> tuple[list, int]:

@@ -115,6 +115,8 @@ def run_deltaxfer(ctx: Ctx, wl, tag: str, method: str) -> dict:
         normal_pass = time.monotonic() - t
         if not normal.get("ok"):
             raise MethodFailed(f"{method}: the workload failed its check before the move")
+        if wl.kind == "scanwork":       # its own passes: two clean ones (after the check)
+            scan_before = wait_passes(wl, after=time.time(), count=2)
         cpu_dst0 = tree_cpu(server.proc.pid)
         before = link_counters(ctx.link)
         with open(err_path, "wb") as err:
@@ -131,6 +133,10 @@ def run_deltaxfer(ctx: Ctx, wl, tag: str, method: str) -> dict:
             raise MethodFailed(f"{method}: {report['outcome']}: {report.get('error')}\n"
                                f"{log_tail(err_path)}\nserve: {server.log()[-2000:]}")
         restored = report["restored_pid"]
+        scan = None
+        if wl.kind == "scanwork":       # before the check, which would slow a pass
+            wl.adopt(restored)
+            scan = scan_brownout(wl, scan_before, downtime=report["downtime"])
         t = time.monotonic()
         res = check_restored(wl, restored, method)
         first_pass = time.monotonic() - t
@@ -162,7 +168,9 @@ def run_deltaxfer(ctx: Ctx, wl, tag: str, method: str) -> dict:
                          # deltaxfer's lazy-pages server: from the restore's end until
                          # every page was in place (None with criu's daemon)
                          "all_resident_s": placed,
-                         "ratio": round(first_pass / normal_pass, 3) if normal_pass else None},
+                         "ratio": round(first_pass / normal_pass, 3) if normal_pass else None,
+                         # scanwork: its own passes (scan_brownout)
+                         "scan": scan},
             "freeze": {k: v for k, v in report["freeze"].items() if isinstance(v, float)},
             # the round sent while CRIU dumped (migrate.Agent.seized_round): ran or why not
             "overlap": report["freeze"].get("overlap"),
@@ -170,6 +178,42 @@ def run_deltaxfer(ctx: Ctx, wl, tag: str, method: str) -> dict:
         }
     finally:
         server.stop()
+
+
+def wait_passes(wl, *, after: float, count: int, timeout: float = 300) -> list[dict]:
+    """scanwork: wait until `count` passes that started after wall-clock time `after`
+    are logged; returns them."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = [p for p in workloads.scan_passes(wl) if p["start"] >= after]
+        if len(got) >= count:
+            return got[:count]
+        if time.monotonic() > deadline:
+            raise MethodFailed(f"scanwork: {len(got)} of {count} passes in {timeout} s")
+        time.sleep(0.05)
+
+
+def scan_brownout(wl, before: list[dict], *, downtime: float) -> dict:
+    """scanwork's passes around a move: the pass during which it was frozen (the one
+    holding a stretch of at least half the migration's `downtime` without running; that
+    stretch subtracted) and the first pass after it, each against the median of the
+    clean passes before the move. Waits for both."""
+    normal = sorted(p["seconds"] for p in before)[len(before) // 2]
+    deadline = time.monotonic() + 300
+    while True:
+        passes = [p for p in workloads.scan_passes(wl) if p["end"] > before[-1]["end"]]
+        frozen = next((p for p in passes if p["maxgap"] >= downtime / 2), None)
+        after = [p for p in passes if frozen and p["start"] >= frozen["end"]]
+        if after:
+            break
+        if time.monotonic() > deadline:
+            raise MethodFailed(f"scanwork: no pass after the move logged: {passes}")
+        time.sleep(0.05)
+    spanning = frozen["seconds"] - frozen["maxgap"]
+    return {"normal_pass_s": round(normal, 4), "frozen_s": round(frozen["maxgap"], 4),
+            "spanning_pass_s": round(spanning, 4), "spanning_ratio": round(spanning / normal, 3),
+            "next_pass_s": round(after[0]["seconds"], 4),
+            "next_ratio": round(after[0]["seconds"] / normal, 3)}
 
 
 def lazy_placed_s(images_dir) -> float | None:

@@ -248,3 +248,28 @@ def test_page_hashes_beside_a_pages_file(tmp_path, monkeypatch):
     assert lazyserve.page_hashes("pages-7.img", 5) is None      # another length
     assert lazyserve.page_hashes("pages-7.img", 3) is None
     assert lazyserve.page_hashes("pages-8.img", 4) is None      # none for this file
+
+
+@pytest.mark.criu
+def test_a_reader_racing_the_workers(criu, tmp_path, agent_tmp):
+    """scanwork reads all its memory over and over at full speed: after the restore it
+    catches up with the workers at once and faults on pages they are placing. It goes on
+    through the move -- the pass that spans it sees the freeze, and later passes follow --
+    and every page checks out."""
+    with Server(tmp_path, extra=["--restore"]) as server, \
+            workloads.start("scanwork", mib=96, mix=0, tmpdir=tmp_path) as wl:
+        n = len(workloads.scan_passes(wl))
+        r = migrate(tmp_path, agent_tmp, server, wl)
+        pid, images = r["restored_pid"], r["destination_path"]
+        stats = done_stats(images)
+        assert stats["error"] == 0 and stats["pages_zero_image"] > 0, stats
+        deadline = time.monotonic() + 30
+        while True:
+            passes = workloads.scan_passes(wl)[n:]
+            frozen = [i for i, p in enumerate(passes) if p["maxgap"] >= r["downtime"] / 2]
+            if frozen and len(passes) >= frozen[0] + 3:
+                break
+            assert time.monotonic() < deadline, (r["downtime"], passes)
+            time.sleep(0.05)
+        res = wl.verify(pid=pid, timeout=60)
+        assert res["ok"] and res["pid"] == 1, res

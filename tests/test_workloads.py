@@ -74,10 +74,38 @@ def test_starts_in_own_pid_namespace_and_verifies_ok(kind, tmp_path):
             assert r["pages"] == r["checked"]
             assert r["child_counter"] > 0 and r["thread_ticks"] > 0
             assert len(os.listdir(f"/proc/{w.pid}/task")) == 2  # multi-threaded
+        elif kind == "scanwork":
+            assert r["pages"] == r["checked"] == 8 * 2**20 // PAGE
         else:
             assert r["objects"] == r["checked"] == 2000
         assert w.verify()["ok"]  # repeatable
     assert gone(w.pid) and gone(w.unshare_pid)
+
+
+def test_scanwork_logs_its_passes_and_sees_a_freeze(tmp_path):
+    """scanwork reads all its memory over and over and logs each pass; a stop inside a
+    pass (as a checkpoint's freeze) is that pass's longest gap, and the check still
+    finds every page as written."""
+    with workloads.start("scanwork", mib=32, mix=2, tmpdir=tmp_path) as w:
+        deadline = time.monotonic() + 30
+        while len(workloads.scan_passes(w)) < 3:
+            assert time.monotonic() < deadline, workloads.scan_passes(w)
+            time.sleep(0.02)
+        passes = workloads.scan_passes(w)
+        assert all(0 < p["seconds"] < 5 and 0 <= p["maxgap"] <= p["seconds"]
+                   for p in passes), passes
+        n = len(passes)
+        os.kill(w.pid, signal.SIGSTOP)
+        time.sleep(0.4)
+        os.kill(w.pid, signal.SIGCONT)
+        while len(workloads.scan_passes(w)) < n + 2:
+            assert time.monotonic() < deadline, workloads.scan_passes(w)
+            time.sleep(0.02)
+        later = workloads.scan_passes(w)[n - 1:]
+        stopped = max(later, key=lambda p: p["maxgap"])
+        assert 0.35 < stopped["maxgap"] < 2 and stopped["seconds"] > stopped["maxgap"], later
+        r = w.verify()
+        assert r["ok"] and r["passes"] >= n + 1, r
 
 
 def test_memwork_detects_a_corrupted_page(tmp_path):
@@ -145,12 +173,13 @@ def test_memwork_dirtying_keeps_ok(tmp_path):
 
 
 def test_idle_workloads_do_not_spin(tmp_path):
-    ws = [workloads.start(k, mib=4, objects=500, tmpdir=tmp_path) for k in workloads.KINDS]
+    kinds = [k for k in workloads.KINDS if k != "scanwork"]   # reading is its work
+    ws = [workloads.start(k, mib=4, objects=500, tmpdir=tmp_path) for k in kinds]
     try:
         before = [cpu_seconds(w.pid) for w in ws]
         time.sleep(1.0)
         used = [cpu_seconds(w.pid) - b for w, b in zip(ws, before)]
-        assert all(u < 0.1 for u in used), dict(zip(workloads.KINDS, used))
+        assert all(u < 0.1 for u in used), dict(zip(kinds, used))
     finally:
         for w in ws:
             w.kill()

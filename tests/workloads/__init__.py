@@ -43,14 +43,14 @@ from pathlib import Path
 
 __all__ = [
     "KINDS", "WorkloadError", "Workload", "build", "start", "parse_result", "poke",
-    "proc_state",
+    "proc_state", "scan_passes",
 ]
 
 HERE = Path(__file__).resolve().parent
 BIN_DIR = HERE / "bin"  # gitignored
-KINDS = ("memwork", "shmwork", "pyheap")
+KINDS = ("memwork", "shmwork", "pyheap", "scanwork")
 _C_FLAGS = {"memwork": [], "shmwork": ["-pthread"], "protnone": [], "pagekinds": [],
-            "lazyops": []}
+            "lazyops": [], "scanwork": []}
 _counter = itertools.count()
 
 
@@ -366,16 +366,36 @@ class Workload:
         return f"<Workload {self.kind} pid={self.pid} unshare={self.unshare_pid}>"
 
 
+def scan_passes(w: "Workload") -> list[dict]:
+    """scanwork: every pass it logged so far, oldest first: {"start", "end", "seconds",
+    "maxgap"} (wall-clock seconds; maxgap: the longest stretch the pass did not run,
+    e.g. a freeze inside it)."""
+    out = []
+    try:
+        text = w.result_path.with_suffix(".scan").read_text()
+    except FileNotFoundError:
+        return out
+    for line in text.splitlines():
+        f = line.split()
+        if len(f) == 4:
+            start, end, gap = float(f[0]), float(f[1]), float(f[2])
+            out.append({"start": start, "end": end, "seconds": end - start, "maxgap": gap})
+    return out
+
+
 def start(kind: str, *, tmpdir, mib: float = 64, objects: int = 10000,
           dirty_mib_per_s: float = 0, mutate_per_s: float = 0,
           private_mib: float | None = None, seed: int = 1,
-          ready_timeout: float = 120, prefix: tuple = (), whole_pages: bool = False) -> Workload:
+          ready_timeout: float = 120, prefix: tuple = (), whole_pages: bool = False,
+          mix: int = 0) -> Workload:
     """Start a workload in its own PID namespace and wait until it is READY.
 
     memwork: `mib` of private memory, dirtied at `dirty_mib_per_s` (0 = idle).
     shmwork: `mib` of shared memory (+1 header page) and `private_mib`
              (default `mib`) of private memory; a child and a thread.
     pyheap:  `objects` Python objects, `mutate_per_s` replaced per second.
+    scanwork: `mib` of private memory read over and over, each word mixed `mix` times
+             (the cost of a pass); every pass logged to `scan_log_path(w)`.
     The result file lives in `tmpdir`. `prefix` runs it through another command that
     execs its arguments, e.g. `nsenter --net=/run/netns/NAME --` to start it in a host
     of tests/lab.py."""
@@ -395,6 +415,9 @@ def start(kind: str, *, tmpdir, mib: float = 64, objects: int = 10000,
         argv = [str(prog), "--mib", f"{mib:g}", "--dirty-mib-per-s", f"{dirty_mib_per_s:g}"]
         if whole_pages:   # each mutation rewrites a whole page with fresh random words
             argv.append("--whole-pages")
+    elif kind == "scanwork":
+        argv = [str(prog), "--mib", f"{mib:g}", "--mix", str(int(mix)),
+                "--scan-log", str(result.with_suffix(".scan"))]
     elif kind == "shmwork":
         argv = [str(prog), "--mib", f"{mib:g}"]
         if private_mib is not None:
