@@ -329,7 +329,8 @@ def test_serve_directory_is_private(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["parent", "restored.pid", "lazy-pages.socket",
-                                  "restore.log", "dump.log", "..", "a/b"])
+                                  "restore.log", "dump.log", "..", "a/b", "dx-hashes-1.bin",
+                                  "postcopy.socket", "postcopy-pending-1.bin"])
 def test_names_the_receiver_writes_cannot_be_sent(tmp_path, name):
     store = Store(str(tmp_path / "serve"))
     files = store.session("s").begin_files()

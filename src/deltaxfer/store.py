@@ -83,8 +83,10 @@ def is_session_name(name: str) -> bool:
 
 
 # names the receiver itself creates in an image directory: a sender may not plant them
-# (a planted restored.pid would name the pid the receiver signals)
-RESERVED_NAMES = frozenset({"parent", "restored.pid", "lazy-pages.socket"})
+# (a planted restored.pid would name the pid the receiver signals; planted page hashes,
+# dx-hashes-ID.bin, would tell the lazy-pages server which pages are zeros)
+RESERVED_NAMES = frozenset({"parent", "restored.pid", "lazy-pages.socket", "postcopy.socket"})
+RESERVED_PREFIXES = ("dx-", "postcopy-pending-")
 
 
 def check_file_name(name: str) -> None:
@@ -94,7 +96,7 @@ def check_file_name(name: str) -> None:
         raise StoreError(e.code, f"refused image file name {name!r}: {e.reason}") from None
     if im.is_memory_image(name):
         raise StoreError("name", f"refused image file name {name!r}: a memory image")
-    if name in RESERVED_NAMES or name.endswith(".log"):
+    if name in RESERVED_NAMES or name.endswith(".log") or name.startswith(RESERVED_PREFIXES):
         raise StoreError("name", f"refused image file name {name!r}: the receiver writes "
                                  "that file itself")
 
