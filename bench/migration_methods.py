@@ -196,7 +196,7 @@ def wait_passes(wl, *, after: float, count: int, timeout: float = 300) -> list[d
 def scan_brownout(wl, before: list[dict], *, downtime: float) -> dict:
     """scanwork's passes around a move: the pass during which it was frozen (the one
     holding a stretch of at least half the migration's `downtime` without running; that
-    stretch subtracted) and the first pass after it, each against the median of the
+    stretch, at most `downtime`, subtracted) and the first pass after it, each against the median of the
     clean passes before the move. Waits for both."""
     normal = sorted(p["seconds"] for p in before)[len(before) // 2]
     deadline = time.monotonic() + 300
@@ -209,8 +209,11 @@ def scan_brownout(wl, before: list[dict], *, downtime: float) -> dict:
         if time.monotonic() > deadline:
             raise MethodFailed(f"scanwork: no pass after the move logged: {passes}")
         time.sleep(0.05)
-    spanning = frozen["seconds"] - frozen["maxgap"]
-    return {"normal_pass_s": round(normal, 4), "frozen_s": round(frozen["maxgap"], 4),
+    # the freeze as the workload saw it, but no more than the migration's own downtime:
+    # a stall right after the resume (a fault waiting) is brownout, not freeze
+    freeze = min(frozen["maxgap"], downtime)
+    spanning = frozen["seconds"] - freeze
+    return {"normal_pass_s": round(normal, 4), "frozen_s": round(freeze, 4),
             "spanning_pass_s": round(spanning, 4), "spanning_ratio": round(spanning / normal, 3),
             "next_pass_s": round(after[0]["seconds"], 4),
             "next_ratio": round(after[0]["seconds"] / normal, 3)}
