@@ -131,6 +131,7 @@ class Done:
     cpu_s: float
     wall_s: float
     t_end: float
+    maxrss_mib: float = 0.0     # its peak resident set (or its largest waited-for child's)
 
 
 def run_measured(argv: list[str], *, stdout=None, stderr=None, timeout: float = 900,
@@ -159,7 +160,20 @@ def wait_measured(proc: subprocess.Popen, t0: float, timeout: float = 900) -> Do
     proc.returncode = os.waitstatus_to_exitcode(status)
     if not ready:
         raise TimeoutError(f"{proc.args[:4]}... ran over {timeout} s")
-    return Done(proc.returncode, ru.ru_utime + ru.ru_stime, t_end - t0, t_end)
+    return Done(proc.returncode, ru.ru_utime + ru.ru_stime, t_end - t0, t_end,
+                ru.ru_maxrss / 1024)
+
+
+def peak_rss_mib(pid: int) -> float | None:
+    """VmHWM of a running process, MiB."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
 
 
 def _stat(pid: int) -> list[str] | None:

@@ -39,8 +39,8 @@ import sys
 import time
 from pathlib import Path
 
-from migration_lab import (link_counters, link_delta, run_measured, tree_cpu, wait_gone,
-                           wait_measured)
+from migration_lab import (link_counters, link_delta, peak_rss_mib, run_measured, tree_cpu,
+                           wait_gone, wait_measured)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import workloads  # noqa: E402
@@ -143,6 +143,8 @@ def run_deltaxfer(ctx: Ctx, wl, tag: str, method: str) -> dict:
         placed = lazy_placed_s(report.get("destination_path"))
         # after the check, which faulted every page in: the lazy-pages daemon's work counts
         cpu_dst = tree_cpu(server.proc.pid, exclude=[restored]) - cpu_dst0
+        rss = {"migrate": round(done.maxrss_mib, 1),
+               "serve": peak_rss_mib(server.proc.pid)}
         if not wait_gone(wl.pid):
             raise MethodFailed(f"{method}: the source {wl.pid} is still there")
         rounds = report["rounds"]
@@ -155,6 +157,9 @@ def run_deltaxfer(ctx: Ctx, wl, tag: str, method: str) -> dict:
             "downtime_s": report["downtime"], "total_s": done.wall_s,
             "report_total_s": report["total_seconds"], **wire,
             "cpu_src_s": done.cpu_s, "cpu_dst_s": cpu_dst,
+            # peak RSS, MiB: `deltaxfer migrate` (or the largest child it waited for:
+            # its criu), the receiving `serve` (its lazy-pages server not counted)
+            "peak_rss_mib": rss,
             "rounds": len(rounds), "verified": res["ok"], "app_pause_s": app_pause(res),
             "stream_bytes": report["wire_bytes_sent"],
             "tracking": report.get("tracking", {}).get("mode"),
