@@ -18,11 +18,17 @@
   1 and 4 GiB on loopback; 2 repetitions.
 * ``lazyrestore``: deltaxfer's lazy-pages server against `criu lazy-pages`
   (``dx-criulazy``) at 1 and 4 GiB on loopback, page-server beside at 1 GiB; 2 repetitions.
+* ``brownout``: scanwork at 1 GiB on loopback, as a plain read (``scan1G-m0``, ~0.12 s
+  a pass) and with 12 mixing rounds per word (``scan1G-m12``, ~2.3 s a pass, as issue
+  17's example), deltaxfer's lazy-pages server against `criu lazy-pages`: the pass
+  spanning the move (its freeze subtracted) and the next, against the passes before;
+  2 repetitions.
 * ``full``: the cross product, memwork {256M, 1G, 4G} x {0, 10, 100} MiB/s x 4 links x
   6 methods, plus pyheap and redis on every link (hours here).
 * otherwise a comma list of ``WORKLOAD@LINK`` (all methods) or
   ``WORKLOAD@LINK:METHOD+METHOD``, workloads named as in ``WORKLOADS`` or
-  ``mem<SIZE>-d<RATE>`` (e.g. ``mem512M-d20@10gbit:deltaxfer+page-server``).
+  ``mem<SIZE>-d<RATE>`` (e.g. ``mem512M-d20@10gbit:deltaxfer+page-server``) or
+  ``scan<SIZE>-m<ROUNDS>``.
 """
 from __future__ import annotations
 
