@@ -218,7 +218,7 @@ def test_zero_pages_and_holes_are_mapped_without_copies(criu, tmp_path, agent_tm
     they pass them, not by one fault each. The restored copy reads them as zeros, writes
     over them (its mutations), and checks out every time."""
     with Server(tmp_path, extra=["--restore"]) as server, \
-            workloads.start("memwork", mib=64, dirty_mib_per_s=4, tmpdir=tmp_path) as wl:
+            workloads.start("memwork", mib=64, dirty_mib_per_s=1, tmpdir=tmp_path) as wl:
         r = migrate(tmp_path, agent_tmp, server, wl)
         pid, images = r["restored_pid"], r["destination_path"]
         stats = done_stats(images)
@@ -227,11 +227,12 @@ def test_zero_pages_and_holes_are_mapped_without_copies(criu, tmp_path, agent_tm
         # ~20 % of memwork's pages are zeros, ~5 % untouched (memwork.c)
         assert stats["pages_zero_image"] > pages // 10, stats
         assert stats["pages_zero"] > pages // 50, stats
-        # holes were mapped in runs: far fewer faults than hole pages
-        assert stats["faults"] < stats["pages_zero"] // 4, stats
+        # holes were mapped in runs: far fewer faults (the mutations' included) than hole
+        # pages, each of which used to take one
+        assert stats["faults"] < stats["pages_zero"] // 2, stats
         first = wl.verify(pid=pid, timeout=60)
         assert first["ok"], first
-        time.sleep(1.0)                  # ~1000 mutations, many on zero-mapped pages
+        time.sleep(1.0)                  # ~250 mutations, some on zero-mapped pages
         again = wl.verify(pid=pid, timeout=60)
         assert again["ok"] and again["mutations"] > first["mutations"], (first, again)
 
