@@ -115,8 +115,8 @@ def run_deltaxfer(ctx: Ctx, wl, tag: str, method: str) -> dict:
         normal_pass = time.monotonic() - t
         if not normal.get("ok"):
             raise MethodFailed(f"{method}: the workload failed its check before the move")
-        if wl.kind == "scanwork":       # its own passes: two clean ones (after the check)
-            scan_before = wait_passes(wl, after=time.time(), count=2)
+        if wl.kind == "scanwork":       # its own passes: three clean ones (after the check)
+            scan_before = wait_passes(wl, after=time.time(), count=3)
         cpu_dst0 = tree_cpu(server.proc.pid)
         before = link_counters(ctx.link)
         with open(err_path, "wb") as err:
