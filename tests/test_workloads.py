@@ -87,12 +87,12 @@ def test_scanwork_logs_its_passes_and_sees_a_freeze(tmp_path):
     pass (as a checkpoint's freeze) is that pass's longest gap, and the check still
     finds every page as written."""
     with workloads.start("scanwork", mib=32, mix=2, tmpdir=tmp_path) as w:
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 60
         while len(workloads.scan_passes(w)) < 3:
             assert time.monotonic() < deadline, workloads.scan_passes(w)
             time.sleep(0.02)
         passes = workloads.scan_passes(w)
-        assert all(0 < p["seconds"] < 5 and 0 <= p["maxgap"] <= p["seconds"]
+        assert all(0 < p["seconds"] < 30 and 0 <= p["maxgap"] <= p["seconds"]
                    for p in passes), passes
         n = len(passes)
         os.kill(w.pid, signal.SIGSTOP)
@@ -103,7 +103,7 @@ def test_scanwork_logs_its_passes_and_sees_a_freeze(tmp_path):
             time.sleep(0.02)
         later = workloads.scan_passes(w)[n - 1:]
         stopped = max(later, key=lambda p: p["maxgap"])
-        assert 0.35 < stopped["maxgap"] < 2 and stopped["seconds"] > stopped["maxgap"], later
+        assert 0.35 < stopped["maxgap"] < 10 and stopped["seconds"] > stopped["maxgap"], later
         r = w.verify()
         assert r["ok"] and r["passes"] >= n + 1, r
 
