@@ -12,9 +12,10 @@
  * After each pass it appends one line to LOG -- opened, appended and closed, so no file
  * is open for CRIU to carry:
  *
- *   <start> <end> <maxgap> <value>      (CLOCK_REALTIME seconds; maxgap: the longest
- *                                        interval between two looks at the clock, one
- *                                        per 64 pages: a freeze inside the pass)
+ *   <start> <end> <maxgap> <value>      (CLOCK_REALTIME seconds; a pass starts where
+ *                                        the last ended; maxgap: the longest interval
+ *                                        between two looks at the clock, one per 64
+ *                                        pages: a freeze inside the pass)
  *
  * Result protocol (as memwork's: PATH replaced atomically):
  *   at start:  READY pages=<n> mib=<m> seed=<s> pid=<p>
@@ -162,8 +163,11 @@ usage:
     write_result("READY pages=%zu mib=%g seed=%" PRIu64 " pid=%d", npages, mib, seed,
                  (int)getpid());
     uint64_t acc = seed;
+    double prev_end = now();
     for (;;) {
-        double start = now(), last = start, maxgap = 0;
+        /* each pass starts where the last one ended: a stop while one pass is logged
+         * counts in the next, none falls between two */
+        double start = prev_end, last = start, maxgap = 0;
         for (size_t p = 0; p < npages; p++) {
             if (!(p & 63)) {
                 double t = now();
@@ -191,5 +195,6 @@ usage:
             maxgap = end - last;
         passes++;
         log_pass(start, end, maxgap, acc);
+        prev_end = end;
     }
 }
