@@ -245,10 +245,10 @@ def test_page_hashes_beside_a_pages_file(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     want = array("Q", [0, 1, 2**64 - 1, 12345])
     (tmp_path / lazyserve.page_hashes_name(7)).write_bytes(want.tobytes())
-    assert lazyserve.page_hashes("pages-7.img", 4) == want
-    assert lazyserve.page_hashes("pages-7.img", 5) is None      # another length
-    assert lazyserve.page_hashes("pages-7.img", 3) is None
-    assert lazyserve.page_hashes("pages-8.img", 4) is None      # none for this file
+    assert lazyserve.page_hashes(7, 4) == want
+    assert lazyserve.page_hashes(7, 5) is None      # another length
+    assert lazyserve.page_hashes(7, 3) is None
+    assert lazyserve.page_hashes(8, 4) is None      # none for this file
 
 
 @pytest.mark.criu

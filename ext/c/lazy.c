@@ -1052,6 +1052,8 @@ int dx_lazy_add(dx_lazy *lz, int uffd, int pid, int pages_fd, uint64_t pages_fil
                 size_t nhashes)
 {
     uint64_t data_pages = pages_file_size / PS;
+    /* the receiver's hashes, one per page: the zero pages are known without reading */
+    int known_zeros = nhashes && nhashes == data_pages;
     const uint8_t *data = NULL;
     if (data_pages) {
         void *m = mmap(NULL, data_pages * PS, PROT_READ, MAP_SHARED, pages_fd, 0);
@@ -1082,7 +1084,7 @@ int dx_lazy_add(dx_lazy *lz, int uffd, int pid, int pages_fd, uint64_t pages_fil
          * the file ahead would read them (allocating and clearing page cache for the
          * parts of the file never written), and on a machine whose cores are all busy
          * the copies map what they read as fast (measured: 2 cores, 1 GiB) */
-        struct populate_arg *pa = nhashes == data_pages ? NULL : malloc(sizeof *pa);
+        struct populate_arg *pa = known_zeros ? NULL : malloc(sizeof *pa);
         pthread_t *pt = realloc(lz->pop, (lz->npop + 1) * sizeof(pthread_t));
         if (pt)
             lz->pop = pt;
@@ -1178,7 +1180,7 @@ int dx_lazy_add(dx_lazy *lz, int uffd, int pid, int pages_fd, uint64_t pages_fil
         task_free(t);
         return -EINVAL;                         /* a pending page outside the image */
     }
-    if (nhashes && nhashes == data_pages) {
+    if (known_zeros) {
         uint64_t *z = calloc((data_pages + 63) / 64 + 1, sizeof(uint64_t));
         if (!z) {
             task_free(t);

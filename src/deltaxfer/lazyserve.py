@@ -86,8 +86,8 @@ def _recv_exact(conn: socket.socket, n: int) -> bytes:
 
 
 def task_layout(pid: int):
-    """(pages file path, vaddrs, nr_pages, flags, vma starts, vma ends) of image pid
-    ``pid``, read from the images in the working directory."""
+    """(pages id, vaddrs, nr_pages, flags, vma starts, vma ends) of image pid ``pid``,
+    read from the images in the working directory (its pages are in pages-ID.img)."""
     from array import array
 
     path = f"pagemap-{pid}.img"
@@ -103,7 +103,7 @@ def task_layout(pid: int):
     vmas = sorted(DumpDir(".").vmas(pid), key=lambda x: x.start)
     starts = array("Q", (x.start for x in vmas))
     ends = array("Q", (x.end for x in vmas))
-    return f"pages-{pages_id}.img", v, n, f, starts, ends
+    return pages_id, v, n, f, starts, ends
 
 
 def page_hashes_name(pages_id: int) -> str:
@@ -114,15 +114,14 @@ def page_hashes_name(pages_id: int) -> str:
     return f"dx-hashes-{int(pages_id)}.bin"
 
 
-def page_hashes(pages: str, npages: int):
-    """The receiver's hash of every page of ``pages`` (pages-ID.img), from the file the
-    commit put beside it (store.page_hashes_name), as array('Q'); None without one, or
-    with one of another length (the server then reads each page to find the zeros)."""
-    pages_id = pages[len("pages-"):-len(".img")]
+def page_hashes(pages_id: int, npages: int):
+    """The receiver's hash of every page of pages-ID.img, from the file the commit put
+    beside it (page_hashes_name), as array('Q'); None without one, or with one of
+    another length (the server then reads each page to find the zeros)."""
     try:
-        with open(page_hashes_name(int(pages_id)), "rb") as f:
+        with open(page_hashes_name(pages_id), "rb") as f:
             raw = f.read(npages * 8 + 1)
-    except (OSError, ValueError):
+    except OSError:
         return None
     if len(raw) != npages * 8:
         return None
@@ -134,16 +133,17 @@ def page_hashes(pages: str, npages: int):
 def add_task(server, pid: int, uffd: int) -> None:
     """Hand task ``pid``'s userfaultfd to the server."""
     try:
-        pages, v, n, f, vs, ve = task_layout(pid)
+        pages_id, v, n, f, vs, ve = task_layout(pid)
     except BaseException:
         os.close(uffd)
         raise
     pending = read_pending(pid)
+    pages = f"pages-{pages_id}.img"
     fd = os.open(pages, os.O_RDONLY | os.O_CLOEXEC) if os.path.exists(pages) else -1
     try:
         size = os.fstat(fd).st_size if fd >= 0 else 0
         server.add(uffd, pid, fd, size, v, n, f, vs, ve, pending,
-                   page_hashes(pages, size // PAGE_SIZE))
+                   page_hashes(pages_id, size // PAGE_SIZE))
     finally:
         if fd >= 0:
             os.close(fd)

@@ -65,6 +65,12 @@ def image_digest(hashes) -> int:
     return _core.xxh3_64(hashes, seed=n)
 
 
+def hashes_name(image_id: str) -> str:
+    """The file of an image's page hashes (u64 per page, layout order) in held/ and in a
+    round's directory."""
+    return f"hashes-{image_id}.bin"
+
+
 def pagemap_name(image_id: str) -> str:
     try:
         names.check_image_id(image_id)
@@ -429,7 +435,7 @@ class Session:
         the same: an 8 MiB read per round at 4 GiB otherwise. Read-only to callers."""
         held = self.held()[image_id]
         vaddrs = held.vaddrs if held.vaddrs is not None else held.pagemap.present_vaddrs()
-        cached = os.path.join(self.held_dir, f"hashes-{image_id}.bin")
+        cached = os.path.join(self.held_dir, hashes_name(image_id))
         try:
             key = _file_identity(cached)
             mem = self._hashes.get(image_id)
@@ -452,7 +458,7 @@ class Session:
         count) pairs): the layout is the file's and only those entries differ -- they are
         written in place (a few KiB instead of 8 MiB at 4 GiB; a crash in between leaves
         held/.dirty anyway, see InPlaceRound). Remembered for held_hashes."""
-        path = os.path.join(self.held_dir, f"hashes-{image_id}.bin")
+        path = os.path.join(self.held_dir, hashes_name(image_id))
         done = False
         if changed is not None:
             try:
@@ -545,7 +551,7 @@ class Session:
                 # each pages file's page hashes, for the lazy-pages server: a page hashing
                 # as zeros gets the zero page without its file page being read
                 for image_id, held in self.held().items():
-                    hashes = os.path.join(self.held_dir, f"hashes-{image_id}.bin")
+                    hashes = os.path.join(self.held_dir, hashes_name(image_id))
                     if os.path.exists(hashes):
                         os.link(hashes, os.path.join(
                             tmp, page_hashes_name(held.pagemap.pages_id)))
@@ -735,7 +741,7 @@ class Round:
                                              "destination but were not sent")
         self._check_digest(img, hashes, digest)
         im.write_pagemap(os.path.join(self.dir, pagemap_name(img.image_id)), img.pagemap)
-        with open(os.path.join(self.dir, f"hashes-{img.image_id}.bin"), "wb") as f:
+        with open(os.path.join(self.dir, hashes_name(img.image_id)), "wb") as f:
             f.write(hashes)  # for the next round's STATE and digest, without re-reading
         img.done = True
 
@@ -941,7 +947,7 @@ class InPlaceRound(ParentRound):
                 old = self.held.get(img.image_id)
                 if old is not None:
                     self._drop_held(img.image_id, old)
-                for f in (name, os.path.basename(img.pages_path), f"hashes-{img.image_id}.bin"):
+                for f in (name, os.path.basename(img.pages_path), hashes_name(img.image_id)):
                     os.replace(os.path.join(self.dir, f), os.path.join(s.held_dir, f))
                 now[img.image_id] = HeldImage(img.image_id, img.pagemap, os.path.join(
                     s.held_dir, os.path.basename(img.pages_path)), img.vaddrs)
@@ -957,7 +963,7 @@ class InPlaceRound(ParentRound):
 
     def _drop_held(self, image_id: str, held: HeldImage) -> None:
         for f in (pagemap_name(image_id), os.path.basename(held.pages_path),
-                  f"hashes-{image_id}.bin"):
+                  hashes_name(image_id)):
             try:
                 os.unlink(os.path.join(self.session.held_dir, f))
             except FileNotFoundError:
