@@ -16,8 +16,8 @@ import pytest
 import workloads
 from deltaxfer import lazyserve
 from deltaxfer.core import procmem
-from faults import agent_env, agent_tmp, run_migrate  # noqa: F401
-from servers import Server, write_key
+from faults import agent_tmp, migrate_adopting  # noqa: F401
+from servers import Server
 
 LAZYSERVE = [sys.executable, "-m", "deltaxfer.lazyserve", "lazy-pages"]
 
@@ -44,12 +44,8 @@ def done_stats(images_dir) -> dict:
 
 
 def migrate(tmp_path, agent_tmp, server, wl, *extra) -> dict:
-    key = write_key(tmp_path / "client.key")
-    m = run_migrate(wl.pid, server.addr, key, tmp_path / "report.json", *extra,
-                    env=agent_env(agent_tmp), timeout=180)
+    m = migrate_adopting(wl, server.addr, tmp_path, agent_tmp, *extra)
     r = m.report
-    if r and r.get("restored_pid"):
-        wl.adopt(r["restored_pid"])
     assert m.rc == 0 and r["outcome"] == "migrated", (m.rc, m.stderr[-3000:],
                                                       server.log()[-3000:])
     return r

@@ -13,9 +13,9 @@ import pytest
 
 import workloads
 from deltaxfer import tracking
-from faults import (agent_env, agent_leftovers, agent_tmp, copies_of, run_migrate,  # noqa: F401
+from faults import (agent_leftovers, agent_tmp, copies_of, migrate_adopting,  # noqa: F401
                     tmp_leftovers, wait_gone)
-from servers import Server, write_key
+from servers import Server
 
 pytestmark = pytest.mark.criu
 
@@ -25,12 +25,8 @@ HOOK = Path(sys.executable).parent / "deltaxfer-hook"
 def migrate_ok(tmp_path, agent_tmp, server, wl, *extra):
     """Migrate wl to server; check the report, the destination and that the source is
     gone. Returns (report, restored pid), the restored copy adopted by wl."""
-    key = write_key(tmp_path / "client.key")
-    m = run_migrate(wl.pid, server.addr, key, tmp_path / "report.json", *extra,
-                    env=agent_env(agent_tmp), timeout=180)
+    m = migrate_adopting(wl, server.addr, tmp_path, agent_tmp, *extra)
     r = m.report
-    if r and r.get("restored_pid"):
-        wl.adopt(r["restored_pid"])
     assert m.rc == 0, (m.rc, m.stderr[-3000:], r and r.get("error"), server.log()[-3000:])
     assert "Traceback" not in m.stderr, m.stderr
     assert r["outcome"] == "migrated" and r["error"] is None, r

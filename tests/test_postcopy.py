@@ -21,7 +21,7 @@ from deltaxfer.core import procmem
 from deltaxfer.postcopy import page_runs
 from deltaxfer.wire import (MsgType, ProtocolError, decode_postcopy_pages, decode_runs,
                             encode_postcopy_pages, iter_runs)
-from faults import agent_env, agent_tmp, migrate_cmd, run_migrate  # noqa: F401
+from faults import agent_env, agent_tmp, migrate_adopting, migrate_cmd, run_migrate  # noqa: F401
 from lab import TwoHosts
 from servers import Server, ServeProcess, write_key
 
@@ -91,12 +91,8 @@ def test_postcopy_xor_body_is_checked_against_the_destinations_copy(tmp_path):
 # -- real migrations ------------------------------------------------------------------------
 
 def _migrate(tmp_path, agent_tmp, server, wl, *extra, timeout=240) -> dict:
-    key = write_key(tmp_path / "client.key")
-    m = run_migrate(wl.pid, server.addr, key, tmp_path / "report.json", *extra,
-                    env=agent_env(agent_tmp), timeout=timeout)
+    m = migrate_adopting(wl, server.addr, tmp_path, agent_tmp, *extra, timeout=timeout)
     r = m.report
-    if r and r.get("restored_pid"):
-        wl.adopt(r["restored_pid"])
     assert m.rc == 0 and r["outcome"] == "migrated", (m.rc, m.stderr[-3000:], r and r.get(
         "error"), server.log()[-3000:])
     return r
