@@ -258,15 +258,18 @@ class WorkloadSpec:
 SETTLE_S = 0.5      # the workload runs (and dirties) this long before a migration starts
 
 
+def _size_name(mib: int) -> str:
+    """A workload size as cell names spell it: 256M, 1G."""
+    return f"{mib // 1024}G" if mib >= 1024 and mib % 1024 == 0 else f"{mib}M"
+
+
 def memwork(mib: int, dirty: float, whole: bool = False) -> WorkloadSpec:
-    size = f"{mib // 1024}G" if mib >= 1024 and mib % 1024 == 0 else f"{mib}M"
-    return WorkloadSpec(f"mem{'w' if whole else ''}{size}-d{dirty:g}", "memwork", mib=mib,
-                        dirty=dirty, whole=whole)
+    return WorkloadSpec(f"mem{'w' if whole else ''}{_size_name(mib)}-d{dirty:g}", "memwork",
+                        mib=mib, dirty=dirty, whole=whole)
 
 
 def scanwork(mib: int, mix: int) -> WorkloadSpec:
-    size = f"{mib // 1024}G" if mib >= 1024 and mib % 1024 == 0 else f"{mib}M"
-    return WorkloadSpec(f"scan{size}-m{mix}", "scanwork", mib=mib, mix=mix)
+    return WorkloadSpec(f"scan{_size_name(mib)}-m{mix}", "scanwork", mib=mib, mix=mix)
 
 
 def wait_gone(pid: int, timeout: float = 10) -> bool:
