@@ -353,6 +353,7 @@ def test_tls(loop_kind, tmp_path):
         async with server:
             conn = await transport.connect("127.0.0.1", port, key=KEY, ssl=client_ctx)
             assert "tls" in conn.caps
+            assert conn._p._lowat_sock is None    # no receive low-water mark under TLS
             payload = os.urandom(3 * MiB)
             await conn.send(MsgType.PAGES, payload)
             assert (await conn.recv()).payload == payload
@@ -386,3 +387,50 @@ def test_close_waits_for_frames_being_checksummed(loop_kind, monkeypatch):
             await asyncio.sleep(0.2)
     run(loop_kind, main())
     assert got == [(MsgType.PAGES, 2 * MiB)] * 5 + [(MsgType.CLOSE, 2)]
+
+
+def test_a_payload_trickling_in_wakes_the_reader_rarely_and_never_stalls(loop_kind, monkeypatch):
+    """A 4 MiB PAGES payload arriving in 32 KiB pieces: with the receive low-water mark
+    (SO_RCVLOWAT, at most the rest of the payload) the receiver reads it in a few large
+    reads, not one per piece, gets it whole, and answers a question sent right after it
+    (the last bytes of a payload never wait for bytes the peer does not send)."""
+    reads = []
+    orig = transport._FrameProtocol.buffer_updated
+
+    def counting(self, n):
+        if not self._pre_auth:
+            reads.append(n)
+        return orig(self, n)
+    monkeypatch.setattr(transport._FrameProtocol, "buffer_updated", counting)
+    payload = wire.encode_pages(7, os.urandom(4 * MiB - 4 - 1000))   # not a multiple of a piece
+    piece = 32 << 10
+
+    async def answer(conn):
+        m = await conn.recv_message(MsgType.PAGES)
+        assert m.payload == payload
+        assert conn._p._lowat_sock is not None          # plain TCP: the mark is in use
+        await conn.send_control(MsgType.FILE_END, {"xxh3": f"{len(m.payload):016x}"})
+        await conn.recv_message(MsgType.CLOSE)
+
+    async def main():
+        server, port = await start(answer)
+        async with server:
+            conn = await transport.connect("127.0.0.1", port, key=KEY)
+            p = conn._p
+            header = wire.encode_header(MsgType.PAGES, payload, p._seq_out)
+            p._seq_out += 1
+            p.transport.write(header)
+            pieces = 0
+            for off in range(0, len(payload), piece):
+                p.transport.write(payload[off:off + piece])
+                pieces += 1
+                await asyncio.sleep(0.001)
+            got = await conn.recv_control(MsgType.FILE_END, timeout=5)
+            assert got["xxh3"] == f"{len(payload):016x}"
+            await conn.goodbye()
+            return pieces
+    pieces = run(loop_kind, main())
+    assert sum(reads) >= len(payload)
+    # without the mark: about one read per piece (128); with it: ~4 of 1 MiB, the last
+    # bytes of the payload, the header and the CLOSE
+    assert len(reads) < pieces // 4, (len(reads), pieces)

@@ -40,6 +40,13 @@ RECV_HIGH_WATER = 32 << 20       # unconsumed message bytes above which reading 
 RECV_LOW_WATER = 8 << 20
 ERROR_LINGER = 1.0               # after sending ERROR, how long to wait for the peer to close
 SOCKET_BUFFER = 4 << 20          # SO_SNDBUF/SO_RCVBUF asked for (the kernel may clamp it)
+# While a big payload arrives, the kernel wakes the reader only once this much of it (or all
+# that is left of it) has arrived (SO_RCVLOWAT): on a slow link the stream otherwise comes
+# in ~55 KiB reads, each an event-loop wake-up and two Python calls (8 000 per GiB at
+# 1 Gbit/s). Never more than the rest of the current payload, so no wait ever depends on
+# bytes the peer has not committed to send; the kernel caps it at half the receive buffer.
+RECV_LOWAT = 1 << 20
+RECV_LOWAT_MIN = 64 << 10        # below this, the rest of a payload is read as it comes
 # payloads this big are checksummed on a worker thread, overlapping the socket writes; that
 # needs a spare core (on 2 CPUs, sender + receiver + hash thread contend: measured no gain)
 HASH_OFFLOAD: int | None = 512 << 10 if (os.cpu_count() or 1) >= 4 else None
@@ -127,6 +134,8 @@ class _FrameProtocol(asyncio.BufferedProtocol):
         self._recv_waiter: asyncio.Future | None = None
         self._exc: BaseException | None = None   # why recv() fails once the queue is empty
         self._discard: memoryview | None = None  # set while lingering after an ERROR
+        self._lowat_sock = None          # the TCP socket, once authenticated (RECV_LOWAT)
+        self._lowat = 1
         # send
         self._out = bytearray()
         self._flush_scheduled = False
@@ -198,6 +207,8 @@ class _FrameProtocol(asyncio.BufferedProtocol):
         except ProtocolError as e:
             messages = getattr(e, "messages", None) or []
             self._stream_failed(e)
+        if self._lowat_sock is not None:
+            self._set_lowat()
         if not messages:
             return
         for m in messages:
@@ -207,6 +218,19 @@ class _FrameProtocol(asyncio.BufferedProtocol):
             self._reading_paused = True
             self.transport.pause_reading()
         self._wake_recv()
+
+    def _set_lowat(self):
+        rest = self._decoder.direct_remaining
+        want = min(rest, RECV_LOWAT) if rest >= RECV_LOWAT_MIN else 1
+        if want != self._lowat:
+            self._set_lowat_to(want)
+
+    def _set_lowat_to(self, want: int):
+        try:
+            self._lowat_sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, want)
+            self._lowat = want
+        except OSError:
+            self._lowat_sock = None              # not for this socket: read as it comes
 
     def eof_received(self):
         try:
@@ -264,6 +288,12 @@ class _FrameProtocol(asyncio.BufferedProtocol):
                     sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
                 except OSError:
                     pass
+            # not under TLS: the bytes still due of a payload say nothing of the
+            # ciphertext still due (records, part of one already read), so a low-water
+            # mark could wait for bytes that never come
+            if (RECV_LOWAT > 1 and self._discard is None
+                    and self.transport.get_extra_info("ssl_object") is None):
+                self._lowat_sock = sock
 
     # send
     def write_frame(self, type: MsgType, payload) -> None:
@@ -404,6 +434,8 @@ class _FrameProtocol(asyncio.BufferedProtocol):
             pass
         self.closing = True
         self._discard = memoryview(bytearray(64 << 10))
+        if self._lowat_sock is not None and self._lowat != 1:
+            self._set_lowat_to(1)
         if self._reading_paused:
             self._reading_paused = False
             self.transport.resume_reading()

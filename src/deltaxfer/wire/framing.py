@@ -167,6 +167,15 @@ class Decoder:
         return self._error
 
     @property
+    def direct_remaining(self) -> int:
+        """Bytes still to come of the big payload being received into its own buffer (0
+        when none is): the transport asks the kernel to wake it only once that many, or a
+        cap, have arrived."""
+        if self._state == self._DIRECT:
+            return self._length - self._filled
+        return 0
+
+    @property
     def in_frame(self) -> bool:
         """True while part of a frame has been received but not the whole of it."""
         return self._state != self._HEADER or self._end > self._start
