@@ -6,7 +6,8 @@ Every method returns ``downtime_s``, ``total_s``, ``wire_bytes`` (+ ``wire_bytes
 own memory / answered correctly), plus its own breakdown. A method that did not move the
 workload, or whose restored copy fails its check, raises: a failure fails the run.
 
-* ``deltaxfer`` (and ``dx-noxor``, ``dx-nolz4``: the same with ``--no-xor`` / ``--no-lz4``):
+* ``deltaxfer`` (and ``dx-noxor``, ``dx-nolz4``, ``dx-notrack``: the same with
+  ``--no-xor`` / ``--no-lz4`` / ``--tracking off``; the other ``dx-*`` in DX_FLAGS):
   ``python -m deltaxfer serve --listen DEST:0 --key-file K --dir D --restore`` in the
   destination namespace (started before the clock), ``python -m deltaxfer migrate PID
   --to DEST:PORT --key-file K --report R`` in the source namespace. Downtime is the
@@ -46,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import workloads  # noqa: E402
 from servers import ServeProcess  # noqa: E402
 
-METHODS = ("deltaxfer", "dx-noxor", "dx-nolz4", "dx-noconverge", "dx-criulazy",
+METHODS = ("deltaxfer", "dx-noxor", "dx-nolz4", "dx-noconverge", "dx-criulazy", "dx-notrack",
            "dx-throttle", "dx-postcopy", "rsync", "page-server", "tar-lz4", "lazy-floor")
 BASELINES = ("rsync", "page-server", "tar-lz4", "lazy-floor")
 
@@ -95,7 +96,10 @@ def check_restored(wl, restored: int, method: str) -> dict:
 
 DX_FLAGS = {"deltaxfer": [], "dx-noxor": ["--no-xor"], "dx-nolz4": ["--no-lz4"],
             "dx-noconverge": ["--converge", "off"], "dx-criulazy": [],
-            "dx-throttle": ["--converge", "throttle"], "dx-postcopy": ["--converge", "postcopy"]}
+            "dx-throttle": ["--converge", "throttle"], "dx-postcopy": ["--converge", "postcopy"],
+            # content hashing instead of written-page tracking: CRIU's dump of a process
+            # without userfaultfd write-protection, inside deltaxfer's freeze
+            "dx-notrack": ["--tracking", "off"]}
 # serve's own flags per method: dx-criulazy restores through `criu lazy-pages` instead of
 # deltaxfer's lazy-pages server (the A/B of the restore's brownout)
 DX_SERVE_FLAGS = {"dx-criulazy": ["--lazy-pages-server", "criu"]}
@@ -605,7 +609,7 @@ def _dir_bytes(d: Path) -> int:
 
 
 RUNNERS = {"deltaxfer": run_deltaxfer, "dx-noxor": run_deltaxfer, "dx-nolz4": run_deltaxfer,
-           "dx-noconverge": run_deltaxfer, "dx-criulazy": run_deltaxfer,
+           "dx-noconverge": run_deltaxfer, "dx-criulazy": run_deltaxfer, "dx-notrack": run_deltaxfer,
            "dx-throttle": run_deltaxfer, "dx-postcopy": run_deltaxfer,
            "rsync": run_rsync, "page-server": run_page_server, "tar-lz4": run_tar_lz4,
            "lazy-floor": run_lazy_floor}
