@@ -94,6 +94,37 @@ def pagemap_entries_fast(data, size_t start):
     return va, nr, fl
 
 
+def pagemap_pairs(vaddrs, nr_pages, flags, uint64_t or_flags=0):
+    """PAGEMAP's (vaddr, nr_pages | (flags | or_flags) << 32) u64 pairs from three u64
+    arrays, in one pass (the final round builds them for every image of a lazy dump:
+    ~0.1 ms per 100 000 entries, against ~5 ms with array slices); None if an nr_pages
+    or a flags value does not fit in 32 bits."""
+    cdef _Buffer bv = u64_buffer(vaddrs, "vaddrs")
+    cdef _Buffer bn = u64_buffer(nr_pages, "nr_pages")
+    cdef _Buffer bf = u64_buffer(flags, "flags")
+    cdef size_t n = u64_len(bv), i
+    if u64_len(bn) != n or u64_len(bf) != n:
+        raise ValueError("vaddrs, nr_pages and flags differ in length")
+    cdef array.array out = new_u64_array(2 * n)
+    cdef uint64_t *po = <uint64_t *>out.data.as_voidptr
+    cdef const uint64_t *pv = u64_ptr(bv)
+    cdef const uint64_t *pn = u64_ptr(bn)
+    cdef const uint64_t *pf = u64_ptr(bf)
+    cdef uint64_t fl
+    cdef int bad = 0
+    with nogil:
+        for i in range(n):
+            fl = pf[i] | or_flags
+            if (pn[i] >> 32) or (fl >> 32):
+                bad = 1
+                break
+            po[2 * i] = pv[i]
+            po[2 * i + 1] = pn[i] | (fl << 32)
+    if bad:
+        return None
+    return out
+
+
 def pagemap_encode_fast(uint32_t pages_id, vaddrs, nr_pages, flags):
     """A pagemap image (CRIU magics, head, entries with fields 1, 2 and 4) for entries
     given as three u64 arrays; nr_pages must fit in 32 bits (CRIU 4.1)."""

@@ -62,3 +62,19 @@ def test_unusual_flags_take_the_per_entry_path_and_bad_layouts_are_refused():
         live._lazy_layout(array("Q", [0x3000, 0x1000]), n, array("Q", [im.PE_LAZY] * 2))
     with pytest.raises(ValueError):      # not page aligned
         live._lazy_layout(array("Q", [0x1001]), array("Q", [1]), array("Q", [im.PE_LAZY]))
+
+
+def test_flags_and_sizes_that_do_not_fit_are_caught():
+    """The flags' low byte alone could look like PRESENT / LAZY: a value with any higher
+    bit set must still take the per-entry path; so must an entry of 2^32 pages or more."""
+    v, n = array("Q", [0x1000, 0x3000]), array("Q", [1, 1])
+    for high in (0x100, 1 << 32, 1 << 63):
+        assert live._lazy_layout(v, n, array("Q", [im.PE_LAZY, im.PE_LAZY | high])) is None
+    assert live._lazy_layout(v, array("Q", [1, 1 << 32]), array("Q", [im.PE_LAZY] * 2)) is None
+    assert im.interleave_pairs(v, array("Q", [1, 1 << 32]), array("Q", [0, 0])) is None
+    assert im.interleave_pairs(v, n, array("Q", [0, 1 << 32])) is None
+    # PAGEMAP's pairs: vaddr, then nr_pages in the low half and the flags in the high one
+    assert im.interleave_pairs(v, array("Q", [(1 << 32) - 1, 2]), array("Q", [3, 4]), 8) == \
+        array("Q", [0x1000, (1 << 32) - 1 | 11 << 32, 0x3000, 2 | 12 << 32])
+    with pytest.raises(ValueError):
+        im.interleave_pairs(v, array("Q", [1]), array("Q", [0, 0]))

@@ -342,23 +342,12 @@ def read_pagemap_arrays(path) -> tuple[int, array, array, array] | None:
     return _pagemap_arrays(path, _read_small_file(path))
 
 
-def interleave_pairs(v: array, n: array, f: array) -> array | None:
-    """The (vaddr, nr_pages | flags << 32) pairs PAGEMAP carries, built with array slices
-    (no Python loop per entry); None if a value does not fit (nr_pages or flags >= 2^32)
-    or the machine is not little-endian."""
-    if sys.byteorder != "little":
-        return None
-    try:
-        n32, f32 = array("I", n), array("I", f)
-    except OverflowError:
-        return None
-    halves = array("I", bytes(8 * len(v)))
-    halves[0::2] = n32
-    halves[1::2] = f32
-    pairs = array("Q", bytes(16 * len(v)))
-    pairs[0::2] = v
-    pairs[1::2] = array("Q", halves.tobytes())
-    return pairs
+def interleave_pairs(v: array, n: array, f: array, or_flags: int = 0) -> array | None:
+    """The (vaddr, nr_pages | (flags | or_flags) << 32) pairs PAGEMAP carries, in one C
+    pass (``_core.pagemap_pairs``); None if a value does not fit (nr_pages or flags
+    >= 2^32)."""
+    from deltaxfer import _core
+    return _core.pagemap_pairs(v, n, f, or_flags)
 
 
 def check_entries(path, entries: list[PagemapEntry]) -> None:
