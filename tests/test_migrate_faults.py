@@ -450,3 +450,55 @@ def test_source_exits_during_live_rounds(criu, tmp_path, agent_tmp, zombie):
         assert "round 1 complete" in log and "committed" not in log
         assert "the source gave up: the process to migrate" in log, log[-1500:]
         assert server.alive() and agent_leftovers(agent_tmp) == []
+
+
+# -- a destination that stops reading in the first round ------------------------------------
+
+def _peak_rss_mib(pid: int) -> float | None:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+@pytest.mark.slow
+def test_destination_stops_reading_in_the_first_round(criu, tmp_path, agent_tmp, key_file):
+    """The link stops forwarding (both ends held open: to the source, a destination that
+    stopped reading) a few PAGES frames into the first round of a 512 MiB process. The
+    source's memory stays bounded while it waits (its windows and socket buffers, not
+    the process), the round gives up after --round-timeout with an error that says so,
+    the source runs on untouched, and the destination keeps nothing of the round."""
+    frames = []
+
+    def stall_in_round_1(d, t, p):
+        if d == "c2s" and t == MsgType.PAGES:
+            frames.append(t)
+            if len(frames) == 4:
+                return "stall"
+        return None
+    mib = 512
+    with Server(tmp_path, extra=["--restore"]) as server, \
+            workloads.start("memwork", mib=mib, dirty_mib_per_s=DIRTY, tmpdir=tmp_path) as wl, \
+            LinkProxy(server.port, rule=stall_in_round_1) as proxy:
+        before = wl.verify(timeout=30)
+        assert before["ok"], before
+        t0 = time.monotonic()
+        proc = start_migrate(wl.pid, proxy.addr, key_file, tmp_path / "r.json",
+                             "--round-timeout", "3", env=agent_env(agent_tmp))
+        peak = 0.0
+        while proc.poll() is None and time.monotonic() - t0 < 60:
+            peak = max(peak, _peak_rss_mib(proc.pid) or 0.0)
+            time.sleep(0.05)
+        assert proxy.triggered.is_set(), "the link never stalled"
+        m = finish_migrate(proc, tmp_path / "r.json", t0, timeout=60, watch_pid=wl.pid)
+        assert m.rc is not None, f"migrate did not give up; source state {m.state_at_timeout}"
+        assert_failed_cleanly(m, outcome="aborted before the freeze",
+                              error_has=("live round 1 did not complete within 3 s",))
+        # waited on a full socket with the rest of the process unread: far below its size
+        assert 0 < peak < mib * 0.5, f"migrate's peak RSS {peak:.0f} MiB for a {mib} MiB process"
+        assert_source_runs_on(wl, before)
+        assert_destination_clean(wl, server, link=proxy)

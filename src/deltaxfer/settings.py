@@ -58,6 +58,10 @@ SETTINGS: tuple[Setting, ...] = (
             "is below this", "--downtime-target", minimum=0),
     Setting("max_rounds", "int", "rounds", 10, "live rounds at most", "--max-rounds",
             minimum=0),
+    Setting("round_timeout_s", "float", "s", 120.0, "a live round that takes longer (a "
+            "destination that stopped reading, a link slowed to a crawl) ends the migration "
+            "before the freeze: the source runs on", "--round-timeout", minimum=1,
+            metavar="SECONDS"),
     Setting("xor", "bool", "", True, "XOR deltas against the destination's copy (off: send "
             "changed pages whole)", "--no-xor"),
     Setting("lz4", "bool", "", True, "compress page frames", "--no-lz4"),
@@ -305,7 +309,8 @@ def options_from(values: Mapping[str, Any], sources: Mapping[str, str] | None = 
     report = v["report"]
     return Options(session=v["session"] or session_default,
                    downtime_target=v["downtime_target_ms"] / 1000,
-                   max_rounds=v["max_rounds"], xor=v["xor"], compress=v["lz4"],
+                   max_rounds=v["max_rounds"], round_timeout=v["round_timeout_s"],
+                   xor=v["xor"], compress=v["lz4"],
                    cache_bytes=v["xor_cache_mib"] << 20, restore=v["restore"],
                    tracking=v["tracking"], freeze=v["freeze"], converge=v["converge"],
                    overlap_dump=v["overlap_dump"],
