@@ -40,8 +40,9 @@ SPARSE_SPAN = 32
 # hand-off to the receiver's apply thread in Python on both sides, so fewer, larger frames
 # (the protocol allows 16 MiB) cost less. 4 MiB (two frames per window; ~1.8 MB on the
 # wire after lz4 for memwork): against 1 MiB, the destination's CPU for a 1 GiB migration
-# at 1 Gbit/s went from 1.83-1.87 to 1.49-1.61 s (2 runs each, with RECV_LOWAT), the same
-# total time and downtime; on loopback 1.28-1.40 vs 1.41-1.48 s.
+# at 1 Gbit/s went from 1.83-2.03 to 1.49-1.89 s (4 one-off runs each, with RECV_LOWAT;
+# medians 1.85 and 1.58), the same total time and downtime; 8 MiB frames did no better
+# and took ~20 MiB more of `migrate`'s RSS.
 FRAME_SIZE = int(os.environ.get("DELTAXFER_FRAME_SIZE", 4 << 20))
 ENCODER_THREADS_ENV = "DELTAXFER_ENCODER_THREADS"
 WINDOW_PAGES_ENV = "DELTAXFER_WINDOW_PAGES"
