@@ -164,18 +164,6 @@ def wait_measured(proc: subprocess.Popen, t0: float, timeout: float = 900) -> Do
                 ru.ru_maxrss / 1024)
 
 
-def peak_rss_mib(pid: int) -> float | None:
-    """VmHWM of a running process, MiB."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
-
-
 def _stat(pid: int) -> list[str] | None:
     try:
         with open(f"/proc/{pid}/stat") as f:

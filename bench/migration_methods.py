@@ -40,8 +40,8 @@ import sys
 import time
 from pathlib import Path
 
-from migration_lab import (link_counters, link_delta, peak_rss_mib, run_measured, tree_cpu,
-                           wait_gone, wait_measured)
+from migration_lab import (link_counters, link_delta, run_measured, tree_cpu, wait_gone,
+                           wait_measured)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import workloads  # noqa: E402
@@ -148,7 +148,7 @@ def run_deltaxfer(ctx: Ctx, wl, tag: str, method: str) -> dict:
         # after the check, which faulted every page in: the lazy-pages daemon's work counts
         cpu_dst = tree_cpu(server.proc.pid, exclude=[restored]) - cpu_dst0
         rss = {"migrate": round(done.maxrss_mib, 1),
-               "serve": peak_rss_mib(server.proc.pid)}
+               "serve": workloads.peak_rss_mib(server.proc.pid)}
         if not wait_gone(wl.pid):
             raise MethodFailed(f"{method}: the source {wl.pid} is still there")
         rounds = report["rounds"]

@@ -454,17 +454,6 @@ def test_source_exits_during_live_rounds(criu, tmp_path, agent_tmp, zombie):
 
 # -- a destination that stops reading in the first round ------------------------------------
 
-def _peak_rss_mib(pid: int) -> float | None:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
-
-
 @pytest.mark.slow
 def test_destination_stops_reading_in_the_first_round(criu, tmp_path, agent_tmp, key_file):
     """The link stops forwarding (both ends held open: to the source, a destination that
@@ -491,7 +480,7 @@ def test_destination_stops_reading_in_the_first_round(criu, tmp_path, agent_tmp,
                              "--round-timeout", "3", env=agent_env(agent_tmp))
         peak = 0.0
         while proc.poll() is None and time.monotonic() - t0 < 60:
-            peak = max(peak, _peak_rss_mib(proc.pid) or 0.0)
+            peak = max(peak, workloads.peak_rss_mib(proc.pid) or 0.0)
             time.sleep(0.05)
         assert proxy.triggered.is_set(), "the link never stalled"
         m = finish_migrate(proc, tmp_path / "r.json", t0, timeout=60, watch_pid=wl.pid)

@@ -141,6 +141,18 @@ def proc_state(pid: int) -> str | None:
     return stat.rpartition(")")[2].split()[0]
 
 
+def peak_rss_mib(pid: int) -> float | None:
+    """VmHWM of a running process, MiB (None when it is gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
 def poke(pid: int, vaddr: int, data: bytes) -> None:
     """Write `data` into process `pid` at `vaddr` through /proc/PID/mem (works on
     read-only-to-us mappings too, as ptrace would).  Used to corrupt a workload
