@@ -237,8 +237,9 @@ def _low_bytes(f: array) -> bytes | None:
 
 
 def _lazy_layout(v: array, n: array, f: array) -> _LazyLayout | None:
-    """The layout from the pagemap's arrays with array slices and byte tables, no Python
-    per entry (a 4 GiB process has ~50 000 entries: ~0.05 s a pass) except per PRESENT
+    """The layout from the pagemap's arrays with C passes (_core.pagemap_pairs,
+    pagemap_layout) and byte tables, no Python per entry (a 4 GiB process has ~50 000
+    entries: ~0.05 s a pass in Python) except per PRESENT
     entry (file pages, the vDSO: a handful). None if an entry has a flag other than
     PRESENT / LAZY (the per-entry path handles it); ValueError for a bad layout."""
     fb = _low_bytes(f)
