@@ -14,7 +14,7 @@ import pytest
 import workloads
 from deltaxfer import tracking
 from faults import (agent_leftovers, agent_tmp, copies_of, migrate_adopting,  # noqa: F401
-                    tmp_leftovers, wait_gone)
+                    tmp_leftovers)
 from servers import Server
 
 pytestmark = pytest.mark.criu
@@ -58,8 +58,10 @@ def migrate_ok(tmp_path, agent_tmp, server, wl, *extra):
     assert path and path.startswith(str(server.dir)) and os.path.isdir(path)
     log = server.log()
     assert "committed" in log and f"restored as pid {pid}" in log, log[-2000:]
-    # CRIU killed the source once the destination confirmed
-    assert wait_gone(wl.pid), workloads.proc_state(wl.pid)
+    # the source was killed once the destination confirmed, and `migrate` returned only
+    # once it had exited (a zombie at most: reaping is its parent's); no waiting here
+    assert workloads.proc_state(wl.pid) in (None, "Z", "X"), workloads.proc_state(wl.pid)
+    assert 0 <= r["source_exit_seconds"] < 30, r
     assert pid in copies_of(wl)
     assert tmp_leftovers(server.dir) == []
     # the agent removed its work directory (agent socket, hook wrapper, dump)

@@ -215,6 +215,9 @@ def render_migration(r: dict) -> str:
     if r["restored_pid"]:
         lines.append(f"  running on the destination as pid {r['restored_pid']} "
                      f"(images in {r['destination_path']})")
+    if r.get("source_exit_seconds") is not None:
+        lines.append(f"  the source was killed and had exited "
+                     f"{r['source_exit_seconds'] * 1000:.0f} ms later")
     if r.get("hint"):
         lines.append(f"  next: {r['hint']}")
     if r.get("dump_log"):

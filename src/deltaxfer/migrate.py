@@ -39,7 +39,7 @@ from deltaxfer.criu.lazy import close_lazy_dump
 from deltaxfer.criu.proclock import CwdLocks, CwdLockTimeout, cwd_keys, left_behind_hint
 from deltaxfer.criu.sink import PageSink
 from deltaxfer.criu.runner import Criu, dump_args, log_errors
-from deltaxfer.pidref import PidRef, ProcessChanged
+from deltaxfer.pidref import PidRef, ProcessChanged, wait_exited
 from deltaxfer.settings import Options
 from deltaxfer.live import LiveError, _alive, frozen_images, process_tree, snapshot_tree
 from deltaxfer.policy import Convergence, RoundMeasure
@@ -53,6 +53,9 @@ from deltaxfer.hook_env import AGENT_ENV, PYTHON_ENV, TIMEOUT_ENV
 
 
 RESUMED_TIMEOUT = 10.0   # for the destination to confirm that its copy runs
+# for the SIGKILLed source to exit once the destination runs the copy (freeing its
+# memory takes ~0.1-0.3 s per GiB here): see Agent.wait_source_gone
+SOURCE_EXIT_TIMEOUT = 30.0
 # --converge auto ends in post-copy only when the predicted downtime, every throttle level
 # used, is over this many times the target (a prediction is rough: measured here, a
 # 48 MiB writer over 50 Mbit/s predicted at 1.7x the target froze for 0.76x of it)
@@ -152,6 +155,7 @@ class Report:
     downtime: float | None = None
     freeze: dict = field(default_factory=dict)
     total_seconds: float = 0.0
+    source_exit_seconds: float | None = None   # SIGKILL to the source tree's exit
     converge: dict = field(default_factory=dict)   # auto-converge: levels and time throttled
     cpu_seconds: float = 0.0
     wire_bytes_sent: int = 0
@@ -414,6 +418,23 @@ class Agent:
     def signal_frozen_tree(self, sig: int) -> None:
         for ref in self.frozen_refs:
             ref.kill(sig)
+
+    async def wait_source_gone(self) -> None:
+        """After the final SIGKILL, wait until the source's tasks have exited: "migrated"
+        means the source is gone, not dying. A killed process first frees its memory
+        (~0.1-0.3 s per GiB here) and holds its PID and that memory until then; an
+        operator or a script that looks right after `migrate` returns (or starts
+        something that needs the memory) must not find it. The wait is bounded
+        (SOURCE_EXIT_TIMEOUT); a task still there after it is named in the hint."""
+        t = time.monotonic()
+        left = await asyncio.get_running_loop().run_in_executor(
+            None, wait_exited, self.frozen_refs, SOURCE_EXIT_TIMEOUT)
+        self.report.source_exit_seconds = round(time.monotonic() - t, 6)
+        if left:
+            pids = " ".join(str(r.pid) for r in left)
+            self.report.hint = (f"the source's task(s) {pids} were sent SIGKILL but had not "
+                                f"exited {SOURCE_EXIT_TIMEOUT:.0f} s later (uninterruptible "
+                                "sleep?); they cannot run again, check `ps -o stat,wchan`")
 
     async def begin_session(self) -> None:
         """Connect, name the tree's memory images, and learn what the destination holds.
@@ -895,6 +916,7 @@ class Agent:
                                        "stored: the destination holds the images; the "
                                        "source was killed (--kill-source)")
                 await self.sender.goodbye()
+                await self.wait_source_gone()
             elif rc == 0 and self.resume_sent:
                 self.report.outcome = ("uncertain: the destination may be running the process; "
                                        f"the source (pid {self.pid}) is left stopped: kill it "

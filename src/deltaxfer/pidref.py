@@ -14,6 +14,7 @@ import logging
 import os
 import select
 import signal
+import time
 
 from deltaxfer.core import procmem
 from deltaxfer.core.procmem import LiveError, ppid, process_tree
@@ -79,6 +80,9 @@ class PidRef:
         except ProcessLookupError:
             return False
 
+    def fileno(self) -> int:
+        return self.fd
+
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
@@ -92,6 +96,22 @@ class PidRef:
 
     def __repr__(self) -> str:
         return f"<PidRef {self.what} {self.pid} start={self.start} fd={self.fd}>"
+
+
+def wait_exited(refs: list[PidRef], timeout: float) -> list[PidRef]:
+    """Wait until every referenced process has exited (its pidfd readable: a zombie
+    counts, its parent reaps it), at most ``timeout`` s; the ones still running after
+    it. A SIGKILLed process is not gone at once: the kernel first frees its memory,
+    ~0.1-0.3 s per GiB here, and until then it holds that memory and its PID."""
+    deadline = time.monotonic() + timeout
+    left = [r for r in refs if r.fd >= 0]
+    while left:
+        wait = deadline - time.monotonic()
+        if wait <= 0:
+            break
+        ready, _, _ = select.select(left, [], [], wait)
+        left = [r for r in left if r not in ready]
+    return left
 
 
 def signal_tree(root: int, sig: int, start: int | None) -> int:
