@@ -65,9 +65,7 @@ def cmd_serve(args) -> int:
 
     from deltaxfer import transport
     from deltaxfer.criu.runner import find_criu
-    import os
-
-    from deltaxfer.keys import ConfigError, parse_hostport, server_key, server_tls
+    from deltaxfer.keys import ConfigError, server_key, server_tls
     from deltaxfer.serve import serve
     from deltaxfer.store import StoreError
 
@@ -129,7 +127,7 @@ def cmd_serve(args) -> int:
 
 def cmd_send(args) -> int:
     from deltaxfer import transport
-    from deltaxfer.keys import client_key, client_tls, parse_hostport
+    from deltaxfer.keys import client_key, client_tls
     from deltaxfer.send import render, send_dump
 
     host, port = _hostport(args.to, "--to")
