@@ -141,6 +141,15 @@ class TaskPages:
             self.memfd = -1
 
 
+def _shared_layout(vaddrs: array, h) -> array:
+    """The held vaddrs array itself when this round's layout is the same (the usual case:
+    one compare), so that the round and what the destination holds share one array
+    instead of two (16 MiB each at 8 GiB), and the sender finds them the same by identity."""
+    if h is not None and h.vaddrs is not vaddrs and h.vaddrs == vaddrs:
+        return h.vaddrs
+    return vaddrs
+
+
 def snapshot_tree(tasks: list[Task], tracking: Tracking | None = None,
                   held: dict | None = None) -> TreeSnapshot:
     """The memory images of every task, to be read as they are sent (the tasks keep
@@ -169,6 +178,7 @@ def snapshot_tree(tasks: list[Task], tracking: Tracking | None = None,
         image_id = f"pid-{task.ns_pid}"
         vaddrs = _core.run_page_vaddrs(run_v, run_l)
         h = held.get(image_id) if held else None
+        vaddrs = _shared_layout(vaddrs, h)
         clean = clean_mask(vaddrs, scan, h.vaddrs if h is not None else None)
         if scan is not None:      # protect again what is about to be read
             tracking.protect(task.host_pid, vaddrs, clean, scan)
@@ -396,9 +406,9 @@ def _lazy_source_image(image_id: str, pid: int, lay: _LazyLayout, file_pages, tr
     clean ones -- tracked, not written, held by the destination -- not at all), PRESENT
     ones from the dump's pages file. Returns (image, reader, bytes read from memory).
     ``pending`` (post-copy): see frozen_images."""
-    vaddrs = lay.vaddrs
     scan = tracking.scan(pid) if tracking is not None else None
     h = held.get(image_id) if held else None
+    vaddrs = _shared_layout(lay.vaddrs, h)
     clean = clean_mask(vaddrs, scan, h.vaddrs if h is not None else None)
     # pages from the pages file are never clean (their bytes come from the file) and
     # not read from memory

@@ -144,7 +144,8 @@ async def send_round(conn, round_no: int, images: list[SourceImage], held: dict[
             # measured). Pages enter the cache from the round that sends them again.
             cache = None
         if index not in same_layout:
-            same_layout[index] = h is not None and h.vaddrs == img.vaddrs
+            same_layout[index] = h is not None and (h.vaddrs is img.vaddrs
+                                                    or h.vaddrs == img.vaddrs)
         done = clean_window(img, h, lo, hi, aligned=same_layout[index])
         if done is not None:         # nothing to read or encode: no thread hand-off either
             fut = loop.create_future()
