@@ -48,7 +48,7 @@ import workloads  # noqa: E402
 from servers import ServeProcess  # noqa: E402
 
 METHODS = ("deltaxfer", "dx-noxor", "dx-nolz4", "dx-noconverge", "dx-criulazy", "dx-notrack",
-           "dx-throttle", "dx-postcopy", "rsync", "page-server", "tar-lz4", "lazy-floor")
+           "dx-pagesink", "dx-throttle", "dx-postcopy", "rsync", "page-server", "tar-lz4", "lazy-floor")
 BASELINES = ("rsync", "page-server", "tar-lz4", "lazy-floor")
 
 
@@ -99,7 +99,10 @@ DX_FLAGS = {"deltaxfer": [], "dx-noxor": ["--no-xor"], "dx-nolz4": ["--no-lz4"],
             "dx-throttle": ["--converge", "throttle"], "dx-postcopy": ["--converge", "postcopy"],
             # content hashing instead of written-page tracking: CRIU's dump of a process
             # without userfaultfd write-protection, inside deltaxfer's freeze
-            "dx-notrack": ["--tracking", "off"]}
+            "dx-notrack": ["--tracking", "off"],
+            # the freeze a tree too large for a lazy dump's open files gets (a plain dump
+            # whose pages deltaxfer's sink throws away), forced at any size
+            "dx-pagesink": ["--freeze", "page-server"]}
 # serve's own flags per method: dx-criulazy restores through `criu lazy-pages` instead of
 # deltaxfer's lazy-pages server (the A/B of the restore's brownout)
 DX_SERVE_FLAGS = {"dx-criulazy": ["--lazy-pages-server", "criu"]}
@@ -610,6 +613,7 @@ def _dir_bytes(d: Path) -> int:
 
 RUNNERS = {"deltaxfer": run_deltaxfer, "dx-noxor": run_deltaxfer, "dx-nolz4": run_deltaxfer,
            "dx-noconverge": run_deltaxfer, "dx-criulazy": run_deltaxfer, "dx-notrack": run_deltaxfer,
+           "dx-pagesink": run_deltaxfer,
            "dx-throttle": run_deltaxfer, "dx-postcopy": run_deltaxfer,
            "rsync": run_rsync, "page-server": run_page_server, "tar-lz4": run_tar_lz4,
            "lazy-floor": run_lazy_floor}

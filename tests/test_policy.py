@@ -42,6 +42,42 @@ def test_a_tree_too_large_for_a_lazy_dump_is_seen_before_the_freeze():
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     assert lazy_dump_fits(1 << 30) == (True, "")      # 1 GiB fits any sane limit
     assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == hard   # soft raised to hard
+    with open("/proc/sys/fs/nr_open") as f:
+        nr_open = int(f.read())
     if hard != resource.RLIM_INFINITY:
-        fits, why = lazy_dump_fits((hard // 2048 + 2) << 30)
-        assert not fits and "open files" in why
+        # more than even fs.nr_open allows: no raise can make it fit
+        fits, why = lazy_dump_fits((nr_open // 2048 + 2) << 30)
+        assert not fits and "open files" in why and "could not be raised" in why
+        assert resource.getrlimit(resource.RLIMIT_NOFILE) == (hard, hard)
+
+
+def test_the_open_files_limit_is_raised_for_a_lazy_dump_where_root_may(monkeypatch):
+    """A hard limit below what the dump needs is raised to that and a quarter more
+    (root with CAP_SYS_RESOURCE may; this sandbox's root may not, so the call is
+    recorded here, and the refusal is the next test's)."""
+    import resource
+    from deltaxfer import migrate
+    calls = []
+    monkeypatch.setattr(resource, "getrlimit", lambda what: (2000, 2000))
+    monkeypatch.setattr(resource, "setrlimit", lambda what, lim: calls.append((what, lim)))
+    fits, why = migrate.lazy_dump_fits(3 << 30)       # needs 1024 + 3 x 2048 = 7168
+    assert fits and why == "open-files limit raised from 2000 to 8960", why
+    assert calls == [(resource.RLIMIT_NOFILE, (8960, 8960))]
+
+
+def test_a_limit_that_cannot_be_raised_chooses_the_page_server_freeze():
+    """Without CAP_SYS_RESOURCE (dropped from the bounding set, as in an unprivileged
+    container) a hard limit of 2000 stays: a 3 GiB tree does not fit a lazy dump, and
+    the reason says so (choose_freeze then takes the page-server freeze)."""
+    import json
+    import subprocess
+    import sys
+    code = ("import json, resource; from deltaxfer.migrate import lazy_dump_fits; "
+            "print(json.dumps([lazy_dump_fits(3 << 30), "
+            "resource.getrlimit(resource.RLIMIT_NOFILE)]))")
+    out = subprocess.run(["prlimit", "--nofile=2000:2000", "setpriv",
+                          "--bounding-set=-sys_resource", sys.executable, "-c", code],
+                         capture_output=True, text=True, check=True).stdout
+    (fits, why), limit = json.loads(out)
+    assert not fits and "needs about 7168 open files, the limit is 2000" in why, why
+    assert limit == [2000, 2000]

@@ -78,6 +78,8 @@ class ContainerAgent(Agent):
         if not fits:
             raise MigrationError(f"--runc freezes with a lazy dump: {why}; raise the limit "
                                  "(ulimit -Hn, LimitNOFILE=); nothing was frozen")
+        if why:
+            self.report.freeze["nofile"] = why
         self.freeze_mode = "lazy"
         self.report.freeze["mode"] = "lazy (runc checkpoint)"
 
