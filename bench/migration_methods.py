@@ -46,10 +46,12 @@ from migration_lab import (link_counters, link_delta, run_measured, tree_cpu, wa
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import workloads  # noqa: E402
 from servers import ServeProcess  # noqa: E402
+from deltaxfer.criu.pipes import PipeSizeRaise  # noqa: E402
 
 METHODS = ("deltaxfer", "dx-noxor", "dx-nolz4", "dx-noconverge", "dx-criulazy", "dx-notrack",
-           "dx-pagesink", "dx-throttle", "dx-postcopy", "rsync", "page-server", "tar-lz4", "lazy-floor")
-BASELINES = ("rsync", "page-server", "tar-lz4", "lazy-floor")
+           "dx-pagesink", "dx-throttle", "dx-postcopy", "rsync", "page-server", "tar-lz4", "lazy-floor",
+           "lazy-floor-4m")
+BASELINES = ("rsync", "page-server", "tar-lz4", "lazy-floor", "lazy-floor-4m")
 
 
 class MethodFailed(AssertionError):
@@ -541,7 +543,10 @@ def run_lazy_floor(ctx: Ctx, wl, tag: str, method: str = "lazy-floor") -> dict:
     script.write_text(TIMING_SCRIPT.format(out=times))
     script.chmod(0o700)
     lazy = pipe = lazy_dump = None
+    raised = PipeSizeRaise()     # lazy-floor-4m: CRIU's pipes at their largest, as deltaxfer's
     try:
+        if method == "lazy-floor-4m":
+            raised.raise_(needed=True)
         t_ld = time.monotonic()
         lazy_dump = subprocess.Popen(ctx.src(
             [ctx.criu.path, "dump", "-t", str(wl.pid), "-D", str(lazy_dir), "--lazy-pages",
@@ -558,6 +563,7 @@ def run_lazy_floor(ctx: Ctx, wl, tag: str, method: str = "lazy-floor") -> dict:
             time.sleep(0.002)
         lazy_dump.kill()
         lazy_done = wait_measured(lazy_dump, t_ld, timeout=30)
+        raised.release()
         acts = _actions(times)
         freeze_dump_s = acts["post-dump"] - acts["pre-dump"]
         time.sleep(0.2)
@@ -597,6 +603,7 @@ def run_lazy_floor(ctx: Ctx, wl, tag: str, method: str = "lazy-floor") -> dict:
                 "plain_dump_s": dump.wall_s, "lazy_rc": served.returncode,
                 "image_bytes": _dir_bytes(src)}
     finally:
+        raised.release()
         if pipe is not None:
             pipe.close()
         for p in (lazy, lazy_dump):
@@ -616,7 +623,7 @@ RUNNERS = {"deltaxfer": run_deltaxfer, "dx-noxor": run_deltaxfer, "dx-nolz4": ru
            "dx-pagesink": run_deltaxfer,
            "dx-throttle": run_deltaxfer, "dx-postcopy": run_deltaxfer,
            "rsync": run_rsync, "page-server": run_page_server, "tar-lz4": run_tar_lz4,
-           "lazy-floor": run_lazy_floor}
+           "lazy-floor": run_lazy_floor, "lazy-floor-4m": run_lazy_floor}
 
 
 def migrate(method: str, ctx: Ctx, spec, tag: str) -> dict:

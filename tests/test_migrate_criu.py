@@ -13,6 +13,7 @@ import pytest
 
 import workloads
 from deltaxfer import tracking
+from deltaxfer.criu import pipes
 from faults import (agent_leftovers, agent_tmp, copies_of, migrate_adopting,  # noqa: F401
                     tmp_leftovers)
 from servers import Server
@@ -25,9 +26,17 @@ HOOK = Path(sys.executable).parent / "deltaxfer-hook"
 def migrate_ok(tmp_path, agent_tmp, server, wl, *extra):
     """Migrate wl to server; check the report, the destination and that the source is
     gone. Returns (report, restored pid), the restored copy adopted by wl."""
+    pipe_max = Path(pipes.SYSCTL).read_text()
     m = migrate_adopting(wl, server.addr, tmp_path, agent_tmp, *extra)
     r = m.report
     assert m.rc == 0, (m.rc, m.stderr[-3000:], r and r.get("error"), server.log()[-3000:])
+    # CRIU's page pipes: fs.pipe-max-size raised for the dump where CRIU could not grow
+    # them itself, and the host's value back afterwards
+    assert Path(pipes.SYSCTL).read_text() == pipe_max
+    if not pipes.has_cap_sys_resource() and int(pipe_max) < pipes.CRIU_PIPE_BYTES:
+        assert r["freeze"]["pipes"] == (f"fs.pipe-max-size raised from {int(pipe_max)} to "
+                                        f"{pipes.CRIU_PIPE_BYTES} for the freeze; "
+                                        f"fs.pipe-max-size back to {int(pipe_max)}"), r["freeze"]
     assert "Traceback" not in m.stderr, m.stderr
     assert r["outcome"] == "migrated" and r["error"] is None, r
 

@@ -46,7 +46,7 @@ def test_a_tree_too_large_for_a_lazy_dump_is_seen_before_the_freeze():
         nr_open = int(f.read())
     if hard != resource.RLIM_INFINITY:
         # more than even fs.nr_open allows: no raise can make it fit
-        fits, why = lazy_dump_fits((nr_open // 2048 + 2) << 30)
+        fits, why = lazy_dump_fits((nr_open // 2048 + 2) << 30, 2048)
         assert not fits and "open files" in why and "could not be raised" in why
         assert resource.getrlimit(resource.RLIMIT_NOFILE) == (hard, hard)
 
@@ -60,7 +60,7 @@ def test_the_open_files_limit_is_raised_for_a_lazy_dump_where_root_may(monkeypat
     calls = []
     monkeypatch.setattr(resource, "getrlimit", lambda what: (2000, 2000))
     monkeypatch.setattr(resource, "setrlimit", lambda what, lim: calls.append((what, lim)))
-    fits, why = migrate.lazy_dump_fits(3 << 30)       # needs 1024 + 3 x 2048 = 7168
+    fits, why = migrate.lazy_dump_fits(3 << 30, 2048)   # needs 1024 + 3 x 2048 = 7168
     assert fits and why == "open-files limit raised from 2000 to 8960", why
     assert calls == [(resource.RLIMIT_NOFILE, (8960, 8960))]
 
@@ -73,7 +73,7 @@ def test_a_limit_that_cannot_be_raised_chooses_the_page_server_freeze():
     import subprocess
     import sys
     code = ("import json, resource; from deltaxfer.migrate import lazy_dump_fits; "
-            "print(json.dumps([lazy_dump_fits(3 << 30), "
+            "print(json.dumps([lazy_dump_fits(3 << 30, 2048), "
             "resource.getrlimit(resource.RLIMIT_NOFILE)]))")
     out = subprocess.run(["prlimit", "--nofile=2000:2000", "setpriv",
                           "--bounding-set=-sys_resource", sys.executable, "-c", code],

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 
 from deltaxfer import PAGE_SIZE, transport
 from deltaxfer.core import procmem
+from deltaxfer.criu import pipes
 from deltaxfer.criu.dumpdir import DumpDir
 from deltaxfer.criu.lazy import close_lazy_dump
 from deltaxfer.criu.proclock import CwdLocks, CwdLockTimeout, cwd_keys, left_behind_hint
@@ -61,15 +62,14 @@ SOURCE_EXIT_TIMEOUT = 30.0
 # 48 MiB writer over 50 Mbit/s predicted at 1.7x the target froze for 0.76x of it)
 POSTCOPY_FACTOR = 3.0
 # A lazy dump keeps the tree's pages referenced in pipes until it is ended: ~2048 open
-# files per GiB measured with CRIU 4.1.1 on the project's VM, plus CRIU's own.
-LAZY_DUMP_FDS_PER_GIB = 2048
+# files per GiB with 1 MiB pipes, ~512 with CRIU's largest (criu/pipes.py), plus CRIU's own.
 LAZY_DUMP_FDS_BASE = 1024
 # criu may run this much longer than the freeze deadline (the hook waits the deadline +
 # 15 s for the agent; then criu resumes or kills the tree): past it, criu is killed
 CRIU_MARGIN = 30.0
 
 
-def lazy_dump_fits(memory_bytes: int) -> tuple[bool, str]:
+def lazy_dump_fits(memory_bytes: int, per_gib: int | None = None) -> tuple[bool, str]:
     """Whether a lazy dump of ``memory_bytes`` fits under the open-files limit (criu
     inherits it), and why not. The soft limit is raised to the hard one; where the
     hard one is too low, it is raised too -- root may (CAP_SYS_RESOURCE), up to
@@ -80,7 +80,9 @@ def lazy_dump_fits(memory_bytes: int) -> tuple[bool, str]:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    need = LAZY_DUMP_FDS_BASE + int(LAZY_DUMP_FDS_PER_GIB * memory_bytes / 2**30)
+    if per_gib is None:
+        per_gib = pipes.lazy_dump_fds_per_gib()
+    need = LAZY_DUMP_FDS_BASE + int(per_gib * memory_bytes / 2**30)
     if hard == resource.RLIM_INFINITY or need <= hard:
         return True, ""
     want = need + need // 4
@@ -242,6 +244,7 @@ class Agent:
         self.sink: PageSink | None = None  # the page sink of a page-server freeze
         self.source: PidRef | None = None  # the process to migrate, taken in run()
         self.frozen_refs: list[PidRef] = []  # the tree's tasks, taken when it was frozen
+        self.pipe_size = pipes.PipeSizeRaise()   # fs.pipe-max-size for the dump (grow_pipes)
         self.cwd_locks: CwdLocks | None = None  # see criu/proclock.py; held while CRIU dumps
         self.postcopy = False              # this freeze ends in post-copy (choose_postcopy)
         self.postcopy_why = ""
@@ -489,6 +492,7 @@ class Agent:
         path); page-server: a plain `criu dump --page-server` into deltaxfer's page sink,
         which throws the tasks' pages away as they come (criu/sink.py) — for trees a lazy
         dump cannot hold under the open-files limit. auto: lazy when it fits."""
+        self.grow_pipes()
         fits, why = lazy_dump_fits(self.memory_bytes)
         mode = self.opts.freeze
         if mode == "auto":
@@ -501,6 +505,14 @@ class Agent:
         self.freeze_mode = mode
         self.report.freeze["mode"] = mode if fits or mode != "page-server" else \
             f"{mode} ({why})"
+
+    def grow_pipes(self) -> None:
+        """Let CRIU's page pipes grow to their largest for the dump (criu/pipes.py):
+        fewer pipes and open files, a shorter dump inside the freeze."""
+        if self.opts.grow_pipes:
+            note = self.pipe_size.raise_()
+            if note:
+                self.report.freeze["pipes"] = note
 
     def postcopy_unavailable(self) -> str:
         """Why this migration cannot end in post-copy ('' when it can)."""
@@ -974,6 +986,10 @@ class Agent:
                 self.report.wire_bytes_sent = self.sender.wire_stats["bytes_out"]
                 self.sender.close()
             self.throttle.release()     # on every exit path (the guardian also on our death)
+            undone = self.pipe_size.release()
+            if undone:
+                self.report.freeze["pipes"] = (self.report.freeze.get("pipes", "") + "; "
+                                               + undone).lstrip("; ")
             self.report.converge = {"mode": self.opts.converge, **self.throttle.summary()}
             if self.postcopy_why:
                 self.report.converge["postcopy_reason"] = self.postcopy_why

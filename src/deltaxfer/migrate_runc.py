@@ -74,6 +74,7 @@ class ContainerAgent(Agent):
             raise MigrationError("--freeze page-server is not supported with --runc (runc "
                                  "1.1 cannot hand CRIU the page server's socket); use "
                                  "--freeze lazy; nothing was frozen")
+        self.grow_pipes()
         fits, why = lazy_dump_fits(self.memory_bytes)
         if not fits:
             raise MigrationError(f"--runc freezes with a lazy dump: {why}; raise the limit "
