@@ -49,7 +49,7 @@ from servers import ServeProcess  # noqa: E402
 from deltaxfer.criu.pipes import PipeSizeRaise  # noqa: E402
 
 METHODS = ("deltaxfer", "dx-noxor", "dx-nolz4", "dx-noconverge", "dx-criulazy", "dx-notrack",
-           "dx-pagesink", "dx-throttle", "dx-postcopy", "rsync", "page-server", "tar-lz4", "lazy-floor",
+           "dx-pagesink", "dx-nooverlap", "dx-throttle", "dx-postcopy", "rsync", "page-server", "tar-lz4", "lazy-floor",
            "lazy-floor-4m")
 BASELINES = ("rsync", "page-server", "tar-lz4", "lazy-floor", "lazy-floor-4m")
 
@@ -104,7 +104,9 @@ DX_FLAGS = {"deltaxfer": [], "dx-noxor": ["--no-xor"], "dx-nolz4": ["--no-lz4"],
             "dx-notrack": ["--tracking", "off"],
             # the freeze a tree too large for a lazy dump's open files gets (a plain dump
             # whose pages deltaxfer's sink throws away), forced at any size
-            "dx-pagesink": ["--freeze", "page-server"]}
+            "dx-pagesink": ["--freeze", "page-server"],
+            # no round while CRIU dumps: the final round only after the dump
+            "dx-nooverlap": ["--no-overlap-dump"]}
 # serve's own flags per method: dx-criulazy restores through `criu lazy-pages` instead of
 # deltaxfer's lazy-pages server (the A/B of the restore's brownout)
 DX_SERVE_FLAGS = {"dx-criulazy": ["--lazy-pages-server", "criu"]}
@@ -620,7 +622,7 @@ def _dir_bytes(d: Path) -> int:
 
 RUNNERS = {"deltaxfer": run_deltaxfer, "dx-noxor": run_deltaxfer, "dx-nolz4": run_deltaxfer,
            "dx-noconverge": run_deltaxfer, "dx-criulazy": run_deltaxfer, "dx-notrack": run_deltaxfer,
-           "dx-pagesink": run_deltaxfer,
+           "dx-pagesink": run_deltaxfer, "dx-nooverlap": run_deltaxfer,
            "dx-throttle": run_deltaxfer, "dx-postcopy": run_deltaxfer,
            "rsync": run_rsync, "page-server": run_page_server, "tar-lz4": run_tar_lz4,
            "lazy-floor": run_lazy_floor, "lazy-floor-4m": run_lazy_floor}
