@@ -14,8 +14,8 @@
 * ``ci``: what ``make test`` runs (``--benchmark-disable``): a 32 MiB memwork over the
   1 Gbit/s link, deltaxfer and page-server, nothing written.
 * ``wirespeed``: issue 12's cells (1 GiB against page-server on loopback, 1 and 10
-  Gbit/s; 4 GiB at 1 Gbit/s) and deltaxfer's freeze beside CRIU's lazy floor at 256 MiB,
-  1 and 4 GiB on loopback; 2 repetitions.
+  Gbit/s; 4 GiB at 1 Gbit/s) and deltaxfer's freeze beside CRIU's lazy floor (stock, and
+  with 4 MiB page pipes) at 256 MiB, 1 and 4 GiB on loopback; 2 repetitions.
 * ``lazyrestore``: deltaxfer's lazy-pages server against `criu lazy-pages`
   (``dx-criulazy``) at 1 and 4 GiB on loopback, page-server beside at 1 GiB; 2 repetitions.
 * ``brownout``: scanwork at 1 GiB on loopback, as a plain read (``scan1G-m0``, ~0.12 s
@@ -99,11 +99,14 @@ FULL = _join([(f"mem{s}-d{d}", link, ALL) for s in ("256M", "1G", "4G") for d in
 # issue 12 (every round at wire speed) and issue 17's floor, in one run: the 1 GiB
 # workload against CRIU's page-server on loopback and the shaped links, 4 GiB at 1 Gbit/s,
 # and deltaxfer's freeze beside CRIU's own lazy floor at 256 MiB, 1 and 4 GiB
+# (both floors: CRIU as the host runs it, and with its page pipes at 4 MiB as deltaxfer's
+# freeze has them where root lacks CAP_SYS_RESOURCE: criu/pipes.py)
+FLOORS = ("lazy-floor", "lazy-floor-4m")
 WIRESPEED = _join(
-    [("mem1G-d10", "lo", ("deltaxfer", "page-server", "lazy-floor"))]
+    [("mem1G-d10", "lo", ("deltaxfer", "page-server", *FLOORS))]
     + [("mem1G-d10", link, DX_PS) for link in ("1gbit", "10gbit")]
     + [("mem4G-d10", "1gbit", DX_PS)]
-    + [(f"mem{s}-d10", "lo", ("deltaxfer", "lazy-floor")) for s in ("256M", "4G")])
+    + [(f"mem{s}-d10", "lo", ("deltaxfer", *FLOORS)) for s in ("256M", "4G")])
 # issue 17's fast writer: 1 GiB whose every mutation rewrites a whole page with fresh
 # random bytes at 60 MiB/s, over 1 Gbit/s, with each convergence (auto = the policy's
 # choice, throttle, post-copy, none); one at 200 MiB/s, faster than the rounds; and one
