@@ -96,3 +96,17 @@ def test_the_estimate_of_open_files_follows_the_pipe_size(monkeypatch):
     assert pipes.lazy_dump_fds_per_gib() == pipes.FDS_PER_GIB_SMALL_PIPES
     monkeypatch.setattr(pipes, "_read", lambda path: 4 * MIB)
     assert pipes.lazy_dump_fds_per_gib() == pipes.FDS_PER_GIB_LARGE_PIPES
+
+
+def test_a_read_only_sysctl_leaves_nothing_saved(tmp_path, monkeypatch):
+    """/proc/sys read-only (a container): the raise fails, says why, and leaves no saved
+    value that a later release would act on."""
+    sysctl = tmp_path / "sysctl"
+    sysctl.mkdir()                  # reads as 1 MiB (below); writing it fails, as EROFS would
+    orig = pipes._read
+    monkeypatch.setattr(pipes, "_read", lambda path: MIB if path == str(sysctl) else orig(path))
+    state = tmp_path / "run"
+    r = pipes.PipeSizeRaise(str(sysctl), str(state))
+    note = r.raise_(needed=True)
+    assert note.startswith(f"fs.pipe-max-size left at {MIB}: "), note
+    assert not (state / "pipe-max-size.saved").exists() and r.fd == -1 and r.release() == ""

@@ -115,9 +115,15 @@ class PipeSizeRaise:
             fcntl.flock(self.fd, fcntl.LOCK_SH)   # releases take it EX only under the mutex
             cur = _read(self.sysctl) or 0
             if cur < want:
-                if not os.path.exists(self.saved_path):
+                saved_here = not os.path.exists(self.saved_path)
+                if saved_here:
                     _write(self.saved_path, cur)
-                _write(self.sysctl, want)
+                try:
+                    _write(self.sysctl, want)     # EROFS where /proc/sys is read-only
+                except OSError:
+                    if saved_here:
+                        os.unlink(self.saved_path)
+                    raise
                 self.note = f"fs.pipe-max-size raised from {cur} to {want} for the freeze"
         except OSError as e:
             self.note = f"fs.pipe-max-size left at {cur}: {e.strerror or e}"
