@@ -1,6 +1,7 @@
 """`criu dump --action-script deltaxfer-hook`, run by the operator (no `deltaxfer migrate`):
 the hook alone does the live rounds at pre-dump and the residual, the images and the
 two-step restore at post-dump, configured by environment variables or a config file."""
+import json
 import os
 import sys
 from pathlib import Path
@@ -8,6 +9,7 @@ from pathlib import Path
 import pytest
 
 import workloads
+from deltaxfer.criu import pipes
 from faults import adopt_the_one_copy, wait_gone
 from servers import Server, write_key
 
@@ -22,7 +24,10 @@ def test_plain_criu_dump_with_the_hook_migrates(criu, tmp_path, how):
     dump.mkdir()
     with Server(tmp_path, extra=["--restore"]) as server, \
             workloads.start("memwork", mib=48, dirty_mib_per_s=4, tmpdir=tmp_path) as wl:
-        settings = {"to": server.addr, "key_file": key_file, "session": f"hook-{how}"}
+        report = tmp_path / "hook-report.json"
+        settings = {"to": server.addr, "key_file": key_file, "session": f"hook-{how}",
+                    "report": str(report)}
+        pipe_max = int(Path(pipes.SYSCTL).read_text())
         env = {k: v for k, v in os.environ.items() if not k.startswith(("DELTAXFER_", "CRIU_"))}
         if how == "env":
             env.update({f"DELTAXFER_{k.upper()}": v for k, v in settings.items()})
@@ -39,6 +44,14 @@ def test_plain_criu_dump_with_the_hook_migrates(criu, tmp_path, how):
         assert wait_gone(wl.pid), "criu kills the source after a successful post-dump"
         adopt_the_one_copy(wl)
         assert f"session hook-{how}" in server.log() and "runs" in server.log()
+        # CRIU's page pipes: the sysctl raised by pre-dump, put back by post-dump
+        assert int(Path(pipes.SYSCTL).read_text()) == pipe_max
+        if not pipes.has_cap_sys_resource() and pipe_max < pipes.CRIU_PIPE_BYTES:
+            pre = json.loads(Path(f"{report}.pre-dump").read_text())
+            post = json.loads(report.read_text())
+            assert pre["freeze"]["pipes"] == (f"fs.pipe-max-size raised from {pipe_max} to "
+                                              f"{pipes.CRIU_PIPE_BYTES} for the freeze"), pre
+            assert post["freeze"]["pipes"] == f"fs.pipe-max-size back to {pipe_max}", post
 
 
 def test_hook_without_a_destination_makes_criu_resume(criu, tmp_path):

@@ -1077,7 +1077,13 @@ async def _standalone(agent: "Agent", action: str, image_dir: str) -> bool:
         if action == "pre-dump":
             await agent.live_rounds()
             await agent.sender.goodbye()
+            # CRIU dumps next: its page pipes at their largest (criu/pipes.py). This
+            # process ends here; the post-dump hook puts the host's value back.
+            agent.grow_pipes()
             return True
+        undone = agent.pipe_size.release(held_elsewhere=agent.opts.grow_pipes)
+        if undone:
+            agent.report.freeze["pipes"] = undone
         agent.dump_dir = os.path.realpath(image_dir)
         agent.t_freeze = agent.t_post = time.monotonic()
         agent.set_freeze_deadline(sum(len(h.vaddrs) for h in agent.held.values()) * PAGE_SIZE)

@@ -93,9 +93,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("grow_pipes", "bool", "", True, "let CRIU's page pipes grow to 4 MiB in the "
             "dump: where root lacks CAP_SYS_RESOURCE, raise fs.pipe-max-size to 4 MiB for the "
             "freeze and put the host's value back after (4x fewer pipes and open files, half "
-            "the lazy dump's time at 4-8 GiB); off: leave the sysctl alone",
-            "--no-grow-pipes", not_hook="the operator's own `criu dump` runs the freeze: set "
-            "fs.pipe-max-size=4194304 on the host"),
+            "the lazy dump's time at 4-8 GiB; the hook: raised at the end of pre-dump, put "
+            "back at post-dump); off: leave the sysctl alone", "--no-grow-pipes"),
     Setting("encoder_threads", "int", "threads", None, "threads that read and encode "
             "windows of pages (default: $DELTAXFER_ENCODER_THREADS, else all cores)",
             "--encoder-threads", metavar="N", minimum=1),

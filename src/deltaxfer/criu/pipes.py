@@ -133,11 +133,20 @@ class PipeSizeRaise:
                 os.close(mutex)
         return self.note
 
-    def release(self) -> str:
+    def release(self, *, held_elsewhere: bool = False) -> str:
         """Put the saved value back if no other migration holds the raise (and nobody set
-        the sysctl to something else meanwhile); returns what was done."""
+        the sysctl to something else meanwhile); returns what was done.
+        ``held_elsewhere``: the raise was made by another process of this migration that
+        has exited since (the stand-alone hook: pre-dump raises, post-dump releases):
+        restore a saved value if no migration holds it now."""
         if self.fd < 0:
-            return ""
+            if not held_elsewhere or not os.path.exists(self.saved_path):
+                return ""
+            try:
+                self.fd = os.open(self.users_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+                                  0o600)
+            except OSError as e:
+                return f"fs.pipe-max-size not restored: {e.strerror or e}"
         done, mutex = "", -1
         try:
             mutex = self._mutex()
