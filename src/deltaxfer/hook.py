@@ -336,6 +336,11 @@ def run_hook(env=os.environ) -> int:
                  else f"the migration agent is gone ({e})"}
         if action == "post-dump" and env.get(LAZY_PORT_ENV):
             _end_lazy_dump_later(int(env[LAZY_PORT_ENV]))
+        # the agent raised fs.pipe-max-size for this dump and cannot put it back; its
+        # hold died with it, so this restores the host's value unless another migration
+        # holds it (criu/pipes.py)
+        from deltaxfer.criu.pipes import PipeSizeRaise
+        PipeSizeRaise().release(held_elsewhere=True)
     if not reply.get("ok"):
         print(f"deltaxfer hook: {action} failed: {reply.get('reason')}; criu resumes the "
               "tasks", file=sys.stderr)
