@@ -16,8 +16,8 @@ migration that needed it is done. Concurrent migrations on one host coordinate t
 lock files in /run/deltaxfer: each holds one shared from its raise until its release; a
 release that can then take it exclusively (no other migration between raise and
 release) restores the saved value, unless someone changed the sysctl meanwhile. A
-migration killed before its release leaves the saved value on disk, and the next
-release restores it.
+migration killed before its release leaves the saved value on disk: the post-dump hook
+that finds the agent gone restores it (hook.py), else the next release does.
 """
 from __future__ import annotations
 
