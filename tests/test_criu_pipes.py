@@ -110,3 +110,28 @@ def test_a_read_only_sysctl_leaves_nothing_saved(tmp_path, monkeypatch):
     note = r.raise_(needed=True)
     assert note.startswith(f"fs.pipe-max-size left at {MIB}: "), note
     assert not (state / "pipe-max-size.saved").exists() and r.fd == -1 and r.release() == ""
+
+
+def test_a_state_directory_others_may_write_is_refused(host):
+    """The saved value is written as root: a directory another user could plant a link
+    in is not used (and nothing is raised)."""
+    sysctl, state, raiser = host
+    state.mkdir(mode=0o777)
+    os.chmod(state, 0o777)
+    r = raiser()
+    note = r.raise_(needed=True)
+    assert note.startswith(f"fs.pipe-max-size left at {MIB}: ") and "closed to others" in note
+    assert value(sysctl) == MIB and r.fd == -1
+
+
+def test_links_in_the_state_directory_are_not_followed(host, tmp_path):
+    sysctl, state, raiser = host
+    state.mkdir(mode=0o700)
+    target = tmp_path / "precious"
+    target.write_text("keep me")
+    (state / "pipe-max-size.saved").symlink_to(target)
+    r = raiser()
+    note = r.raise_(needed=True)               # the saved value cannot be read or written
+    assert target.read_text() == "keep me"
+    r.release()
+    assert target.read_text() == "keep me", note

@@ -21,8 +21,10 @@ that finds the agent gone restores it (hook.py), else the next release does.
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
+import stat
 
 SYSCTL = "/proc/sys/fs/pipe-max-size"
 # CRIU's PIPE_MAX_SIZE: as many pipe buffers as fit in an order-3 allocation (8 pages /
@@ -36,17 +38,40 @@ FDS_PER_GIB_SMALL_PIPES = 2048
 FDS_PER_GIB_LARGE_PIPES = 512
 
 
+_NOFOLLOW = os.O_CLOEXEC | os.O_NOFOLLOW
+
+
 def _read(path: str) -> int | None:
     try:
-        with open(path) as f:
-            return int(f.read().split()[0])
+        fd = os.open(path, os.O_RDONLY | _NOFOLLOW)
+    except OSError:
+        return None
+    try:
+        return int(os.read(fd, 64).split()[0])
     except (OSError, ValueError, IndexError):
         return None
+    finally:
+        os.close(fd)
 
 
-def _write(path: str, value: int) -> None:
-    with open(path, "w") as f:
-        f.write(str(value))
+def _write(path: str, value: int, *, create: bool = False) -> None:
+    flags = os.O_WRONLY | _NOFOLLOW | (os.O_CREAT | os.O_TRUNC if create else 0)
+    fd = os.open(path, flags, 0o600)
+    try:
+        os.write(fd, str(value).encode())
+    finally:
+        os.close(fd)
+
+
+def _private_dir(path: str) -> None:
+    """Create ``path`` (0700) or check that it is a directory of ours that nobody else may
+    write: the saved value is written there as root, and a directory someone else could
+    put a link in would let them aim that write (every open is O_NOFOLLOW too)."""
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
+        raise PermissionError(errno.EPERM, f"{path} is not a directory of uid "
+                                           f"{os.geteuid()} closed to others")
 
 
 def has_cap_sys_resource() -> bool:
@@ -93,7 +118,7 @@ class PipeSizeRaise:
         self.note = ""
 
     def _mutex(self) -> int:
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | _NOFOLLOW, 0o600)
         fcntl.flock(fd, fcntl.LOCK_EX)
         return fd                  # closing it unlocks
 
@@ -109,15 +134,15 @@ class PipeSizeRaise:
             return ""
         mutex = -1
         try:
-            os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
+            _private_dir(self.state_dir)
             mutex = self._mutex()
-            self.fd = os.open(self.users_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            self.fd = os.open(self.users_path, os.O_RDWR | os.O_CREAT | _NOFOLLOW, 0o600)
             fcntl.flock(self.fd, fcntl.LOCK_SH)   # releases take it EX only under the mutex
             cur = _read(self.sysctl) or 0
             if cur < want:
                 saved_here = not os.path.exists(self.saved_path)
                 if saved_here:
-                    _write(self.saved_path, cur)
+                    _write(self.saved_path, cur, create=True)
                 try:
                     _write(self.sysctl, want)     # EROFS where /proc/sys is read-only
                 except OSError:
@@ -143,8 +168,8 @@ class PipeSizeRaise:
             if not held_elsewhere or not os.path.exists(self.saved_path):
                 return ""
             try:
-                self.fd = os.open(self.users_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
-                                  0o600)
+                _private_dir(self.state_dir)
+                self.fd = os.open(self.users_path, os.O_RDWR | os.O_CREAT | _NOFOLLOW, 0o600)
             except OSError as e:
                 return f"fs.pipe-max-size not restored: {e.strerror or e}"
         done, mutex = "", -1
