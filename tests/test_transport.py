@@ -208,8 +208,12 @@ def test_backpressure_slow_consumer(loop_kind, offload, monkeypatch):
             task = asyncio.create_task(producer())
             await asyncio.sleep(0.5)
             stalled = sent[0]
+            delivered = conn.bytes_delivered
             await asyncio.sleep(0.3)
             assert sent[0] == stalled < total          # send() is blocked in drain
+            # what a stalled round's watchdog reads: nothing more reaches a peer that
+            # does not read (its window closed), though frames wait in the buffers
+            assert conn.bytes_delivered == delivered > 0
             server_p = seen["conn"]._p
             assert server_p._reading_paused
             assert server_p._queued <= transport.RECV_HIGH_WATER + 2 * MiB
@@ -220,6 +224,7 @@ def test_backpressure_slow_consumer(loop_kind, offload, monkeypatch):
             seen["go"].set()
             await task
             await conn.recv_message(MsgType.CLOSE)
+            assert conn.bytes_delivered >= total * MiB   # all of it, acknowledged
             conn.close()
     run(loop_kind, main())
 

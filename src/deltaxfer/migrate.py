@@ -54,6 +54,8 @@ from deltaxfer.hook_env import AGENT_ENV, PYTHON_ENV, TIMEOUT_ENV
 
 
 RESUMED_TIMEOUT = 10.0   # for the destination to confirm that its copy runs
+# a live round that sends less than this in round_timeout_s seconds has stalled
+STALL_BYTES = 1 << 20
 # for the SIGKILLed source to exit once the destination runs the copy (freeing its
 # memory takes ~0.1-0.3 s per GiB here): see Agent.wait_source_gone
 SOURCE_EXIT_TIMEOUT = 30.0
@@ -289,14 +291,43 @@ class Agent:
         snap = await loop.run_in_executor(self.pipeline.pool, snapshot_tree, tasks,
                                           self.tracking, self.held)
         try:
-            async with asyncio.timeout(timeout):
-                rs = await self.sender.round(snap.images, final=False)
-        except TimeoutError:
-            raise MigrationError(f"live round {self.sender.round_no} did not complete within "
-                                 f"{timeout:.0f} s (link stalled?)") from None
+            rs = await self.unless_stalled(self.sender.round(snap.images, final=False),
+                                           timeout)
         finally:
             snap.close()
         return rs, snap
+
+    async def unless_stalled(self, coro, timeout: float | None):
+        """Run a live round for as long as the link carries it: it is given up only when
+        less than STALL_BYTES reached the destination in the last ``timeout`` s (one that
+        stopped reading acknowledges nothing once its socket is full; a link crawling
+        below STALL_BYTES per ``timeout``). Counted as the peer's TCP acknowledges them
+        (transport.Connection.bytes_delivered), not as they are queued: a whole round can
+        sit in the transport's and the socket's buffers. A slow link that keeps
+        moving is not a failure: 8 GiB over 100 Mbit/s takes minutes for its first round,
+        and an absolute deadline would have ended it."""
+        if timeout is None:
+            return await coro
+        task = asyncio.ensure_future(coro)
+        sent = lambda: self.sender.conn.bytes_delivered   # noqa: E731
+        mark, t_mark = sent(), time.monotonic()
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=min(1.0, timeout / 4))
+                if done:
+                    return task.result()
+                now, b = time.monotonic(), sent()
+                if b - mark >= STALL_BYTES:
+                    mark, t_mark = b, now
+                elif now - t_mark >= timeout:
+                    raise MigrationError(
+                        f"live round {self.sender.round_no} stalled: {b - mark} bytes reached "
+                        f"the destination in {now - t_mark:.1f} s (--round-timeout {timeout:g}: a "
+                        "destination that stopped reading, or a link slowed to a crawl)")
+        finally:
+            if not task.done():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
 
     def round_record(self, rs, snap, seconds: float, **more) -> dict:
         """A round of tree_round as the report lists it (``more``: the kind's own

@@ -58,10 +58,11 @@ SETTINGS: tuple[Setting, ...] = (
             "is below this", "--downtime-target", minimum=0),
     Setting("max_rounds", "int", "rounds", 10, "live rounds at most", "--max-rounds",
             minimum=0),
-    Setting("round_timeout_s", "float", "s", 120.0, "a live round that takes longer (a "
-            "destination that stopped reading, a link slowed to a crawl) ends the migration "
-            "before the freeze: the source runs on", "--round-timeout", minimum=1,
-            metavar="SECONDS"),
+    Setting("round_timeout_s", "float", "s", 120.0, "a live round during which less than "
+            "1 MiB reaches the destination for this long (a destination that stopped "
+            "reading, a link slowed to a crawl) ends the migration before the freeze: the "
+            "source runs on. A slow link that keeps moving is waited for",
+            "--round-timeout", minimum=1, metavar="SECONDS"),
     Setting("xor", "bool", "", True, "XOR deltas against the destination's copy (off: send "
             "changed pages whole)", "--no-xor"),
     Setting("lz4", "bool", "", True, "compress page frames", "--no-lz4"),
@@ -252,7 +253,7 @@ class Options:
     ssl: object = None
     work_dir: str | None = None
     freeze_timeout: float | None = None   # default: 15 s + 2 s per GiB of memory
-    round_timeout: float = 120.0           # a live round that takes longer: give up
+    round_timeout: float = 120.0           # a live round that moves < 1 MiB this long: give up
     tracking: str = "auto"           # written-page tracking: auto (if the kernel can), on, off
     freeze: str = "auto"             # lazy, page-server, or auto (lazy when it fits)
     progress: object = None          # callable(str) for the per-round line

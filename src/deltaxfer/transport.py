@@ -51,6 +51,9 @@ RECV_LOWAT_MIN = 64 << 10        # below this, the rest of a payload is read as 
 # needs a spare core (on 2 CPUs, sender + receiver + hash thread contend: measured no gain)
 HASH_OFFLOAD: int | None = 512 << 10 if (os.cpu_count() or 1) >= 4 else None
 PIPELINE_BYTES = 8 << 20         # payload bytes being checksummed above which send() waits
+# struct tcp_info (linux/tcp.h): 8 one-byte fields, 24 u32 from tcpi_rto to
+# tcpi_total_retrans, u64 pacing_rate and max_pacing_rate, then u64 tcpi_bytes_acked
+_TCPI_BYTES_ACKED = 8 + 24 * 4 + 2 * 8
 # until the peer has authenticated: one frame's payload at most a control message, and
 # all it may send at most this (HELLO or WELCOME, then AUTH or READY, fit many times)
 PRE_AUTH_PAYLOAD = 64 << 10
@@ -505,6 +508,31 @@ class Connection:
         return {"frames_out": self._p.frames_out, "bytes_out": self._p.bytes_out,
                 "frames_in": d.messages_in if d is not None else 0,
                 "bytes_in": d.bytes_in if d is not None else 0}
+
+    @property
+    def bytes_delivered(self) -> int:
+        """How far the stream has got to the peer, for telling a slow link from a stopped
+        one: the bytes the peer's TCP acknowledged (TCP_INFO's tcpi_bytes_acked, Linux
+        >= 4.1; TLS records and handshakes included, so only its changes mean anything).
+        Neither bytes_out (a whole round can sit in the transport's buffer) nor what the
+        kernel took (several MB of socket buffer drain for seconds on a slow link) moves
+        only as the link does. Falls back to the bytes handed to the kernel."""
+        p = self._p
+        t = p.transport
+        if t is None:
+            return p.bytes_out
+        sock = t.get_extra_info("socket")
+        if sock is not None and not t.is_closing() \
+                and sock.family in (socket.AF_INET, socket.AF_INET6):
+            try:
+                info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
+                if len(info) >= _TCPI_BYTES_ACKED + 8:
+                    return int.from_bytes(info[_TCPI_BYTES_ACKED:_TCPI_BYTES_ACKED + 8],
+                                          sys.byteorder)
+            except (OSError, ValueError):     # closed under us (ValueError: fd -1)
+                pass
+        waiting = t.get_write_buffer_size() if not t.is_closing() else 0
+        return p.bytes_out - waiting - p._pipeline_bytes
 
     @property
     def transport(self) -> asyncio.Transport | None:
