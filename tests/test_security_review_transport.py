@@ -481,6 +481,12 @@ def test_hook_help_and_misuse():
     p = _hook(dict(os.environ), "--help")
     assert p.returncode == 0 and "CRTOOLS_SCRIPT_ACTION" in p.stdout
     assert "DELTAXFER_CONFIG" in p.stdout and "key_file" in p.stdout and not p.stderr
+    # the keys it lists are the settings table's, less those a hook cannot honour
+    from deltaxfer.settings import SETTINGS
+    listed = set(p.stdout.split("a hook can honour")[1].split("`# deltaxfer")[0]
+                 .replace(",", " ").split())
+    assert all(s.name in listed for s in SETTINGS if not s.not_hook), listed
+    assert not any(s.name in listed for s in SETTINGS if s.not_hook), listed
     env = {k: v for k, v in os.environ.items() if k != "CRTOOLS_SCRIPT_ACTION"}
     p = _hook(env)
     assert p.returncode == 2 and "not by hand" in p.stderr

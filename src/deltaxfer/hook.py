@@ -39,11 +39,9 @@ post-dump, pre-restore, post-restore, ...), CRTOOLS_IMAGE_DIR, CRTOOLS_INIT_PID.
                       link) owned by root or by the user running the hook, and not
                       writable by group or others
     keys: to (HOST:PORT of `deltaxfer serve`), key_file (the pre-shared key, mode 0600),
-          criu, and every setting of `deltaxfer migrate` under the same name and unit:
-          session, downtime_target_ms, max_rounds, xor, lz4, xor_cache_mib, tracking,
-          converge, freeze, encoder_threads, restore, kill_source, criu_opt (shell
-          words; repeat the key to add more), criu_config, log_dir, report, tls_ca,
-          tls_server_name, tls_pin (the table: docs/OPERATIONS.md, "Settings")
+          criu, and the settings of `deltaxfer migrate` a hook can honour, under the
+          same names and units (the table: docs/OPERATIONS.md, "Settings"):
+@SETTING_KEYS@
     `# deltaxfer: KEY = VALUE` lines in the CRIU configuration files this criu reads
     (default.conf, --config FILE or $CRIU_CONFIG_FILE; comments to CRIU) override the
     file's key: one file can configure the dump and the migration;
@@ -359,11 +357,19 @@ def _end_lazy_dump_later(port: int) -> None:
                      stderr=subprocess.DEVNULL)
 
 
+def _setting_keys() -> str:
+    """The settings the hook takes, from the table itself (never a list to keep in step)."""
+    import textwrap
+    from deltaxfer.settings import SETTINGS
+    return textwrap.fill(", ".join(s.name for s in SETTINGS if not s.not_hook), width=88,
+                         initial_indent=" " * 10, subsequent_indent=" " * 10)
+
+
 def main(argv=None) -> int:
     """`deltaxfer-hook`: CRIU runs it without arguments; --help says what it is."""
     args = sys.argv[1:] if argv is None else list(argv)
     if args in (["--help"], ["-h"]):
-        sys.stdout.write(HELP)
+        sys.stdout.write(HELP.replace("@SETTING_KEYS@", _setting_keys()))
         sys.exit(0)
     if args:
         print(f"deltaxfer-hook: unexpected arguments {args!r}: CRIU runs this action script "
