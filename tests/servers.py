@@ -1,6 +1,7 @@
 """A `deltaxfer serve` subprocess for tests: started on a free loopback port, its log
 kept, stopped and checked for leftovers at the end."""
 import asyncio
+import contextlib
 import os
 import re
 import select
@@ -144,3 +145,18 @@ class ServeProcess:
     def stop(self) -> None:
         terminate(self.proc)
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def served_hosts(tmp_path, rate: str | None):
+    """Two hosts (tests/lab.py) joined by a veth shaped to ``rate``, with `deltaxfer serve
+    --restore` listening on the destination: yields (lab, server, key file)."""
+    from lab import TwoHosts
+    key = write_key(tmp_path / "k.key")
+    with TwoHosts(rate=rate) as lab:
+        server = ServeProcess(tmp_path / "serve", str(key), host=lab.dest.addr,
+                              prefix=lab.dest.command([]), extra=["--restore"])
+        try:
+            yield lab, server, key
+        finally:
+            server.stop()

@@ -14,8 +14,7 @@ import pytest
 import workloads
 from faults import (agent_env, agent_tmp, copies_of, finish_migrate,  # noqa: F401
                     migrate_cmd, wait_gone, wait_not_frozen)
-from lab import TwoHosts
-from servers import ServeProcess, write_key
+from servers import served_hosts
 from test_migrate_criu import verify_running
 
 pytestmark = pytest.mark.criu
@@ -27,14 +26,8 @@ RATE = "50mbit"
 
 @pytest.fixture
 def slow_link(tmp_path):
-    key = write_key(tmp_path / "k.key")
-    with TwoHosts(rate=RATE) as lab:
-        server = ServeProcess(tmp_path / "serve", str(key), host=lab.dest.addr,
-                              prefix=lab.dest.command([]), extra=["--restore"])
-        try:
-            yield lab, server, key
-        finally:
-            server.stop()
+    with served_hosts(tmp_path, RATE) as hosts:
+        yield hosts
 
 
 def _writer(lab, tmp_path):

@@ -501,29 +501,21 @@ def test_a_slow_link_that_keeps_moving_is_not_a_stall(criu, tmp_path, agent_tmp)
     test above shows the same limit ending a round that carries nothing."""
     import subprocess
     from faults import migrate_cmd
-    from lab import TwoHosts
-    from servers import ServeProcess
-    key = write_key(tmp_path / "k.key")
-    with TwoHosts(rate="16mbit") as lab:
-        server = ServeProcess(tmp_path / "serve", str(key), host=lab.dest.addr,
-                              prefix=lab.dest.command([]), extra=["--restore"])
-        try:
-            with workloads.start("memwork", mib=32, dirty_mib_per_s=1, tmpdir=tmp_path,
-                                 prefix=tuple(lab.source.command([]))) as wl:
-                t0 = time.monotonic()
-                p = subprocess.Popen(lab.source.command(migrate_cmd(
-                    wl.pid, f"{server.host}:{server.port}", key, tmp_path / "r.json",
-                    "--round-timeout", "2")), stdin=subprocess.DEVNULL,
-                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                    env=agent_env(agent_tmp))
-                m = finish_migrate(p, tmp_path / "r.json", t0, timeout=120)
-                r = m.report
-                if r and r.get("restored_pid"):
-                    wl.adopt(r["restored_pid"])
-                assert m.rc == 0 and r["outcome"] == "migrated", (
-                    m.rc, r and r.get("error"), m.stderr[-2000:], server.log()[-2000:])
-                first = r["rounds"][0]
-                assert first["seconds"] > 3 * 2, first      # far past the 2 s limit
-                assert wl.verify(pid=r["restored_pid"])["ok"]
-        finally:
-            server.stop()
+    from servers import served_hosts
+    with served_hosts(tmp_path, "16mbit") as (lab, server, key), \
+            workloads.start("memwork", mib=32, dirty_mib_per_s=1, tmpdir=tmp_path,
+                            prefix=tuple(lab.source.command([]))) as wl:
+        t0 = time.monotonic()
+        p = subprocess.Popen(lab.source.command(migrate_cmd(
+            wl.pid, f"{server.host}:{server.port}", key, tmp_path / "r.json",
+            "--round-timeout", "2")), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True, env=agent_env(agent_tmp))
+        m = finish_migrate(p, tmp_path / "r.json", t0, timeout=120)
+        r = m.report
+        if r and r.get("restored_pid"):
+            wl.adopt(r["restored_pid"])
+        assert m.rc == 0 and r["outcome"] == "migrated", (
+            m.rc, r and r.get("error"), m.stderr[-2000:], server.log()[-2000:])
+        first = r["rounds"][0]
+        assert first["seconds"] > 3 * 2, first      # far past the 2 s limit
+        assert wl.verify(pid=r["restored_pid"])["ok"]

@@ -22,8 +22,7 @@ from deltaxfer.postcopy import page_runs
 from deltaxfer.wire import (MsgType, ProtocolError, decode_postcopy_pages, decode_runs,
                             encode_postcopy_pages, iter_runs)
 from faults import agent_env, agent_tmp, migrate_adopting, migrate_cmd, run_migrate  # noqa: F401
-from lab import TwoHosts
-from servers import Server, ServeProcess, write_key
+from servers import Server, served_hosts, write_key
 
 
 # -- the wire and the runs ------------------------------------------------------------------
@@ -216,35 +215,29 @@ def _postcopy_running(tmp_path, agent_tmp):
     shaped to 200 Mbit/s, so that the pages after the resume take seconds: yields
     (workload, migrate process, server, report path, restored pid) as soon as the copy
     runs and RESUMED is on its way to the source."""
-    key = write_key(tmp_path / "k.key")
-    with TwoHosts(rate="200mbit") as lab:
-        server = ServeProcess(tmp_path / "serve", str(key), host=lab.dest.addr,
-                              prefix=lab.dest.command([]), extra=["--restore"])
-        try:
-            with workloads.start("memwork", mib=64, dirty_mib_per_s=400, tmpdir=tmp_path,
-                                 whole_pages=True,
-                                 prefix=tuple(lab.source.command([]))) as wl:
-                report = tmp_path / "r.json"
-                argv = lab.source.command(migrate_cmd(
-                    wl.pid, f"{server.host}:{server.port}", key, report,
-                    "--converge", "postcopy", "--max-rounds", "2"))
-                p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True,
-                                     env=agent_env(agent_tmp))
-                try:
-                    deadline = time.monotonic() + 180
-                    while "the restored process" not in server.log():
-                        assert p.poll() is None, (p.communicate(), server.log()[-3000:])
-                        assert time.monotonic() < deadline, server.log()[-3000:]
-                        time.sleep(0.01)
-                    restored = int(server.log().split("the restored process ")[-1].split()[0])
-                    time.sleep(0.3)
-                    yield wl, p, server, report, restored
-                finally:
-                    if p.poll() is None:
-                        p.communicate(timeout=120)
-        finally:
-            server.stop()
+    with served_hosts(tmp_path, "200mbit") as (lab, server, key):
+        with workloads.start("memwork", mib=64, dirty_mib_per_s=400, tmpdir=tmp_path,
+                             whole_pages=True,
+                             prefix=tuple(lab.source.command([]))) as wl:
+            report = tmp_path / "r.json"
+            argv = lab.source.command(migrate_cmd(
+                wl.pid, f"{server.host}:{server.port}", key, report,
+                "--converge", "postcopy", "--max-rounds", "2"))
+            p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True,
+                                 env=agent_env(agent_tmp))
+            try:
+                deadline = time.monotonic() + 180
+                while "the restored process" not in server.log():
+                    assert p.poll() is None, (p.communicate(), server.log()[-3000:])
+                    assert time.monotonic() < deadline, server.log()[-3000:]
+                    time.sleep(0.01)
+                restored = int(server.log().split("the restored process ")[-1].split()[0])
+                time.sleep(0.3)
+                yield wl, p, server, report, restored
+            finally:
+                if p.poll() is None:
+                    p.communicate(timeout=120)
 
 
 def _lazy_daemons(tmp_path) -> list[int]:
