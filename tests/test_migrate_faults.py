@@ -496,19 +496,21 @@ def test_destination_stops_reading_in_the_first_round(criu, tmp_path, agent_tmp,
 
 def test_a_slow_link_that_keeps_moving_is_not_a_stall(criu, tmp_path, agent_tmp):
     """--round-timeout bounds how long a round may go without carrying anything, not how
-    long it may take: over a veth shaped to 16 Mbit/s the first round of a 32 MiB
-    process takes several times the 2 s limit and the migration completes; the stall
-    test above shows the same limit ending a round that carries nothing."""
+    long it may take: over a veth shaped to 8 Mbit/s the first round of a 32 MiB process
+    takes several times the 2 s limit and the migration completes, saying how the round
+    goes while it lasts; the stall test above shows the same limit ending a round that
+    carries nothing."""
     import subprocess
     from faults import migrate_cmd
     from servers import served_hosts
-    with served_hosts(tmp_path, "16mbit") as (lab, server, key), \
+    with served_hosts(tmp_path, "8mbit") as (lab, server, key), \
             workloads.start("memwork", mib=32, dirty_mib_per_s=1, tmpdir=tmp_path,
                             prefix=tuple(lab.source.command([]))) as wl:
         t0 = time.monotonic()
         p = subprocess.Popen(lab.source.command(migrate_cmd(
             wl.pid, f"{server.host}:{server.port}", key, tmp_path / "r.json",
-            "--round-timeout", "2")), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            "--round-timeout", "2", "--progress")), stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
             stderr=subprocess.PIPE, text=True, env=agent_env(agent_tmp))
         m = finish_migrate(p, tmp_path / "r.json", t0, timeout=120)
         r = m.report
@@ -518,4 +520,6 @@ def test_a_slow_link_that_keeps_moving_is_not_a_stall(criu, tmp_path, agent_tmp)
             m.rc, r and r.get("error"), m.stderr[-2000:], server.log()[-2000:])
         first = r["rounds"][0]
         assert first["seconds"] > 3 * 2, first      # far past the 2 s limit
+        # a round past PROGRESS_EVERY reports while it goes, then when it is done
+        assert "round  1: " in m.stderr and " MiB delivered in " in m.stderr, m.stderr
         assert wl.verify(pid=r["restored_pid"])["ok"]

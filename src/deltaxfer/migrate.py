@@ -56,6 +56,7 @@ from deltaxfer.hook_env import AGENT_ENV, PYTHON_ENV, TIMEOUT_ENV
 RESUMED_TIMEOUT = 10.0   # for the destination to confirm that its copy runs
 # a live round that sends less than this in round_timeout_s seconds has stalled
 STALL_BYTES = 1 << 20
+PROGRESS_EVERY = 10.0    # s between the progress lines of a round still going
 # for the SIGKILLed source to exit once the destination runs the copy (freeing its
 # memory takes ~0.1-0.3 s per GiB here): see Agent.wait_source_gone
 SOURCE_EXIT_TIMEOUT = 30.0
@@ -311,12 +312,20 @@ class Agent:
         task = asyncio.ensure_future(coro)
         sent = lambda: self.sender.conn.bytes_delivered   # noqa: E731
         mark, t_mark = sent(), time.monotonic()
+        start, t_start, t_said, said = mark, t_mark, t_mark, mark
         try:
             while True:
                 done, _ = await asyncio.wait({task}, timeout=min(1.0, timeout / 4))
                 if done:
                     return task.result()
                 now, b = time.monotonic(), sent()
+                if self.opts.progress is not None and now - t_said >= PROGRESS_EVERY:
+                    # a long round (a slow link, a big process) says how it goes
+                    self.opts.progress(
+                        f"round {self.sender.round_no:>2}: {(b - start) / 2**20:.0f} MiB "
+                        f"delivered in {now - t_start:.0f} s, "
+                        f"{(b - said) / (now - t_said) / 1e6:.1f} MB/s lately")
+                    t_said, said = now, b
                 if b - mark >= STALL_BYTES:
                     mark, t_mark = b, now
                 elif now - t_mark >= timeout:
