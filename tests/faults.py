@@ -563,3 +563,16 @@ def wait_log(server, *texts: str, timeout: float = 10) -> str:
         if all(t in log for t in texts) or time.monotonic() > deadline:
             return log
         time.sleep(0.05)
+
+
+def host_pipe_max() -> tuple[int, bool]:
+    """The host's fs.pipe-max-size as a migration will put it back: the sysctl's value, or
+    the one an earlier killed agent saved (criu/pipes.py); and whether it was such a
+    leftover (then the first migration restores it and notes no raise of its own)."""
+    from deltaxfer.criu import pipes
+    saved = os.path.join(pipes.STATE_DIR, "pipe-max-size.saved")
+    if os.path.exists(saved):
+        with open(saved) as f:
+            return int(f.read()), True
+    with open(pipes.SYSCTL) as f:
+        return int(f.read()), False

@@ -12,16 +12,14 @@ import json
 import os
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 
 import workloads
-from deltaxfer.criu import pipes
 from deltaxfer.wire import MsgType
 from faults import (Held, LinkProxy, agent_env, agent_leftovers, agent_tmp,  # noqa: F401
-                    copies_of, descendants, finish_migrate, run_migrate, start_migrate,
-                    tmp_leftovers, wait_log)
+                    copies_of, descendants, finish_migrate, host_pipe_max, run_migrate,
+                    start_migrate, tmp_leftovers, wait_log)
 from servers import Server, write_key
 from test_migrate_faults import (MIB, DIRTY, _is_final_round, assert_destination_clean,
                                  assert_failed_cleanly, assert_source_runs_on)
@@ -269,8 +267,7 @@ def test_source_agent_killed(criu, tmp_path, agent_tmp, key_file, phase):
         return "cut"
 
     rule = first(KILL_SOURCE[phase])(kill_agent)
-    saved = Path(pipes.STATE_DIR, "pipe-max-size.saved")
-    pipe_max = int(saved.read_text() if saved.exists() else Path(pipes.SYSCTL).read_text())
+    pipe_max, _ = host_pipe_max()
     with Server(tmp_path, extra=["--restore"]) as server, \
             workloads.start("memwork", mib=MIB, dirty_mib_per_s=DIRTY, tmpdir=tmp_path) as wl, \
             LinkProxy(server.port, rule=rule) as proxy:
@@ -298,8 +295,7 @@ def test_source_agent_killed(criu, tmp_path, agent_tmp, key_file, phase):
             if phase == "restore":
                 # the agent had raised fs.pipe-max-size for the dump (criu/pipes.py); the
                 # hook that found it dead put the host's value back
-                assert int(Path(pipes.SYSCTL).read_text()) == pipe_max
-                assert not Path(pipes.STATE_DIR, "pipe-max-size.saved").exists()
+                assert host_pipe_max() == (pipe_max, False)
         finally:
             holder.get("left", Held()).kill()
             if holder["proc"].poll() is None:

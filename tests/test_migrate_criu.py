@@ -14,8 +14,8 @@ import pytest
 import workloads
 from deltaxfer import tracking
 from deltaxfer.criu import pipes
-from faults import (agent_leftovers, agent_tmp, copies_of, migrate_adopting,  # noqa: F401
-                    tmp_leftovers)
+from faults import (agent_leftovers, agent_tmp, copies_of, host_pipe_max,  # noqa: F401
+                    migrate_adopting, tmp_leftovers)
 from servers import Server
 
 pytestmark = pytest.mark.criu
@@ -26,18 +26,14 @@ HOOK = Path(sys.executable).parent / "deltaxfer-hook"
 def migrate_ok(tmp_path, agent_tmp, server, wl, *extra):
     """Migrate wl to server; check the report, the destination and that the source is
     gone. Returns (report, restored pid), the restored copy adopted by wl."""
-    # the host's value: the sysctl's, or one an earlier killed agent saved (and this
-    # migration's release puts back)
-    saved = Path(pipes.STATE_DIR, "pipe-max-size.saved")
-    leftover = saved.exists()
-    pipe_max = saved.read_text() if leftover else Path(pipes.SYSCTL).read_text()
+    pipe_max, leftover = host_pipe_max()
     m = migrate_adopting(wl, server.addr, tmp_path, agent_tmp, *extra)
     r = m.report
     assert m.rc == 0, (m.rc, m.stderr[-3000:], r and r.get("error"), server.log()[-3000:])
     # CRIU's page pipes: fs.pipe-max-size raised for the dump where CRIU could not grow
     # them itself, and the host's value back afterwards
-    assert int(Path(pipes.SYSCTL).read_text()) == int(pipe_max) and not saved.exists()
-    if not pipes.has_cap_sys_resource() and int(pipe_max) < pipes.CRIU_PIPE_BYTES \
+    assert host_pipe_max() == (pipe_max, False)
+    if not pipes.has_cap_sys_resource() and pipe_max < pipes.CRIU_PIPE_BYTES \
             and not leftover:
         assert r["freeze"]["pipes"] == (f"fs.pipe-max-size raised from {int(pipe_max)} to "
                                         f"{pipes.CRIU_PIPE_BYTES} for the freeze; "
