@@ -80,8 +80,7 @@ def migrate_once(tmp: Path, threads: int, mib: int = MIB) -> dict:
         hwm, cpu = 0, 0.0
         while proc.poll() is None:
             try:
-                status = Path(f"/proc/{proc.pid}/status").read_text()
-                hwm = max(hwm, int(status.split("VmHWM:")[1].split()[0]))
+                hwm = max(hwm, workloads.peak_rss_mib(proc.pid) or 0)
                 st = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
                 cpu = (int(st[11]) + int(st[12])) / os.sysconf("SC_CLK_TCK")
             except (OSError, IndexError):
@@ -98,7 +97,7 @@ def migrate_once(tmp: Path, threads: int, mib: int = MIB) -> dict:
         return {"threads": threads, "mib": mib,
                 "round1_MBps": round(first["pages"] * PAGE_SIZE / first["seconds"] / 1e6, 1),
                 "raw_read_MBps": round(raw_read, 1),
-                "peak_rss_MiB": round(hwm / 1024, 1),
+                "peak_rss_MiB": round(hwm, 1),
                 "cpu_s_per_GiB": round(cpu / max(gib, 1e-9), 2),   # whole migration / round 1 size
                 "cpu_s": round(cpu, 2), "rounds": len(r["rounds"]),
                 "round1_read_thread_s": first.get("read_thread_seconds"),

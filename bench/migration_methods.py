@@ -49,8 +49,8 @@ from servers import ServeProcess  # noqa: E402
 from deltaxfer.criu.pipes import PipeSizeRaise  # noqa: E402
 
 METHODS = ("deltaxfer", "dx-noxor", "dx-nolz4", "dx-noconverge", "dx-criulazy", "dx-notrack",
-           "dx-pagesink", "dx-nooverlap", "dx-throttle", "dx-postcopy", "rsync", "page-server", "tar-lz4", "lazy-floor",
-           "lazy-floor-4m")
+           "dx-pagesink", "dx-nooverlap", "dx-throttle", "dx-postcopy", "rsync", "page-server",
+           "tar-lz4", "lazy-floor", "lazy-floor-4m")
 BASELINES = ("rsync", "page-server", "tar-lz4", "lazy-floor", "lazy-floor-4m")
 
 
@@ -621,8 +621,9 @@ def _dir_bytes(d: Path) -> int:
 
 
 RUNNERS = {"deltaxfer": run_deltaxfer, "dx-noxor": run_deltaxfer, "dx-nolz4": run_deltaxfer,
-           "dx-noconverge": run_deltaxfer, "dx-criulazy": run_deltaxfer, "dx-notrack": run_deltaxfer,
-           "dx-pagesink": run_deltaxfer, "dx-nooverlap": run_deltaxfer,
+           "dx-noconverge": run_deltaxfer, "dx-criulazy": run_deltaxfer,
+           "dx-notrack": run_deltaxfer, "dx-pagesink": run_deltaxfer,
+           "dx-nooverlap": run_deltaxfer,
            "dx-throttle": run_deltaxfer, "dx-postcopy": run_deltaxfer,
            "rsync": run_rsync, "page-server": run_page_server, "tar-lz4": run_tar_lz4,
            "lazy-floor": run_lazy_floor, "lazy-floor-4m": run_lazy_floor}

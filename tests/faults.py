@@ -570,7 +570,7 @@ def host_pipe_max() -> tuple[int, bool]:
     the one an earlier killed agent saved (criu/pipes.py); and whether it was such a
     leftover (then the first migration restores it and notes no raise of its own)."""
     from deltaxfer.criu import pipes
-    saved = os.path.join(pipes.STATE_DIR, "pipe-max-size.saved")
+    saved = pipes.PipeSizeRaise().saved_path
     if os.path.exists(saved):
         with open(saved) as f:
             return int(f.read()), True

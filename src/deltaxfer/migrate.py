@@ -532,27 +532,38 @@ class Agent:
         path); page-server: a plain `criu dump --page-server` into deltaxfer's page sink,
         which throws the tasks' pages away as they come (criu/sink.py) — for trees a lazy
         dump cannot hold under the open-files limit. auto: lazy when it fits."""
-        self.grow_pipes()
-        fits, why = lazy_dump_fits(self.memory_bytes)
+        fits, why = self.lazy_dump_check()
         mode = self.opts.freeze
         if mode == "auto":
             mode = "lazy" if fits else "page-server"
         elif mode == "lazy" and not fits:
             raise MigrationError(f"--freeze lazy: {why}; raise the limit (ulimit -Hn, "
                                  "LimitNOFILE=) or use --freeze page-server; nothing was frozen")
-        if fits and why:
-            self.report.freeze["nofile"] = why
         self.freeze_mode = mode
         self.report.freeze["mode"] = mode if fits or mode != "page-server" else \
             f"{mode} ({why})"
+
+    def lazy_dump_check(self) -> tuple[bool, str]:
+        """Before a freeze: CRIU's page pipes let grow (grow_pipes), then whether a lazy
+        dump of the tree fits the open-files limit (lazy_dump_fits, which may raise the
+        limit: the report's freeze.nofile says so)."""
+        self.grow_pipes()
+        fits, why = lazy_dump_fits(self.memory_bytes)
+        if fits and why:
+            self.report.freeze["nofile"] = why
+        return fits, why
 
     def grow_pipes(self) -> None:
         """Let CRIU's page pipes grow to their largest for the dump (criu/pipes.py):
         fewer pipes and open files, a shorter dump inside the freeze."""
         if self.opts.grow_pipes:
-            note = self.pipe_size.raise_()
-            if note:
-                self.report.freeze["pipes"] = note
+            self.note_pipes(self.pipe_size.raise_())
+
+    def note_pipes(self, what: str) -> None:
+        """What was done to fs.pipe-max-size, added to the report's freeze.pipes."""
+        if what:
+            had = self.report.freeze.get("pipes")
+            self.report.freeze["pipes"] = f"{had}; {what}" if had else what
 
     def postcopy_unavailable(self) -> str:
         """Why this migration cannot end in post-copy ('' when it can)."""
@@ -1026,10 +1037,7 @@ class Agent:
                 self.report.wire_bytes_sent = self.sender.wire_stats["bytes_out"]
                 self.sender.close()
             self.throttle.release()     # on every exit path (the guardian also on our death)
-            undone = self.pipe_size.release()
-            if undone:
-                self.report.freeze["pipes"] = (self.report.freeze.get("pipes", "") + "; "
-                                               + undone).lstrip("; ")
+            self.note_pipes(self.pipe_size.release())
             self.report.converge = {"mode": self.opts.converge, **self.throttle.summary()}
             if self.postcopy_why:
                 self.report.converge["postcopy_reason"] = self.postcopy_why
@@ -1121,9 +1129,7 @@ async def _standalone(agent: "Agent", action: str, image_dir: str) -> bool:
             # process ends here; the post-dump hook puts the host's value back.
             agent.grow_pipes()
             return True
-        undone = agent.pipe_size.release(held_elsewhere=agent.opts.grow_pipes)
-        if undone:
-            agent.report.freeze["pipes"] = undone
+        agent.note_pipes(agent.pipe_size.release(held_elsewhere=agent.opts.grow_pipes))
         agent.dump_dir = os.path.realpath(image_dir)
         agent.t_freeze = agent.t_post = time.monotonic()
         agent.set_freeze_deadline(sum(len(h.vaddrs) for h in agent.held.values()) * PAGE_SIZE)

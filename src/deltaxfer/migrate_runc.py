@@ -28,7 +28,7 @@ from deltaxfer import transport
 from deltaxfer.criu.lazy import end_lazy_dump
 from deltaxfer.criu.runner import Criu, log_errors
 from deltaxfer.hook_env import AGENT_ENV, LAZY_PORT_ENV, PYTHON_ENV, TIMEOUT_ENV
-from deltaxfer.migrate import Agent, MigrationError, Options, Report, lazy_dump_fits
+from deltaxfer.migrate import Agent, MigrationError, Options, Report
 from deltaxfer.wire import RUNC_CAP
 
 
@@ -74,13 +74,10 @@ class ContainerAgent(Agent):
             raise MigrationError("--freeze page-server is not supported with --runc (runc "
                                  "1.1 cannot hand CRIU the page server's socket); use "
                                  "--freeze lazy; nothing was frozen")
-        self.grow_pipes()
-        fits, why = lazy_dump_fits(self.memory_bytes)
+        fits, why = self.lazy_dump_check()
         if not fits:
             raise MigrationError(f"--runc freezes with a lazy dump: {why}; raise the limit "
                                  "(ulimit -Hn, LimitNOFILE=); nothing was frozen")
-        if why:
-            self.report.freeze["nofile"] = why
         self.freeze_mode = "lazy"
         self.report.freeze["mode"] = "lazy (runc checkpoint)"
 

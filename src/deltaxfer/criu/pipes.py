@@ -77,14 +77,11 @@ def _private_dir(path: str) -> None:
 def has_cap_sys_resource() -> bool:
     """Whether this process (and the criu it runs as root) may grow a pipe past the
     sysctl."""
+    from deltaxfer.core.procmem import status
     try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("CapEff:"):
-                    return bool(int(line.split()[1], 16) >> CAP_SYS_RESOURCE & 1)
-    except (OSError, ValueError):
-        pass
-    return False
+        return bool(int(status("self")["CapEff"], 16) >> CAP_SYS_RESOURCE & 1)
+    except (OSError, KeyError, ValueError):
+        return False
 
 
 def criu_pipes_large() -> bool:
@@ -117,6 +114,12 @@ class PipeSizeRaise:
         self.fd = -1           # our shared hold of the users' lock, from raise to release
         self.note = ""
 
+    def _hold(self) -> None:
+        """Open the users' lock file (in a state directory checked to be private) as our
+        hold: taken shared by raise_, converted by release."""
+        _private_dir(self.state_dir)
+        self.fd = os.open(self.users_path, os.O_RDWR | os.O_CREAT | _NOFOLLOW, 0o600)
+
     def _mutex(self) -> int:
         fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | _NOFOLLOW, 0o600)
         fcntl.flock(fd, fcntl.LOCK_EX)
@@ -134,9 +137,8 @@ class PipeSizeRaise:
             return ""
         mutex = -1
         try:
-            _private_dir(self.state_dir)
+            self._hold()
             mutex = self._mutex()
-            self.fd = os.open(self.users_path, os.O_RDWR | os.O_CREAT | _NOFOLLOW, 0o600)
             fcntl.flock(self.fd, fcntl.LOCK_SH)   # releases take it EX only under the mutex
             cur = _read(self.sysctl) or 0
             if cur < want:
@@ -168,8 +170,7 @@ class PipeSizeRaise:
             if not held_elsewhere or not os.path.exists(self.saved_path):
                 return ""
             try:
-                _private_dir(self.state_dir)
-                self.fd = os.open(self.users_path, os.O_RDWR | os.O_CREAT | _NOFOLLOW, 0o600)
+                self._hold()
             except OSError as e:
                 return f"fs.pipe-max-size not restored: {e.strerror or e}"
         done, mutex = "", -1
