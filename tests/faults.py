@@ -42,6 +42,8 @@ from dataclasses import dataclass
 
 import pytest
 
+from deltaxfer.core import procmem
+
 HEADER = struct.Struct("<2sBBIQQ")        # magic, type, flags, length, seq, check
 HEADER_SIZE = HEADER.size                 # 24
 SMALL = 64 * 1024                          # frames up to this size are held whole for the rule
@@ -528,16 +530,18 @@ def _stopped_by_criu(pid: int) -> bool:
     """Stopped, and not by the migration agent's own ptrace (written-page tracking
     injects a syscall into the source during live rounds): by a `criu dump`, or stopped
     with no tracer (left stopped)."""
-    if _proc_state(pid) not in ("T", "t"):
-        return False
+    # State and TracerPid from one read of status: read apart, a stop by the agent's own
+    # ptrace could be seen as the state and its detach a moment later as "no tracer"
     try:
-        with open(f"/proc/{pid}/status") as f:
-            tracer = int(next(x for x in f if x.startswith("TracerPid:")).split()[1])
+        st = procmem.status(pid)
+        if st["State"].split()[0] not in ("T", "t"):
+            return False
+        tracer = int(st["TracerPid"])
         if not tracer:
             return True
         with open(f"/proc/{tracer}/cmdline", "rb") as f:
             argv = f.read().split(b"\0")
-    except (OSError, StopIteration, ValueError):
+    except (OSError, KeyError, IndexError, ValueError):
         return False
     return b"dump" in argv and any(a.endswith(b"criu") for a in argv)
 
