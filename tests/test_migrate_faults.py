@@ -81,9 +81,11 @@ def assert_source_runs_on(wl, before: dict | None = None):
 
 
 def lazy_daemons_under(root) -> list[int]:
-    """`criu lazy-pages` processes whose -D is under root."""
+    """`criu lazy-pages` processes, and `criu restore` processes started early for a
+    restore (criu/early.py), whose -D is under root."""
     root = os.path.realpath(root) + os.sep
-    return [pid for pid, d, _ in procmem.lazy_pages_processes()
+    return [pid for verb in ("lazy-pages", "restore")
+            for pid, d, _ in procmem.lazy_pages_processes(verb)
             if os.path.realpath(d).startswith(root)]
 
 
@@ -107,7 +109,7 @@ def assert_destination_clean(wl, server, settle: float = 5.0, link=None):
     while tmp_leftovers(server.dir) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert tmp_leftovers(server.dir) == []
-    # and a lazy-pages daemon it started early for the restore is gone
+    # and a lazy-pages daemon or a `criu restore` it started early for the restore is gone
     assert lazy_daemons_under(server.dir) == []
 
 

@@ -107,7 +107,8 @@ def cmd_serve(args) -> int:
                 parent_linked_final=args.parent_linked_final,
                 idle_timeout=args.idle_timeout or None, runc_root=args.runc_root,
                 restore_opts=restore_opts, restore_config=restore_config,
-                criu_verbosity=args.criu_verbosity)
+                criu_verbosity=args.criu_verbosity,
+                early_restore=not args.no_early_restore)
         except StoreError as e:
             raise ConfigError(f"--dir {args.dir}: {e.reason}") from None
         addrs = ", ".join(f"{s.getsockname()[0]}:{s.getsockname()[1]}" for s in server.sockets)
@@ -338,6 +339,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="who fills a lazy restore's pages: deltaxfer's own server (default: "
                         "faulted pages first, all others copied in the background on all "
                         "cores) or `criu lazy-pages` (one page per fault, one thread)")
+    p.add_argument("--no-early-restore", action="store_true",
+                   help="start a migration's `criu restore` at its commit (default: with its "
+                        "first round, waiting at its first image, so that CRIU's start-up "
+                        "-- 35-45 ms here -- is not part of the freeze)")
     p.add_argument("--parent-linked-final", action="store_true",
                    help="write a migration's final round as a child image over the held "
                         "pages (only the residual is written; restored eagerly)")

@@ -14,6 +14,7 @@ import errno
 import logging
 import os
 import signal
+import subprocess
 import time
 
 from deltaxfer.core import procmem
@@ -113,6 +114,9 @@ class _Receiving:
         self.records = {"zero": 0, "xor": 0, "full": 0}
         # the lazy restore's `criu lazy-pages`, started during the final round
         self.lazy_daemon: asyncio.Future | None = None
+        # `criu restore` started with the first round, waiting at its first image
+        # (criu/early.py): fed at COMMIT, its start-up out of the freeze
+        self.early = None
         # post-copy: the last round's image ids by index, and PENDING's runs by index
         self.round_ids: dict[int, str] = {}
         self.pending: dict[int, list] = {}
@@ -189,11 +193,34 @@ class _Receiving:
                  "final" if needs_files else "first")
         self.lazy_daemon = self.loop.run_in_executor(None, functools.partial(
             r.criu.start_lazy_pages, tmp, verbosity=r.criu_verbosity))
+        if r.early_restore and not needs_files:
+            # (`criu lazy-pages` reads inventory.img when it starts: no FIFO there)
+            self._start_early_restore(tmp)
+
+    def _start_early_restore(self, tmp: str) -> None:
+        """`criu restore` of this migration's copy, started now in the directory the commit
+        fills, waiting at its first image until the commit feeds it (criu/early.py): the
+        options are the ones Receiver._restore gives, all known from BEGIN and serve's own.
+        Started from the event loop's thread, which lives as long as the receiver (its
+        parent-death signal follows the thread that started it)."""
+        from deltaxfer.criu.early import EarlyRestore
+        r = self.r
+        try:
+            self.early = EarlyRestore.start(
+                r.criu, tmp, lazy=True, extra=r.restore_extra(stopped=True),
+                config=r.restore_config, user_opts=r.restore_opts,
+                verbosity=r.criu_verbosity)
+        except (OSError, subprocess.SubprocessError) as e:
+            log.warning("%s: session %s: `criu restore` not started early (%s); the commit "
+                        "starts it", self.peer, self.name, e)
 
     async def _drop_lazy_daemon(self) -> None:
         """A pre-started daemon that no restore will use: killed, and the directory it was
         started in removed if no commit took it."""
-        started = self.lazy_daemon is not None
+        started = self.lazy_daemon is not None or self.early is not None
+        early, self.early = self.early, None
+        if early is not None:
+            await self.loop.run_in_executor(None, early.kill)
         daemon = await self._take_lazy_daemon()
         if daemon is not None:
             daemon.kill()
@@ -299,15 +326,18 @@ class _Receiving:
                                                  f"pending pages, PENDING named "
                                                  f"{self.pending_pages}")
             postcopy = PostcopyReceiver(self, self.round_ids, self.pending)
-        daemon = None
+        daemon = early = None
         if body["restore"] and container is None:
             # started in images.tmp: it must be up before the commit renames that
             daemon = await self._take_lazy_daemon()
+            early, self.early = self.early, None
         else:
             await self._drop_lazy_daemon()
         try:
             path = session.commit(self.files)
         except BaseException:
+            if early is not None:
+                await loop.run_in_executor(None, early.kill)
             if daemon is not None:
                 daemon.kill()
                 await loop.run_in_executor(None, daemon.wait)
@@ -339,7 +369,8 @@ class _Receiving:
         elif body["restore"]:
             session.mark_restoring()
             try:
-                pid = await loop.run_in_executor(None, r._restore, path, two_phase, daemon)
+                pid = await loop.run_in_executor(None, r._restore, path, two_phase, daemon,
+                                                 early)
             except BaseException:
                 if pc_task is not None:
                     pc_task.cancel()
@@ -413,8 +444,11 @@ class Receiver:
                  parent_linked_final: bool = False, idle_timeout: float | None = IDLE_TIMEOUT,
                  runc_root: str | None = None, runc=None,
                  restore_opts=(), restore_config: str | None = None,
-                 criu_verbosity: int = 2):
+                 criu_verbosity: int = 2, early_restore: bool = True):
         self.store = store
+        # start a migration's `criu restore` with its first round (criu/early.py); serve
+        # --no-early-restore starts it at the commit
+        self.early_restore = early_restore
         # the operator's own `criu restore` options (serve --criu-restore-opt, --criu-config)
         self.restore_opts, self.restore_config = list(restore_opts), restore_config
         self.criu_verbosity = criu_verbosity
@@ -578,7 +612,13 @@ class Receiver:
         except OSError as e:
             log.warning("session %s: could not remove it: %s", name, e)
 
-    def _restore(self, path: str, stopped: bool = False, daemon=None) -> int:
+    @staticmethod
+    def restore_extra(stopped: bool) -> list[str]:
+        """deltaxfer's own `criu restore` options beyond restore_args': a migration's copy
+        is restored stopped (it runs at RESUME)."""
+        return ["--leave-stopped"] if stopped else []
+
+    def _restore(self, path: str, stopped: bool = False, daemon=None, early=None) -> int:
         if self.criu is None:
             raise StoreError("restore", "this server was started without restore enabled "
                                         "(deltaxfer serve --restore)")
@@ -588,10 +628,15 @@ class Receiver:
         lazy = self.lazy_restore and not os.path.islink(os.path.join(path, "parent"))
         log_path = os.path.join(path, "restore.log")
         try:
-            return self.criu.restore(path, lazy=lazy,
-                                     extra=["--leave-stopped"] if stopped else [],
-                                     user_opts=self.restore_opts, config=self.restore_config,
-                                     verbosity=self.criu_verbosity, daemon=daemon)
+            pid = self.criu.restore(path, lazy=lazy, extra=self.restore_extra(stopped),
+                                    user_opts=self.restore_opts, config=self.restore_config,
+                                    verbosity=self.criu_verbosity, daemon=daemon,
+                                    early=early)
+            if early is not None and early.fed_s is not None:
+                log.info("restored by the `criu restore` started with the first round: "
+                         "%.1f ms from its inventory to its exit (%s)",
+                         early.fed_s * 1e3, path)
+            return pid
         except CriuError as e:
             msg = str(e)
             if log_path not in msg:
@@ -606,10 +651,10 @@ class Receiver:
 def recover_restores(store: Store) -> dict[str, list[str]]:
     """At a receiver's start, the restores a receiver that died was inside: the stopped
     restored copy that never got RESUME is killed (checked by its start time and its stop
-    state: never a reused pid, never a copy that runs), and so is a `criu lazy-pages`
-    daemon started for that session's restore (matched on its command line and exact
-    directory: `images`, or `images.tmp` where it was started early), which would
-    otherwise wait forever. A daemon serving a restored process that runs (the restore
+    state: never a reused pid, never a copy that runs), and so are a `criu lazy-pages`
+    daemon started for that session's restore and a `criu restore` started early for it
+    (criu/early.py; matched on their command lines and exact directory: `images`, or
+    `images.tmp` where they were started early), which would otherwise wait forever. A daemon serving a restored process that runs (the restore
     was confirmed) is left alone. Returns what was done, by session."""
     out = {}
     for session in store.sessions():
@@ -634,13 +679,15 @@ def recover_restores(store: Store) -> dict[str, list[str]]:
                 done.append(f"killed the stopped restored copy {pid} ({n} tasks) that never "
                             "got RESUME")
         for d in dirs:
-            for daemon in procmem.lazy_pages_daemons(d):
-                try:
-                    os.kill(daemon, signal.SIGKILL)
-                    done.append(f"killed the criu lazy-pages daemon {daemon} left for this "
-                                "session's restore")
-                except ProcessLookupError:
-                    pass
+            for verb, what in (("restore", "`criu restore` started early"),
+                               ("lazy-pages", "criu lazy-pages daemon")):
+                for daemon in procmem.lazy_pages_daemons(d, verb):
+                    try:
+                        os.kill(daemon, signal.SIGKILL)
+                        done.append(f"killed the {what} ({daemon}) left for this session's "
+                                    "restore")
+                    except ProcessLookupError:
+                        pass
         if rec is not None:
             session.restored(None)
         if done:

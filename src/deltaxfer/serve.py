@@ -32,7 +32,7 @@ async def serve(host: str, port: int, *, key: bytes, directory: str, ssl=None, c
                 insecure: bool = False,
                 idle_timeout: float | None = IDLE_TIMEOUT, runc_root: str | None = None,
                 restore_opts=(), restore_config: str | None = None,
-                criu_verbosity: int = 2):
+                criu_verbosity: int = 2, early_restore: bool = True):
     """Start the receiver; returns the asyncio server (serve_forever it, or close it).
     ``insecure``: the key is the published one; peers are admitted by their local uid."""
     store = Store(directory, quota_bytes, session_quota_bytes=session_quota_bytes,
@@ -54,7 +54,7 @@ async def serve(host: str, port: int, *, key: bytes, directory: str, ssl=None, c
                         parent_linked_final=parent_linked_final, idle_timeout=idle_timeout,
                         runc_root=runc_root, runc=runc,
                         restore_opts=restore_opts, restore_config=restore_config,
-                        criu_verbosity=criu_verbosity)
+                        criu_verbosity=criu_verbosity, early_restore=early_restore)
     caps = list(CAPS) + ([RUNC_CAP] if runc is not None else [])
     return await transport.serve(host, port, key=key, handler=receiver.handle, ssl=ssl,
                                  max_connections=max_connections, caps=caps,

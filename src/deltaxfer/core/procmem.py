@@ -441,11 +441,13 @@ def ppid(pid: int) -> int | None:
         return None
 
 
-def lazy_pages_processes() -> list[tuple[int, str, tuple[int, int] | None]]:
-    """Every `criu lazy-pages` process: (pid, its -D argument, (st_dev, st_ino) of its
-    working directory or None). The daemon works in its images directory, so the working
-    directory follows that directory through a rename (the receiver starts it in
-    images.tmp, which its commit renames images: -D then names a path that is gone)."""
+def lazy_pages_processes(verb: str = "lazy-pages") -> list[tuple[int, str, tuple[int, int] | None]]:
+    """Every `criu lazy-pages` process (deltaxfer's own server too): (pid, its -D argument,
+    (st_dev, st_ino) of its working directory or None). The daemon works in its images
+    directory, so the working directory follows that directory through a rename (the
+    receiver starts it in images.tmp, which its commit renames images: -D then names a
+    path that is gone). ``verb="restore"``: every `criu restore` instead (criu/early.py
+    starts one in images.tmp too)."""
     out = []
     for name in os.listdir("/proc"):
         if not name.isdigit():
@@ -455,7 +457,15 @@ def lazy_pages_processes() -> list[tuple[int, str, tuple[int, int] | None]]:
                 args = [a.decode(errors="replace") for a in f.read().split(b"\0")]
         except OSError:
             continue
-        if "lazy-pages" not in args or "-D" not in args:
+        if verb == "restore":
+            # criu's binary, then the command (a private criu runs through its own ld.so:
+            # the binary is then an argument)
+            if not any(os.path.basename(a) == "criu" and args[i + 1] == "restore"
+                       for i, a in enumerate(args[:-1])):
+                continue
+        elif verb not in args:
+            continue
+        if "-D" not in args:
             continue
         i = args.index("-D")
         if i + 1 >= len(args):
@@ -469,17 +479,18 @@ def lazy_pages_processes() -> list[tuple[int, str, tuple[int, int] | None]]:
     return out
 
 
-def lazy_pages_daemons(images_dir: str) -> list[int]:
+def lazy_pages_daemons(images_dir: str, verb: str = "lazy-pages") -> list[int]:
     """PIDs of the `criu lazy-pages` daemons serving images_dir (the receiver starts one
     per lazy restore, see criu/runner.py): started with `-D images_dir` (the path
-    exactly), or working in that directory now (started in it under another name)."""
+    exactly), or working in that directory now (started in it under another name).
+    ``verb="restore"``: the `criu restore` processes working there."""
     want = os.path.realpath(images_dir)
     try:
         st = os.stat(images_dir)
         here = (st.st_dev, st.st_ino)
     except OSError:
         here = None
-    return [pid for pid, d, cwd in lazy_pages_processes()
+    return [pid for pid, d, cwd in lazy_pages_processes(verb)
             if os.path.realpath(d) == want or (here is not None and cwd == here)]
 
 

@@ -135,38 +135,44 @@ class Criu:
                 lazy: bool = False, extra: list[str] = (), log_name: str = "restore.log",
                 timeout: float | None = 600, user_opts: list[str] = (),
                 config: str | None = None, verbosity: int = 4,
-                daemon: subprocess.Popen | None = None) -> int:
+                daemon: subprocess.Popen | None = None, early=None) -> int:
         """``criu restore -d -D DIR``; returns the restored root's host pid (from the
         pidfile) so the caller can supervise it.
 
         ``lazy``: start `criu lazy-pages` on the same directory first and restore with
         --lazy-pages: restore returns once the tasks exist (~0.07 s for 256 MiB here,
         against ~0.7 s for a plain restore that copies every page in) and the daemon fills
-        the pages from the local images as the tasks touch them, then exits."""
+        the pages from the local images as the tasks touch them, then exits.
+
+        ``early``: a criu.early.EarlyRestore started with the same options in the directory
+        that became images_dir, waiting at its first image: it is fed instead of starting
+        criu now; one that died or never reached that image is replaced by a fresh start."""
         pidfile = pidfile or os.path.join(images_dir, "restored.pid")
-        args = ["restore", "-d", "-D", images_dir, "--pidfile", pidfile]
-        if shell_job:
-            args.append("--shell-job")
         if not lazy and daemon is not None:     # started for nothing
             daemon.kill()
             daemon.wait()
             daemon = None
         elif lazy and daemon is None:
             daemon = self.start_lazy_pages(images_dir, verbosity=verbosity)
-        if daemon is not None:
-            args.append("--lazy-pages")
-        args += list(extra)
-        # the operator's own options (serve --criu-restore-opt, --criu-config) come last:
-        # checked by check_criu_opts / check_criu_config when serve started
-        if config:
-            args += ["--config", config]
-        args += list(user_opts)
+        args = restore_args(images_dir, pidfile=pidfile, shell_job=shell_job,
+                            lazy=daemon is not None, extra=extra, config=config,
+                            user_opts=user_opts)
+        if early is not None and (
+                early.key != (shell_job, daemon is not None, tuple(extra), config,
+                              tuple(user_opts))
+                or pidfile != os.path.join(images_dir, "restored.pid")
+                or log_name != "restore.log"):
+            early.kill()                        # started for another restore than this one
+            early = None
         try:
-            self.run(args, log_dir=images_dir, log_name=log_name, timeout=timeout,
-                     verbosity=verbosity)
+            if early is None or not early.restore(images_dir, timeout=timeout):
+                self.run(args, log_dir=images_dir, log_name=log_name, timeout=timeout,
+                         verbosity=verbosity)
             with open(pidfile) as f:
                 pid = int(f.read().strip())
         except BaseException:
+            if early is not None:
+                early.kill()
             if daemon is not None:
                 daemon.kill()
                 daemon.wait()
@@ -362,6 +368,22 @@ def dump_args(pid: int, images_dir: str, *, leave: str = "stopped", shell_job: b
         args.append("--lazy-pages")
     if page_server:
         args.append("--page-server")
+    args += list(extra)
+    if config:
+        args += ["--config", config]
+    return args + list(user_opts)
+
+
+def restore_args(images_dir: str, *, pidfile: str, shell_job: bool = True, lazy: bool = False,
+                 extra=(), config: str | None = None, user_opts=()) -> list[str]:
+    """The one place where deltaxfer builds ``criu restore``'s arguments (after the binary,
+    before ``-o LOG -vN``): its own options, then ``--config FILE`` and the operator's
+    options last (checked by check_criu_opts / check_criu_config when serve started)."""
+    args = ["restore", "-d", "-D", images_dir, "--pidfile", pidfile]
+    if shell_job:
+        args.append("--shell-job")
+    if lazy:
+        args.append("--lazy-pages")
     args += list(extra)
     if config:
         args += ["--config", config]
