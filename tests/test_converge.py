@@ -19,8 +19,8 @@ from test_migrate_criu import verify_running
 
 pytestmark = pytest.mark.criu
 
-MIB = 48
-FAST = 400          # MiB/s of page mutations
+MIB = 24
+FAST = 400          # MiB/s of page mutations, each a whole page of fresh random words
 RATE = "50mbit"
 
 
@@ -31,9 +31,13 @@ def slow_link(tmp_path):
 
 
 def _writer(lab, tmp_path):
-    """The fast writer, in the source host's network namespace (and its own PID one)."""
+    """The fast writer, in the source host's network namespace (and its own PID one):
+    whole pages of fresh random words, which neither XOR nor lz4 shrink, so that its
+    residual (its whole working set: it rewrites 24 MiB many times a second) takes
+    seconds at 50 Mbit/s. (Word mutations would not do: their XOR deltas shrink ~40x,
+    and such a writer's residual fits the target at this rate.)"""
     return workloads.start("memwork", mib=MIB, dirty_mib_per_s=FAST, tmpdir=tmp_path,
-                           prefix=tuple(lab.source.command([])))
+                           prefix=tuple(lab.source.command([])), whole_pages=True)
 
 
 def _start(lab, server, key, wl, report, agent_dir, *extra):

@@ -5,6 +5,8 @@ its first image is replaced by a fresh restore; a receiver restarted after a cra
 one left waiting; and a migration's copy restored this way by `serve` runs and checks out."""
 import os
 import shutil
+import subprocess
+import sys
 import time
 
 import pytest
@@ -127,9 +129,9 @@ def test_early_restore_started_for_other_options_is_not_used(criu, tmp_path):
 
 @pytest.mark.criu
 def test_a_restarted_receiver_kills_an_early_restore_left_waiting(criu, tmp_path):
-    """A receiver that died after the first round (its session prepared, no commit) left
-    a `criu restore` waiting in images.tmp (here started without its parent-death signal
-    mattering: this test's process lives on): the next receiver's start kills it."""
+    """A receiver that died after the first round (its session prepared, no commit) while
+    its `criu restore` was still starting left it waiting in images.tmp (here: this test's
+    process lives on, holding the FIFO): the next receiver's start kills it."""
     store = Store(str(tmp_path / "store"))
     session = store.session("s1")
     tmp = session.prepare_images_dir()
@@ -143,6 +145,39 @@ def test_a_restarted_receiver_kills_an_early_restore_left_waiting(criu, tmp_path
         assert not os.path.exists(tmp)
     finally:
         early.kill()
+
+
+@pytest.mark.criu
+def test_an_early_restore_exits_having_made_nothing_when_its_receiver_dies(criu, tmp_path):
+    """The receiver holds the FIFO's other end: killed, its end closes, and the waiting
+    criu reads an empty inventory and exits -- no task made, nothing left waiting."""
+    tmp = tmp_path / "images.tmp"
+    tmp.mkdir()
+    code = ("import sys, time\n"
+            "from deltaxfer.criu.runner import find_criu\n"
+            "from deltaxfer.criu.early import EarlyRestore\n"
+            f"e = EarlyRestore.start(find_criu(), {str(tmp)!r}, lazy=True, "
+            "extra=['--leave-stopped'])\n"
+            "deadline = time.monotonic() + 20\n"
+            "while not e.waiting() and time.monotonic() < deadline:\n"
+            "    time.sleep(0.01)\n"
+            "print(e.proc.pid, e.waiting(), flush=True)\n"
+            "time.sleep(60)\n")
+    receiver = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
+    try:
+        pid, waiting = receiver.stdout.readline().split()
+        pid = int(pid)
+        assert waiting == b"True"
+        assert pid in procmem.lazy_pages_daemons(str(tmp), "restore")
+    finally:
+        receiver.kill()
+        receiver.wait()
+    deadline = time.monotonic() + 10
+    while procmem.start_time(pid) is not None and procmem.state(pid) != "Z":
+        assert time.monotonic() < deadline, "criu restore outlived its receiver"
+        time.sleep(0.05)
+    log = (tmp / "restore.log").read_text()
+    assert "Error" in log and not (tmp / "restored.pid").exists(), log[-2000:]
 
 
 @pytest.mark.criu

@@ -167,14 +167,18 @@ def _kill_receiver_inside_restore(criu, tmp_path, agent_tmp, key_file, lazy_serv
     """Migrate to a receiver whose criu is a wrapper that holds a restore 1 s before it
     runs the real one; SIGKILL the receiver once the restore began. The migration must
     roll back and the source run on; then ``after(wl)`` checks the destination and
-    returns the receiver's log line to expect from a receiver started again (or None)."""
+    returns the receiver's log line to expect from a receiver started again (or None).
+    The receiver starts its restore at the commit (--no-early-restore): started with the
+    first round (the default), the wrapper would hold it there, before any freeze; a
+    receiver killed while that one waits is test_early_restore's and the live-round
+    kills' (assert_destination_clean finds no `criu restore` left)."""
     mark = tmp_path / "restore-started"
     slow = tmp_path / "slow-criu"
     slow.write_text("#!/bin/sh\n"
                     f'if [ "$1" = restore ]; then touch "{mark}"; sleep 1; fi\n'
                     f'exec "{criu.path}" "$@"\n')
     slow.chmod(0o755)
-    server = Server(tmp_path, extra=["--restore", "--criu", str(slow),
+    server = Server(tmp_path, extra=["--restore", "--criu", str(slow), "--no-early-restore",
                                      "--lazy-pages-server", lazy_server])
     left = Held()
     try:

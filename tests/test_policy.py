@@ -15,10 +15,46 @@ def test_first_round_never_stops():
 def test_converges_when_the_prediction_is_under_the_target():
     c = Convergence(downtime_target=0.5, freeze_overhead=0.1)
     c.observe(m(1, 100_000, interval=float("inf")))
-    d = c.observe(m(2, 100, seconds=0.2, read=0.1, interval=1.0))
+    # round 2's dirty rate comes from the whole first copy: never trusted to stop
+    d = c.observe(m(2, 200, seconds=0.2, read=0.1, interval=2.0))
+    assert not d.stop and d.reason == "shrinking" and d.predicted_downtime < 0.5, d
+    d = c.observe(m(3, 100, seconds=0.2, read=0.1, interval=1.0))
     # 0.1 overhead + 0.1 read + (100 pages/s * 0.2 s * 2000 B) / (200000 B / 0.1 s)
     assert d.stop and d.reason.startswith("converged")
     assert abs(d.predicted_downtime - 0.22) < 1e-9
+
+
+def test_the_freeze_overhead_grows_with_the_tree():
+    """No fixed overhead given: CRIU's lazy dump and the rest of the freeze, fitted to
+    what this host measured, per GiB of the tree's present pages."""
+    from deltaxfer.policy import FREEZE_FIXED_S, FREEZE_PER_GIB_S
+    c = Convergence()
+    small, large = c.freeze_seconds(65536), c.freeze_seconds(8 * 262144)
+    assert abs(small - (FREEZE_FIXED_S + FREEZE_PER_GIB_S / 4)) < 1e-9
+    assert abs(large - (FREEZE_FIXED_S + 8 * FREEZE_PER_GIB_S)) < 1e-9
+    assert 0.05 < small < 0.15 and 0.5 < large < 1.0
+    # a 1 GiB tree dirtying little is predicted to fit 300 ms, an 8 GiB one not
+    for pages, fits in ((262144, True), (8 * 262144, False)):
+        c = Convergence()
+        c.observe(m(1, pages, pages=pages, interval=float("inf")))
+        c.observe(m(2, 500, pages=pages, seconds=0.05, read=0.005, interval=1.0))
+        d = c.observe(m(3, 100, pages=pages, seconds=0.02, read=0.002, interval=0.05))
+        assert d.stop == fits and (not fits or d.reason.startswith("converged")), d
+
+
+def test_a_writer_covering_the_tree_faster_than_a_round_is_not_extrapolated_linearly():
+    """Changed pages >= half the tree: the rate over the round's interval saturated, and
+    the residual is predicted as the whole changed set, not as the rate x a shorter
+    time."""
+    c = Convergence(downtime_target=0.3, freeze_overhead=0.05)
+    c.observe(m(1, 10_000, pages=10_000, interval=float("inf")))
+    c.observe(m(2, 9_000, pages=10_000, wire=90_000, seconds=0.1, read=0.01, interval=10.0))
+    d = c.observe(m(3, 8_000, pages=10_000, wire=80_000, seconds=0.1, read=0.01,
+                    interval=5.0))
+    # linear: 1600 pages/s x 0.1 s = 160 pages; saturated: all 8000 at 10 B/page over
+    # 80000 B / 0.09 s
+    expect = 0.05 + 0.01 + 8000 * 10 / (80_000 / 0.09)
+    assert abs(d.predicted_downtime - expect) < 1e-9, d
 
 
 def test_stops_when_rounds_stop_shrinking_or_at_max_or_when_nothing_changed():

@@ -201,8 +201,8 @@ class _Receiving:
         """`criu restore` of this migration's copy, started now in the directory the commit
         fills, waiting at its first image until the commit feeds it (criu/early.py): the
         options are the ones Receiver._restore gives, all known from BEGIN and serve's own.
-        Started from the event loop's thread, which lives as long as the receiver (its
-        parent-death signal follows the thread that started it)."""
+        Its inventory.img is a FIFO this process holds open: should the receiver die, CRIU
+        reads an empty inventory and exits, having made nothing."""
         from deltaxfer.criu.early import EarlyRestore
         r = self.r
         try:
