@@ -90,6 +90,22 @@ def test_early_restore_never_fed_is_killed_having_made_nothing(criu, tmp_path):
 
 
 @pytest.mark.criu
+@pytest.mark.parametrize("after_s", [0.0, 0.005, 0.015, 0.03])
+def test_early_restore_killed_while_it_starts_leaves_no_process(criu, tmp_path, after_s):
+    """A migration that fails right after its first round began kills a restore still
+    probing the kernel: it is let reach the FIFO first, so none of CRIU's probe helpers
+    (forked, one in a network namespace of its own) outlives it."""
+    tmp = tmp_path / "images.tmp"
+    tmp.mkdir()
+    early = EarlyRestore.start(criu, str(tmp), lazy=True, extra=["--leave-stopped"])
+    time.sleep(after_s)
+    early.kill()
+    assert early.proc.returncode is not None
+    time.sleep(0.2)
+    assert procmem.lazy_pages_daemons(str(tmp), "restore") == []
+
+
+@pytest.mark.criu
 def test_early_restore_gone_before_its_first_image_is_replaced(criu, tmp_path):
     """criu died before it read anything (here: killed): the restore starts a fresh criu
     and the copy is restored all the same."""

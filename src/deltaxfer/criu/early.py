@@ -51,6 +51,8 @@ PIDFILE = "restored.pid"        # relative: CRIU writes it in its work directory
 # how long a restore fed at COMMIT may take to reach its first image: it has been starting
 # since the first round, so it waits there already unless the host is starved
 REACH_TIMEOUT = 30.0
+# how long a kill waits for a restore still starting to reach its first image (~40 ms here)
+SETTLE_TIMEOUT = 5.0
 
 
 class EarlyRestore:
@@ -128,7 +130,7 @@ class EarlyRestore:
                         f"exited ({rc}) before its first image" if rc is not None else
                         f"did not reach its first image in {reach_timeout:g} s",
                         log_errors(os.path.join(images_dir, LOG_NAME)) or "no error logged")
-            self.kill()
+            self.kill(settle=0)
             return False
         t0 = time.monotonic()
         fd, self._fifo_fd = self._fifo_fd, -1
@@ -159,9 +161,16 @@ class EarlyRestore:
                             f"{os.path.join(images_dir, LOG_NAME)}")
         return True
 
-    def kill(self) -> None:
-        """Kill it wherever it is (a restore never fed has made no task) and reap it."""
+    def kill(self, settle: float = SETTLE_TIMEOUT) -> None:
+        """Kill it (a restore never fed has made no task) and reap it. One still probing
+        the kernel is first given up to ``settle`` seconds to reach the FIFO: CRIU's
+        probes fork helpers (one in a network namespace of its own), which a kill in the
+        middle would leave behind."""
         if self._fifo_fd >= 0:
+            deadline = time.monotonic() + settle
+            while self.proc.poll() is None and not self.waiting() \
+                    and time.monotonic() < deadline:
+                time.sleep(0.002)
             os.close(self._fifo_fd)
             self._fifo_fd = -1
         if self.proc.poll() is None:

@@ -368,10 +368,7 @@ def dump_args(pid: int, images_dir: str, *, leave: str = "stopped", shell_job: b
         args.append("--lazy-pages")
     if page_server:
         args.append("--page-server")
-    args += list(extra)
-    if config:
-        args += ["--config", config]
-    return args + list(user_opts)
+    return _then_operator_opts(args, extra, config, user_opts)
 
 
 def restore_args(images_dir: str, *, pidfile: str, shell_job: bool = True, lazy: bool = False,
@@ -384,7 +381,13 @@ def restore_args(images_dir: str, *, pidfile: str, shell_job: bool = True, lazy:
         args.append("--shell-job")
     if lazy:
         args.append("--lazy-pages")
-    args += list(extra)
+    return _then_operator_opts(args, extra, config, user_opts)
+
+
+def _then_operator_opts(args: list[str], extra, config: str | None, user_opts) -> list[str]:
+    """deltaxfer's extra options, then ``--config FILE`` and the operator's options last
+    (CRIU lets a later option override an earlier one)."""
+    args = args + list(extra)
     if config:
         args += ["--config", config]
     return args + list(user_opts)
