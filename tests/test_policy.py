@@ -1,5 +1,4 @@
 """The convergence policy: when live rounds stop and the freeze begins."""
-import pytest
 from deltaxfer.policy import Convergence, RoundMeasure
 
 
