@@ -106,6 +106,41 @@ def test_early_restore_killed_while_it_starts_leaves_no_process(criu, tmp_path, 
 
 
 @pytest.mark.criu
+def test_the_commit_waits_until_a_slow_starting_restore_holds_its_fifo(criu, tmp_path):
+    """A short final connection can commit while its criu still starts (here a wrapper
+    holds criu 0.4 s before it runs): ready() waits until criu holds the FIFO, so the
+    commit's real inventory.img never reaches criu but through the FIFO, and exactly one
+    copy is restored, when fed. (Renamed over the FIFO first, the real file was read by
+    criu, which restored on its own; a second restore then failed or made a second
+    copy: seen once in a fresh-clone CI run of the stand-alone hook's test.)"""
+    from deltaxfer.criu.runner import Criu
+    dump, tmp, final = tmp_path / "dump", tmp_path / "images.tmp", tmp_path / "images"
+    dump.mkdir()
+    tmp.mkdir()
+    slow = tmp_path / "criu"          # named criu, so that procmem still finds it
+    slow.write_text(f'#!/bin/sh\nsleep 0.4\nexec "{criu.path}" "$@"\n')
+    slow.chmod(0o755)
+    slow_criu = Criu(str(slow), criu.version, "test")
+    with workloads.start("memwork", mib=8, tmpdir=tmp_path) as wl:
+        criu.dump(wl.pid, str(dump), leave="stopped")
+        early = EarlyRestore.start(slow_criu, str(tmp), lazy=False)
+        try:
+            t = time.monotonic()
+            assert early.ready()
+            assert time.monotonic() - t >= 0.3 and early.waiting()
+            _commit_like(dump, tmp, final)
+            time.sleep(0.2)
+            assert early.proc.poll() is None        # not restoring on its own
+            pid = criu.restore(str(final), early=early)
+        except BaseException:
+            early.kill()
+            raise
+        wl.adopt(pid)
+        assert early.fed_s is not None and early.fed_s > 0
+        assert wl.verify(pid=pid)["ok"]
+
+
+@pytest.mark.criu
 def test_early_restore_gone_before_its_first_image_is_replaced(criu, tmp_path):
     """criu died before it read anything (here: killed): the restore starts a fresh criu
     and the copy is restored all the same."""

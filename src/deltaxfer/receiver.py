@@ -331,6 +331,11 @@ class _Receiving:
             # started in images.tmp: it must be up before the commit renames that
             daemon = await self._take_lazy_daemon()
             early, self.early = self.early, None
+            # the commit renames the real inventory.img over the early restore's FIFO:
+            # only once criu holds the FIFO (a short final connection can commit while
+            # its criu still starts)
+            if early is not None and not await loop.run_in_executor(None, early.ready):
+                early = None
         else:
             await self._drop_lazy_daemon()
         try:

@@ -12,9 +12,11 @@ whose ``inventory.img`` -- the first image CRIU reads, and the only thing it rea
 it checks its options and probes the kernel -- is then a FIFO that the receiver holds
 open (read-write: the open never blocks, and CRIU's open finds a writer). CRIU opens its
 images and work directories at its start, by inode (the commit's rename to ``images``
-moves nothing under it), probes the kernel, opens the FIFO and waits in read(2). At the
-restore the commit has put every image in place, its regular inventory.img replacing
-the FIFO's name; :meth:`restore` checks that CRIU holds the FIFO (its descriptors name
+moves nothing under it), probes the kernel, opens the FIFO and waits in read(2). The
+commit first waits until CRIU holds the FIFO (:meth:`ready`: renamed over the FIFO before
+CRIU opened it, the real inventory would be read straight from the file and CRIU would
+restore on its own, before its time), then puts every image in place, its regular
+inventory.img replacing the FIFO's name. At the restore :meth:`restore` checks that CRIU holds the FIFO (its descriptors name
 the FIFO's inode: data written before CRIU opened it would go with the receiver's
 descriptor), writes the dump's inventory into it and closes its end, and CRIU reads it
 to its end and goes on exactly as a restore started then would.
@@ -116,6 +118,23 @@ class EarlyRestore:
             time.sleep(0.001)
         return True
 
+    def ready(self, timeout: float = REACH_TIMEOUT) -> bool:
+        """Before the commit puts the real inventory.img in the FIFO's place: wait until
+        criu holds the FIFO. Renamed over the FIFO before criu opened it, the inventory
+        would be read straight from the file, and criu would restore on its own, before
+        its time. False (and the restore killed: the caller restores afresh) if it
+        exited or did not get there within ``timeout``."""
+        if self._fifo_fd >= 0 and self._reach(timeout):
+            return True
+        rc = self.proc.poll()
+        log.warning("the restore started early %s; a fresh one is started after the "
+                    "commit: %s",
+                    f"exited ({rc}) before its first image" if rc is not None else
+                    f"did not reach its first image in {timeout:g} s",
+                    log_errors(os.path.join(self.images_dir, LOG_NAME)) or "no error logged")
+        self.kill(settle=0)
+        return False
+
     def restore(self, images_dir: str, timeout: float | None = 600,
                 reach_timeout: float = REACH_TIMEOUT) -> bool:
         """Feed the committed images_dir's inventory to the waiting restore and wait for it
@@ -126,6 +145,17 @@ class EarlyRestore:
             return False
         if not self._reach(reach_timeout):
             rc = self.proc.poll()
+            if rc == 0:
+                # it read a real inventory.img (the FIFO's name replaced before it opened
+                # it: a caller that did not wait for ready()) and restored: a second
+                # restore would make a second copy
+                log.warning("the restore started early restored before it was fed (%s)",
+                            images_dir)
+                self._fifo_fd, fd = -1, self._fifo_fd
+                os.close(fd)
+                self.proc.communicate()
+                self.fed_s = 0.0
+                return True
             log.warning("the restore started early %s; a fresh one is started: %s",
                         f"exited ({rc}) before its first image" if rc is not None else
                         f"did not reach its first image in {reach_timeout:g} s",
