@@ -50,9 +50,10 @@ log = logging.getLogger("deltaxfer.criu.early")
 INVENTORY = "inventory.img"
 LOG_NAME = "restore.log"
 PIDFILE = "restored.pid"        # relative: CRIU writes it in its work directory (by inode)
-# how long a restore fed at COMMIT may take to reach its first image: it has been starting
-# since the first round, so it waits there already unless the host is starved
-REACH_TIMEOUT = 30.0
+# how long the commit waits for a restore to reach its first image (inside the freeze):
+# it has been starting since the first round (~40 ms here), so it waits there already
+# unless the host is starved; past this it is killed and a fresh one started
+REACH_TIMEOUT = 5.0
 # how long a kill waits for a restore still starting to reach its first image (~40 ms here)
 SETTLE_TIMEOUT = 5.0
 
