@@ -406,18 +406,29 @@ static void task_gone(task_t *t)
 
 /* Ask the receiver for pages [p, p+n) of t's pages file (post-copy): one record
  * {int32 pid, uint32 n, uint64 p}; never blocks -- a request that does not fit is dropped
- * (the source sends every pending page anyway, only later). */
-static void request(task_t *t, uint64_t p, uint64_t n)
+ * (the source sends every pending page anyway, only later). 0 (nothing asked) if page p
+ * arrived since the fault saw it pending. */
+static int request(task_t *t, uint64_t p, uint64_t n)
 {
     dx_lazy *lz = t->lz;
     struct { int32_t pid; uint32_t n; uint64_t p; } rec = {t->pid, (uint32_t)n, p};
     uint64_t none = 0;
     atomic_compare_exchange_strong(&t->waiting[p], &none, now_ns());
+    if (!test_pending(t, p)) {
+        /* it arrived since the fault saw it pending (dx_lazy_arrived clears the bit, then
+         * places): placed already, its note_waits has passed, so this wait is taken back
+         * (else a later copy over the page would count it after the post-copy's end was
+         * reported); not yet placed, that placing counts it. No request either way. */
+        if (test_page(t, p))
+            atomic_exchange(&t->waiting[p], 0);
+        return 0;
+    }
     int fd = __atomic_load_n(&lz->reqfd, __ATOMIC_ACQUIRE);
     if (fd >= 0 && send(fd, &rec, sizeof rec, MSG_DONTWAIT | MSG_NOSIGNAL) == sizeof rec)
         atomic_fetch_add(&lz->requests, 1);
     else
         atomic_fetch_add(&lz->requests_dropped, 1);
+    return 1;
 }
 
 /* Map the zero page at pages [addr, addr + n*PS) of t that the dump had no page for.
@@ -502,7 +513,8 @@ static int serve_fault(task_t *t, uint64_t addr)
         while (n < lz->fpages && addr + n * PS < s->end && test_pending(t, p + n) &&
                !test_page(t, p + n))
             n++;
-        request(t, p, n);
+        if (!request(t, p, n))
+            wake(t, addr);      /* it arrived meanwhile: placed, or about to be */
         return 0;
     }
     /* Like readahead: a fault at or just after the previous fault's window is a reader
