@@ -141,6 +141,28 @@ def test_the_commit_waits_until_a_slow_starting_restore_holds_its_fifo(criu, tmp
 
 
 @pytest.mark.criu
+def test_a_receiver_stopped_by_sigterm_kills_its_unfed_restores(criu, tmp_path):
+    """`serve` on SIGTERM kills the early restores it has not fed (kill_unfed): one still
+    starting (here held 1 s by a wrapper) would otherwise wait in its open for a writer
+    that is gone. A fed one is not in that set: it restores."""
+    from deltaxfer.criu import early as early_mod
+    from deltaxfer.criu.runner import Criu
+    tmp = tmp_path / "images.tmp"
+    tmp.mkdir()
+    slow = tmp_path / "criu"
+    slow.write_text(f'#!/bin/sh\nsleep 1\nexec "{criu.path}" "$@"\n')
+    slow.chmod(0o755)
+    e = EarlyRestore.start(Criu(str(slow), criu.version, "test"), str(tmp), lazy=True)
+    try:
+        assert e in early_mod._UNFED
+        assert early_mod.kill_unfed() >= 1
+        assert e.proc.wait(timeout=10) == -9
+    finally:
+        e.kill()
+    assert e not in early_mod._UNFED
+
+
+@pytest.mark.criu
 def test_early_restore_gone_before_its_first_image_is_replaced(criu, tmp_path):
     """criu died before it read anything (here: killed): the restore starts a fresh criu
     and the copy is restored all the same."""

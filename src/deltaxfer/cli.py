@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 
 from deltaxfer import __version__
@@ -61,6 +62,7 @@ def cmd_rewrite(args) -> int:
 
 
 def cmd_serve(args) -> int:
+    import asyncio
     import logging
 
     from deltaxfer import transport
@@ -95,7 +97,17 @@ def cmd_serve(args) -> int:
         if args.json:
             print(json.dumps(report), flush=True)
 
+    def on_sigterm():
+        # the sessions in flight end as with a killed receiver (the next start recovers
+        # them), but a `criu restore` started early and not fed yet is killed first: one
+        # still starting would otherwise wait in its open for a writer that is gone
+        from deltaxfer.criu.early import kill_unfed
+        kill_unfed()
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+
     async def main_loop():
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, on_sigterm)
         try:
             server = await serve(
                 host, port, key=key, directory=args.dir, ssl=tls, criu=criu,

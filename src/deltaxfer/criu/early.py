@@ -29,8 +29,10 @@ Clean-up: a restore never fed (the migration failed, was cancelled, its commit c
 no restore) is killed where it waits -- it has read nothing and made no task. If the
 receiver dies, its end of the FIFO closes with it: CRIU reads an empty inventory, says
 so in its log and exits, having made nothing (a restore already fed is not affected: it
-finishes, and a receiver restarted kills the stopped copy that never got RESUME). One
-that was still starting when the receiver died waits in its open; the next receiver's
+finishes, and a receiver restarted kills the stopped copy that never got RESUME). A
+receiver stopped by SIGTERM kills the ones it has not fed on its way out (kill_unfed:
+one still starting would not see its end close). One that was still starting when the
+receiver was killed otherwise waits in its open; the next receiver's
 start kills it (receiver.recover_restores). A restore that dies before it holds the
 FIFO, or does not get there in time, is replaced by a fresh `criu restore`
 (Criu.restore); one that fails after reading the inventory fails the restore, as a
@@ -56,6 +58,25 @@ PIDFILE = "restored.pid"        # relative: CRIU writes it in its work directory
 REACH_TIMEOUT = 5.0
 # how long a kill waits for a restore still starting to reach its first image (~40 ms here)
 SETTLE_TIMEOUT = 5.0
+
+
+# the early restores of this process not fed yet (they have made nothing): what a receiver
+# stopped by SIGTERM kills on its way out (kill_unfed)
+_UNFED: set["EarlyRestore"] = set()
+
+
+def kill_unfed() -> int:
+    """SIGKILL every early restore of this process not fed yet (a receiver on its way out:
+    one still starting would otherwise wait in its open for a writer that is gone).
+    Signal-handler safe enough: no lock, no wait. Returns how many."""
+    n = 0
+    for e in list(_UNFED):
+        try:
+            e.proc.kill()
+            n += 1
+        except OSError:
+            pass
+    return n
 
 
 class EarlyRestore:
@@ -92,7 +113,9 @@ class EarlyRestore:
             os.unlink(fifo)
             raise
         key = (shell_job, bool(lazy), tuple(extra), config, tuple(user_opts))
-        return cls(proc, fd, images_dir, key)
+        early = cls(proc, fd, images_dir, key)
+        _UNFED.add(early)
+        return early
 
     def waiting(self) -> bool:
         """Whether criu holds the FIFO open now (its start-up is over: it waits to read)."""
@@ -154,6 +177,7 @@ class EarlyRestore:
                             images_dir)
                 self._fifo_fd, fd = -1, self._fifo_fd
                 os.close(fd)
+                _UNFED.discard(self)
                 self.proc.communicate()
                 self.fed_s = 0.0
                 return True
@@ -165,6 +189,7 @@ class EarlyRestore:
             return False
         t0 = time.monotonic()
         fd, self._fifo_fd = self._fifo_fd, -1
+        _UNFED.discard(self)                    # fed from here: it restores
         try:
             with open(os.path.join(images_dir, INVENTORY), "rb") as f:
                 view = memoryview(f.read())
@@ -206,10 +231,11 @@ class EarlyRestore:
             self._fifo_fd = -1
         if self.proc.poll() is None:
             self.proc.kill()
+        _UNFED.discard(self)
         try:
             self.proc.communicate(timeout=30)
         except (subprocess.TimeoutExpired, ValueError, OSError):
             pass
 
 
-__all__ = ["EarlyRestore", "REACH_TIMEOUT"]
+__all__ = ["EarlyRestore", "REACH_TIMEOUT", "kill_unfed"]
