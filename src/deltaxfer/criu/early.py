@@ -45,13 +45,14 @@ import os
 import subprocess
 import time
 
-from deltaxfer.criu.runner import CriuError, log_errors, restore_args
+from deltaxfer.criu.runner import (RESTORE_LOG, RESTORE_PIDFILE, CriuError, log_errors,
+                                   restore_args, restore_key)
 
 log = logging.getLogger("deltaxfer.criu.early")
 
 INVENTORY = "inventory.img"
-LOG_NAME = "restore.log"
-PIDFILE = "restored.pid"        # relative: CRIU writes it in its work directory (by inode)
+LOG_NAME = RESTORE_LOG
+PIDFILE = RESTORE_PIDFILE       # relative: CRIU writes it in its work directory (by inode)
 # how long the commit waits for a restore to reach its first image (inside the freeze):
 # it has been starting since the first round (~40 ms here), so it waits there already
 # unless the host is starved; past this it is killed and a fresh one started
@@ -112,8 +113,8 @@ class EarlyRestore:
             os.close(fd)
             os.unlink(fifo)
             raise
-        key = (shell_job, bool(lazy), tuple(extra), config, tuple(user_opts))
-        early = cls(proc, fd, images_dir, key)
+        early = cls(proc, fd, images_dir, restore_key(
+            shell_job=shell_job, lazy=lazy, extra=extra, config=config, user_opts=user_opts))
         _UNFED.add(early)
         return early
 
@@ -150,14 +151,18 @@ class EarlyRestore:
         exited or did not get there within ``timeout``."""
         if self._fifo_fd >= 0 and self._reach(timeout):
             return True
+        self._give_up(timeout, self.images_dir)
+        return False
+
+    def _give_up(self, timeout: float, images_dir: str) -> None:
+        """It exited before its first image or did not get there in ``timeout``: say so
+        (with its log's errors) and kill it; the caller starts a fresh restore."""
         rc = self.proc.poll()
-        log.warning("the restore started early %s; a fresh one is started after the "
-                    "commit: %s",
+        log.warning("the restore started early %s; a fresh one is started: %s",
                     f"exited ({rc}) before its first image" if rc is not None else
                     f"did not reach its first image in {timeout:g} s",
-                    log_errors(os.path.join(self.images_dir, LOG_NAME)) or "no error logged")
+                    log_errors(os.path.join(images_dir, LOG_NAME)) or "no error logged")
         self.kill(settle=0)
-        return False
 
     def restore(self, images_dir: str, timeout: float | None = 600,
                 reach_timeout: float = REACH_TIMEOUT) -> bool:
@@ -181,11 +186,7 @@ class EarlyRestore:
                 self.proc.communicate()
                 self.fed_s = 0.0
                 return True
-            log.warning("the restore started early %s; a fresh one is started: %s",
-                        f"exited ({rc}) before its first image" if rc is not None else
-                        f"did not reach its first image in {reach_timeout:g} s",
-                        log_errors(os.path.join(images_dir, LOG_NAME)) or "no error logged")
-            self.kill(settle=0)
+            self._give_up(reach_timeout, images_dir)
             return False
         t0 = time.monotonic()
         fd, self._fifo_fd = self._fifo_fd, -1
@@ -203,7 +204,7 @@ class EarlyRestore:
         finally:
             os.close(fd)                        # criu reads the inventory, then its end
         try:
-            out, err = self.proc.communicate(timeout=timeout)
+            _, err = self.proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.kill()
             raise CriuError(f"`criu restore` did not finish in {timeout:g} s; full log: "
@@ -223,10 +224,8 @@ class EarlyRestore:
         probes fork helpers (one in a network namespace of its own), which a kill in the
         middle would leave behind."""
         if self._fifo_fd >= 0:
-            deadline = time.monotonic() + settle
-            while self.proc.poll() is None and not self.waiting() \
-                    and time.monotonic() < deadline:
-                time.sleep(0.002)
+            if settle > 0:
+                self._reach(settle)
             os.close(self._fifo_fd)
             self._fifo_fd = -1
         if self.proc.poll() is None:

@@ -30,6 +30,9 @@ INSTALL_HINT = ("install one with `make criu` (runs scripts/install-criu.sh as r
 # 0.27-0.29 at -v4), and per page fault in the lazy-pages daemon. Raised per run with
 # migrate/serve --criu-verbosity.
 CRIU_VERBOSITY = 2
+# where a restore's log and pid file go in its images (= work) directory
+RESTORE_LOG = "restore.log"
+RESTORE_PIDFILE = "restored.pid"
 
 
 class CriuError(RuntimeError):
@@ -132,7 +135,7 @@ class Criu:
         return self.run(args, log_dir=images_dir, log_name=log_name, timeout=timeout)
 
     def restore(self, images_dir: str, *, pidfile: str | None = None, shell_job: bool = True,
-                lazy: bool = False, extra: list[str] = (), log_name: str = "restore.log",
+                lazy: bool = False, extra: list[str] = (), log_name: str = RESTORE_LOG,
                 timeout: float | None = 600, user_opts: list[str] = (),
                 config: str | None = None, verbosity: int = 4,
                 daemon: subprocess.Popen | None = None, early=None) -> int:
@@ -147,7 +150,7 @@ class Criu:
         ``early``: a criu.early.EarlyRestore started with the same options in the directory
         that became images_dir, waiting at its first image: it is fed instead of starting
         criu now; one that died or never reached that image is replaced by a fresh start."""
-        pidfile = pidfile or os.path.join(images_dir, "restored.pid")
+        pidfile = pidfile or os.path.join(images_dir, RESTORE_PIDFILE)
         if not lazy and daemon is not None:     # started for nothing
             daemon.kill()
             daemon.wait()
@@ -158,10 +161,10 @@ class Criu:
                             lazy=daemon is not None, extra=extra, config=config,
                             user_opts=user_opts)
         if early is not None and (
-                early.key != (shell_job, daemon is not None, tuple(extra), config,
-                              tuple(user_opts))
-                or pidfile != os.path.join(images_dir, "restored.pid")
-                or log_name != "restore.log"):
+                early.key != restore_key(shell_job=shell_job, lazy=daemon is not None,
+                                         extra=extra, config=config, user_opts=user_opts)
+                or pidfile != os.path.join(images_dir, RESTORE_PIDFILE)
+                or log_name != RESTORE_LOG):
             early.kill()                        # started for another restore than this one
             early = None
         try:
@@ -369,6 +372,14 @@ def dump_args(pid: int, images_dir: str, *, leave: str = "stopped", shell_job: b
     if page_server:
         args.append("--page-server")
     return _then_operator_opts(args, extra, config, user_opts)
+
+
+def restore_key(*, shell_job: bool, lazy: bool, extra=(), config: str | None = None,
+                user_opts=()) -> tuple:
+    """What makes two `criu restore` runs of one directory the same restore (the options
+    restore_args takes besides the directory and pid file): a restore started early
+    (criu/early.py) is used only by a restore asked with the same key."""
+    return (bool(shell_job), bool(lazy), tuple(extra), config, tuple(user_opts))
 
 
 def restore_args(images_dir: str, *, pidfile: str, shell_job: bool = True, lazy: bool = False,
