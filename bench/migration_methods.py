@@ -114,6 +114,14 @@ DX_SERVE_FLAGS = {"dx-criulazy": ["--lazy-pages-server", "criu"],
                   "dx-noearly": ["--no-early-restore"]}
 
 
+def _first_round(r: dict) -> dict:
+    secs = r["seconds"]
+    return {"pages": r["pages"], "seconds": secs, "wire_bytes": r["wire_bytes"],
+            "memory_GBps": round(r["pages"] * 4096 / secs / 1e9, 3) if secs else None,
+            "wire_GBps": round(r["wire_bytes"] / secs / 1e9, 3) if secs else None,
+            "read_thread_seconds": r.get("read_thread_seconds")}
+
+
 def run_deltaxfer(ctx: Ctx, wl, tag: str, method: str) -> dict:
     server = ServeProcess(ctx.tmp / f"serve-{tag}", ctx.key_file, host=ctx.link.dest.addr,
                           prefix=ctx.dst([]),
@@ -193,6 +201,8 @@ def run_deltaxfer(ctx: Ctx, wl, tag: str, method: str) -> dict:
             # the round sent while CRIU dumped (migrate.Agent.seized_round): ran or why not
             "overlap": report["freeze"].get("overlap"),
             "round_trace": trace,
+            # the first round (all of memory): process memory it covered per second
+            "first_round": _first_round(rounds[0]),
         }
     finally:
         server.stop()
