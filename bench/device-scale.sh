@@ -62,7 +62,7 @@ EOF
 }
 MIB=${MIB:-16384}
 sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null
-matrix "m$((MIB/1024))g" "mem$((MIB/1024))G-d10@host-lo:deltaxfer+page-server" ${M_T:-330}
+matrix "m$((MIB/1024))g" "mem$((MIB/1024))G-d10@host-lo:${METHODS:-deltaxfer+page-server}" ${M_T:-330}
 if [ "${EXTRA_T:-0}" -gt 0 ] && [ $(( $(date +%s) - T0 + EXTRA_T )) -le ${BUDGET_S:-540} ]; then
     sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null
     matrix "m$((MIB/1024))g-4thr" "mem$((MIB/1024))G-d10@host-lo:deltaxfer" "$EXTRA_T" \

@@ -49,7 +49,8 @@ from servers import ServeProcess  # noqa: E402
 from deltaxfer.criu.pipes import PipeSizeRaise  # noqa: E402
 
 METHODS = ("deltaxfer", "dx-noxor", "dx-nolz4", "dx-noconverge", "dx-criulazy", "dx-notrack",
-           "dx-pagesink", "dx-nooverlap", "dx-noearly", "dx-throttle", "dx-postcopy", "rsync",
+           "dx-pagesink", "dx-nooverlap", "dx-noearly", "dx-apply1", "dx-throttle",
+           "dx-postcopy", "rsync",
            "page-server", "tar-lz4", "lazy-floor", "lazy-floor-4m")
 BASELINES = ("rsync", "page-server", "tar-lz4", "lazy-floor", "lazy-floor-4m")
 
@@ -106,12 +107,14 @@ DX_FLAGS = {"deltaxfer": [], "dx-noxor": ["--no-xor"], "dx-nolz4": ["--no-lz4"],
             # whose pages deltaxfer's sink throws away), forced at any size
             "dx-pagesink": ["--freeze", "page-server"],
             # no round while CRIU dumps: the final round only after the dump
-            "dx-nooverlap": ["--no-overlap-dump"], "dx-noearly": []}
+            "dx-nooverlap": ["--no-overlap-dump"], "dx-noearly": [], "dx-apply1": []}
 # serve's own flags per method: dx-criulazy restores through `criu lazy-pages` instead of
 # deltaxfer's lazy-pages server (the A/B of the restore's brownout)
 # dx-noearly starts the copy's `criu restore` at the commit (criu/early.py's A/B)
 DX_SERVE_FLAGS = {"dx-criulazy": ["--lazy-pages-server", "criu"],
-                  "dx-noearly": ["--no-early-restore"]}
+                  "dx-noearly": ["--no-early-restore"],
+                  # the receiver's frames applied by the session's one worker, in order
+                  "dx-apply1": ["--apply-threads", "1"]}
 
 
 def _first_round(r: dict) -> dict:
@@ -635,7 +638,7 @@ def _dir_bytes(d: Path) -> int:
 RUNNERS = {"deltaxfer": run_deltaxfer, "dx-noxor": run_deltaxfer, "dx-nolz4": run_deltaxfer,
            "dx-noconverge": run_deltaxfer, "dx-criulazy": run_deltaxfer,
            "dx-notrack": run_deltaxfer, "dx-pagesink": run_deltaxfer,
-           "dx-nooverlap": run_deltaxfer, "dx-noearly": run_deltaxfer,
+           "dx-nooverlap": run_deltaxfer, "dx-noearly": run_deltaxfer, "dx-apply1": run_deltaxfer,
            "dx-throttle": run_deltaxfer, "dx-postcopy": run_deltaxfer,
            "rsync": run_rsync, "page-server": run_page_server, "tar-lz4": run_tar_lz4,
            "lazy-floor": run_lazy_floor, "lazy-floor-4m": run_lazy_floor}

@@ -5,17 +5,18 @@ APPLY_AT_INDEX = DX_APPLY_AT_INDEX
 APPLY_APPEND = DX_APPLY_APPEND
 
 
-cdef object _apply_error(int rc, dx_applier *a):
+cdef object _apply_error(int rc, dx_apply_work *w):
     """The exception for an applier error: OSError for the disk, FrameError otherwise."""
     if rc == -DX_E_NOMEM:
         return MemoryError("PageApplier")
     if rc == -DX_E_APPLY_IO:
         from os import strerror
-        return OSError(a.err_errno, strerror(a.err_errno))
+        return OSError(w.err_errno, strerror(w.err_errno))
     msg = dx_apply_strerror(rc).decode()
-    if rc in (-DX_E_APPLY_ORDER, -DX_E_APPLY_NOT_HELD, -DX_E_UNKNOWN_VADDR):
-        msg += f" (0x{a.err_vaddr:x})"
-    return _frame_error(f"frame at byte {a.err_offset}: {msg}")
+    if rc in (-DX_E_APPLY_ORDER, -DX_E_APPLY_NOT_HELD, -DX_E_UNKNOWN_VADDR,
+              -DX_E_APPLY_TWICE):
+        msg += f" (0x{w.err_vaddr:x})"
+    return _frame_error(f"frame at byte {w.err_offset}: {msg}")
 
 
 cdef class PageApplier:
@@ -24,9 +25,16 @@ cdef class PageApplier:
     vaddrs: the image's layout (array('Q'), strictly ascending); fd: the output file,
     written with pwritev only; mode APPLY_AT_INDEX (page i at byte i * 4096, the file
     preallocated) or APPLY_APPEND (received pages in arrival order); held_vaddrs/held_fd:
-    the held image, the base of XOR records (mapped read-only). See docs/CORE.md."""
+    the held image, the base of XOR records (mapped read-only). See docs/CORE.md.
+
+    At-index mode: apply() may run on several threads at once (the GIL is released while
+    it works), each call with a work area of its own (taken from, and given back to, the
+    applier's spares): frames in any order, each page received at most once per round.
+    close() while a call runs leaves the freeing to the last call to return."""
     cdef dx_applier a
-    cdef bint ready
+    cdef bint ready, closing
+    cdef dx_apply_work **spare      # free work areas of at-index calls
+    cdef int nspare, spare_cap, busy
     cdef _Buffer vb, hvb
     cdef array.array hashes, recv_vaddrs
     cdef bytearray src
@@ -52,7 +60,7 @@ cdef class PageApplier:
                                       <uint64_t *>self.recv_vaddrs.data.as_voidptr,
                                       srcp)
         if rc:
-            e = _apply_error(rc, &self.a)
+            e = _apply_error(rc, &self.a.w)
             dx_applier_free(&self.a)
             if rc == -DX_E_ARG:
                 raise ValueError("PageApplier: bad mode or held file")
@@ -60,14 +68,50 @@ cdef class PageApplier:
         self.ready = True
 
     def __dealloc__(self):
-        if self.ready:
-            dx_applier_free(&self.a)
+        self._free()
 
-    def close(self):
-        """Unmap the held file and free the scratch memory (the arrays stay)."""
+    cdef void _free(self):
+        cdef int i
         if self.ready:
             dx_applier_free(&self.a)
             self.ready = False
+        for i in range(self.nspare):
+            dx_apply_work_free(self.spare[i])
+            free(self.spare[i])
+        free(self.spare)
+        self.spare = NULL
+        self.nspare = self.spare_cap = 0
+
+    def close(self):
+        """Unmap the held file and free the scratch memory (the arrays stay); with calls
+        still running, the last of them to return does it."""
+        if self.busy:
+            self.closing = True
+        else:
+            self._free()
+
+    cdef dx_apply_work *_take_work(self) except NULL:
+        cdef dx_apply_work *w
+        if self.nspare:
+            self.nspare -= 1
+            return self.spare[self.nspare]
+        if self.spare_cap == 0:
+            self.spare = <dx_apply_work **>calloc(64, sizeof(dx_apply_work *))
+            if self.spare == NULL:
+                raise MemoryError("PageApplier")
+            self.spare_cap = 64
+        w = <dx_apply_work *>calloc(1, sizeof(dx_apply_work))
+        if w == NULL:
+            raise MemoryError("PageApplier")
+        return w
+
+    cdef void _give_work(self, dx_apply_work *w):
+        if self.nspare < self.spare_cap:
+            self.spare[self.nspare] = w
+            self.nspare += 1
+        else:
+            dx_apply_work_free(w)
+            free(w)
 
     cdef _check(self):
         if not self.ready:
@@ -85,23 +129,40 @@ cdef class PageApplier:
         with nogil:
             rc = dx_applier_share_held(&self.a, held_fd, u64_ptr(hh))
         if rc < 0:
-            raise _apply_error(<int>rc, &self.a)
+            raise _apply_error(<int>rc, &self.a.w)
         return rc
 
     def apply(self, frames, size_t max_raw=DX_FRAME_MAX_RAW):
         """Apply frames (back to back); returns this call's records as (zero, xor, full).
         A frame is checked whole before any of its pages is written."""
         self._check()
+        if self.closing:
+            raise ValueError("PageApplier is closed")
         cdef _Buffer fb = bytes_buffer(frames, "frames")
         cdef uint64_t counts[3]
         cdef int rc
-        with nogil:
-            rc = dx_applier_apply(&self.a, fb.ptr, fb.nbytes, max_raw, counts)
-        if rc:
-            if rc == -DX_E_FRAME_TOO_LARGE or rc == -DX_E_FRAME_TRUNCATED:
-                _parse_header(fb.ptr + self.a.err_offset, fb.nbytes - self.a.err_offset,
-                              max_raw, self.a.err_offset)
-            raise _apply_error(rc, &self.a)
+        cdef dx_apply_work *w
+        if self.mode != DX_APPLY_AT_INDEX:
+            if self.busy:
+                raise ValueError("PageApplier: append mode applies one call at a time")
+            w = &self.a.w
+        else:
+            w = self._take_work()
+        self.busy += 1
+        try:
+            with nogil:
+                rc = dx_applier_apply_with(&self.a, w, fb.ptr, fb.nbytes, max_raw, counts)
+            if rc:
+                if rc == -DX_E_FRAME_TOO_LARGE or rc == -DX_E_FRAME_TRUNCATED:
+                    _parse_header(fb.ptr + w.err_offset, fb.nbytes - w.err_offset,
+                                  max_raw, w.err_offset)
+                raise _apply_error(rc, w)
+        finally:
+            self.busy -= 1
+            if w != &self.a.w:
+                self._give_work(w)
+            if self.closing and not self.busy:
+                self._free()
         return counts[0], counts[1], counts[2]
 
     def finish(self):
@@ -113,7 +174,7 @@ cdef class PageApplier:
         with nogil:
             rc = dx_applier_finish(&self.a)
         if rc < 0:
-            raise _apply_error(<int>rc, &self.a)
+            raise _apply_error(<int>rc, &self.a.w)
         if self.mode == DX_APPLY_APPEND:
             array.resize(self.recv_vaddrs, <Py_ssize_t>self.a.nrecv)
             array.resize(self.hashes, <Py_ssize_t>self.a.nrecv)

@@ -13,14 +13,18 @@ cdef extern from "apply.h" nogil:
     enum: DX_E_APPLY_IO
     enum: DX_E_APPLY_HELD_SHORT
     enum: DX_E_APPLY_NO_PAGES
+    enum: DX_E_APPLY_TWICE
+
+    ctypedef struct dx_apply_work:
+        size_t err_offset
+        uint64_t err_vaddr
+        int err_errno
 
     ctypedef struct dx_applier:
         size_t npages, nheld, next, nrecv
         uint64_t append_pages
         uint64_t counts[3]
-        size_t err_offset
-        uint64_t err_vaddr
-        int err_errno
+        dx_apply_work w
 
     int dx_applier_init(dx_applier *a, const uint64_t *vaddrs, size_t npages, int fd, int mode,
                         const uint64_t *held_vaddrs, size_t nheld, int held_fd,
@@ -29,6 +33,9 @@ cdef extern from "apply.h" nogil:
     int64_t dx_applier_share_held(dx_applier *a, int held_fd, const uint64_t *held_hashes)
     int dx_applier_apply(dx_applier *a, const uint8_t *buf, size_t len, size_t max_raw,
                          uint64_t counts[3])
+    int dx_applier_apply_with(dx_applier *a, dx_apply_work *w, const uint8_t *buf, size_t len,
+                              size_t max_raw, uint64_t counts[3])
+    void dx_apply_work_free(dx_apply_work *w)
     int64_t dx_applier_finish(dx_applier *a)
     const char *dx_apply_strerror(int code)
     int dx_pagemap_check(const uint64_t *pairs, size_t n, uint64_t max_nr, uint64_t *present,

@@ -22,6 +22,7 @@ const char *dx_apply_strerror(int code)
     case DX_E_APPLY_IO: return "writing the pages file failed";
     case DX_E_APPLY_HELD_SHORT: return "the held pages file is shorter than its pagemap";
     case DX_E_APPLY_NO_PAGES: return "page records for an image without present pages";
+    case DX_E_APPLY_TWICE: return "page record for a page already received in this round";
     case DX_E_UNKNOWN_VADDR: return "page record for a vaddr outside the image's pagemap";
     default: return dx_strerror(code);
     }
@@ -46,17 +47,23 @@ int dx_applier_init(dx_applier *a, const uint64_t *vaddrs, size_t npages, int fd
     if (nheld) {
         struct stat st;
         if (held_fd < 0) return -DX_E_ARG;
-        if (fstat(held_fd, &st)) { a->err_errno = errno; return -DX_E_APPLY_IO; }
+        if (fstat(held_fd, &st)) { a->w.err_errno = errno; return -DX_E_APPLY_IO; }
         if ((uint64_t)st.st_size < (uint64_t)nheld * DX_PAGE_SIZE) return -DX_E_APPLY_HELD_SHORT;
         void *m = mmap(NULL, nheld * DX_PAGE_SIZE, PROT_READ, MAP_SHARED, held_fd, 0);
-        if (m == MAP_FAILED) { a->err_errno = errno; return -DX_E_APPLY_IO; }
+        if (m == MAP_FAILED) { a->w.err_errno = errno; return -DX_E_APPLY_IO; }
         a->held_pages = m;
         a->nheld = nheld;
     }
-    a->scratch = malloc((size_t)DX_APPLY_RUN_PAGES * DX_PAGE_SIZE);
-    if (!a->scratch) { dx_applier_free(a); return -DX_E_NOMEM; }
     if (src) memset(src, DX_SRC_NONE, npages);
     return 0;
+}
+
+void dx_apply_work_free(dx_apply_work *w)
+{
+    free(w->raw);
+    free(w->scratch);
+    w->raw = w->scratch = NULL;
+    w->raw_cap = 0;
 }
 
 void dx_applier_free(dx_applier *a)
@@ -64,10 +71,7 @@ void dx_applier_free(dx_applier *a)
     if (a->held_pages) munmap((void *)a->held_pages, a->nheld * DX_PAGE_SIZE);
     a->held_pages = NULL;
     a->nheld = 0;
-    free(a->raw);
-    free(a->scratch);
-    a->raw = a->scratch = NULL;
-    a->raw_cap = 0;
+    dx_apply_work_free(&a->w);
 }
 
 /* Pages [from, from+n) of in_fd to pages [to, to+n) of out_fd, in the kernel; 0, or
@@ -97,7 +101,7 @@ int64_t dx_applier_share_held(dx_applier *a, int held_fd, const uint64_t *held_h
         size_t n = 0;          /* a run: consecutive in both files */
         while (i + n < a->nheld && j + n < a->npages && a->held_vaddrs[i + n] == a->vaddrs[j + n])
             n++;
-        int rc = copy_pages(held_fd, i, a->fd, j, n, &a->err_errno);
+        int rc = copy_pages(held_fd, i, a->fd, j, n, &a->w.err_errno);
         if (rc) return rc;
         for (size_t k = 0; k < n; k++) {
             a->hashes[j + k] = held_hashes[i + k];
@@ -111,13 +115,14 @@ int64_t dx_applier_share_held(dx_applier *a, int held_fd, const uint64_t *held_h
 }
 
 /* Write iov[0..n) at page `at` of the output, finishing short writes. */
-static int write_run(dx_applier *a, struct iovec *iov, int n, uint64_t at)
+static int write_run(const dx_applier *a, dx_apply_work *w, struct iovec *iov, int n,
+                     uint64_t at)
 {
     off_t off = (off_t)(at * DX_PAGE_SIZE);
     while (n > 0) {
         ssize_t k = pwritev(a->fd, iov, n, off);
         if (k < 0 && errno == EINTR) continue;
-        if (k <= 0) { a->err_errno = k < 0 ? errno : ENOSPC; return -DX_E_APPLY_IO; }
+        if (k <= 0) { w->err_errno = k < 0 ? errno : ENOSPC; return -DX_E_APPLY_IO; }
         off += k;
         while (n > 0 && (size_t)k >= iov->iov_len) { k -= (ssize_t)iov->iov_len; iov++; n--; }
         if (n > 0) { iov->iov_base = (uint8_t *)iov->iov_base + k; iov->iov_len -= (size_t)k; }
@@ -125,7 +130,8 @@ static int write_run(dx_applier *a, struct iovec *iov, int n, uint64_t at)
     return 0;
 }
 
-/* Where the record for vaddr goes: its layout index at or after *cur, or an error. */
+/* Where the record for vaddr goes: its layout index at or after cur, or an error
+ * (cur > 0: the previous record's index + 1, which vaddr must be above). */
 static int locate(const dx_applier *a, size_t cur, uint64_t vaddr, size_t *idx)
 {
     if (cur > 0 && vaddr <= a->vaddrs[cur - 1]) return -DX_E_APPLY_ORDER;
@@ -135,14 +141,18 @@ static int locate(const dx_applier *a, size_t cur, uint64_t vaddr, size_t *idx)
     return 0;
 }
 
-static int apply_one(dx_applier *a, const uint8_t *raw, size_t raw_len, uint64_t counts[3])
+static int apply_one(dx_applier *a, dx_apply_work *w, const uint8_t *raw, size_t raw_len,
+                     uint64_t counts[3])
 {
-    size_t cur = a->next, idx;
+    const int at_index = a->mode == DX_APPLY_AT_INDEX;
+    /* append: records ascend across the image; at-index: within the frame */
+    const size_t first = at_index ? 0 : a->next;
+    size_t cur = first, idx;
     int rc;
     /* 1. every record checked before any page is written */
     for (size_t p = 0; p < raw_len; p += DX_RECORD_HEADER_SIZE + dx_load16(raw + p + 9)) {
         uint64_t vaddr = dx_load64(raw + p);
-        a->err_vaddr = vaddr;
+        w->err_vaddr = vaddr;
         if ((rc = locate(a, cur, vaddr, &idx))) return rc;
         if (raw[p + 8] == DX_REC_XOR && dx_find_vaddr(a->held_vaddrs, a->nheld, vaddr) < 0)
             return -DX_E_APPLY_NOT_HELD;
@@ -152,22 +162,38 @@ static int apply_one(dx_applier *a, const uint8_t *raw, size_t raw_len, uint64_t
     const uint64_t zh = dx_zero_page_hash();
     struct iovec iov[DX_APPLY_RUN_PAGES];
     int nrun = 0;
-    uint64_t run_at = 0;
+    uint64_t run_at = 0, mine[3] = {0, 0, 0};
     size_t held_cur = 0;
+    cur = first;
     for (size_t p = 0; p < raw_len;) {
         uint64_t vaddr = dx_load64(raw + p);
         uint8_t kind = raw[p + 8];
         size_t plen = dx_load16(raw + p + 9);
         const uint8_t *payload = raw + p + DX_RECORD_HEADER_SIZE;
         p += DX_RECORD_HEADER_SIZE + plen;
-        locate(a, a->next, vaddr, &idx);          /* checked above */
-        a->next = idx + 1;
-        uint64_t at = a->mode == DX_APPLY_AT_INDEX ? idx : a->append_pages;
-        /* a zero page needs no write where nothing was written (a hole, or preallocated) */
-        int write = !(kind == DX_REC_ZERO &&
-                      (a->mode == DX_APPLY_APPEND || a->src[idx] == DX_SRC_NONE));
+        locate(a, cur, vaddr, &idx);              /* checked above */
+        cur = idx + 1;
+        int write;
+        uint64_t at;
+        if (at_index) {
+            /* claim the page: once per round, whichever thread comes first */
+            uint8_t was = __atomic_exchange_n(&a->src[idx], (uint8_t)DX_SRC_RECEIVED,
+                                              __ATOMIC_RELAXED);
+            if (was == DX_SRC_RECEIVED) {
+                w->err_vaddr = vaddr;
+                rc = -DX_E_APPLY_TWICE;
+                goto out;
+            }
+            at = idx;
+            /* a zero page needs no write where nothing was written (preallocated) */
+            write = !(kind == DX_REC_ZERO && was == DX_SRC_NONE);
+        } else {
+            a->next = idx + 1;
+            at = a->append_pages;
+            write = kind != DX_REC_ZERO;          /* a hole, made part of the file at finish */
+        }
         if (write && nrun && (at != run_at + (uint64_t)nrun || nrun == (int)DX_APPLY_RUN_PAGES)) {
-            if ((rc = write_run(a, iov, nrun, run_at))) return rc;
+            if ((rc = write_run(a, w, iov, nrun, run_at))) goto out;
             nrun = 0;
         }
         const uint8_t *page;
@@ -181,7 +207,7 @@ static int apply_one(dx_applier *a, const uint8_t *raw, size_t raw_len, uint64_t
         } else {
             ptrdiff_t j = dx_find_vaddr(a->held_vaddrs + held_cur, a->nheld - held_cur, vaddr);
             held_cur += (size_t)j;                /* checked above: found */
-            uint8_t *slot = a->scratch + (size_t)nrun * DX_PAGE_SIZE;
+            uint8_t *slot = w->scratch + (size_t)nrun * DX_PAGE_SIZE;
             memcpy(slot, a->held_pages + held_cur * DX_PAGE_SIZE, DX_PAGE_SIZE);
             dx_xor_decode(slot, payload, plen);   /* validated with the frame */
             page = slot;
@@ -193,52 +219,70 @@ static int apply_one(dx_applier *a, const uint8_t *raw, size_t raw_len, uint64_t
             iov[nrun].iov_len = DX_PAGE_SIZE;
             nrun++;
         }
-        if (a->mode == DX_APPLY_AT_INDEX) {
+        if (at_index) {
             a->hashes[idx] = h;
-            a->src[idx] = DX_SRC_RECEIVED;
         } else {
             a->recv_vaddrs[a->nrecv] = vaddr;
             a->hashes[a->nrecv] = h;
             a->append_pages++;
+            a->nrecv++;
         }
-        a->nrecv++;
-        a->counts[kind]++;
-        counts[kind]++;
+        mine[kind]++;
     }
-    if (nrun && (rc = write_run(a, iov, nrun, run_at))) return rc;
+    rc = nrun ? write_run(a, w, iov, nrun, run_at) : 0;
+out:
+    for (int k = 0; k < 3; k++) {
+        counts[k] += mine[k];
+        if (at_index) {
+            __atomic_fetch_add(&a->counts[k], mine[k], __ATOMIC_RELAXED);
+            __atomic_fetch_add(&a->nrecv, (size_t)mine[k], __ATOMIC_RELAXED);
+        } else {
+            a->counts[k] += mine[k];
+        }
+    }
+    return rc;
+}
+
+int dx_applier_apply_with(dx_applier *a, dx_apply_work *w, const uint8_t *buf, size_t len,
+                          size_t max_raw, uint64_t counts[3])
+{
+    size_t off = 0;
+    int rc;
+    counts[0] = counts[1] = counts[2] = 0;
+    if (!w->scratch) {
+        w->scratch = malloc((size_t)DX_APPLY_RUN_PAGES * DX_PAGE_SIZE);
+        if (!w->scratch) return -DX_E_NOMEM;
+    }
+    while (off < len) {
+        dx_frame_header h;
+        w->err_offset = off;
+        w->err_vaddr = 0;
+        if ((rc = dx_frame_header_parse(buf + off, len - off, max_raw, &h))) return rc;
+        if (h.raw_len > w->raw_cap) {
+            uint8_t *r = realloc(w->raw, h.raw_len);
+            if (!r) return -DX_E_NOMEM;
+            w->raw = r;
+            w->raw_cap = h.raw_len;
+        }
+        if ((rc = dx_frame_decode(buf + off, &h, w->raw))) return rc;
+        if (h.record_count && !a->npages) return -DX_E_APPLY_NO_PAGES;
+        if ((rc = apply_one(a, w, w->raw, h.raw_len, counts))) return rc;
+        off += DX_FRAME_HEADER_SIZE + h.stored_len;
+    }
     return 0;
 }
 
 int dx_applier_apply(dx_applier *a, const uint8_t *buf, size_t len, size_t max_raw,
                      uint64_t counts[3])
 {
-    size_t off = 0;
-    int rc;
-    counts[0] = counts[1] = counts[2] = 0;
-    while (off < len) {
-        dx_frame_header h;
-        a->err_offset = off;
-        a->err_vaddr = 0;
-        if ((rc = dx_frame_header_parse(buf + off, len - off, max_raw, &h))) return rc;
-        if (h.raw_len > a->raw_cap) {
-            uint8_t *r = realloc(a->raw, h.raw_len);
-            if (!r) return -DX_E_NOMEM;
-            a->raw = r;
-            a->raw_cap = h.raw_len;
-        }
-        if ((rc = dx_frame_decode(buf + off, &h, a->raw))) return rc;
-        if (h.record_count && !a->npages) return -DX_E_APPLY_NO_PAGES;
-        if ((rc = apply_one(a, a->raw, h.raw_len, counts))) return rc;
-        off += DX_FRAME_HEADER_SIZE + h.stored_len;
-    }
-    return 0;
+    return dx_applier_apply_with(a, &a->w, buf, len, max_raw, counts);
 }
 
 int64_t dx_applier_finish(dx_applier *a)
 {
     if (a->mode == DX_APPLY_APPEND) {
         if (ftruncate(a->fd, (off_t)(a->append_pages * DX_PAGE_SIZE))) {
-            a->err_errno = errno;
+            a->w.err_errno = errno;
             return -DX_E_APPLY_IO;
         }
         return 0;

@@ -15,8 +15,16 @@
  *                      its side file, or a final round's child image); zero pages become
  *                      holes, made part of the file by dx_applier_finish.
  * Scratch memory is bounded: the largest frame's raw payload (<= 16 MiB) plus one run
- * (DX_APPLY_RUN_PAGES pages).  Per-page state is 9 bytes (hash + source) in at-index mode,
- * 16 bytes per received page (vaddr + hash) in append mode.
+ * (DX_APPLY_RUN_PAGES pages), per work area.  Per-page state is 9 bytes (hash + source)
+ * in at-index mode, 16 bytes per received page (vaddr + hash) in append mode.
+ *
+ * Threads.  In append mode one call runs at a time and records ascend across the whole
+ * image (the file is written in arrival order).  In at-index mode (a full round, the bulk
+ * of a migration's bytes) calls may run at once on several threads, each with its own
+ * dx_apply_work: records ascend within a frame, frames may be applied in any order, and
+ * each page may be received once per round -- a record for a page already received is
+ * refused (DX_E_APPLY_TWICE; the page's source byte is claimed atomically, so two threads
+ * cannot both take it).  Counters are updated atomically.
  */
 #ifndef DX_APPLY_H
 #define DX_APPLY_H
@@ -37,7 +45,21 @@ enum {
     DX_E_APPLY_IO = 42,         /* a write or copy failed: errno in err_errno */
     DX_E_APPLY_HELD_SHORT = 43, /* the held pages file is shorter than its pagemap */
     DX_E_APPLY_NO_PAGES = 44,   /* records for an image without present pages */
+    DX_E_APPLY_TWICE = 45,      /* at-index: a record for a page already received */
 };
+
+/* One thread's scratch and its last error (the frame's raw payload, one run's built
+ * pages).  Zeroed to start; dx_apply_work_free releases it. */
+typedef struct {
+    uint8_t *raw;               /* one frame's raw payload */
+    size_t raw_cap;
+    uint8_t *scratch;           /* built pages of one run (DX_APPLY_RUN_PAGES) */
+    size_t err_offset;          /* last error: the frame's byte offset in the call's buffer */
+    uint64_t err_vaddr;         /* the record's vaddr, where there is one */
+    int err_errno;              /* DX_E_APPLY_IO: errno */
+} dx_apply_work;
+
+void dx_apply_work_free(dx_apply_work *w);
 
 typedef struct {
     const uint64_t *vaddrs;     /* the image's layout, strictly ascending */
@@ -49,17 +71,11 @@ typedef struct {
     uint64_t *hashes;           /* at-index: [npages]; append: received pages' [npages] */
     uint64_t *recv_vaddrs;      /* append: [npages] */
     uint8_t *src;               /* at-index: [npages], DX_SRC_* */
-    size_t next;                /* layout index after the last record applied */
-    size_t nrecv;               /* records applied */
+    size_t next;                /* append: layout index after the last record applied */
+    size_t nrecv;               /* records applied (atomic in at-index mode) */
     uint64_t append_pages;      /* append: file length in pages */
-    uint64_t counts[3];
-    uint8_t *raw;               /* scratch: one frame's raw payload */
-    size_t raw_cap;
-    uint8_t *scratch;           /* scratch: built pages of one run */
-    /* last error */
-    size_t err_offset;
-    uint64_t err_vaddr;
-    int err_errno;
+    uint64_t counts[3];         /* records by kind (atomic in at-index mode) */
+    dx_apply_work w;            /* the work area of dx_applier_apply, init, share, finish */
 } dx_applier;
 
 /* hashes/recv_vaddrs/src are the caller's arrays of npages entries (recv_vaddrs only
@@ -77,6 +93,10 @@ int64_t dx_applier_share_held(dx_applier *a, int held_fd, const uint64_t *held_h
 /* Apply the frames in buf[0..len).  counts[3] gets this call's records by kind. */
 int dx_applier_apply(dx_applier *a, const uint8_t *buf, size_t len, size_t max_raw,
                      uint64_t counts[3]);
+/* The same with the caller's work area w (its error fields say where a failure was):
+ * at-index mode only, from any number of threads at once, each with its own w. */
+int dx_applier_apply_with(dx_applier *a, dx_apply_work *w, const uint8_t *buf, size_t len,
+                          size_t max_raw, uint64_t counts[3]);
 
 /* End of the image.  At-index: returns the number of pages neither held nor received.
  * Append: sets the file's length (trailing zero pages) and returns 0. */

@@ -90,6 +90,8 @@ def cmd_serve(args) -> int:
         criu.lazy_server = args.lazy_pages_server
     if args.runc_root and not args.restore:
         raise ConfigError("--runc-root restores containers: give --restore too")
+    if args.apply_threads is not None and not 1 <= args.apply_threads <= 64:
+        raise ConfigError(f"--apply-threads {args.apply_threads}: give 1 to 64 threads")
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s deltaxfer serve: %(message)s")
 
@@ -120,7 +122,8 @@ def cmd_serve(args) -> int:
                 idle_timeout=args.idle_timeout or None, runc_root=args.runc_root,
                 restore_opts=restore_opts, restore_config=restore_config,
                 criu_verbosity=args.criu_verbosity,
-                early_restore=not args.no_early_restore)
+                early_restore=not args.no_early_restore,
+                apply_threads=args.apply_threads)
         except StoreError as e:
             raise ConfigError(f"--dir {args.dir}: {e.reason}") from None
         addrs = ", ".join(f"{s.getsockname()[0]}:{s.getsockname()[1]}" for s in server.sockets)
@@ -351,6 +354,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="who fills a lazy restore's pages: deltaxfer's own server (default: "
                         "faulted pages first, all others copied in the background on all "
                         "cores) or `criu lazy-pages` (one page per fault, one thread)")
+    p.add_argument("--apply-threads", type=int, metavar="N", default=None,
+                   help="threads per session that apply a whole memory image's frames at "
+                        "once (a first round's bulk: lz4, hashing and the pages file's "
+                        "writes); default: half the cores, at most 8 (1 on 2 cores: the "
+                        "session's worker applies them in arrival order)")
     p.add_argument("--no-early-restore", action="store_true",
                    help="start a migration's `criu restore` at its commit (default: with its "
                         "first round, waiting at its first image, so that CRIU's start-up "

@@ -101,12 +101,19 @@ class _Receiving:
     """One session's protocol after STATE_END: the state, what it has open (``rnd``, a
     round; ``files``, a FileSet) and one handler per accepted message (see ACCEPTS)."""
 
-    def __init__(self, receiver: "Receiver", conn, begin: dict, session, worker, t0: float):
+    def __init__(self, receiver: "Receiver", conn, begin: dict, session, worker, t0: float,
+                 apply_pool=None):
         self.r, self.conn, self.begin, self.session = receiver, conn, begin, session
         self.peer, self.name = getattr(conn, "peer", "?"), begin["session"]
         self.container = begin.get("container")
         self.loop = asyncio.get_running_loop()
         self.worker, self.t0 = worker, t0
+        # frames of a whole image (at-index: any order, each page once) go to these
+        # threads, up to one batch per thread in flight; everything else waits for them
+        self.apply_pool = apply_pool
+        self.apply_threads = receiver.apply_threads if apply_pool is not None else 1
+        self.applying: set[asyncio.Future] = set()
+        self.parallel_batches = 0            # batches handed to the apply threads
         self.state = State.IDLE
         self.rnd = self.files = None
         self.final_round = False
@@ -142,6 +149,8 @@ class _Receiving:
             handler = ACCEPTS[self.state].get(t)
             if handler is None:
                 raise StoreError("unexpected", _refusal(self.state, t))
+            if self.applying and t != MsgType.PAGES:
+                await self._settle()        # (its failure is the session's, first)
             await getattr(self, handler)(body)
 
     # --- rounds: IDLE / IN_FILES --ROUND--> IN_ROUND / ROUND_IN_FILES --ROUND_END--> back
@@ -251,15 +260,46 @@ class _Receiving:
     async def _pages(self, msg) -> None:
         # the frames already received go to the worker in one hand-off: a thread switch
         # per frame costs more than applying a small frame
-        batch = [decode_pages(msg.payload)]
+        first = decode_pages(msg.payload)
+        parallel = self.apply_pool is not None and self.rnd.applies_unordered(first[0])
+        # in parallel, the batches in flight share the same bound (PAGES_BATCH_BYTES)
+        cap = PAGES_BATCH_BYTES // self.apply_threads if parallel else PAGES_BATCH_BYTES
+        batch = [first]
         size = held_bytes(msg.payload)
-        while len(batch) < PAGES_BATCH and size < PAGES_BATCH_BYTES and \
+        while len(batch) < PAGES_BATCH and size < cap and \
                 (nxt := self.conn.recv_ready(MsgType.PAGES)) is not None:
             batch.append(decode_pages(nxt.payload))
             size += held_bytes(nxt.payload)
-        counts = await self.loop.run_in_executor(self.worker, _apply_frames, self.rnd, batch)
+        if not parallel:
+            if self.applying:
+                await self._settle()
+            self._count(await self.loop.run_in_executor(self.worker, _apply_frames,
+                                                        self.rnd, batch))
+            return
+        self._reap([f for f in self.applying if f.done()])
+        while len(self.applying) >= self.apply_threads:
+            done, _ = await asyncio.wait(self.applying, return_when=asyncio.FIRST_COMPLETED)
+            self._reap(done)
+        self.applying.add(self.loop.run_in_executor(self.apply_pool, _apply_frames,
+                                                    self.rnd, batch))
+        self.parallel_batches += 1
+
+    def _count(self, counts: dict) -> None:
         for k, v in counts.items():
             self.records[k] += v
+
+    def _reap(self, done) -> None:
+        """Applies that ended: counted, or the first failure raised."""
+        for f in done:
+            self.applying.discard(f)
+        for f in done:
+            self._count(f.result())
+
+    async def _settle(self) -> None:
+        """Wait for every apply in flight; raises the first failure."""
+        if self.applying:
+            done, _ = await asyncio.wait(self.applying)
+            self._reap(done)
 
     async def _image_end(self, body: dict) -> None:
         await self.loop.run_in_executor(self.worker, self.rnd.end_image, body["index"],
@@ -412,14 +452,16 @@ class _Receiving:
         report = {"session": name, "path": path, "restored_pid": pid,
                   "round": session.round, "wire_bytes_received": wire,
                   "records": dict(records), "seconds": round(seconds, 6),
+                  "apply_threads": self.apply_threads,
+                  "parallel_batches": self.parallel_batches,
                   "wire_rate_MBps": round(wire / seconds / 1e6, 3)}
         if postcopy is not None:
             report["postcopy"] = pc_report
         log.info("%s: session %s committed: %.2f MiB received in %.2f s "
-                 "(%.1f MB/s; pages %d full, %d xor-delta, %d zero); restorable "
-                 "images in %s%s", peer, name, wire / 2**20, seconds,
-                 report["wire_rate_MBps"], records["full"], records["xor"],
-                 records["zero"], path,
+                 "(%.1f MB/s; pages %d full, %d xor-delta, %d zero; %d batches on %d "
+                 "apply threads); restorable images in %s%s", peer, name, wire / 2**20,
+                 seconds, report["wire_rate_MBps"], records["full"], records["xor"],
+                 records["zero"], self.parallel_batches, self.apply_threads, path,
                  f", restored as pid {pid} (criu's log: "
                  f"{os.path.join(path, 'restore.log')})" if pid else "")
         if r.on_commit:
@@ -431,6 +473,9 @@ class _Receiving:
         copy dropped."""
         self._set(State.CLOSED)
         try:
+            if self.applying:     # (their outcome no longer matters: the round goes)
+                await asyncio.shield(asyncio.wait(self.applying))
+                self.applying.clear()
             if self.rnd is not None:
                 await asyncio.shield(self.loop.run_in_executor(self.worker, self.rnd.abort))
         finally:
@@ -438,6 +483,8 @@ class _Receiving:
                 await asyncio.shield(self._drop_lazy_daemon())
             finally:
                 self.worker.shutdown(wait=False)
+                if self.apply_pool is not None:
+                    self.apply_pool.shutdown(wait=False)
                 if self.files is not None:
                     self.files.discard()
                 if self.session.meta.get("restoring"):
@@ -449,8 +496,12 @@ class Receiver:
                  parent_linked_final: bool = False, idle_timeout: float | None = IDLE_TIMEOUT,
                  runc_root: str | None = None, runc=None,
                  restore_opts=(), restore_config: str | None = None,
-                 criu_verbosity: int = 2, early_restore: bool = True):
+                 criu_verbosity: int = 2, early_restore: bool = True,
+                 apply_threads: int = 1):
         self.store = store
+        # threads applying a whole image's frames at once, per session (serve
+        # --apply-threads); 1: the session's worker applies them in arrival order
+        self.apply_threads = max(1, int(apply_threads))
         # start a migration's `criu restore` with its first round (criu/early.py); serve
         # --no-early-restore starts it at the commit
         self.early_restore = early_restore
@@ -508,10 +559,14 @@ class Receiver:
         # worker thread, in arrival order: each step is awaited before the next message is
         # read, so the transport's flow control bounds what waits in memory
         worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"dx-{name}")
+        # and a whole image's frames (a full round's bulk) on apply_threads at once
+        pool = (concurrent.futures.ThreadPoolExecutor(
+            self.apply_threads, thread_name_prefix=f"dx-{name}-apply")
+            if self.apply_threads > 1 else None)
         t0 = time.monotonic()
         try:
             session = self.store.session(name)
-            rcv = _Receiving(self, conn, begin, session, worker, t0)
+            rcv = _Receiving(self, conn, begin, session, worker, t0, pool)
             held = session.held()
             tables = {}
             for image_id in held:
@@ -544,6 +599,8 @@ class Receiver:
                     await rcv.cleanup()
                 else:
                     worker.shutdown(wait=False)
+                    if pool is not None:
+                        pool.shutdown(wait=False)
             finally:
                 if rcv is not None and rcv.drop_session:
                     self._drop_session(name)

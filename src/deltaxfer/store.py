@@ -27,6 +27,7 @@ import logging
 import os
 import re
 import shutil
+import threading
 from array import array
 from dataclasses import dataclass, field
 
@@ -301,6 +302,7 @@ class _IncomingImage:
     pairs: array = field(default_factory=lambda: array("Q"))  # (vaddr, nr | flags << 32)
     fd: int = -1
     applier: object = None          # _core.PageApplier writing the new pages file
+    mode: int = -1                  # its mode (_core.APPLY_AT_INDEX / APPLY_APPEND)
     vaddrs: array | None = None
     pages_path: str = ""
     pagemap: im.Pagemap | None = None
@@ -586,6 +588,10 @@ class Round:
         self.images: dict[int, _IncomingImage] = {}
         self.next_pages_id = 1 + max((h.pagemap.pages_id for h in self.held.values()), default=0)
         self.closed = False
+        # add_pages calls running (several at once for an at-index image: the receiver's
+        # apply threads); an image's end, the round's end and abort wait for none
+        self._applying = 0
+        self._idle = threading.Condition()
 
     # -- per memory image ------------------------------------------------------------
     def begin_image(self, index: int, image_id: str, entries: int, pages: int) -> None:
@@ -612,6 +618,24 @@ class Round:
         if img is None or img.done:
             raise StoreError("unexpected", f"no open memory image with index {index}")
         return img
+
+    def _settled(self) -> None:
+        """Wait until no add_pages call runs (on another thread)."""
+        with self._idle:
+            self._idle.wait_for(lambda: not self._applying)
+
+    def _ending(self, index: int) -> _IncomingImage:
+        self._settled()
+        return self._image(index)
+
+    def applies_unordered(self, index: int) -> bool:
+        """Whether frames of image `index` may go to add_pages on several threads at once:
+        its pages file is open in at-index mode (a whole image, opened by its first
+        frame), where each page is taken once whatever the frames' order. Append mode
+        (a final round, a round in place) is written in arrival order: one at a time."""
+        img = self.images.get(index)
+        return (img is not None and not img.done and img.applier is not None
+                and img.mode == _core.APPLY_AT_INDEX)
 
     def add_pagemap(self, index: int, entries) -> None:
         """entries: a PAGEMAP message's flat u64 pairs (vaddr, nr_pages | flags << 32) as
@@ -675,6 +699,7 @@ class Round:
         try:
             try:
                 img.applier = _core.PageApplier(img.vaddrs, img.fd, mode, held_v, hfd)
+                img.mode = mode
             except ValueError as e:
                 raise StoreError("internal", f"{img.image_id}: the held image: {e}") from None
             if mode == _core.APPLY_AT_INDEX and held is not None:
@@ -711,12 +736,19 @@ class Round:
         img = self._image(index)
         if img.vaddrs is None:
             self._open_pages(img)
+        with self._idle:
+            self._applying += 1
         try:
             zero, xor, full = img.applier.apply(frames)
         except ValueError as e:  # FrameError is a ValueError
             raise StoreError("bad-payload", f"{img.image_id}: {e}") from None
         except OSError as e:
             raise _disk_error(img, e) from None
+        finally:
+            with self._idle:
+                self._applying -= 1
+                if not self._applying:
+                    self._idle.notify_all()
         return {"zero": zero, "xor": xor, "full": full}
 
     def _close_image(self, img: _IncomingImage) -> None:
@@ -727,7 +759,7 @@ class Round:
             img.fd = -1
 
     def end_image(self, index: int, digest: int) -> None:
-        img = self._image(index)
+        img = self._ending(index)
         if img.vaddrs is None:
             self._open_pages(img)
         try:
@@ -770,6 +802,7 @@ class Round:
     def abort(self) -> None:
         if self.closed:
             return
+        self._settled()
         for img in self.images.values():
             self._close_image(img)
         _rmtree(self.dir)
@@ -826,7 +859,7 @@ class ParentRound(Round):
         return hashes, runs
 
     def end_image(self, index: int, digest: int) -> None:
-        img = self._image(index)
+        img = self._ending(index)
         if img.vaddrs is None:
             self._open_pages(img)
         if img.parent is None:
@@ -896,7 +929,7 @@ class InPlaceRound(ParentRound):
         Round._open_pages(self, img)
 
     def end_image(self, index: int, digest: int) -> None:
-        img = self._image(index)
+        img = self._ending(index)
         if img.vaddrs is None:
             self._open_pages(img)
         if img.parent is None:

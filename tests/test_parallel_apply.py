@@ -1,0 +1,252 @@
+"""A whole image's frames applied on several threads at once (serve --apply-threads): the
+pages file and the hashes are the same as applied one by one in order, in any frame order;
+a page sent twice in a round and records out of order inside a frame are refused; and a
+real migration restores through the parallel path."""
+import asyncio
+import concurrent.futures
+import random
+import re
+import threading
+from array import array
+
+import pytest
+
+from deltaxfer import PAGE_SIZE, _core, transport
+from deltaxfer.receiver import Receiver
+from deltaxfer.serve import default_apply_threads
+from deltaxfer.store import Store, StoreError, image_digest
+from deltaxfer.transport import PeerError
+from deltaxfer.wire import MsgType, encode_pages, iter_pagemap
+
+import workloads
+from faults import agent_tmp  # noqa: F401 (fixture)
+from servers import Server
+from test_migrate_criu import migrate_ok, verify_running
+from test_serve_refusals import KEY, good_transfer, leftovers, run
+from test_store import held_pages, pagemap_of
+
+# three runs of pages, 40 % random, 20 % zero, the rest repeated text: many frames
+VADDRS = array("Q", [0x400000 + i * PAGE_SIZE for i in range(1500)]
+               + [0x7f0000000000 + i * PAGE_SIZE for i in range(900)]
+               + [0x7ffff0000000 + i * PAGE_SIZE for i in range(100)])
+
+
+def mixed_pages(vaddrs, seed=7):
+    rnd = random.Random(seed)
+    out = bytearray()
+    for i, _ in enumerate(vaddrs):
+        k = rnd.random()
+        if k < 0.4:
+            out += rnd.randbytes(PAGE_SIZE)
+        elif k < 0.6:
+            out += bytes(PAGE_SIZE)
+        else:
+            out += (b"page %06d of the parallel apply test; " % i) * 100 + bytes(
+                PAGE_SIZE - 100 * len(b"page %06d of the parallel apply test; " % i))
+    return out
+
+
+PAGES = mixed_pages(VADDRS)
+
+
+def split_frames(frames) -> list[bytes]:
+    out, off, mv = [], 0, memoryview(frames)
+    while off < len(mv):
+        n = _core.read_frame_header(mv[off:])["frame_len"]
+        out.append(bytes(mv[off:off + n]))
+        off += n
+    return out
+
+
+def encoded(frame_size=64 << 10):
+    frames, hashes, _ = _core.encode_round(PAGES, VADDRS, frame_size=frame_size)
+    parts = split_frames(frames)
+    assert len(parts) >= 20, len(parts)
+    return parts, hashes
+
+
+def open_round(tmp_path, name="s"):
+    s = Store(str(tmp_path / "serve")).session(name)
+    rnd = s.begin_round(1, source="test")
+    pm = pagemap_of(VADDRS)
+    rnd.begin_image(0, "pid-1", len(pm.entries), len(VADDRS))
+    rnd.add_pagemap(0, [(e.vaddr, e.nr_pages, e.flags) for e in pm.entries])
+    return s, rnd
+
+
+@pytest.mark.parametrize("order", ["shuffled", "reversed"])
+def test_threads_write_what_one_thread_writes(tmp_path, order):
+    parts, hashes = encoded()
+    s, rnd = open_round(tmp_path)
+    assert not rnd.applies_unordered(0)         # the first frame opens the pages file
+    rnd.add_pages(0, parts[0])
+    assert rnd.applies_unordered(0)
+    rest = parts[1:]
+    if order == "shuffled":
+        random.Random(3).shuffle(rest)
+    else:
+        rest.reverse()
+    barrier = threading.Barrier(4)
+
+    def apply(chunk):
+        barrier.wait()                          # all four at once
+        return [rnd.add_pages(0, f) for f in chunk]
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        counted = [c for got in pool.map(apply, [rest[i::4] for i in range(4)]) for c in got]
+    rnd.end_image(0, image_digest(hashes))      # the digest of every page, as the source's
+    rnd.finish()
+    assert held_pages(s) == (list(VADDRS), bytes(PAGES))
+    total = sum(sum(c.values()) for c in counted)
+    assert 0 < total <= len(VADDRS)
+
+
+def test_a_page_sent_twice_is_refused(tmp_path):
+    parts, _ = encoded()
+    s, rnd = open_round(tmp_path)
+    rnd.add_pages(0, parts[0])
+    rnd.add_pages(0, parts[5])
+    with pytest.raises(StoreError) as e:
+        rnd.add_pages(0, parts[5])
+    assert e.value.code == "bad-payload"
+    assert "already received in this round" in e.value.reason, e.value.reason
+    rnd.abort()
+    assert leftovers(tmp_path) == []
+
+
+def test_records_out_of_order_inside_a_frame_are_refused(tmp_path):
+    parts, _ = encoded()
+    s, rnd = open_round(tmp_path)
+    rnd.add_pages(0, parts[0])
+    w = _core.FrameWriter()
+    w.add_full(VADDRS[2000], bytes([1]) * PAGE_SIZE)
+    w.add_full(VADDRS[1999], bytes([2]) * PAGE_SIZE)
+    with pytest.raises(StoreError, match="out of order"):
+        rnd.add_pages(0, w.finish())
+    rnd.abort()
+
+
+def test_abort_waits_for_applies_in_flight(tmp_path):
+    """abort() (the receiver's cleanup) returns only once no apply runs: it closes the
+    file the applies write to."""
+    parts, _ = encoded()
+    s, rnd = open_round(tmp_path)
+    rnd.add_pages(0, parts[0])
+    started, release = threading.Event(), threading.Event()
+    real = rnd.images[0].applier
+
+    class Slow:                                 # holds the first apply inside the core call
+        def apply(self, frames):
+            started.set()
+            release.wait(5)
+            return real.apply(frames)
+
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+    rnd.images[0].applier = Slow()
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        busy = pool.submit(rnd.add_pages, 0, parts[1])
+        assert started.wait(5)
+        aborted = pool.submit(rnd.abort)
+        with pytest.raises(concurrent.futures.TimeoutError):
+            aborted.result(timeout=0.3)         # waits for the apply
+        release.set()
+        busy.result(timeout=5)
+        aborted.result(timeout=5)
+    assert leftovers(tmp_path) == []
+
+
+def test_default_threads():
+    assert default_apply_threads(1) == 1 and default_apply_threads(2) == 1
+    assert default_apply_threads(4) == 2 and default_apply_threads(16) == 8
+    assert default_apply_threads(128) == 8
+
+
+async def _start(tmp_path, threads):
+    receiver = Receiver(Store(str(tmp_path / "serve")), apply_threads=threads)
+    server = await transport.serve("127.0.0.1", 0, key=KEY, handler=receiver.handle)
+    return receiver, server, server.sockets[0].getsockname()[1]
+
+
+async def _send(port, parts, hashes, *, twice=None):
+    conn = await transport.connect("127.0.0.1", port, key=KEY)
+    await conn.send_control(MsgType.BEGIN, {"session": "p", "mode": "send", "source": "t",
+                                            "images": [{"id": "pid-1"}]})
+    await conn.recv_control(MsgType.STATE)
+    while (await conn.recv()).type != MsgType.STATE_END:
+        pass
+    pm = pagemap_of(VADDRS)
+    await conn.send_control(MsgType.ROUND, {"round": 1, "final": True})
+    await conn.send_control(MsgType.IMAGE, {"index": 0, "id": "pid-1",
+                                            "entries": len(pm.entries), "pages": len(VADDRS)})
+    pairs = array("Q")
+    for e in pm.entries:
+        pairs += array("Q", [e.vaddr, e.nr_pages | e.flags << 32])
+    for p in iter_pagemap(0, pairs):
+        await conn.send(MsgType.PAGEMAP, p)
+    for i, f in enumerate(parts):
+        await conn.send(MsgType.PAGES, encode_pages(0, f))
+        if i == twice:
+            await conn.send(MsgType.PAGES, encode_pages(0, f))
+    await conn.send_control(MsgType.IMAGE_END, {"index": 0,
+                                                "digest": f"{image_digest(hashes):016x}"})
+    await conn.send_control(MsgType.ROUND_END, {"round": 1})
+    ok = await conn.recv_control(MsgType.ROUND_OK)
+    data = b"tree"
+    await conn.send_control(MsgType.FILE, {"name": "pstree.img", "size": 4, "mode": 0o600})
+    await conn.send(MsgType.FILE_DATA, data)
+    await conn.send_control(MsgType.FILE_END, {"xxh3": f"{_core.xxh3_64(data):016x}"})
+    await conn.send_control(MsgType.COMMIT, {"restore": False})
+    done = await conn.recv_control(MsgType.COMMITTED)
+    await conn.goodbye()
+    return ok, done
+
+
+def test_receiver_applies_on_threads(loop_kind, tmp_path):
+    parts, hashes = encoded(frame_size=32 << 10)
+    reports = []
+
+    async def main():
+        receiver, server, port = await _start(tmp_path, 4)
+        receiver.on_commit = reports.append
+        async with server:
+            ok, done = await _send(port, parts, hashes)
+            assert ok["pages"] == len(VADDRS)
+            return done
+    done = run(loop_kind, main())
+    s = Store(str(tmp_path / "serve")).session("p")
+    assert held_pages(s) == (list(VADDRS), bytes(PAGES))
+    (report,) = reports
+    assert report["apply_threads"] == 4
+    # every frame after the image's first went to the apply threads (in batches)
+    assert 1 <= report["parallel_batches"] <= len(parts) - 1, report
+    assert sum(report["records"].values()) > 0 and done["path"].endswith("/p/images")
+
+
+def test_receiver_refuses_a_page_sent_twice_and_keeps_serving(loop_kind, tmp_path):
+    parts, hashes = encoded(frame_size=32 << 10)
+
+    async def main():
+        _, server, port = await _start(tmp_path, 3)
+        async with server:
+            with pytest.raises(PeerError) as e:
+                await _send(port, parts, hashes, twice=len(parts) // 2)
+            assert e.value.code == "bad-payload", e.value
+            assert "already received in this round" in e.value.reason, e.value.reason
+            await asyncio.sleep(0.05)
+            assert leftovers(tmp_path) == []
+            ok, done = await good_transfer(port)
+            assert ok["pages"] == 32
+    run(loop_kind, main())
+
+
+@pytest.mark.slow
+def test_migration_restores_through_apply_threads(criu, tmp_path, agent_tmp):
+    mib = 96
+    with Server(tmp_path, extra=["--restore", "--apply-threads", "3"]) as server, \
+            workloads.start("memwork", mib=mib, dirty_mib_per_s=4, tmpdir=tmp_path) as wl:
+        r, pid = migrate_ok(tmp_path, agent_tmp, server, wl)
+        verify_running(wl, pid, expect_pages=mib * 2**20 // 4096)
+        m = re.search(r"(\d+) batches on 3 apply threads", server.log())
+        assert m and int(m.group(1)) > 0, server.log()[-3000:]
