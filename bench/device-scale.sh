@@ -9,7 +9,8 @@
 #      dirtying 10 MiB/s moved by deltaxfer (all cores) and by CRIU's page-server in the
 #      same run; the JSON row of each carries total time, downtime, CPU per side, peak
 #      RSS and the first round's GB/s of process memory;
-#   3. if $EXTRA_T > 0 and it fits in $BUDGET_S: the same deltaxfer move, 4 encoder threads.
+#   3. if $EXTRA_T > 0 and it fits in $BUDGET_S: $EXTRA_METHODS again with $EXTRA_ENV set
+#      (default: deltaxfer with 4 encoder threads). Before 2: bench/scale_write.py.
 # Results land in $OUT (JSON + logs).
 # Carry: .local/criu .devdeps ext/_core.c .whl tests/workloads/bin src/deltaxfer/_hook_agent
 set -u
@@ -41,6 +42,10 @@ echo "nofile now $(ulimit -n); setup $(( $(date +%s) - T0 )) s"
     --threads 1,2,4,8,16 --json "$OUT/pipeline.json" > "$OUT/pipeline.log" 2>&1
     echo "pipeline rc=$? at $(( $(date +%s) - T0 )) s"; tail -c 600 "$OUT/pipeline.log"; echo; }
 
+[ "${SKIP_WRITE:-0}" = 1 ] || { timeout ${WRITE_T:-60} $PY bench/scale_write.py --mib ${WRITE_MIB:-4096} \
+    --threads 8 --json "$OUT/write.json" > "$OUT/write.log" 2>&1
+    echo "write rc=$? at $(( $(date +%s) - T0 )) s"; cat "$OUT/write.log"; }
+
 matrix() {   # $1 tag, $2 cells, $3 timeout; the rest: env
     local tag=$1 cells=$2 t=$3; shift 3
     env "$@" DX_MATRIX="$cells" DX_MATRIX_REPS=1 timeout "$t" $PY -m pytest -p no:cacheprovider \
@@ -65,7 +70,7 @@ sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null
 matrix "m$((MIB/1024))g" "mem$((MIB/1024))G-d10@host-lo:${METHODS:-deltaxfer+page-server}" ${M_T:-330}
 if [ "${EXTRA_T:-0}" -gt 0 ] && [ $(( $(date +%s) - T0 + EXTRA_T )) -le ${BUDGET_S:-540} ]; then
     sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null
-    matrix "m$((MIB/1024))g-4thr" "mem$((MIB/1024))G-d10@host-lo:deltaxfer" "$EXTRA_T" \
-        DELTAXFER_ENCODER_THREADS=4
+    matrix "m$((MIB/1024))g-extra" "mem$((MIB/1024))G-d10@host-lo:${EXTRA_METHODS:-deltaxfer}" \
+        "$EXTRA_T" ${EXTRA_ENV:-DELTAXFER_ENCODER_THREADS=4}
 fi
 echo "done at $(( $(date +%s) - T0 )) s"

@@ -25,6 +25,7 @@ cdef extern from "apply.h" nogil:
         uint64_t append_pages
         uint64_t counts[3]
         dx_apply_work w
+        int prefault
 
     int dx_applier_init(dx_applier *a, const uint64_t *vaddrs, size_t npages, int fd, int mode,
                         const uint64_t *held_vaddrs, size_t nheld, int held_fd,

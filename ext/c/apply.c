@@ -1,6 +1,7 @@
 /* The destination's page applier (see apply.h). */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <fcntl.h>
 #include <stdlib.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
@@ -55,6 +56,8 @@ int dx_applier_init(dx_applier *a, const uint64_t *vaddrs, size_t npages, int fd
         a->nheld = nheld;
     }
     if (src) memset(src, DX_SRC_NONE, npages);
+    if (pthread_mutex_init(&a->write_lock, NULL)) { dx_applier_free(a); return -DX_E_NOMEM; }
+    a->lock_ready = 1;
     return 0;
 }
 
@@ -72,6 +75,8 @@ void dx_applier_free(dx_applier *a)
     a->held_pages = NULL;
     a->nheld = 0;
     dx_apply_work_free(&a->w);
+    if (a->lock_ready) pthread_mutex_destroy(&a->write_lock);
+    a->lock_ready = 0;
 }
 
 /* Pages [from, from+n) of in_fd to pages [to, to+n) of out_fd, in the kernel; 0, or
@@ -115,19 +120,33 @@ int64_t dx_applier_share_held(dx_applier *a, int held_fd, const uint64_t *held_h
 }
 
 /* Write iov[0..n) at page `at` of the output, finishing short writes. */
-static int write_run(const dx_applier *a, dx_apply_work *w, struct iovec *iov, int n,
-                     uint64_t at)
+static int write_run(dx_applier *a, dx_apply_work *w, struct iovec *iov, int n, uint64_t at)
 {
     off_t off = (off_t)(at * DX_PAGE_SIZE);
+    int rc = 0, locked = a->mode == DX_APPLY_AT_INDEX && a->lock_ready;
+    if (locked) {
+        /* The run's page-cache pages are made here, outside the lock, on this thread: a
+         * preallocated range reads as zeros, so this allocates and zero-fills them (the
+         * first touch of that memory -- on a VM whose host takes freed memory back, the
+         * most costly part) while another thread writes; the write under the lock then
+         * copies into pages already there.  Advice only: its failure changes nothing. */
+        if (a->prefault) {
+            size_t len = 0;
+            for (int i = 0; i < n; i++) len += iov[i].iov_len;
+            posix_fadvise(a->fd, off, (off_t)len, POSIX_FADV_WILLNEED);
+        }
+        pthread_mutex_lock(&a->write_lock);
+    }
     while (n > 0) {
         ssize_t k = pwritev(a->fd, iov, n, off);
         if (k < 0 && errno == EINTR) continue;
-        if (k <= 0) { w->err_errno = k < 0 ? errno : ENOSPC; return -DX_E_APPLY_IO; }
+        if (k <= 0) { w->err_errno = k < 0 ? errno : ENOSPC; rc = -DX_E_APPLY_IO; break; }
         off += k;
         while (n > 0 && (size_t)k >= iov->iov_len) { k -= (ssize_t)iov->iov_len; iov++; n--; }
         if (n > 0) { iov->iov_base = (uint8_t *)iov->iov_base + k; iov->iov_len -= (size_t)k; }
     }
-    return 0;
+    if (locked) pthread_mutex_unlock(&a->write_lock);
+    return rc;
 }
 
 /* Where the record for vaddr goes: its layout index at or after cur, or an error

@@ -29,6 +29,8 @@
 #ifndef DX_APPLY_H
 #define DX_APPLY_H
 
+#include <pthread.h>
+
 #include "dx_common.h"
 
 #define DX_APPLY_RUN_PAGES 256u
@@ -76,6 +78,12 @@ typedef struct {
     uint64_t append_pages;      /* append: file length in pages */
     uint64_t counts[3];         /* records by kind (atomic in at-index mode) */
     dx_apply_work w;            /* the work area of dx_applier_apply, init, share, finish */
+    /* at-index: one pwritev at a time. The filesystems take the file's inode lock for a
+     * buffered write anyway; threads queued on it spin (rwsem optimistic spinning) while
+     * the writer runs -- a thread waiting here sleeps and its decoding went before. */
+    pthread_mutex_t write_lock;
+    int lock_ready;
+    int prefault;               /* at-index: make a run's page-cache pages before the lock */
 } dx_applier;
 
 /* hashes/recv_vaddrs/src are the caller's arrays of npages entries (recv_vaddrs only

@@ -348,6 +348,9 @@ class Agent:
                 "written_pages": snap.written_pages, "read_pages": snap.pages_read,
                 "skipped": c["skipped"], "failed_pages": snap.pages_failed,
                 "read_thread_seconds": round(rs.read_seconds, 6),
+                # the sending loop's waits: for encoders, in send (link / destination)
+                "encode_wait_seconds": round(rs.encode_wait_seconds, 6),
+                "send_wait_seconds": round(rs.send_wait_seconds, 6),
                 "wire_bytes": c["stored_bytes"], "read_seconds": round(snap.seconds, 6),
                 "seconds": round(seconds, 6)}
 

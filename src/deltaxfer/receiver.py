@@ -114,6 +114,7 @@ class _Receiving:
         self.apply_threads = receiver.apply_threads if apply_pool is not None else 1
         self.applying: set[asyncio.Future] = set()
         self.parallel_batches = 0            # batches handed to the apply threads
+        self.apply_wait = 0.0                # the round's loop waiting for applies
         self.state = State.IDLE
         self.rnd = self.files = None
         self.final_round = False
@@ -270,16 +271,19 @@ class _Receiving:
                 (nxt := self.conn.recv_ready(MsgType.PAGES)) is not None:
             batch.append(decode_pages(nxt.payload))
             size += held_bytes(nxt.payload)
+        t = time.monotonic()
         if not parallel:
             if self.applying:
                 await self._settle()
             self._count(await self.loop.run_in_executor(self.worker, _apply_frames,
                                                         self.rnd, batch))
+            self.apply_wait += time.monotonic() - t
             return
         self._reap([f for f in self.applying if f.done()])
         while len(self.applying) >= self.apply_threads:
             done, _ = await asyncio.wait(self.applying, return_when=asyncio.FIRST_COMPLETED)
             self._reap(done)
+        self.apply_wait += time.monotonic() - t
         self.applying.add(self.loop.run_in_executor(self.apply_pool, _apply_frames,
                                                     self.rnd, batch))
         self.parallel_batches += 1
@@ -319,8 +323,10 @@ class _Receiving:
             "round": done["round"], "pages": done["pages"],
             "bytes": conn.stats["bytes_in"]})
         log.info("%s: session %s round %d complete: %d pages held (%.3f s from ROUND, "
-                 "%.3f s of it finishing after ROUND_END)", self.peer, self.name,
-                 done["round"], done["pages"], t_done - self.t_round, t_done - t_end)
+                 "%.3f s of it finishing after ROUND_END, %.3f s of it waiting for the "
+                 "applies)", self.peer, self.name, done["round"], done["pages"],
+                 t_done - self.t_round, t_done - t_end, self.apply_wait)
+        self.apply_wait = 0.0
 
     # --- post-copy: PENDING (IN_FILES, after the final round) names the pages whose
     # content comes after RESUMED

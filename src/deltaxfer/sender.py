@@ -171,12 +171,16 @@ async def send_round(conn, round_no: int, images: list[SourceImage], held: dict[
                 for payload in iter_pagemap(index, pairs):
                     await conn.send(MsgType.PAGEMAP, payload)
                 hashes = array("Q")
+            t = time.monotonic()
             frames, window_hashes, st, read_s, encode_s = await fut
+            t_sent = time.monotonic()
+            stats.encode_wait_seconds += t_sent - t
             pending.popleft()
             submit()
             # whole PAGES payloads (index, frame) as the encoder wrote them: no copy here
             for payload in split_payloads(frames):
                 await conn.send(MsgType.PAGES, payload)
+            stats.send_wait_seconds += time.monotonic() - t_sent
             hashes.extend(window_hashes)
             stats.add(st)
             stats.removed += st.get("removed", 0)

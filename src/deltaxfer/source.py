@@ -102,6 +102,10 @@ class SentRound:
     # windows (reading process memory) and encoding them
     read_seconds: float = 0.0
     encode_seconds: float = 0.0
+    # where the sending loop waited: for the next window's encode (the source's threads
+    # are the bound), and in send (the link or the destination is)
+    encode_wait_seconds: float = 0.0
+    send_wait_seconds: float = 0.0
     windows: int = 0
     counts: dict = field(default_factory=lambda: dict.fromkeys(_STAT_KEYS, 0))
 
@@ -113,7 +117,9 @@ class SentRound:
         return {"images": self.images, "pages": self.pages, "removed": self.removed,
                 "seconds": round(self.seconds, 6), "windows": self.windows,
                 "read_thread_seconds": round(self.read_seconds, 6),
-                "encode_thread_seconds": round(self.encode_seconds, 6), **self.counts}
+                "encode_thread_seconds": round(self.encode_seconds, 6),
+                "encode_wait_seconds": round(self.encode_wait_seconds, 6),
+                "send_wait_seconds": round(self.send_wait_seconds, 6), **self.counts}
 
 
 def dump_images(dump: DumpDir) -> tuple[list[SourceImage], list, list[str]]:
