@@ -82,6 +82,11 @@ def work(criu):
     try:
         yield {"tmp": tmp, "key_file": str(key_file)}
     finally:
+        keep = os.environ.get("DX_BENCH_LOGS")    # a folder for the servers' logs
+        if keep:
+            os.makedirs(keep, exist_ok=True)
+            for log in tmp.glob("serve-*.log"):
+                shutil.copy(log, keep)
         shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -48,7 +48,8 @@ echo "nofile now $(ulimit -n); setup $(( $(date +%s) - T0 )) s"
 
 matrix() {   # $1 tag, $2 cells, $3 timeout; the rest: env
     local tag=$1 cells=$2 t=$3; shift 3
-    env "$@" DX_MATRIX="$cells" DX_MATRIX_REPS=1 timeout "$t" $PY -m pytest -p no:cacheprovider \
+    env "$@" DX_BENCH_LOGS=/tmp/dx-logs-$tag DX_MATRIX="$cells" DX_MATRIX_REPS=1 \
+        timeout "$t" $PY -m pytest -p no:cacheprovider \
         bench/bench_migrate.py --benchmark-only -s -q > "$OUT/$tag.log" 2>&1
     echo "$tag rc=$? at $(( $(date +%s) - T0 )) s"
     cp .benchmarks/migrate-matrix-cells.json "$OUT/$tag.json" 2>/dev/null
@@ -64,6 +65,9 @@ for r in d.get("runs", []):
     print({k: r.get(k) for k in keys if k in r})
 EOF
     grep -E "Error|FAILED|failed" "$OUT/$tag.log" | head -5
+    # the receiver's own account of each round (its waits for the applies)
+    grep -hE "round [0-9]+ complete|committed" /tmp/dx-logs-$tag/*.log 2>/dev/null \
+        | cut -c1-400 > "$OUT/$tag-serve.txt"; head -3 "$OUT/$tag-serve.txt"
 }
 MIB=${MIB:-16384}
 sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null
