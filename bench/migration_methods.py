@@ -122,7 +122,10 @@ def _first_round(r: dict) -> dict:
     return {"pages": r["pages"], "seconds": secs, "wire_bytes": r["wire_bytes"],
             "memory_GBps": round(r["pages"] * 4096 / secs / 1e9, 3) if secs else None,
             "wire_GBps": round(r["wire_bytes"] / secs / 1e9, 3) if secs else None,
-            "read_thread_seconds": r.get("read_thread_seconds")}
+            "read_thread_seconds": r.get("read_thread_seconds"),
+            # where the source's sending loop waited: encoders, or send (link/destination)
+            "encode_wait_seconds": r.get("encode_wait_seconds"),
+            "send_wait_seconds": r.get("send_wait_seconds")}
 
 
 def run_deltaxfer(ctx: Ctx, wl, tag: str, method: str) -> dict:

@@ -25,6 +25,7 @@ from dx_procmem cimport *
 from dx_pipeline cimport *
 from dx_track cimport *
 from dx_apply cimport *
+from dx_applypool cimport *
 from dx_lazy cimport *
 
 cdef extern from "lz4.h":
@@ -57,6 +58,7 @@ include "procmem.pxi"
 include "pipeline.pxi"
 include "store.pxi"
 include "apply.pxi"
+include "applypool.pxi"
 include "images.pxi"
 include "track.pxi"
 include "lazy.pxi"

@@ -170,6 +170,13 @@ cdef class PageApplier:
                 self._free()
         return counts[0], counts[1], counts[2]
 
+    def wait_idle(self):
+        """Return once no ApplyPool job on this applier is still working (its file may be
+        closed then)."""
+        if self.ready:
+            with nogil:
+                dx_applier_wait_idle(&self.a)
+
     def finish(self):
         """End of the image. At-index: (hashes of every page in layout order, number of
         pages neither held nor received). Append: (vaddrs, hashes) of the received pages,

@@ -27,6 +27,9 @@ cdef extern from "apply.h" nogil:
         dx_apply_work w
         int prefault
 
+    void dx_applier_hold(dx_applier *a)
+    void dx_applier_release(dx_applier *a)
+    void dx_applier_wait_idle(dx_applier *a)
     int dx_applier_init(dx_applier *a, const uint64_t *vaddrs, size_t npages, int fd, int mode,
                         const uint64_t *held_vaddrs, size_t nheld, int held_fd,
                         uint64_t *hashes, uint64_t *recv_vaddrs, uint8_t *src)

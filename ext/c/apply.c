@@ -24,6 +24,7 @@ const char *dx_apply_strerror(int code)
     case DX_E_APPLY_HELD_SHORT: return "the held pages file is shorter than its pagemap";
     case DX_E_APPLY_NO_PAGES: return "page records for an image without present pages";
     case DX_E_APPLY_TWICE: return "page record for a page already received in this round";
+    case 46: return "the apply threads stopped before this frame was applied";
     case DX_E_UNKNOWN_VADDR: return "page record for a vaddr outside the image's pagemap";
     default: return dx_strerror(code);
     }
@@ -57,8 +58,41 @@ int dx_applier_init(dx_applier *a, const uint64_t *vaddrs, size_t npages, int fd
     }
     if (src) memset(src, DX_SRC_NONE, npages);
     if (pthread_mutex_init(&a->write_lock, NULL)) { dx_applier_free(a); return -DX_E_NOMEM; }
+    if (pthread_mutex_init(&a->idle_mu, NULL)) {
+        pthread_mutex_destroy(&a->write_lock);
+        dx_applier_free(a);
+        return -DX_E_NOMEM;
+    }
+    if (pthread_cond_init(&a->idle_cv, NULL)) {
+        pthread_mutex_destroy(&a->idle_mu);
+        pthread_mutex_destroy(&a->write_lock);
+        dx_applier_free(a);
+        return -DX_E_NOMEM;
+    }
     a->lock_ready = 1;
     return 0;
+}
+
+void dx_applier_hold(dx_applier *a)
+{
+    pthread_mutex_lock(&a->idle_mu);
+    a->held++;
+    pthread_mutex_unlock(&a->idle_mu);
+}
+
+void dx_applier_release(dx_applier *a)
+{
+    pthread_mutex_lock(&a->idle_mu);
+    if (--a->held == 0) pthread_cond_broadcast(&a->idle_cv);
+    pthread_mutex_unlock(&a->idle_mu);
+}
+
+void dx_applier_wait_idle(dx_applier *a)
+{
+    if (!a->lock_ready) return;
+    pthread_mutex_lock(&a->idle_mu);
+    while (a->held) pthread_cond_wait(&a->idle_cv, &a->idle_mu);
+    pthread_mutex_unlock(&a->idle_mu);
 }
 
 void dx_apply_work_free(dx_apply_work *w)
@@ -75,7 +109,11 @@ void dx_applier_free(dx_applier *a)
     a->held_pages = NULL;
     a->nheld = 0;
     dx_apply_work_free(&a->w);
-    if (a->lock_ready) pthread_mutex_destroy(&a->write_lock);
+    if (a->lock_ready) {
+        pthread_mutex_destroy(&a->write_lock);
+        pthread_cond_destroy(&a->idle_cv);
+        pthread_mutex_destroy(&a->idle_mu);
+    }
     a->lock_ready = 0;
 }
 

@@ -84,7 +84,17 @@ typedef struct {
     pthread_mutex_t write_lock;
     int lock_ready;
     int prefault;               /* at-index: make a run's page-cache pages before the lock */
+    /* jobs of an apply pool (applypool.h) holding this applier: its file stays open */
+    pthread_mutex_t idle_mu;
+    pthread_cond_t idle_cv;
+    int held;
 } dx_applier;
+
+/* A pool job on this applier begins (hold) or has ended its work (release);
+ * dx_applier_wait_idle returns once none is held. */
+void dx_applier_hold(dx_applier *a);
+void dx_applier_release(dx_applier *a);
+void dx_applier_wait_idle(dx_applier *a);
 
 /* hashes/recv_vaddrs/src are the caller's arrays of npages entries (recv_vaddrs only
  * in append mode, src only in at-index mode).  held_fd may be -1 (nothing held). */

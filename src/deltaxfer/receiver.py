@@ -17,6 +17,7 @@ import signal
 import subprocess
 import time
 
+from deltaxfer import _core
 from deltaxfer.core import procmem
 from deltaxfer.criu.runner import CriuError
 from deltaxfer.pidref import signal_tree
@@ -108,13 +109,20 @@ class _Receiving:
         self.container = begin.get("container")
         self.loop = asyncio.get_running_loop()
         self.worker, self.t0 = worker, t0
-        # frames of a whole image (at-index: any order, each page once) go to these
-        # threads, up to one batch per thread in flight; everything else waits for them
+        # frames of a whole image (at-index: any order, each page once) go to the C
+        # threads of an ApplyPool, up to apply_limit bytes of buffers in flight;
+        # everything else waits for them (_settle)
         self.apply_pool = apply_pool
         self.apply_threads = receiver.apply_threads if apply_pool is not None else 1
-        self.applying: set[asyncio.Future] = set()
-        self.parallel_batches = 0            # batches handed to the apply threads
+        self.apply_limit = PAGES_BATCH_BYTES + self.apply_threads * (1 << 20)
+        self.applying: dict[int, tuple[int, int]] = {}   # token -> (image index, bytes)
+        self.applying_bytes = 0
+        self.apply_failed: StoreError | None = None
+        self.applied = asyncio.Event()
+        self.parallel_batches = 0            # payloads handed to the apply threads
         self.apply_wait = 0.0                # the round's loop waiting for applies
+        if apply_pool is not None:
+            self.loop.add_reader(apply_pool.fd, self._on_applied)
         self.state = State.IDLE
         self.rnd = self.files = None
         self.final_round = False
@@ -150,7 +158,7 @@ class _Receiving:
             handler = ACCEPTS[self.state].get(t)
             if handler is None:
                 raise StoreError("unexpected", _refusal(self.state, t))
-            if self.applying and t != MsgType.PAGES:
+            if (self.applying or self.apply_failed) and t != MsgType.PAGES:
                 await self._settle()        # (its failure is the session's, first)
             await getattr(self, handler)(body)
 
@@ -259,51 +267,68 @@ class _Receiving:
         self.rnd.add_pagemap(pm.index, pm.entries)     # u64 pairs, kept as arrays
 
     async def _pages(self, msg) -> None:
+        index, frame = first = decode_pages(msg.payload)
+        t = time.monotonic()
+        applier = self.rnd.unordered_applier(index) if self.apply_pool is not None else None
+        if applier is not None:
+            # a whole image's frame: to the pool's C threads, no Python per frame there
+            if self.apply_failed is not None:
+                raise self.apply_failed
+            size = held_bytes(msg.payload)
+            while self.applying_bytes + size > self.apply_limit and self.applying:
+                await self._applied_some()
+            token = self.apply_pool.submit(applier, frame)
+            self.applying[token] = (index, size)
+            self.applying_bytes += size
+            self.parallel_batches += 1
+            self.apply_wait += time.monotonic() - t
+            return
         # the frames already received go to the worker in one hand-off: a thread switch
         # per frame costs more than applying a small frame
-        first = decode_pages(msg.payload)
-        parallel = self.apply_pool is not None and self.rnd.applies_unordered(first[0])
-        # in parallel, the batches in flight share the same bound (PAGES_BATCH_BYTES)
-        cap = PAGES_BATCH_BYTES // self.apply_threads if parallel else PAGES_BATCH_BYTES
         batch = [first]
         size = held_bytes(msg.payload)
-        while len(batch) < PAGES_BATCH and size < cap and \
+        while len(batch) < PAGES_BATCH and size < PAGES_BATCH_BYTES and \
                 (nxt := self.conn.recv_ready(MsgType.PAGES)) is not None:
             batch.append(decode_pages(nxt.payload))
             size += held_bytes(nxt.payload)
-        t = time.monotonic()
-        if not parallel:
-            if self.applying:
-                await self._settle()
-            self._count(await self.loop.run_in_executor(self.worker, _apply_frames,
-                                                        self.rnd, batch))
-            self.apply_wait += time.monotonic() - t
-            return
-        self._reap([f for f in self.applying if f.done()])
-        while len(self.applying) >= self.apply_threads:
-            done, _ = await asyncio.wait(self.applying, return_when=asyncio.FIRST_COMPLETED)
-            self._reap(done)
-        self.apply_wait += time.monotonic() - t
-        self.applying.add(self.loop.run_in_executor(self.apply_pool, _apply_frames,
+        if self.applying:
+            await self._settle()
+        self._count(await self.loop.run_in_executor(self.worker, _apply_frames,
                                                     self.rnd, batch))
-        self.parallel_batches += 1
+        self.apply_wait += time.monotonic() - t
 
     def _count(self, counts: dict) -> None:
         for k, v in counts.items():
             self.records[k] += v
 
-    def _reap(self, done) -> None:
-        """Applies that ended: counted, or the first failure raised."""
-        for f in done:
-            self.applying.discard(f)
-        for f in done:
-            self._count(f.result())
+    def _on_applied(self) -> None:
+        """The pool's eventfd: finished jobs counted, the first failure kept (raised by
+        the next PAGES or _settle)."""
+        for token, result in self.apply_pool.done():
+            index, size = self.applying.pop(token)
+            self.applying_bytes -= size
+            if isinstance(result, BaseException):
+                if self.apply_failed is None:
+                    self.apply_failed = (self.rnd.apply_error(index, result)
+                                         if self.rnd is not None else
+                                         StoreError("internal", str(result)))
+            else:
+                zero, xor, full = result
+                self.records["zero"] += zero
+                self.records["xor"] += xor
+                self.records["full"] += full
+        self.applied.set()
+
+    async def _applied_some(self) -> None:
+        self.applied.clear()
+        await self.applied.wait()
 
     async def _settle(self) -> None:
         """Wait for every apply in flight; raises the first failure."""
-        if self.applying:
-            done, _ = await asyncio.wait(self.applying)
-            self._reap(done)
+        while self.applying:
+            await self._applied_some()
+        if self.apply_failed is not None:
+            raise self.apply_failed
 
     async def _image_end(self, body: dict) -> None:
         await self.loop.run_in_executor(self.worker, self.rnd.end_image, body["index"],
@@ -479,9 +504,14 @@ class _Receiving:
         copy dropped."""
         self._set(State.CLOSED)
         try:
-            if self.applying:     # (their outcome no longer matters: the round goes)
-                await asyncio.shield(asyncio.wait(self.applying))
+            if self.apply_pool is not None:
+                # the threads stop (a job running ends first); their outcome no longer
+                # matters: the round goes
+                pool = self.apply_pool
+                self.loop.remove_reader(pool.fd)
+                await asyncio.shield(self.loop.run_in_executor(None, pool.close))
                 self.applying.clear()
+                self.applying_bytes = 0
             if self.rnd is not None:
                 await asyncio.shield(self.loop.run_in_executor(self.worker, self.rnd.abort))
         finally:
@@ -489,8 +519,6 @@ class _Receiving:
                 await asyncio.shield(self._drop_lazy_daemon())
             finally:
                 self.worker.shutdown(wait=False)
-                if self.apply_pool is not None:
-                    self.apply_pool.shutdown(wait=False)
                 if self.files is not None:
                     self.files.discard()
                 if self.session.meta.get("restoring"):
@@ -565,10 +593,8 @@ class Receiver:
         # worker thread, in arrival order: each step is awaited before the next message is
         # read, so the transport's flow control bounds what waits in memory
         worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"dx-{name}")
-        # and a whole image's frames (a full round's bulk) on apply_threads at once
-        pool = (concurrent.futures.ThreadPoolExecutor(
-            self.apply_threads, thread_name_prefix=f"dx-{name}-apply")
-            if self.apply_threads > 1 else None)
+        # and a whole image's frames (a full round's bulk) on apply_threads C threads
+        pool = _core.ApplyPool(self.apply_threads) if self.apply_threads > 1 else None
         t0 = time.monotonic()
         try:
             session = self.store.session(name)
@@ -606,7 +632,7 @@ class Receiver:
                 else:
                     worker.shutdown(wait=False)
                     if pool is not None:
-                        pool.shutdown(wait=False)
+                        pool.close()
             finally:
                 if rcv is not None and rcv.drop_session:
                     self._drop_session(name)

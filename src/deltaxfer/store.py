@@ -620,13 +620,34 @@ class Round:
         return img
 
     def _settled(self) -> None:
-        """Wait until no add_pages call runs (on another thread)."""
+        """Wait until no add_pages call runs (on another thread), and no job of an apply
+        pool (_core.ApplyPool) works on one of this round's appliers."""
         with self._idle:
             self._idle.wait_for(lambda: not self._applying)
+        for img in self.images.values():
+            if img.applier is not None and img.mode == _core.APPLY_AT_INDEX:
+                img.applier.wait_idle()
 
     def _ending(self, index: int) -> _IncomingImage:
         self._settled()
         return self._image(index)
+
+    def unordered_applier(self, index: int):
+        """The image's applier if its frames may be applied out of order, on other
+        threads (applies_unordered), else None."""
+        return self.images[index].applier if self.applies_unordered(index) else None
+
+    def apply_error(self, index: int, e: BaseException) -> StoreError:
+        """What a failed apply of image `index` (PageApplier.apply, ApplyPool) means."""
+        img = self.images.get(index)
+        name = img.image_id if img is not None else f"image {index}"
+        if isinstance(e, StoreError):
+            return e
+        if isinstance(e, OSError) and img is not None:
+            return _disk_error(img, e)
+        if isinstance(e, ValueError):   # FrameError is a ValueError
+            return StoreError("bad-payload", f"{name}: {e}")
+        return StoreError("internal", f"{name}: {e}")
 
     def applies_unordered(self, index: int) -> bool:
         """Whether frames of image `index` may go to add_pages on several threads at once:
@@ -740,10 +761,8 @@ class Round:
             self._applying += 1
         try:
             zero, xor, full = img.applier.apply(frames)
-        except ValueError as e:  # FrameError is a ValueError
-            raise StoreError("bad-payload", f"{img.image_id}: {e}") from None
-        except OSError as e:
-            raise _disk_error(img, e) from None
+        except (ValueError, OSError) as e:  # FrameError is a ValueError
+            raise self.apply_error(index, e) from None
         finally:
             with self._idle:
                 self._applying -= 1
