@@ -3,10 +3,6 @@
 
 APPLY_AT_INDEX = DX_APPLY_AT_INDEX
 APPLY_APPEND = DX_APPLY_APPEND
-# at-index: a run's page-cache pages are made (posix_fadvise WILLNEED) before the write
-# lock is taken; DELTAXFER_APPLY_PREFAULT=0 turns it off (the A/B of docs/RESULTS.md)
-import os as _os
-_APPLY_PREFAULT = _os.environ.get("DELTAXFER_APPLY_PREFAULT", "1") != "0"
 
 
 cdef object _apply_error(int rc, dx_apply_work *w):
@@ -69,7 +65,6 @@ cdef class PageApplier:
             if rc == -DX_E_ARG:
                 raise ValueError("PageApplier: bad mode or held file")
             raise e
-        self.a.prefault = _APPLY_PREFAULT
         self.ready = True
 
     def __dealloc__(self):

@@ -25,7 +25,6 @@ cdef extern from "apply.h" nogil:
         uint64_t append_pages
         uint64_t counts[3]
         dx_apply_work w
-        int prefault
 
     void dx_applier_hold(dx_applier *a)
     void dx_applier_release(dx_applier *a)

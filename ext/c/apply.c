@@ -1,7 +1,6 @@
 /* The destination's page applier (see apply.h). */
 #define _GNU_SOURCE
 #include <errno.h>
-#include <fcntl.h>
 #include <stdlib.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
@@ -157,34 +156,28 @@ int64_t dx_applier_share_held(dx_applier *a, int held_fd, const uint64_t *held_h
     return shared;
 }
 
-/* Write iov[0..n) at page `at` of the output, finishing short writes. */
-static int write_run(dx_applier *a, dx_apply_work *w, struct iovec *iov, int n, uint64_t at)
+/* Write iov[0..n) at page `at` of the output, finishing short writes.  At-index, the
+ * first write of a frame takes the applier's write lock (*locked), held to the frame's
+ * end: the filesystem takes the file's inode lock for each buffered write anyway, and a
+ * frame's writes (runs broken by zero pages: ~5 pages each for memwork's page mix) would
+ * otherwise hand a lock from thread to thread every few microseconds. */
+static int write_run(dx_applier *a, dx_apply_work *w, struct iovec *iov, int n, uint64_t at,
+                     int *locked)
 {
     off_t off = (off_t)(at * DX_PAGE_SIZE);
-    int rc = 0, locked = a->mode == DX_APPLY_AT_INDEX && a->lock_ready;
-    if (locked) {
-        /* The run's page-cache pages are made here, outside the lock, on this thread: a
-         * preallocated range reads as zeros, so this allocates and zero-fills them (the
-         * first touch of that memory -- on a VM whose host takes freed memory back, the
-         * most costly part) while another thread writes; the write under the lock then
-         * copies into pages already there.  Advice only: its failure changes nothing. */
-        if (a->prefault) {
-            size_t len = 0;
-            for (int i = 0; i < n; i++) len += iov[i].iov_len;
-            posix_fadvise(a->fd, off, (off_t)len, POSIX_FADV_WILLNEED);
-        }
+    if (!*locked && a->mode == DX_APPLY_AT_INDEX && a->lock_ready) {
         pthread_mutex_lock(&a->write_lock);
+        *locked = 1;
     }
     while (n > 0) {
         ssize_t k = pwritev(a->fd, iov, n, off);
         if (k < 0 && errno == EINTR) continue;
-        if (k <= 0) { w->err_errno = k < 0 ? errno : ENOSPC; rc = -DX_E_APPLY_IO; break; }
+        if (k <= 0) { w->err_errno = k < 0 ? errno : ENOSPC; return -DX_E_APPLY_IO; }
         off += k;
         while (n > 0 && (size_t)k >= iov->iov_len) { k -= (ssize_t)iov->iov_len; iov++; n--; }
         if (n > 0) { iov->iov_base = (uint8_t *)iov->iov_base + k; iov->iov_len -= (size_t)k; }
     }
-    if (locked) pthread_mutex_unlock(&a->write_lock);
-    return rc;
+    return 0;
 }
 
 /* Where the record for vaddr goes: its layout index at or after cur, or an error
@@ -221,6 +214,7 @@ static int apply_one(dx_applier *a, dx_apply_work *w, const uint8_t *raw, size_t
     int nrun = 0;
     uint64_t run_at = 0, mine[3] = {0, 0, 0};
     size_t held_cur = 0;
+    int locked = 0;
     cur = first;
     for (size_t p = 0; p < raw_len;) {
         uint64_t vaddr = dx_load64(raw + p);
@@ -250,7 +244,7 @@ static int apply_one(dx_applier *a, dx_apply_work *w, const uint8_t *raw, size_t
             write = kind != DX_REC_ZERO;          /* a hole, made part of the file at finish */
         }
         if (write && nrun && (at != run_at + (uint64_t)nrun || nrun == (int)DX_APPLY_RUN_PAGES)) {
-            if ((rc = write_run(a, w, iov, nrun, run_at))) goto out;
+            if ((rc = write_run(a, w, iov, nrun, run_at, &locked))) goto out;
             nrun = 0;
         }
         const uint8_t *page;
@@ -286,8 +280,9 @@ static int apply_one(dx_applier *a, dx_apply_work *w, const uint8_t *raw, size_t
         }
         mine[kind]++;
     }
-    rc = nrun ? write_run(a, w, iov, nrun, run_at) : 0;
+    rc = nrun ? write_run(a, w, iov, nrun, run_at, &locked) : 0;
 out:
+    if (locked) pthread_mutex_unlock(&a->write_lock);
     for (int k = 0; k < 3; k++) {
         counts[k] += mine[k];
         if (at_index) {

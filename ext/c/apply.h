@@ -78,12 +78,11 @@ typedef struct {
     uint64_t append_pages;      /* append: file length in pages */
     uint64_t counts[3];         /* records by kind (atomic in at-index mode) */
     dx_apply_work w;            /* the work area of dx_applier_apply, init, share, finish */
-    /* at-index: one pwritev at a time. The filesystems take the file's inode lock for a
-     * buffered write anyway; threads queued on it spin (rwsem optimistic spinning) while
-     * the writer runs -- a thread waiting here sleeps and its decoding went before. */
+    /* at-index: one frame's writes at a time. The filesystems take the file's inode lock
+     * for a buffered write anyway; threads queued on it spin (rwsem optimistic spinning)
+     * while the writer runs -- a thread waiting here sleeps, its frame decoded. */
     pthread_mutex_t write_lock;
     int lock_ready;
-    int prefault;               /* at-index: make a run's page-cache pages before the lock */
     /* jobs of an apply pool (applypool.h) holding this applier: its file stays open */
     pthread_mutex_t idle_mu;
     pthread_cond_t idle_cv;

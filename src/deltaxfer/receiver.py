@@ -114,7 +114,8 @@ class _Receiving:
         # everything else waits for them (_settle)
         self.apply_pool = apply_pool
         self.apply_threads = receiver.apply_threads if apply_pool is not None else 1
-        self.apply_limit = PAGES_BATCH_BYTES + self.apply_threads * (1 << 20)
+        # (a frame is 4 MiB raw, ~2 MiB of buffer: two per thread keep each one busy)
+        self.apply_limit = PAGES_BATCH_BYTES + self.apply_threads * (4 << 20)
         self.applying: dict[int, tuple[int, int]] = {}   # token -> (image index, bytes)
         self.applying_bytes = 0
         self.apply_failed: StoreError | None = None

@@ -29,6 +29,10 @@ from deltaxfer.criu.images import image_id_of
 # 2048 pages = 8 MiB per window: per-call overhead (Python, frame flush, a future) is
 # small against ~3 ms of encoding, and 2 x threads windows in flight stay a few tens of MiB
 WINDOW_PAGES = 2048
+# ... but the threads' windows together stay within this (the buffers are resident once
+# used, and 2 x threads windows of frames are in flight): with 16 threads, 1024-page
+# windows; at least 256 pages
+WINDOW_BUDGET = 64 << 20
 # A window holds WINDOW_PAGES pages to read, at most, and spans up to SPARSE_SPAN times
 # that where written-page tracking marked most of a range clean: a round that reads a
 # few hundred pages scattered over GiBs then costs a few windows, not one per 8 MiB of
@@ -220,14 +224,16 @@ class EncoderPool:
 
     threads: how many windows are filled and encoded at once (default:
     $DELTAXFER_ENCODER_THREADS, else os.cpu_count()); window_pages: pages per window
-    (default: $DELTAXFER_WINDOW_PAGES, else WINDOW_PAGES); inflight: windows submitted
+    (default: $DELTAXFER_WINDOW_PAGES, else WINDOW_PAGES, smaller with more threads than
+    WINDOW_BUDGET holds at that size); inflight: windows submitted
     ahead of the one being sent (2 x threads). Each thread keeps its window buffer for
     the life of the EncoderPool: an agent keeps one across its rounds, so the final round
     (inside the freeze) touches no fresh memory."""
 
     def __init__(self, threads: int | None = None, window_pages: int | None = None):
         self.threads = threads or _env_int(ENCODER_THREADS_ENV) or os.cpu_count() or 1
-        self.window_pages = window_pages or _env_int(WINDOW_PAGES_ENV) or WINDOW_PAGES
+        self.window_pages = window_pages or _env_int(WINDOW_PAGES_ENV) or max(
+            256, min(WINDOW_PAGES, WINDOW_BUDGET // (self.threads * PAGE_SIZE)))
         self.inflight = 2 * self.threads
         self.pool = ThreadPoolExecutor(max_workers=self.threads,
                                        thread_name_prefix="deltaxfer-encode")

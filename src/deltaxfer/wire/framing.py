@@ -32,8 +32,11 @@ LINEAR_CAPACITY = 256 * 1024                 # >= HEADER_SIZE + SMALL_PAYLOAD, n
 # 8 MiB of buffers) and the frame being decoded. A pool smaller than that, or a queue
 # counted in payload bytes (a 570 KB lz4 frame sits in a 1 MiB size class), gave most
 # frames of a first round a fresh bytearray (zero-fill, page faults, munmap at free):
-# 0.3 s of the receiving event loop per GiB, measured with py-spy.
-POOL_BYTES = 48 << 20
+# 0.3 s of the receiving event loop per GiB, measured with py-spy. With apply threads
+# (serve --apply-threads N > 1) up to 8 MiB + N x 4 MiB of frames are in flight instead
+# of the worker's 8 MiB: the cap allows N = 8 (a cap, not an allocation: with one apply
+# thread the buffers alive at once stay within 48 MiB as before).
+POOL_BYTES = 80 << 20
 _POOL_REFS = 3                               # refs to a free pooled buffer: pool, loop var, call
 
 
