@@ -436,7 +436,8 @@ def _run_applier(impl, tmp_path, tag, new, held, held_path, held_hashes, frames,
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                  HealthCheck.function_scoped_fixture])
 @given(seed=st.integers(0, 2**32), n_held=st.integers(0, 40), n_new=st.integers(0, 40),
-       mode=st.sampled_from([0, 1]), corrupt=st.sampled_from(["", "swap", "foreign", "xor"]))
+       mode=st.sampled_from([0, 1]),
+       corrupt=st.sampled_from(["", "swap", "foreign", "xor", "reorder", "dup"]))
 def test_page_applier_matches_reference(tmp_path, seed, n_held, n_new, mode, corrupt):
     held, new = _layouts(seed, n_held, n_new)
     held_pages = pages_of(held, seed)
@@ -446,7 +447,16 @@ def test_page_applier_matches_reference(tmp_path, seed, n_held, n_new, mode, cor
     pages = _new_pages(new, held, held_pages, seed + 1)
     frames, hashes, _ = _core.encode_round(pages, new, prev_vaddrs=held, prev_hashes=held_hashes,
                                            base_pages=held_pages, frame_size=8 * PAGE_SIZE)
-    if corrupt and frames:
+    if corrupt in ("reorder", "dup") and frames:
+        # frames in reverse order (at-index: any order is fine; append: refused), or the
+        # first frame sent again (a page twice in a round: refused either way)
+        parts, off = [], 0
+        while off < len(frames):
+            n = _core.read_frame_header(frames[off:])["frame_len"]
+            parts.append(bytes(frames[off:off + n]))
+            off += n
+        frames = b"".join(parts[::-1] if corrupt == "reorder" else parts + parts[:1])
+    elif corrupt and frames:
         fw, records = _core.FrameWriter(frame_size=8 * PAGE_SIZE), []
         off = 0
         while off < len(frames):
@@ -467,9 +477,13 @@ def test_page_applier_matches_reference(tmp_path, seed, n_held, n_new, mode, cor
     r, r_file = _run_applier(ref_apply, tmp_path, "ref", new, held, held_path, held_hashes,
                              frames, mode)
     assert c == r
+    if corrupt == "dup" and frames:
+        assert c[0] == "error", c
+    if corrupt == "reorder" and mode == 0:
+        assert c[0] == "ok", c
     if c[0] == "ok":
         assert c_file == r_file
-        if not corrupt and mode == 0:      # every page present: the same digest as the source
+        if corrupt in ("", "reorder") and mode == 0:   # every page present: the source's digest
             assert c[3][1] == 0 and c[3][0] == bytes(hashes)
             assert c_file == bytes(pages)
 

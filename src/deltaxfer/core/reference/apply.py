@@ -1,8 +1,9 @@
 """Reference of the destination's page applier (ext/c/apply.c, docs/CORE.md).
 
 Frames of page records become pages of a pages file: every record of a frame is checked
-first (vaddrs strictly ascending across the image, in the image's layout, XOR only for
-a held page), then each page is built (zero / full / XOR against the held page), hashed
+first (vaddrs strictly ascending -- within the frame at-index, where frames may come in
+any order and a page once per round; across the image in append mode -- in the image's
+layout, XOR only for a held page), then each page is built (zero / full / XOR against the held page), hashed
 and written at its place: page i of the layout at byte i * 4096 (APPLY_AT_INDEX; a zero
 page nothing was written to is left as it is), or appended in arrival order with zero
 pages left as holes (APPLY_APPEND). Plain os.pwrite, one page at a time: the statement of
@@ -83,7 +84,11 @@ class PageApplier:
             if records and not self.vaddrs:
                 raise FrameError(f"frame at byte {off}: page records for an image without "
                                  "present pages")
-            cur = self.next
+            # append: records ascend across the image; at-index: within the frame (frames
+            # may come in any order, each page once per round)
+            at_index = self.mode == APPLY_AT_INDEX
+            first = 0 if at_index else self.next
+            cur = first
             for vaddr, kind, _ in records:      # every record checked first
                 if cur and vaddr <= self.vaddrs[cur - 1]:
                     raise FrameError(f"frame at byte {off}: page records out of order "
@@ -96,9 +101,15 @@ class PageApplier:
                     raise FrameError(f"frame at byte {off}: XOR delta for a page the "
                                      f"destination does not hold (0x{vaddr:x})")
                 cur = i + 1
+            cur = first
             for vaddr, kind, payload in records:
-                i = _find(self.vaddrs, vaddr, self.next)
-                self.next = i + 1
+                i = _find(self.vaddrs, vaddr, cur)
+                cur = i + 1
+                if at_index and self.src[i] == SRC_RECEIVED:
+                    raise FrameError(f"frame at byte {off}: page record for a page already "
+                                     f"received in this round (0x{vaddr:x})")
+                if not at_index:
+                    self.next = cur
                 if kind == ZERO:
                     page = _ZERO
                 elif kind == FULL:
