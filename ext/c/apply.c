@@ -213,7 +213,7 @@ static int apply_one(dx_applier *a, dx_apply_work *w, const uint8_t *raw, size_t
     struct iovec iov[DX_APPLY_RUN_PAGES];
     int nrun = 0;
     uint64_t run_at = 0, mine[3] = {0, 0, 0};
-    size_t held_cur = 0;
+    size_t held_cur = 0, zgap = 0;   /* zero pages skipped right after the run */
     int locked = 0;
     cur = first;
     for (size_t p = 0; p < raw_len;) {
@@ -238,6 +238,22 @@ static int apply_one(dx_applier *a, dx_apply_work *w, const uint8_t *raw, size_t
             at = idx;
             /* a zero page needs no write where nothing was written (preallocated) */
             write = !(kind == DX_REC_ZERO && was == DX_SRC_NONE);
+            if (!write) {
+                if (nrun && zgap < DX_APPLY_ZERO_BRIDGE && at == run_at + nrun + zgap)
+                    zgap++;
+                else
+                    zgap = DX_APPLY_ZERO_BRIDGE + 1;  /* no bridge to the next write */
+            } else if (zgap && zgap <= DX_APPLY_ZERO_BRIDGE && at == run_at + nrun + zgap &&
+                       nrun + zgap < DX_APPLY_RUN_PAGES) {
+                /* a few zero pages of this frame between two written ones: written too
+                 * (from the zero page), one pwritev instead of two */
+                for (size_t z = 0; z < zgap; z++) {
+                    iov[nrun].iov_base = (void *)apply_zero_page;
+                    iov[nrun].iov_len = DX_PAGE_SIZE;
+                    nrun++;
+                }
+            }
+            if (write) zgap = 0;
         } else {
             a->next = idx + 1;
             at = a->append_pages;
