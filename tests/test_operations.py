@@ -98,6 +98,8 @@ def test_criu_config_checked(tmp_path, capsys):
     (["--restore", "--criu-restore-opt=--pidfile=/x"], "--pidfile"),
     (["--restore", "--criu-restore-opt=--lazy-pages"], "--lazy-pages"),
     (["--criu-restore-opt=--ext-unix-sk"], "give --restore too"),
+    (["--apply-threads", "0"], "--apply-threads 0: give 1 to 64 threads"),
+    (["--apply-threads", "65"], "give 1 to 64 threads"),
 ])
 def test_serve_restore_opts_refused(tmp_path, capsys, argv, needle):
     rc = main(["serve", "--listen", "127.0.0.1:0", "--insecure", "--dir", str(tmp_path / "d"),

@@ -22,7 +22,7 @@ import workloads
 from faults import agent_tmp  # noqa: F401 (fixture)
 from servers import Server
 from test_migrate_criu import migrate_ok, verify_running
-from test_serve_refusals import KEY, good_transfer, leftovers, run
+from test_serve_refusals import KEY, commit_files, good_transfer, leftovers, run
 from test_store import held_pages, pagemap_of
 
 # three runs of pages, 40 % random, 20 % zero, the rest repeated text: many frames
@@ -193,14 +193,7 @@ async def _send(port, parts, hashes, *, twice=None):
                                                 "digest": f"{image_digest(hashes):016x}"})
     await conn.send_control(MsgType.ROUND_END, {"round": 1})
     ok = await conn.recv_control(MsgType.ROUND_OK)
-    data = b"tree"
-    await conn.send_control(MsgType.FILE, {"name": "pstree.img", "size": 4, "mode": 0o600})
-    await conn.send(MsgType.FILE_DATA, data)
-    await conn.send_control(MsgType.FILE_END, {"xxh3": f"{_core.xxh3_64(data):016x}"})
-    await conn.send_control(MsgType.COMMIT, {"restore": False})
-    done = await conn.recv_control(MsgType.COMMITTED)
-    await conn.goodbye()
-    return ok, done
+    return ok, await commit_files(conn)
 
 
 def test_receiver_applies_on_threads(loop_kind, tmp_path):

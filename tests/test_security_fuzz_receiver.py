@@ -24,8 +24,19 @@ KEY = b"f" * 32
 SESSION_DIR_NAMES = {"held", "images", "meta.json"}
 
 
+def _frames(out) -> list[bytes]:
+    parts, off = [], 0
+    while off < len(out):
+        n = _core.read_frame_header(out[off:])["frame_len"]
+        parts.append(bytes(out[off:off + n]))
+        off += n
+    return parts
+
+
 def valid_send() -> list[tuple[T, bytes]]:
-    out, hashes, _ = _core.encode_round(PAGES, VADDRS)
+    # four frames of 8 pages, one PAGES message each: with apply threads, the frames after
+    # the first go to them (receiver.ApplyPool path), in any order
+    out, hashes, _ = _core.encode_round(PAGES, VADDRS, frame_size=8 * 4096)
     data = b"tree"
     c = wire.encode_control
     return [
@@ -34,7 +45,7 @@ def valid_send() -> list[tuple[T, bytes]]:
         (T.ROUND, c(T.ROUND, {"round": 1, "final": True})),
         (T.IMAGE, c(T.IMAGE, {"index": 0, "id": "pid-1", "entries": 1, "pages": 32})),
         *[(T.PAGEMAP, p) for p in wire.iter_pagemap(0, array("Q", [VADDRS[0], 32 | 4 << 32]))],
-        (T.PAGES, wire.encode_pages(0, out)),
+        *[(T.PAGES, wire.encode_pages(0, f)) for f in _frames(out)],
         (T.IMAGE_END, c(T.IMAGE_END, {"index": 0, "digest": f"{image_digest(hashes):016x}"})),
         (T.ROUND_END, c(T.ROUND_END, {"round": 1})),
         (T.FILE, c(T.FILE, {"name": "pstree.img", "size": 4, "mode": 0o600})),
@@ -90,14 +101,14 @@ def check_tree(root: str) -> None:
 
 @settings(max_examples=100, deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
-@given(msgs=mutated())
-def test_mutated_sends_never_break_the_receiver(tmp_path_factory, msgs):
+@given(msgs=mutated(), threads=st.sampled_from([1, 3]))
+def test_mutated_sends_never_break_the_receiver(tmp_path_factory, msgs, threads):
     root = str(tmp_path_factory.mktemp("fz") / "serve")
 
     async def main():
         store = Store(root)
-        server = await transport.serve("127.0.0.1", 0, key=KEY,
-                                       handler=Receiver(store, idle_timeout=2).handle)
+        server = await transport.serve("127.0.0.1", 0, key=KEY, handler=Receiver(
+            store, idle_timeout=2, apply_threads=threads).handle)
         async with server:
             port = server.sockets[0].getsockname()[1]
             conn = await transport.connect("127.0.0.1", port, key=KEY)

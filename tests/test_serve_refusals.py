@@ -54,10 +54,8 @@ async def send_image(conn, *, digest=None, frames=True, round_no=1):
     return await conn.recv_control(MsgType.ROUND_OK)
 
 
-async def good_transfer(port, session="s"):
-    """A complete small send; proves the server still serves."""
-    conn, state = await begin(port, session)
-    ok = await send_image(conn, round_no=state["round"] + 1)
+async def commit_files(conn) -> dict:
+    """After a round: one small file, COMMIT without restore, goodbye; COMMITTED's body."""
     data = b"tree"
     await conn.send_control(MsgType.FILE, {"name": "pstree.img", "size": 4, "mode": 0o600})
     await conn.send(MsgType.FILE_DATA, data)
@@ -65,7 +63,14 @@ async def good_transfer(port, session="s"):
     await conn.send_control(MsgType.COMMIT, {"restore": False})
     done = await conn.recv_control(MsgType.COMMITTED)
     await conn.goodbye()
-    return ok, done
+    return done
+
+
+async def good_transfer(port, session="s"):
+    """A complete small send; proves the server still serves."""
+    conn, state = await begin(port, session)
+    ok = await send_image(conn, round_no=state["round"] + 1)
+    return ok, await commit_files(conn)
 
 
 def leftovers(tmp_path):
