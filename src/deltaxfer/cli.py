@@ -82,6 +82,8 @@ def cmd_serve(args) -> int:
                           "--restore too")
     restore_opts = check_criu_opts(args.criu_restore_opt, "restore", "--criu-restore-opt")
     restore_config = check_criu_config(args.criu_config, "restore")
+    if args.apply_threads is not None and not 1 <= args.apply_threads <= 64:
+        raise ConfigError(f"--apply-threads {args.apply_threads}: give 1 to 64 threads")
     key = server_key(args.key_file, args.insecure, host)
     tls = server_tls(args.tls_cert, args.tls_key)
     os.umask(0o077)     # every file the receiver (and its criu) creates is private
@@ -90,8 +92,6 @@ def cmd_serve(args) -> int:
         criu.lazy_server = args.lazy_pages_server
     if args.runc_root and not args.restore:
         raise ConfigError("--runc-root restores containers: give --restore too")
-    if args.apply_threads is not None and not 1 <= args.apply_threads <= 64:
-        raise ConfigError(f"--apply-threads {args.apply_threads}: give 1 to 64 threads")
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s deltaxfer serve: %(message)s")
 
