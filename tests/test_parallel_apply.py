@@ -243,3 +243,94 @@ def test_migration_restores_through_apply_threads(criu, tmp_path, agent_tmp):
         verify_running(wl, pid, expect_pages=mib * 2**20 // 4096)
         m = re.search(r"(\d+) batches on 3 apply threads", server.log())
         assert m and int(m.group(1)) > 0, server.log()[-3000:]
+
+
+# -- _core.ApplyPool directly --------------------------------------------------------------
+
+def _drain(pool, tokens, timeout=10.0):
+    import select
+    out = {}
+    while len(out) < len(tokens):
+        r, _, _ = select.select([pool.fd], [], [], timeout)
+        assert r, "the pool's eventfd stayed silent"
+        out.update(pool.done())
+    return out
+
+
+def _applier(tmp_path, name="pages"):
+    import os
+    fd = os.open(tmp_path / name, os.O_RDWR | os.O_CREAT, 0o600)
+    os.posix_fallocate(fd, 0, len(VADDRS) * PAGE_SIZE)
+    return fd, _core.PageApplier(VADDRS, fd, _core.APPLY_AT_INDEX)
+
+
+def test_pool_applies_and_reports_each_job(tmp_path):
+    import os
+    parts, hashes = encoded()
+    fd, a = _applier(tmp_path)
+    pool = _core.ApplyPool(3)
+    try:
+        tokens = [pool.submit(a, f) for f in parts]
+        assert pool.inflight == len(parts)
+        got = _drain(pool, tokens)
+        assert set(got) == set(tokens) and pool.inflight == 0
+        assert all(isinstance(v, tuple) for v in got.values()), got
+        h, missing = a.finish()
+        assert missing == 0 and image_digest(h) == image_digest(hashes)
+        assert os.pread(fd, len(PAGES), 0) == bytes(PAGES)
+    finally:
+        pool.close()
+        a.close()
+        os.close(fd)
+
+
+def test_pool_returns_the_errors_of_its_jobs(tmp_path):
+    """A corrupt frame and a write that fails come back as the job's exception (the
+    applier's own: FrameError, OSError with the errno); the other jobs still apply."""
+    import errno
+    import os
+    parts, _ = encoded()
+    fd, a = _applier(tmp_path)
+    rfd = os.open(tmp_path / "pages", os.O_RDONLY)          # pwritev: EBADF
+    ro = _core.PageApplier(VADDRS, rfd, _core.APPLY_AT_INDEX)
+    bad = bytearray(parts[2])
+    bad[-5] ^= 0xFF
+    pool = _core.ApplyPool(2)
+    try:
+        t_ok = pool.submit(a, parts[1])
+        t_bad = pool.submit(a, bad)
+        t_io = pool.submit(ro, parts[3])
+        got = _drain(pool, [t_ok, t_bad, t_io])
+        assert isinstance(got[t_ok], tuple)
+        assert isinstance(got[t_bad], ValueError) and "frame at byte 0" in str(got[t_bad])
+        assert isinstance(got[t_io], OSError) and got[t_io].errno == errno.EBADF, got[t_io]
+    finally:
+        pool.close()
+        for x in (a, ro):
+            x.close()
+        os.close(fd)
+        os.close(rfd)
+
+
+def test_pool_close_cancels_what_has_not_started_and_frees_a_closed_applier(tmp_path):
+    """close() with jobs queued: the one running finishes, the rest come back cancelled;
+    an applier closed while its jobs were out is freed once they are back."""
+    import os
+    parts, _ = encoded(frame_size=8 << 10)
+    fd, a = _applier(tmp_path)
+    pool = _core.ApplyPool(1)
+    tokens = [pool.submit(a, f) for f in parts]
+    a.close()                                   # deferred: jobs are out
+    with pytest.raises(ValueError, match="only an open at-index applier"):
+        pool.submit(a, parts[0])
+    got = dict(pool.close())
+    assert set(got) == set(tokens)
+    cancelled = [v for v in got.values() if isinstance(v, ValueError)
+                 and "stopped before this frame was applied" in str(v)]
+    done = [v for v in got.values() if isinstance(v, tuple)]
+    assert len(cancelled) + len(done) == len(tokens), got   # (how many ran: a race)
+    with pytest.raises(ValueError, match="closed"):
+        a.apply(parts[0])
+    os.close(fd)
+    with pytest.raises(ValueError, match="ApplyPool is closed"):
+        pool.submit(a, parts[0])
