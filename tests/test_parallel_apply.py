@@ -334,3 +334,29 @@ def test_pool_close_cancels_what_has_not_started_and_frees_a_closed_applier(tmp_
     os.close(fd)
     with pytest.raises(ValueError, match="ApplyPool is closed"):
         pool.submit(a, parts[0])
+
+
+def test_receiver_without_threads_applies_in_order(loop_kind, tmp_path, monkeypatch, caplog):
+    """Threads that cannot be started (a limit on them): the session applies on its
+    worker, in order, and says so."""
+    import logging
+
+    def refuse(threads):
+        raise MemoryError(f"ApplyPool: {threads} threads could not be started")
+    monkeypatch.setattr(_core, "ApplyPool", refuse)
+    caplog.set_level(logging.WARNING)
+    parts, hashes = encoded(frame_size=32 << 10)
+    reports = []
+
+    async def main():
+        receiver, server, port = await _start(tmp_path, 4)
+        receiver.on_commit = reports.append
+        async with server:
+            return await _send(port, parts, hashes)
+    ok, _ = run(loop_kind, main())
+    assert ok["pages"] == len(VADDRS)
+    s = Store(str(tmp_path / "serve")).session("p")
+    assert held_pages(s) == (list(VADDRS), bytes(PAGES))
+    (report,) = reports
+    assert report["apply_threads"] == 1 and report["parallel_batches"] == 0, report
+    assert "could not be started; its frames are applied by one thread" in caplog.text

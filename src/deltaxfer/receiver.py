@@ -595,7 +595,13 @@ class Receiver:
         # read, so the transport's flow control bounds what waits in memory
         worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"dx-{name}")
         # and a whole image's frames (a full round's bulk) on apply_threads C threads
-        pool = _core.ApplyPool(self.apply_threads) if self.apply_threads > 1 else None
+        pool = None
+        if self.apply_threads > 1:
+            try:
+                pool = _core.ApplyPool(self.apply_threads)
+            except MemoryError as e:    # threads refused (limits): in order on the worker
+                log.warning("%s: session %s: %s; its frames are applied by one thread",
+                            peer, name, e)
         t0 = time.monotonic()
         try:
             session = self.store.session(name)

@@ -29,7 +29,11 @@ def default_apply_threads(cpus: int | None = None) -> int:
     """Half the cores, at most 8, at least 1: a whole image's frames are applied (lz4,
     hashing, pwritev into the page cache: ~0.75-1.2 CPU-s per GiB) on that many threads;
     on 2 cores, where both "hosts" and the restore share them, by the session's worker."""
-    cpus = cpus if cpus is not None else (os.cpu_count() or 1)
+    if cpus is None:        # the cores this process may run on (a cpuset, taskset)
+        try:
+            cpus = len(os.sched_getaffinity(0))
+        except (AttributeError, OSError):
+            cpus = os.cpu_count() or 1
     return max(1, min(8, cpus // 2))
 
 
