@@ -360,3 +360,40 @@ def test_receiver_without_threads_applies_in_order(loop_kind, tmp_path, monkeypa
     (report,) = reports
     assert report["apply_threads"] == 1 and report["parallel_batches"] == 0, report
     assert "could not be started; its frames are applied by one thread" in caplog.text
+
+
+def test_receiver_cleans_up_a_round_cut_while_applies_run(loop_kind, tmp_path):
+    """The client goes away in the middle of a whole image's frames (applies in flight):
+    the session's pool is closed, the round discarded, nothing left; the server serves."""
+    parts, _ = encoded(frame_size=16 << 10)
+
+    async def main():
+        _, server, port = await _start(tmp_path, 3)
+        async with server:
+            conn = await transport.connect("127.0.0.1", port, key=KEY)
+            await conn.send_control(MsgType.BEGIN, {"session": "cut", "mode": "send",
+                                                    "source": "t", "images": [{"id": "pid-1"}]})
+            await conn.recv_control(MsgType.STATE)
+            while (await conn.recv()).type != MsgType.STATE_END:
+                pass
+            pm = pagemap_of(VADDRS)
+            await conn.send_control(MsgType.ROUND, {"round": 1, "final": True})
+            await conn.send_control(MsgType.IMAGE, {"index": 0, "id": "pid-1",
+                                                    "entries": len(pm.entries),
+                                                    "pages": len(VADDRS)})
+            pairs = array("Q")
+            for e in pm.entries:
+                pairs += array("Q", [e.vaddr, e.nr_pages | e.flags << 32])
+            for p in iter_pagemap(0, pairs):
+                await conn.send(MsgType.PAGEMAP, p)
+            for f in parts[:len(parts) // 2]:
+                await conn.send(MsgType.PAGES, encode_pages(0, f))
+            conn.close()
+            for _ in range(200):
+                await asyncio.sleep(0.02)
+                if not leftovers(tmp_path):
+                    break
+            assert leftovers(tmp_path) == []
+            ok, done = await good_transfer(port)
+            assert ok["pages"] == 32
+    run(loop_kind, main())
