@@ -99,11 +99,13 @@ def test_agent_killed_while_throttled_leaves_the_source_running(criu, tmp_path, 
         proc = _start(lab, server, key, wl, tmp_path / "r.json", agent_tmp,
                       "--max-rounds", "30")
         try:
-            # wait until the duty cycle has stopped the tree at least once
+            # wait until the duty cycle has stopped the tree at least once: SIGSTOP, "T"
+            # (not "t", a tracing stop: CRIU seizing the tree for the final dump, after
+            # which a killed migrate may already have committed and killed the source)
             deadline = time.monotonic() + 180
             seen_stopped = False
             while time.monotonic() < deadline and proc.poll() is None:
-                if workloads.proc_state(wl.pid) in ("T", "t"):
+                if workloads.proc_state(wl.pid) == "T":
                     seen_stopped = True
                     break
                 time.sleep(0.005)

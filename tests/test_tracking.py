@@ -316,3 +316,72 @@ def test_a_failed_injection_leaves_the_target_as_it_was(tmp_path):
     finally:
         p.kill()
         p.wait()
+
+
+def _userfaultfds(pid: int) -> list[str]:
+    out = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") == "anon_inode:[userfaultfd]":
+                out.append(fd)
+        except OSError:
+            pass
+    return out
+
+
+@needs_kernel
+def test_agent_killed_while_it_injects_leaves_the_target_whole(tmp_path):
+    """The system call runs in a child process of the agent, in a session of its own: a
+    SIGKILL of the agent while the target's thread is under ptrace with its registers
+    changed would release it with them changed (the workload died, seen once in CI).
+    Here the agent dies the moment it has forked the injecting child: the child finishes,
+    and the target runs on, its memory intact, with no userfaultfd left in it."""
+    with workloads.start("memwork", mib=16, dirty_mib_per_s=4, tmpdir=tmp_path) as wl:
+        first = wl.verify()
+        assert first["ok"]
+        prog = textwrap.dedent(f"""
+            import os, signal
+            from deltaxfer import tracking
+            real_fork = os.fork
+            def fork():
+                child = real_fork()
+                if child:
+                    os.kill(os.getpid(), signal.SIGKILL)    # the agent dies here
+                return child
+            os.fork = fork
+            tracking.ProcessTracker({wl.pid}).arm()
+        """)
+        p = subprocess.run([sys.executable, "-c", prog], capture_output=True, text=True,
+                           timeout=30)
+        assert p.returncode == -signal.SIGKILL, (p.returncode, p.stderr[-2000:])
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:        # the child finishes on its own
+            if procmem.status(wl.pid).get("TracerPid", "0") == "0":
+                break
+            time.sleep(0.02)
+        time.sleep(0.3)
+        assert workloads.proc_state(wl.pid) in ("R", "S"), workloads.proc_state(wl.pid)
+        assert procmem.status(wl.pid).get("TracerPid") == "0"
+        assert _userfaultfds(wl.pid) == []
+        again = wl.verify()
+        assert again["ok"] and again["mutations"] > first["mutations"], (first, again)
+
+
+@needs_kernel
+def test_injection_answers_through_the_child(tmp_path):
+    """The fd and the info come back from the injecting child; a refusal comes back as
+    the OSError the core raises, with its info."""
+    with workloads.start("memwork", mib=8, dirty_mib_per_s=1, tmpdir=tmp_path) as wl:
+        ip = tracking._syscall_ip(wl.pid, procmem.read_maps(wl.pid))
+        fd, info = tracking.inject_detached(wl.pid, wl.pid, ip,
+                                            tracking.O_CLOEXEC | tracking.O_NONBLOCK)
+        try:
+            assert os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[userfaultfd]"
+            assert info["stage"] >= 5, info
+        finally:
+            os.close(fd)
+        assert _userfaultfds(wl.pid) == []
+        with pytest.raises(OSError) as e:     # not a `syscall` instruction there
+            tracking.inject_detached(wl.pid, wl.pid, ip + 1, 0)
+        assert "refused" in str(e.value) and "stage" in e.value.info, e.value
+        assert wl.verify()["ok"]

@@ -7,8 +7,9 @@ itself (no monitor: if we die, the process runs on) and leaves the page unprotec
 about to be read are protected again (``UFFDIO_WRITEPROTECT``) before they are read. The userfaultfd has to belong to the target's mm,
 so it is created inside the target: one ``userfaultfd()`` system call run in one of its
 threads under ptrace (at a ``syscall`` instruction of its vDSO, registers saved and
-restored), taken over with ``pidfd_getfd`` and closed in the target. From then on
-everything happens from our side. Closing our fd releases the registration.
+restored) by a child process of ours that outlives us if it must (``inject_detached``),
+taken over with ``pidfd_getfd`` and closed in the target. From then on everything
+happens from our side. Closing our fd releases the registration.
 
 Per round (``ProcessTracker.scan``): scan every registered VMA (which also proves that it
 is still registered: the scan fails on a VMA that is not); register and protect the
@@ -25,8 +26,10 @@ docs/TRACKING.md.
 """
 from __future__ import annotations
 
+import json
 import os
 import platform
+import socket
 import time
 from array import array
 from dataclasses import dataclass, field
@@ -88,6 +91,76 @@ def _syscall_ip(pid: int, maps: list[procmem.Vma]) -> int:
     raise TrackingUnavailable("no syscall instruction found in the target's vDSO")
 
 
+INJECT_TIMEOUT = 10.0      # seconds to wait for the injecting child's answer
+
+
+def inject_detached(pid: int, tid: int, syscall_ip: int, flags: int) -> tuple[int, dict]:
+    """``_core.inject_userfaultfd`` run in a child process in a session of its own, the fd
+    handed back over a socket (SCM_RIGHTS). While the target's thread is under ptrace
+    with its registers changed, a SIGKILL of the tracer detaches it with them changed:
+    it would run on with them and die (seen: an agent killed at the moment it armed
+    tracking took the workload with it). The child finishes whatever becomes of us --
+    registers restored, thread detached, the target's copy of the fd closed -- and
+    exits; an fd nobody receives closes with it. Raises OSError as the injection does."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        child = os.fork()
+    except BaseException:
+        ours.close()
+        theirs.close()
+        raise
+    if child == 0:                                  # the child: no return from here
+        code = 0
+        try:
+            ours.close()
+            os.setsid()       # not in the agent's process group, nor its session
+            try:
+                fd, info = _core.inject_userfaultfd(pid, tid, syscall_ip, flags)
+            except OSError as e:
+                theirs.sendmsg([json.dumps({"errno": e.errno, "strerror": e.strerror,
+                                            "info": getattr(e, "info", {})}).encode()])
+            else:
+                socket.send_fds(theirs, [json.dumps({"info": info}).encode()], [fd])
+        except BaseException:
+            code = 1
+        finally:
+            os._exit(code)
+    theirs.close()
+    try:
+        ours.settimeout(INJECT_TIMEOUT)
+        try:
+            msg, fds, _, _ = socket.recv_fds(ours, 1 << 16, 1)
+        except TimeoutError:
+            raise OSError(0, f"injecting userfaultfd() into pid {pid}: no answer from the "
+                             f"injecting process in {INJECT_TIMEOUT:g} s") from None
+        if not msg:
+            for fd in fds:
+                os.close(fd)
+            raise OSError(0, f"injecting userfaultfd() into pid {pid}: the injecting "
+                             "process ended without an answer")
+        answer = json.loads(msg)
+        if "errno" in answer:
+            for fd in fds:
+                os.close(fd)
+            e = OSError(answer["errno"], answer["strerror"])
+            e.info = answer["info"]
+            raise e
+        if len(fds) != 1:
+            for fd in fds:
+                os.close(fd)
+            raise OSError(0, f"injecting userfaultfd() into pid {pid}: no fd came back")
+        return fds[0], answer["info"]
+    finally:
+        ours.close()
+        try:                       # it exits right after its answer; else reaped later
+            for _ in range(100):
+                if os.waitpid(child, os.WNOHANG)[0]:
+                    break
+                time.sleep(0.001)
+        except ChildProcessError:
+            pass
+
+
 def eligible(v: procmem.Vma) -> bool:
     """The VMAs tracked: those of the page set (procmem.page_rule, what the live rounds
     read) that userfaultfd can watch — all but the vDSO, whose few pages are read every
@@ -134,8 +207,8 @@ class ProcessTracker:
         maps = procmem.read_maps(self.pid)
         ip = _syscall_ip(self.pid, maps)
         try:
-            fd, self.inject = _core.inject_userfaultfd(self.pid, self.pid, ip,
-                                                       O_CLOEXEC | O_NONBLOCK)
+            fd, self.inject = inject_detached(self.pid, self.pid, ip,
+                                              O_CLOEXEC | O_NONBLOCK)
         except OSError as e:
             raise TrackingUnavailable(str(e)) from None
         try:
