@@ -27,14 +27,13 @@ cdef class PageApplier:
     preallocated) or APPLY_APPEND (received pages in arrival order); held_vaddrs/held_fd:
     the held image, the base of XOR records (mapped read-only). See docs/CORE.md.
 
-    At-index mode: apply() may run on several threads at once (the GIL is released while
-    it works), each call with a work area of its own (taken from, and given back to, the
-    applier's spares): frames in any order, each page received at most once per round.
-    close() while a call runs leaves the freeing to the last call to return."""
+    apply() runs one call at a time. At-index mode takes frames in any order, each page
+    at most once per round, and an ApplyPool may apply them on its threads; busy counts
+    the calls and pool jobs out on this applier, and close() while one is out leaves the
+    freeing to the last of them to come back."""
     cdef dx_applier a
     cdef bint ready, closing
-    cdef dx_apply_work **spare      # free work areas of at-index calls
-    cdef int nspare, spare_cap, busy
+    cdef int busy
     cdef _Buffer vb, hvb
     cdef array.array hashes, recv_vaddrs
     cdef bytearray src
@@ -71,16 +70,9 @@ cdef class PageApplier:
         self._free()
 
     cdef void _free(self):
-        cdef int i
         if self.ready:
             dx_applier_free(&self.a)
             self.ready = False
-        for i in range(self.nspare):
-            dx_apply_work_free(self.spare[i])
-            free(self.spare[i])
-        free(self.spare)
-        self.spare = NULL
-        self.nspare = self.spare_cap = 0
 
     def close(self):
         """Unmap the held file and free the scratch memory (the arrays stay); with calls
@@ -89,29 +81,6 @@ cdef class PageApplier:
             self.closing = True
         else:
             self._free()
-
-    cdef dx_apply_work *_take_work(self) except NULL:
-        cdef dx_apply_work *w
-        if self.nspare:
-            self.nspare -= 1
-            return self.spare[self.nspare]
-        if self.spare_cap == 0:
-            self.spare = <dx_apply_work **>calloc(64, sizeof(dx_apply_work *))
-            if self.spare == NULL:
-                raise MemoryError("PageApplier")
-            self.spare_cap = 64
-        w = <dx_apply_work *>calloc(1, sizeof(dx_apply_work))
-        if w == NULL:
-            raise MemoryError("PageApplier")
-        return w
-
-    cdef void _give_work(self, dx_apply_work *w):
-        if self.nspare < self.spare_cap:
-            self.spare[self.nspare] = w
-            self.nspare += 1
-        else:
-            dx_apply_work_free(w)
-            free(w)
 
     cdef _check(self):
         if not self.ready:
@@ -141,26 +110,21 @@ cdef class PageApplier:
         cdef _Buffer fb = bytes_buffer(frames, "frames")
         cdef uint64_t counts[3]
         cdef int rc
-        cdef dx_apply_work *w
-        if self.mode != DX_APPLY_AT_INDEX:
-            if self.busy:
-                raise ValueError("PageApplier: append mode applies one call at a time")
-            w = &self.a.w
-        else:
-            w = self._take_work()
+        if self.busy:
+            raise ValueError("PageApplier: one call at a time (an ApplyPool applies "
+                             "at-index frames on threads)")
         self.busy += 1
         try:
             with nogil:
-                rc = dx_applier_apply_with(&self.a, w, fb.ptr, fb.nbytes, max_raw, counts)
+                rc = dx_applier_apply(&self.a, fb.ptr, fb.nbytes, max_raw, counts)
             if rc:
                 if rc == -DX_E_FRAME_TOO_LARGE or rc == -DX_E_FRAME_TRUNCATED:
-                    _parse_header(fb.ptr + w.err_offset, fb.nbytes - w.err_offset,
-                                  max_raw, w.err_offset)
-                raise _apply_error(rc, w)
+                    _parse_header(fb.ptr + self.a.w.err_offset,
+                                  fb.nbytes - self.a.w.err_offset, max_raw,
+                                  self.a.w.err_offset)
+                raise _apply_error(rc, &self.a.w)
         finally:
             self.busy -= 1
-            if w != &self.a.w:
-                self._give_work(w)
             if self.closing and not self.busy:
                 self._free()
         return counts[0], counts[1], counts[2]

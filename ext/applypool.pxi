@@ -6,7 +6,7 @@
 cdef class ApplyPool:
     """``threads`` C threads applying frames to at-index PageAppliers.
 
-    submit(applier, frames, token): queue one payload (its buffer is held until the job
+    submit(applier, frames): queue one payload (its buffer is held until the job
     is taken back; the applier's file stays open while the job works: see
     PageApplier.wait_idle). ``fd`` (an eventfd) is readable when jobs have finished;
     done() returns them as (token, (zero, xor, full)) or (token, exception).
@@ -15,7 +15,6 @@ cdef class ApplyPool:
     cdef bint started
     cdef dict jobs              # id -> (applier, held buffer): alive while the job is out
     cdef uint64_t next_id
-    cdef readonly size_t inflight_bytes
 
     def __cinit__(self, int threads):
         cdef int rc
@@ -52,7 +51,6 @@ cdef class ApplyPool:
         j.max_raw = max_raw
         j.token = self.next_id
         self.jobs[self.next_id] = (applier, fb)
-        self.inflight_bytes += fb.nbytes
         applier.busy += 1
         dx_applier_hold(&applier.a)
         dx_apply_pool_submit(&self.p, j)
@@ -73,7 +71,6 @@ cdef class ApplyPool:
         while j != NULL:
             nxt = j.next
             applier, fb = self.jobs.pop(j.token)
-            self.inflight_bytes -= fb.nbytes
             if j.rc == 0:
                 out.append((j.token, (j.counts[0], j.counts[1], j.counts[2])))
             else:

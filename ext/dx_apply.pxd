@@ -36,9 +36,6 @@ cdef extern from "apply.h" nogil:
     int64_t dx_applier_share_held(dx_applier *a, int held_fd, const uint64_t *held_hashes)
     int dx_applier_apply(dx_applier *a, const uint8_t *buf, size_t len, size_t max_raw,
                          uint64_t counts[3])
-    int dx_applier_apply_with(dx_applier *a, dx_apply_work *w, const uint8_t *buf, size_t len,
-                              size_t max_raw, uint64_t counts[3])
-    void dx_apply_work_free(dx_apply_work *w)
     int64_t dx_applier_finish(dx_applier *a)
     const char *dx_apply_strerror(int code)
     int dx_pagemap_check(const uint64_t *pairs, size_t n, uint64_t max_nr, uint64_t *present,

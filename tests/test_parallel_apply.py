@@ -3,10 +3,8 @@ pages file and the hashes are the same as applied one by one in order, in any fr
 a page sent twice in a round and records out of order inside a frame are refused; and a
 real migration restores through the parallel path."""
 import asyncio
-import concurrent.futures
 import random
 import re
-import threading
 from array import array
 
 import pytest
@@ -86,18 +84,17 @@ def test_threads_write_what_one_thread_writes(tmp_path, order):
         random.Random(3).shuffle(rest)
     else:
         rest.reverse()
-    barrier = threading.Barrier(4)
-
-    def apply(chunk):
-        barrier.wait()                          # all four at once
-        return [rnd.add_pages(0, f) for f in chunk]
-
-    with concurrent.futures.ThreadPoolExecutor(4) as pool:
-        counted = [c for got in pool.map(apply, [rest[i::4] for i in range(4)]) for c in got]
+    pool = _core.ApplyPool(4)
+    try:
+        applier = rnd.unordered_applier(0)
+        got = _drain(pool, [pool.submit(applier, f) for f in rest])
+    finally:
+        pool.close()
+    assert all(isinstance(v, tuple) for v in got.values()), got
     rnd.end_image(0, image_digest(hashes))      # the digest of every page, as the source's
     rnd.finish()
     assert held_pages(s) == (list(VADDRS), bytes(PAGES))
-    total = sum(sum(c.values()) for c in counted)
+    total = sum(sum(v) for v in got.values())
     assert 0 < total <= len(VADDRS)
 
 
@@ -126,34 +123,21 @@ def test_records_out_of_order_inside_a_frame_are_refused(tmp_path):
     rnd.abort()
 
 
-def test_abort_waits_for_applies_in_flight(tmp_path):
-    """abort() (the receiver's cleanup) returns only once no apply runs: it closes the
-    file the applies write to."""
+def test_abort_waits_for_the_pools_jobs(tmp_path):
+    """abort() (the receiver's cleanup) returns only once no pool job works on the
+    round's appliers: it closes the file they write to. Every job queued when it was
+    called ends having written (none meets a closed file), and nothing is left."""
     parts, _ = encoded()
     s, rnd = open_round(tmp_path)
     rnd.add_pages(0, parts[0])
-    started, release = threading.Event(), threading.Event()
-    real = rnd.images[0].applier
-
-    class Slow:                                 # holds the first apply inside the core call
-        def apply(self, frames):
-            started.set()
-            release.wait(5)
-            return real.apply(frames)
-
-        def __getattr__(self, name):
-            return getattr(real, name)
-
-    rnd.images[0].applier = Slow()
-    with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        busy = pool.submit(rnd.add_pages, 0, parts[1])
-        assert started.wait(5)
-        aborted = pool.submit(rnd.abort)
-        with pytest.raises(concurrent.futures.TimeoutError):
-            aborted.result(timeout=0.3)         # waits for the apply
-        release.set()
-        busy.result(timeout=5)
-        aborted.result(timeout=5)
+    pool = _core.ApplyPool(1)                   # one thread: most jobs still queued
+    try:
+        tokens = [pool.submit(rnd.unordered_applier(0), f) for f in parts[1:]]
+        rnd.abort()
+        got = _drain(pool, tokens)
+    finally:
+        pool.close()
+    assert all(isinstance(v, tuple) for v in got.values()), got
     assert leftovers(tmp_path) == []
 
 
@@ -169,10 +153,11 @@ async def _start(tmp_path, threads):
     return receiver, server, server.sockets[0].getsockname()[1]
 
 
-async def _send(port, parts, hashes, *, twice=None):
+async def _open_image(port, session):
+    """A send session's first round, up to its one image's pagemap (VADDRS): the conn."""
     conn = await transport.connect("127.0.0.1", port, key=KEY)
-    await conn.send_control(MsgType.BEGIN, {"session": "p", "mode": "send", "source": "t",
-                                            "images": [{"id": "pid-1"}]})
+    await conn.send_control(MsgType.BEGIN, {"session": session, "mode": "send",
+                                            "source": "t", "images": [{"id": "pid-1"}]})
     await conn.recv_control(MsgType.STATE)
     while (await conn.recv()).type != MsgType.STATE_END:
         pass
@@ -185,6 +170,11 @@ async def _send(port, parts, hashes, *, twice=None):
         pairs += array("Q", [e.vaddr, e.nr_pages | e.flags << 32])
     for p in iter_pagemap(0, pairs):
         await conn.send(MsgType.PAGEMAP, p)
+    return conn
+
+
+async def _send(port, parts, hashes, *, twice=None):
+    conn = await _open_image(port, "p")
     for i, f in enumerate(parts):
         await conn.send(MsgType.PAGES, encode_pages(0, f))
         if i == twice:
@@ -370,22 +360,7 @@ def test_receiver_cleans_up_a_round_cut_while_applies_run(loop_kind, tmp_path):
     async def main():
         _, server, port = await _start(tmp_path, 3)
         async with server:
-            conn = await transport.connect("127.0.0.1", port, key=KEY)
-            await conn.send_control(MsgType.BEGIN, {"session": "cut", "mode": "send",
-                                                    "source": "t", "images": [{"id": "pid-1"}]})
-            await conn.recv_control(MsgType.STATE)
-            while (await conn.recv()).type != MsgType.STATE_END:
-                pass
-            pm = pagemap_of(VADDRS)
-            await conn.send_control(MsgType.ROUND, {"round": 1, "final": True})
-            await conn.send_control(MsgType.IMAGE, {"index": 0, "id": "pid-1",
-                                                    "entries": len(pm.entries),
-                                                    "pages": len(VADDRS)})
-            pairs = array("Q")
-            for e in pm.entries:
-                pairs += array("Q", [e.vaddr, e.nr_pages | e.flags << 32])
-            for p in iter_pagemap(0, pairs):
-                await conn.send(MsgType.PAGEMAP, p)
+            conn = await _open_image(port, "cut")
             for f in parts[:len(parts) // 2]:
                 await conn.send(MsgType.PAGES, encode_pages(0, f))
             conn.close()

@@ -23,7 +23,7 @@ const char *dx_apply_strerror(int code)
     case DX_E_APPLY_HELD_SHORT: return "the held pages file is shorter than its pagemap";
     case DX_E_APPLY_NO_PAGES: return "page records for an image without present pages";
     case DX_E_APPLY_TWICE: return "page record for a page already received in this round";
-    case 46: return "the apply threads stopped before this frame was applied";
+    case DX_E_APPLY_CANCELLED: return "the apply threads stopped before this frame was applied";
     case DX_E_UNKNOWN_VADDR: return "page record for a vaddr outside the image's pagemap";
     default: return dx_strerror(code);
     }

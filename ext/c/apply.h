@@ -54,6 +54,7 @@ enum {
     DX_E_APPLY_HELD_SHORT = 43, /* the held pages file is shorter than its pagemap */
     DX_E_APPLY_NO_PAGES = 44,   /* records for an image without present pages */
     DX_E_APPLY_TWICE = 45,      /* at-index: a record for a page already received */
+    DX_E_APPLY_CANCELLED = 46,  /* an apply pool (applypool.h) stopped before the job ran */
 };
 
 /* One thread's scratch and its last error (the frame's raw payload, one run's built

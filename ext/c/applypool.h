@@ -15,14 +15,11 @@
 
 #include "apply.h"
 
-enum { DX_E_APPLY_CANCELLED = 46 };   /* the pool stopped before the job ran */
-
 typedef struct dx_apply_job {
     dx_applier *a;
     const uint8_t *buf;
     size_t len, max_raw;
     uint64_t token;             /* the caller's */
-    void *owner;                /* the caller's (what keeps buf and a alive) */
     /* result */
     int rc;
     uint64_t counts[3];

@@ -314,10 +314,7 @@ class _Receiving:
                                          if self.rnd is not None else
                                          StoreError("internal", str(result)))
             else:
-                zero, xor, full = result
-                self.records["zero"] += zero
-                self.records["xor"] += xor
-                self.records["full"] += full
+                self._count(dict(zip(("zero", "xor", "full"), result)))
         self.applied.set()
 
     async def _applied_some(self) -> None:

@@ -27,7 +27,6 @@ import logging
 import os
 import re
 import shutil
-import threading
 from array import array
 from dataclasses import dataclass, field
 
@@ -588,10 +587,6 @@ class Round:
         self.images: dict[int, _IncomingImage] = {}
         self.next_pages_id = 1 + max((h.pagemap.pages_id for h in self.held.values()), default=0)
         self.closed = False
-        # add_pages calls running (several at once for an at-index image: the receiver's
-        # apply threads); an image's end, the round's end and abort wait for none
-        self._applying = 0
-        self._idle = threading.Condition()
 
     # -- per memory image ------------------------------------------------------------
     def begin_image(self, index: int, image_id: str, entries: int, pages: int) -> None:
@@ -620,10 +615,8 @@ class Round:
         return img
 
     def _settled(self) -> None:
-        """Wait until no add_pages call runs (on another thread), and no job of an apply
-        pool (_core.ApplyPool) works on one of this round's appliers."""
-        with self._idle:
-            self._idle.wait_for(lambda: not self._applying)
+        """Wait until no job of an apply pool (_core.ApplyPool) works on one of this
+        round's appliers: their files are closed after this."""
         for img in self.images.values():
             if img.applier is not None and img.mode == _core.APPLY_AT_INDEX:
                 img.applier.wait_idle()
@@ -650,10 +643,10 @@ class Round:
         return StoreError("internal", f"{name}: {e}")
 
     def applies_unordered(self, index: int) -> bool:
-        """Whether frames of image `index` may go to add_pages on several threads at once:
-        its pages file is open in at-index mode (a whole image, opened by its first
-        frame), where each page is taken once whatever the frames' order. Append mode
-        (a final round, a round in place) is written in arrival order: one at a time."""
+        """Whether frames of image `index` may go to an apply pool's threads (in any
+        order): its pages file is open in at-index mode (a whole image, opened by its
+        first frame), where each page is taken once whatever the frames' order. Append
+        mode (a final round, a round in place) is written in arrival order, by add_pages."""
         img = self.images.get(index)
         return (img is not None and not img.done and img.applier is not None
                 and img.mode == _core.APPLY_AT_INDEX)
@@ -757,17 +750,10 @@ class Round:
         img = self._image(index)
         if img.vaddrs is None:
             self._open_pages(img)
-        with self._idle:
-            self._applying += 1
         try:
             zero, xor, full = img.applier.apply(frames)
         except (ValueError, OSError) as e:  # FrameError is a ValueError
             raise self.apply_error(index, e) from None
-        finally:
-            with self._idle:
-                self._applying -= 1
-                if not self._applying:
-                    self._idle.notify_all()
         return {"zero": zero, "xor": xor, "full": full}
 
     def _close_image(self, img: _IncomingImage) -> None:

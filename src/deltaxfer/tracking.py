@@ -128,28 +128,24 @@ def inject_detached(pid: int, tid: int, syscall_ip: int, flags: int) -> tuple[in
     theirs.close()
     try:
         ours.settimeout(INJECT_TIMEOUT)
+        what = f"injecting userfaultfd() into pid {pid}"
         try:
             msg, fds, _, _ = socket.recv_fds(ours, 1 << 16, 1)
         except TimeoutError:
-            raise OSError(0, f"injecting userfaultfd() into pid {pid}: no answer from the "
-                             f"injecting process in {INJECT_TIMEOUT:g} s") from None
-        if not msg:
-            for fd in fds:
-                os.close(fd)
-            raise OSError(0, f"injecting userfaultfd() into pid {pid}: the injecting "
-                             "process ended without an answer")
-        answer = json.loads(msg)
+            raise OSError(0, f"{what}: no answer from the injecting process in "
+                             f"{INJECT_TIMEOUT:g} s") from None
+        answer = json.loads(msg) if msg else None
+        if answer is not None and "errno" not in answer and len(fds) == 1:
+            return fds[0], answer["info"]
+        for fd in fds:
+            os.close(fd)
+        if answer is None:
+            raise OSError(0, f"{what}: the injecting process ended without an answer")
         if "errno" in answer:
-            for fd in fds:
-                os.close(fd)
             e = OSError(answer["errno"], answer["strerror"])
             e.info = answer["info"]
             raise e
-        if len(fds) != 1:
-            for fd in fds:
-                os.close(fd)
-            raise OSError(0, f"injecting userfaultfd() into pid {pid}: no fd came back")
-        return fds[0], answer["info"]
+        raise OSError(0, f"{what}: no fd came back")
     finally:
         ours.close()
         try:                       # it exits right after its answer; else reaped later
