@@ -133,7 +133,8 @@ def bench_migrate(benchmark, group, reps, links, work, criu):
             _RUNS.append({**cell, **r})
             print(f"{tag}: downtime {r['downtime_s']:.3f} s, total {r['total_s']:.2f} s, "
                   f"wire {r['wire_bytes'] / 1e6:.1f} MB, cpu {r['cpu_src_s']:.2f}+"
-                  f"{r['cpu_dst_s']:.2f} s, rounds {r['rounds']}", flush=True)
+                  f"{r['cpu_dst_s']:.2f} s (restored tree {r.get('cpu_restored_s') or 0:.2f} s), "
+                  f"rounds {r['rounds']}", flush=True)
 
     benchmark.pedantic(one, rounds=reps, iterations=1)
 

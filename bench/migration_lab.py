@@ -157,6 +157,7 @@ class Done:
     wall_s: float
     t_end: float
     maxrss_mib: float = 0.0     # its peak resident set (or its largest waited-for child's)
+    restored_cpu_s: float = 0.0  # a criu restore: CPU its restored tree used (in cpu_s too)
 
 
 def run_measured(argv: list[str], *, stdout=None, stderr=None, timeout: float = 900,

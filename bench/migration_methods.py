@@ -2,7 +2,8 @@
 link's source host to its destination host and returning what it measured.
 
 Every method returns ``downtime_s``, ``total_s``, ``wire_bytes`` (+ ``wire_bytes_fwd``),
-``cpu_src_s``, ``cpu_dst_s``, ``rounds`` and ``verified`` (the restored copy checked its
+``cpu_src_s``, ``cpu_dst_s`` (with ``cpu_restored_s``, the restored tree's own CPU when
+its restore returned: CRIU's restorer works inside it), ``rounds`` and ``verified`` (the restored copy checked its
 own memory / answered correctly), plus its own breakdown. A method that did not move the
 workload, or whose restored copy fails its check, raises: a failure fails the run.
 
@@ -160,6 +161,7 @@ def run_deltaxfer(ctx: Ctx, wl, tag: str, method: str) -> dict:
             raise MethodFailed(f"{method}: {report['outcome']}: {report.get('error')}\n"
                                f"{log_tail(err_path)}\nserve: {server.log()[-2000:]}")
         restored = report["restored_pid"]
+        cpu_restored = restored_cpu(restored)
         scan = None
         if wl.kind == "scanwork":       # before the check, which would slow a pass
             wl.adopt(restored)
@@ -169,7 +171,7 @@ def run_deltaxfer(ctx: Ctx, wl, tag: str, method: str) -> dict:
         first_pass = time.monotonic() - t
         placed = lazy_placed_s(report.get("destination_path"))
         # after the check, which faulted every page in: the lazy-pages daemon's work counts
-        cpu_dst = tree_cpu(server.proc.pid, exclude=[restored]) - cpu_dst0
+        cpu_dst = tree_cpu(server.proc.pid, exclude=[restored]) - cpu_dst0 + cpu_restored
         rss = {"migrate": round(done.maxrss_mib, 1),
                "serve": workloads.peak_rss_mib(server.proc.pid)}
         if not wait_gone(wl.pid):
@@ -183,7 +185,7 @@ def run_deltaxfer(ctx: Ctx, wl, tag: str, method: str) -> dict:
         return {
             "downtime_s": report["downtime"], "total_s": done.wall_s,
             "report_total_s": report["total_seconds"], **wire,
-            "cpu_src_s": done.cpu_s, "cpu_dst_s": cpu_dst,
+            "cpu_src_s": done.cpu_s, "cpu_dst_s": cpu_dst, "cpu_restored_s": cpu_restored,
             # peak RSS, MiB: `deltaxfer migrate` (or the largest child it waited for:
             # its criu), the receiving `serve` (its lazy-pages server not counted)
             "peak_rss_mib": rss,
@@ -375,7 +377,19 @@ def criu_restore(ctx: Ctx, directory: Path):
                                  "-o", "restore.log"]))
     if done.returncode:
         raise MethodFailed(f"criu restore: {log_errors(str(directory / 'restore.log'))}")
-    return done, int(pidfile.read_text().strip())
+    restored = int(pidfile.read_text().strip())
+    # CRIU's restorer fills the copy's memory inside the restored task itself (its pages
+    # read into fresh anonymous memory): part of the restore's cost, though not criu's
+    done.restored_cpu_s = restored_cpu(restored)
+    done.cpu_s += done.restored_cpu_s
+    return done, restored
+
+
+def restored_cpu(restored: int) -> float:
+    """CPU seconds the restored tree has used so far, sampled the moment its restore
+    returned (before its check): what restoring it cost inside the restored tasks (CRIU's
+    restorer runs there, and its CPU is not criu's), plus the few ms it has run since."""
+    return tree_cpu(restored)
 
 
 def _finish(ctx: Ctx, wl, method, t0, before, restore, restored, cpu_src, cpu_dst,
@@ -386,7 +400,8 @@ def _finish(ctx: Ctx, wl, method, t0, before, restore, restored, cpu_src, cpu_ds
     if state not in ("T", "t"):
         raise MethodFailed(f"{method}: the source is {state}, not stopped by the dump")
     return {"downtime_s": restore.t_end - t0, "total_s": restore.t_end - t0, **wire,
-            "cpu_src_s": cpu_src, "cpu_dst_s": cpu_dst, "rounds": 1, "verified": res["ok"],
+            "cpu_src_s": cpu_src, "cpu_dst_s": cpu_dst, "cpu_restored_s": restore.restored_cpu_s,
+            "rounds": 1, "verified": res["ok"],
             "app_pause_s": app_pause(res),
             **breakdown}
 
@@ -612,12 +627,15 @@ def run_lazy_floor(ctx: Ctx, wl, tag: str, method: str = "lazy-floor") -> dict:
                                f"{log_errors(str(dst / 'restore.log'))}; lazy-pages: "
                                f"{log_errors(str(dst / 'lazy-pages.log'))}")
         restored = int(pidfile.read_text().strip())
+        cpu_restored = restored_cpu(restored)
         res = check_restored(wl, restored, method)     # faults every page in
         served = wait_measured(lazy, t_lazy, timeout=300)
         wire = link_delta(before, link_counters(ctx.link))
         return {"downtime_s": freeze_dump_s + restore.wall_s,
                 "total_s": freeze_dump_s + restore.wall_s, **wire,
-                "cpu_src_s": lazy_done.cpu_s, "cpu_dst_s": served.cpu_s + restore.cpu_s,
+                "cpu_src_s": lazy_done.cpu_s,
+                "cpu_dst_s": served.cpu_s + restore.cpu_s + cpu_restored,
+                "cpu_restored_s": cpu_restored,
                 "rounds": 1, "verified": res["ok"], "app_pause_s": None,
                 "freeze_dump_s": freeze_dump_s, "restore_s": restore.wall_s,
                 "plain_dump_s": dump.wall_s, "lazy_rc": served.returncode,
