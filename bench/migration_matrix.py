@@ -14,8 +14,10 @@
 * ``ci``: what ``make test`` runs (``--benchmark-disable``): a 32 MiB memwork over the
   1 Gbit/s link, deltaxfer and page-server, nothing written.
 * ``wirespeed``: issue 12's cells (1 GiB against page-server on loopback, 1 and 10
-  Gbit/s; 4 GiB at 1 Gbit/s) and deltaxfer's freeze beside CRIU's lazy floor (stock, and
-  with 4 MiB page pipes) at 256 MiB, 1 and 4 GiB on loopback; 2 repetitions.
+  Gbit/s; 4 GiB at 1 Gbit/s, with the destination's memory floor beside:
+  ``memory-floor``, bench/memory_floor.py) and deltaxfer's freeze beside CRIU's lazy
+  floor (stock, and with 4 MiB page pipes) at 256 MiB, 1 and 4 GiB on loopback;
+  2 repetitions.
 * ``lazyrestore``: deltaxfer's lazy-pages server against `criu lazy-pages`
   (``dx-criulazy``) at 1 and 4 GiB on loopback, page-server beside at 1 GiB; 2 repetitions.
 * ``brownout``: scanwork at 1 GiB on loopback, as a plain read (``scan1G-m0``, ~0.12 s
@@ -105,7 +107,7 @@ FLOORS = ("lazy-floor", "lazy-floor-4m")
 WIRESPEED = _join(
     [("mem1G-d10", "lo", ("deltaxfer", "page-server", *FLOORS))]
     + [("mem1G-d10", link, DX_PS) for link in ("1gbit", "10gbit")]
-    + [("mem4G-d10", "1gbit", DX_PS)]
+    + [("mem4G-d10", "1gbit", (*DX_PS, "memory-floor"))]
     + [(f"mem{s}-d10", "lo", ("deltaxfer", *FLOORS)) for s in ("256M", "4G")])
 # issue 17's fast writer: 1 GiB whose every mutation rewrites a whole page with fresh
 # random bytes at 60 MiB/s, over 1 Gbit/s, with each convergence (auto = the policy's

@@ -50,9 +50,9 @@ from servers import ServeProcess  # noqa: E402
 from deltaxfer.criu.pipes import PipeSizeRaise  # noqa: E402
 
 METHODS = ("deltaxfer", "dx-noxor", "dx-nolz4", "dx-noconverge", "dx-criulazy", "dx-notrack",
-           "dx-pagesink", "dx-nooverlap", "dx-noearly", "dx-apply1", "dx-throttle",
+           "dx-pagesink", "dx-nooverlap", "dx-noearly", "dx-apply1", "dx-apply8", "dx-throttle",
            "dx-postcopy", "rsync",
-           "page-server", "tar-lz4", "lazy-floor", "lazy-floor-4m")
+           "page-server", "tar-lz4", "lazy-floor", "lazy-floor-4m", "memory-floor")
 BASELINES = ("rsync", "page-server", "tar-lz4", "lazy-floor", "lazy-floor-4m")
 
 
@@ -108,14 +108,18 @@ DX_FLAGS = {"deltaxfer": [], "dx-noxor": ["--no-xor"], "dx-nolz4": ["--no-lz4"],
             # whose pages deltaxfer's sink throws away), forced at any size
             "dx-pagesink": ["--freeze", "page-server"],
             # no round while CRIU dumps: the final round only after the dump
-            "dx-nooverlap": ["--no-overlap-dump"], "dx-noearly": [], "dx-apply1": []}
+            "dx-nooverlap": ["--no-overlap-dump"], "dx-noearly": [], "dx-apply1": [],
+            "dx-apply8": []}
 # serve's own flags per method: dx-criulazy restores through `criu lazy-pages` instead of
 # deltaxfer's lazy-pages server (the A/B of the restore's brownout)
 # dx-noearly starts the copy's `criu restore` at the commit (criu/early.py's A/B)
 DX_SERVE_FLAGS = {"dx-criulazy": ["--lazy-pages-server", "criu"],
                   "dx-noearly": ["--no-early-restore"],
                   # the receiver's frames applied by the session's one worker, in order
-                  "dx-apply1": ["--apply-threads", "1"]}
+                  "dx-apply1": ["--apply-threads", "1"],
+                  # eight apply threads whatever the cores (what a 16-core destination
+                  # runs): their memory, measurable on a small machine
+                  "dx-apply8": ["--apply-threads", "8"]}
 
 
 def _first_round(r: dict) -> dict:
@@ -652,6 +656,33 @@ def run_lazy_floor(ctx: Ctx, wl, tag: str, method: str = "lazy-floor") -> dict:
             shutil.rmtree(d, ignore_errors=True)
 
 
+def run_memory_floor(ctx: Ctx, wl, tag: str, method: str = "memory-floor") -> dict:
+    """Not a migration: the destination's memory floor for the workload's size
+    (bench/memory_floor.py in the destination's namespace: its pages written into a new
+    file's page cache, the same amount of fresh anonymous memory filled), while the
+    workload runs on the source as it does for the methods (the size: its resident
+    memory). ``cpu_dst_s`` is the floor's
+    CPU; time fields are its wall time; nothing crosses the link."""
+    with open(f"/proc/{wl.pid}/status") as f:     # the workload's resident memory
+        rss_kib = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+    mib = -(-rss_kib // 1024)
+    d = ctx.tmp / f"floor-{tag}"
+    d.mkdir()
+    out = ctx.tmp / f"floor-{tag}.json"
+    try:
+        with open(out, "wb") as f:
+            done = run_measured(ctx.dst([sys.executable, str(Path(__file__).with_name(
+                "memory_floor.py")), "--mib", str(mib), "--dir", str(d)]), stdout=f)
+        if done.returncode:
+            raise MethodFailed(f"memory_floor.py exit {done.returncode}")
+        r = json.loads(out.read_text())
+        return {"downtime_s": done.wall_s, "total_s": done.wall_s, "wire_bytes": 0,
+                "cpu_src_s": 0.0, "cpu_dst_s": done.cpu_s, "rounds": 0, "verified": None,
+                "app_pause_s": None, **r}
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
 def _dir_bytes(d: Path) -> int:
     return sum(p.stat().st_size for p in d.iterdir() if p.is_file() and p.suffix == ".img")
 
@@ -659,10 +690,11 @@ def _dir_bytes(d: Path) -> int:
 RUNNERS = {"deltaxfer": run_deltaxfer, "dx-noxor": run_deltaxfer, "dx-nolz4": run_deltaxfer,
            "dx-noconverge": run_deltaxfer, "dx-criulazy": run_deltaxfer,
            "dx-notrack": run_deltaxfer, "dx-pagesink": run_deltaxfer,
-           "dx-nooverlap": run_deltaxfer, "dx-noearly": run_deltaxfer, "dx-apply1": run_deltaxfer,
+           "dx-nooverlap": run_deltaxfer, "dx-noearly": run_deltaxfer, "dx-apply1": run_deltaxfer, "dx-apply8": run_deltaxfer,
            "dx-throttle": run_deltaxfer, "dx-postcopy": run_deltaxfer,
            "rsync": run_rsync, "page-server": run_page_server, "tar-lz4": run_tar_lz4,
-           "lazy-floor": run_lazy_floor, "lazy-floor-4m": run_lazy_floor}
+           "lazy-floor": run_lazy_floor, "lazy-floor-4m": run_lazy_floor,
+           "memory-floor": run_memory_floor}
 
 
 def migrate(method: str, ctx: Ctx, spec, tag: str) -> dict:
