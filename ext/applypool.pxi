@@ -10,7 +10,8 @@ cdef class ApplyPool:
     is taken back; the applier's file stays open while the job works: see
     PageApplier.wait_idle). ``fd`` (an eventfd) is readable when jobs have finished;
     done() returns them as (token, (zero, xor, full)) or (token, exception).
-    close() stops the threads; jobs not started come back with an error."""
+    trim() lets idle threads free their work areas; close() stops the threads; jobs not
+    started come back with an error."""
     cdef dx_apply_pool p
     cdef bint started
     cdef dict jobs              # id -> (applier, held buffer): alive while the job is out
@@ -83,6 +84,13 @@ cdef class ApplyPool:
             free(j)
             j = nxt
         return out
+
+    def trim(self):
+        """Each thread frees its work area (up to a frame's raw size) once it is idle;
+        its next job allocates again (the receiver calls this after a live round)."""
+        if self.started:
+            with nogil:
+                dx_apply_pool_trim(&self.p)
 
     def close(self):
         """Stop and join the threads (a job running finishes first); returns done()."""

@@ -23,5 +23,6 @@ cdef extern from "applypool.h" nogil:
     int dx_apply_pool_start(dx_apply_pool *p, int nthreads)
     void dx_apply_pool_submit(dx_apply_pool *p, dx_apply_job *j)
     dx_apply_job *dx_apply_pool_take_done(dx_apply_pool *p)
+    void dx_apply_pool_trim(dx_apply_pool *p)
     void dx_apply_pool_stop(dx_apply_pool *p)
     void dx_apply_pool_free(dx_apply_pool *p)

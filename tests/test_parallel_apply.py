@@ -372,3 +372,128 @@ def test_receiver_cleans_up_a_round_cut_while_applies_run(loop_kind, tmp_path):
             ok, done = await good_transfer(port)
             assert ok["pages"] == 32
     run(loop_kind, main())
+
+
+_TRIM_CHILD = r"""
+import os, select, sys, time
+from array import array
+from deltaxfer import PAGE_SIZE, _core
+
+def rss():
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) for l in f if l.startswith("VmRSS:")) * 1024
+
+n = 4096                                    # 16 MiB of random pages: 4 MiB frames
+vaddrs = array("Q", [0x400000 + i * PAGE_SIZE for i in range(n)])
+pages = os.urandom(n * PAGE_SIZE)
+frames, hashes, _ = _core.encode_round(pages, vaddrs, frame_size=4 << 20)
+mv, parts, off = memoryview(frames), [], 0
+while off < len(mv):
+    k = _core.read_frame_header(mv[off:])["frame_len"]
+    parts.append(bytes(mv[off:off + k]))
+    off += k
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o600)
+os.posix_fallocate(fd, 0, n * PAGE_SIZE)
+a = _core.PageApplier(vaddrs, fd, _core.APPLY_AT_INDEX)
+pool = _core.ApplyPool(4)
+
+def drain(count):
+    got = {}
+    while len(got) < count:
+        r, _, _ = select.select([pool.fd], [], [], 10)
+        assert r
+        got.update(pool.done())
+    assert all(isinstance(v, tuple) for v in got.values()), got
+
+first, rest = parts[:2], parts[2:]
+for f in first:
+    pool.submit(a, f)
+drain(len(first))
+before = rss()
+pool.trim()
+time.sleep(0.3)                             # the idle threads wake and free
+after = rss()
+for f in rest:                              # and apply again, allocating anew
+    pool.submit(a, f)
+drain(len(rest))
+h, missing = a.finish()
+assert missing == 0 and bytes(h) == bytes(hashes)
+assert os.pread(fd, len(pages), 0) == pages
+pool.close()
+print(len(parts), before - after)
+"""
+
+
+def test_pool_trim_frees_the_threads_work_areas_and_applies_again(tmp_path):
+    """After trim() the idle threads give back their work areas (each holds a decoded
+    frame: 4 MiB here), and the next jobs allocate again and apply correctly. In a fresh
+    process, where glibc maps a 4 MiB block of its own and unmaps it when freed."""
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-c", _TRIM_CHILD, str(tmp_path / "pages")],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    nparts, freed = map(int, out.stdout.split())
+    assert nparts >= 4
+    # two threads (at least one) each held one frame's 4 MiB of raw records
+    assert freed >= 4 << 20, freed
+
+
+def test_receiver_trims_its_buffers_after_a_live_round_only(loop_kind, tmp_path,
+                                                           monkeypatch):
+    """The receive buffers and the apply threads' work areas go back after a live round
+    (the first round's bulk needed them), not after the final one (inside the freeze)."""
+    from deltaxfer import receiver as receiver_mod
+    trims, pool_trims = [], []
+    real_trim = transport.Connection.trim_buffers
+    monkeypatch.setattr(transport.Connection, "trim_buffers",
+                        lambda self, keep: (trims.append(keep), real_trim(self, keep)))
+    real_pool = _core.ApplyPool
+
+    class CountingPool:
+        def __init__(self, n):
+            self._p = real_pool(n)
+
+        def __getattr__(self, name):
+            return getattr(self._p, name)
+
+        def trim(self):
+            pool_trims.append(1)
+            return self._p.trim()
+    monkeypatch.setattr(receiver_mod._core, "ApplyPool", CountingPool)
+    parts, hashes = encoded(frame_size=32 << 10)
+
+    async def main():
+        _, server, port = await _start(tmp_path, 2)
+        async with server:
+            conn = await transport.connect("127.0.0.1", port, key=KEY)
+            await conn.send_control(MsgType.BEGIN, {"session": "t", "mode": "send",
+                                                    "source": "t",
+                                                    "images": [{"id": "pid-1"}]})
+            await conn.recv_control(MsgType.STATE)
+            while (await conn.recv()).type != MsgType.STATE_END:
+                pass
+            pm = pagemap_of(VADDRS)
+            pairs = array("Q")
+            for e in pm.entries:
+                pairs += array("Q", [e.vaddr, e.nr_pages | e.flags << 32])
+            for round_no, final in ((1, False), (2, True)):
+                await conn.send_control(MsgType.ROUND, {"round": round_no, "final": final})
+                await conn.send_control(MsgType.IMAGE, {
+                    "index": 0, "id": "pid-1", "entries": len(pm.entries),
+                    "pages": len(VADDRS)})
+                for p in iter_pagemap(0, pairs):
+                    await conn.send(MsgType.PAGEMAP, p)
+                if round_no == 1:
+                    for f in parts:
+                        await conn.send(MsgType.PAGES, encode_pages(0, f))
+                await conn.send_control(MsgType.IMAGE_END, {
+                    "index": 0, "digest": f"{image_digest(hashes):016x}"})
+                await conn.send_control(MsgType.ROUND_END, {"round": round_no})
+                await conn.recv_control(MsgType.ROUND_OK)
+                if round_no == 1:
+                    assert trims == [receiver_mod.ROUND_KEEP_BYTES] and pool_trims == [1]
+            return await commit_files(conn)
+    done = run(loop_kind, main())
+    assert trims == [receiver_mod.ROUND_KEEP_BYTES] and pool_trims == [1]
+    assert done["path"].endswith("/t/images")

@@ -94,10 +94,20 @@ void dx_applier_wait_idle(dx_applier *a)
     pthread_mutex_unlock(&a->idle_mu);
 }
 
+/* A work area's buffers are mapped, not malloc'd: freeing them must give the memory back
+ * (dx_apply_pool_trim after a round's bulk), and glibc serves a 4 MiB malloc from a
+ * thread's arena once a free of a larger block raised its mmap threshold, where a free
+ * keeps it resident. */
+static void *work_map(size_t n)
+{
+    void *p = mmap(NULL, n, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    return p == MAP_FAILED ? NULL : p;
+}
+
 void dx_apply_work_free(dx_apply_work *w)
 {
-    free(w->raw);
-    free(w->scratch);
+    if (w->raw) munmap(w->raw, w->raw_cap);
+    if (w->scratch) munmap(w->scratch, (size_t)DX_APPLY_RUN_PAGES * DX_PAGE_SIZE);
     w->raw = w->scratch = NULL;
     w->raw_cap = 0;
 }
@@ -318,7 +328,7 @@ int dx_applier_apply_with(dx_applier *a, dx_apply_work *w, const uint8_t *buf, s
     int rc;
     counts[0] = counts[1] = counts[2] = 0;
     if (!w->scratch) {
-        w->scratch = malloc((size_t)DX_APPLY_RUN_PAGES * DX_PAGE_SIZE);
+        w->scratch = work_map((size_t)DX_APPLY_RUN_PAGES * DX_PAGE_SIZE);
         if (!w->scratch) return -DX_E_NOMEM;
     }
     while (off < len) {
@@ -326,11 +336,13 @@ int dx_applier_apply_with(dx_applier *a, dx_apply_work *w, const uint8_t *buf, s
         w->err_offset = off;
         w->err_vaddr = 0;
         if ((rc = dx_frame_header_parse(buf + off, len - off, max_raw, &h))) return rc;
-        if (h.raw_len > w->raw_cap) {
-            uint8_t *r = realloc(w->raw, h.raw_len);
+        if (h.raw_len > w->raw_cap) {      /* (its content need not survive) */
+            size_t cap = (h.raw_len + DX_PAGE_SIZE - 1) & ~(size_t)(DX_PAGE_SIZE - 1);
+            uint8_t *r = work_map(cap);
             if (!r) return -DX_E_NOMEM;
+            if (w->raw) munmap(w->raw, w->raw_cap);
             w->raw = r;
-            w->raw_cap = h.raw_len;
+            w->raw_cap = cap;
         }
         if ((rc = dx_frame_decode(buf + off, &h, w->raw))) return rc;
         if (h.record_count && !a->npages) return -DX_E_APPLY_NO_PAGES;

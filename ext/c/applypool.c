@@ -25,10 +25,19 @@ static void *worker(void *arg)
     dx_apply_pool *p = arg;
     dx_apply_work w;
     memset(&w, 0, sizeof w);
+    unsigned gen = 0;
     for (;;) {
         pthread_mutex_lock(&p->mu);
-        while (!p->todo && !p->stopping)
+        while (!p->todo && !p->stopping) {
+            if (gen != p->trim_gen) {        /* idle after a trim: give the memory back */
+                gen = p->trim_gen;
+                pthread_mutex_unlock(&p->mu);
+                dx_apply_work_free(&w);
+                pthread_mutex_lock(&p->mu);
+                continue;
+            }
             pthread_cond_wait(&p->cv, &p->mu);
+        }
         dx_apply_job *j = p->todo;
         if (!j) {                        /* stopping, nothing left */
             pthread_mutex_unlock(&p->mu);
@@ -107,6 +116,14 @@ void dx_apply_pool_stop(dx_apply_pool *p)
     pthread_mutex_unlock(&p->mu);
     for (int i = 0; i < p->nthreads; i++) pthread_join(p->threads[i], NULL);
     p->nthreads = 0;
+}
+
+void dx_apply_pool_trim(dx_apply_pool *p)
+{
+    pthread_mutex_lock(&p->mu);
+    p->trim_gen++;
+    pthread_cond_broadcast(&p->cv);
+    pthread_mutex_unlock(&p->mu);
 }
 
 void dx_apply_pool_free(dx_apply_pool *p)

@@ -35,6 +35,7 @@ typedef struct {
     dx_apply_job *todo, *todo_tail, *done, *done_tail;
     pthread_t *threads;
     int nthreads, stopping, efd;
+    unsigned trim_gen;          /* bumped by dx_apply_pool_trim */
 } dx_apply_pool;
 
 /* 0, or a negative dx_error (the pool is then not started and needs no stop). */
@@ -43,6 +44,10 @@ int dx_apply_pool_start(dx_apply_pool *p, int nthreads);
 void dx_apply_pool_submit(dx_apply_pool *p, dx_apply_job *j);
 /* Every finished job (a list through ->next, in no order), or NULL; reads the eventfd. */
 dx_apply_job *dx_apply_pool_take_done(dx_apply_pool *p);
+/* Each thread frees its work area (the decoded frame, up to a frame's raw size, and the
+ * scratch pages) the next time it has nothing to do: after a round's bulk, the memory
+ * is not kept for rounds that may not need it. Its next job allocates again. */
+void dx_apply_pool_trim(dx_apply_pool *p);
 /* Stop the threads (a job running finishes; jobs not started come back with
  * rc -DX_E_APPLY_CANCELLED) and join them; the finished jobs stay for take_done. */
 void dx_apply_pool_stop(dx_apply_pool *p);

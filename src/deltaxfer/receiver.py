@@ -36,6 +36,10 @@ IDLE_TIMEOUT = 300.0
 
 PAGES_BATCH = 64      # frames handed to a session's worker thread at once, at most
 PAGES_BATCH_BYTES = 8 << 20   # and buffer bytes (framing.POOL_BYTES counts on this bound)
+# free receive buffers kept after a live round: the rounds after the first carry what was
+# written since the last (a few MiB to tens of MiB); a buffer allocated again costs its
+# page faults once
+ROUND_KEEP_BYTES = 16 << 20
 
 
 def _apply_frames(rnd, batch) -> dict:
@@ -345,6 +349,13 @@ class _Receiving:
         await conn.send_control(MsgType.ROUND_OK, {
             "round": done["round"], "pages": done["pages"],
             "bytes": conn.stats["bytes_in"]})
+        if not self.final_round:
+            # after a live round (the first is the bulk), what its frames needed goes
+            # back: the apply threads' work areas (up to 4 MiB each), the receive buffers
+            # beyond ROUND_KEEP_BYTES. Not after the final round: the freeze goes on.
+            conn.trim_buffers(ROUND_KEEP_BYTES)
+            if self.apply_pool is not None:
+                self.apply_pool.trim()
         log.info("%s: session %s round %d complete: %d pages held (%.3f s from ROUND, "
                  "%.3f s of it finishing after ROUND_END, %.3f s of it waiting for the "
                  "applies)", self.peer, self.name, done["round"], done["pages"],

@@ -838,6 +838,10 @@ class ParentRound(Round):
             img.parent = None
             return super()._open_pages(img)
         img.pagemap = self._complete_pagemap(img)
+        if held.vaddrs is not None and img.vaddrs == held.vaddrs:
+            # the usual case (a live round): one array for both layouts, not two (8 bytes
+            # a page: 32 MiB at 16 GiB)
+            img.vaddrs = held.vaddrs
         img.parent = held
         img.pages_path = os.path.join(self.dir, f"pages-{img.pagemap.pages_id}.img")
         img.fd = os.open(img.pages_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

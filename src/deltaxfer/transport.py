@@ -509,6 +509,12 @@ class Connection:
                 "frames_in": d.messages_in if d is not None else 0,
                 "bytes_in": d.bytes_in if d is not None else 0}
 
+    def trim_buffers(self, keep: int) -> None:
+        """Keep at most ``keep`` bytes of free receive buffers for big payloads (a
+        round's bulk left up to framing.POOL_BYTES of them)."""
+        if self._p._decoder is not None:
+            self._p._decoder.trim_pool(keep)
+
     @property
     def bytes_delivered(self) -> int:
         """How far the stream has got to the peer, for telling a slow link from a stopped

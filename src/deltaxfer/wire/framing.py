@@ -67,11 +67,24 @@ class _PayloadPool:
         buf = bytearray(size)
         held = sum(map(len, self._bufs))
         if held + size > self._max:
-            self._bufs = [b for b in self._bufs if self._free_check(b) != _POOL_REFS - 1]
+            self._bufs = [b for b in self._bufs if self._free_check(b) != _POOL_REFS]
             held = sum(map(len, self._bufs))
         if held + size <= self._max:
             self._bufs.append(buf)
         return buf
+
+    def trim(self, keep: int) -> None:
+        """Forget free buffers beyond ``keep`` bytes of them (the largest kept): after a
+        round's bulk, a session's quiet rounds need a few. A buffer still referred to
+        stays until its message is done with it, then goes."""
+        free = sorted((b for b in self._bufs if self._free_check(b) == _POOL_REFS),
+                      key=len, reverse=True)
+        kept, n = set(), 0
+        for b in free:
+            if n + len(b) <= keep:
+                kept.add(id(b))
+                n += len(b)
+        self._bufs = [b for b in self._bufs if id(b) in kept]
 
     @property
     def held(self) -> int:
@@ -157,6 +170,10 @@ class Decoder:
         buf[:pending] = self._buf[self._start:self._end]
         self._buf, self._view = buf, memoryview(buf)
         self._start, self._end = 0, pending
+
+    def trim_pool(self, keep: int) -> None:
+        """Keep at most ``keep`` bytes of free big-payload buffers (_PayloadPool.trim)."""
+        self._pool.trim(keep)
 
     # -- introspection (tests, counters) ---------------------------------------------------
     @property
