@@ -414,3 +414,33 @@ def test_version_and_caps_negotiation():
         wire.choose_version([2, 3])
     assert e.value.code == ErrorCode.VERSION and "speaks [1]" in e.value.reason
     assert wire.common_caps(["lz4", "xor", "zstd"], ["xor", "lz4", "tls"]) == ["lz4", "xor"]
+
+
+def test_payload_pool_trim_keeps_the_largest_free_buffers_within_the_bound():
+    from deltaxfer.wire.framing import _PayloadPool
+    pool = _PayloadPool(max_bytes=64 << 20)
+    limit = 16 << 20
+    bufs = [pool.take(n, limit) for n in (4 << 20, 4 << 20, 1 << 20, 2 << 20)]
+    in_use = memoryview(bufs[0])           # a message still refers to this one
+    sizes = [len(b) for b in bufs]
+    del bufs
+    pool.trim(5 << 20)
+    # the buffer in use is forgotten (it goes when its message does); of the free ones the
+    # largest that fit in 5 MiB: 4 MiB, then 1 MiB (2 MiB would not fit)
+    assert sorted(len(b) for b in pool._bufs) == [1 << 20, 4 << 20], sizes
+    assert all(b is not in_use.obj for b in pool._bufs)
+    pool.trim(0)
+    assert pool.held == 0
+
+
+def test_payload_pool_over_its_cap_makes_room_from_free_buffers():
+    from deltaxfer.wire.framing import _PayloadPool
+    pool = _PayloadPool(max_bytes=8 << 20)
+    small = [pool.take(1 << 20, 16 << 20) for _ in range(8)]     # the cap, all in use
+    del small[:]                                                  # all free now
+    big = pool.take(4 << 20, 16 << 20)
+    # the free 1 MiB buffers made room, so the 4 MiB one is pooled (reused next time)
+    assert any(b is big for b in pool._bufs) and pool.held <= 8 << 20
+    del big
+    again = pool.take(4 << 20, 16 << 20)
+    assert any(b is again for b in pool._bufs) and len(again) == 4 << 20
