@@ -435,8 +435,9 @@ def test_pool_trim_frees_the_threads_work_areas_and_applies_again(tmp_path):
     assert out.returncode == 0, out.stderr
     nparts, freed = map(int, out.stdout.split())
     assert nparts >= 4
-    # two threads (at least one) each held one frame's 4 MiB of raw records
-    assert freed >= 4 << 20, freed
+    # at least one thread held a frame's 4 MiB of raw records (a busy machine may give
+    # both jobs to one thread; the process's own RSS moves by a few hundred KiB besides)
+    assert freed >= 3 << 20, freed
 
 
 def test_receiver_trims_its_buffers_after_a_live_round_only(loop_kind, tmp_path,
