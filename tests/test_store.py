@@ -488,6 +488,40 @@ def test_page_applier_matches_reference(tmp_path, seed, n_held, n_new, mode, cor
             assert c_file == bytes(pages)
 
 
+@pytest.mark.parametrize("seed", [3, 11, 29])
+def test_at_index_frames_without_xor_match_the_reference(tmp_path, seed):
+    """At-index frames with no XOR record are claimed, hashed and laid out first, then
+    written under the lock in one go: with a held image shared in (zero records over held
+    pages are written), zero gaps bridged between full pages, long zero stretches left
+    unwritten, frames of 64 pages -- the same file and hashes as the reference applier's."""
+    rnd = random.Random(seed)
+    held = array("Q", [0x400000 + i * PAGE_SIZE for i in range(0, 600, 2)])
+    new = array("Q", [0x400000 + i * PAGE_SIZE for i in range(600)])
+    held_pages = b"".join(rnd.randbytes(64) * (PAGE_SIZE // 64) for _ in held)
+    held_path = tmp_path / "held"
+    held_path.write_bytes(held_pages)
+    held_hashes, _, _ = _core.hash_pages(held_pages)
+    pages = bytearray()
+    for i in range(len(new)):
+        k = rnd.random()
+        # zero stretches long and short, over held pages and not, between full pages
+        pages += bytes(PAGE_SIZE) if (k < 0.35 or 200 <= i < 260) else rnd.randbytes(PAGE_SIZE)
+    frames, hashes, _ = _core.encode_round(bytes(pages), new, xor=False,
+                                           frame_size=64 * PAGE_SIZE)
+    kinds, off = set(), 0
+    while off < len(frames):
+        records, n = _core.decode_frame(frames[off:])
+        kinds |= {k for _, k, _ in records}
+        off += n
+    assert kinds == {0, 2}                      # zero and full records, no XOR
+    c, c_file = _run_applier(_core, tmp_path, "c", new, held, held_path, held_hashes, frames, 0)
+    r, r_file = _run_applier(ref_apply, tmp_path, "ref", new, held, held_path, held_hashes,
+                             frames, 0)
+    assert c == r and c[0] == "ok", (c, r)
+    assert c_file == r_file == bytes(pages)
+    assert c[3][1] == 0 and c[3][0] == bytes(hashes)
+
+
 def test_copy_received_runs_and_write_u64_runs(tmp_path):
     """The in-place finish's two C loops: received runs (back to back in the side file)
     land at their layout index in the held file, held runs are left alone, the copied

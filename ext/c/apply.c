@@ -108,8 +108,31 @@ void dx_apply_work_free(dx_apply_work *w)
 {
     if (w->raw) munmap(w->raw, w->raw_cap);
     if (w->scratch) munmap(w->scratch, (size_t)DX_APPLY_RUN_PAGES * DX_PAGE_SIZE);
+    if (w->iov) munmap(w->iov, w->iov_cap * sizeof *w->iov);
+    if (w->runs) munmap(w->runs, w->iov_cap * sizeof *w->runs);
     w->raw = w->scratch = NULL;
-    w->raw_cap = 0;
+    w->iov = NULL;
+    w->runs = NULL;
+    w->raw_cap = w->iov_cap = 0;
+}
+
+/* Room for n iovecs and n runs in w (a frame's collected writes). */
+static int work_iov(dx_apply_work *w, size_t n)
+{
+    if (n <= w->iov_cap) return 0;
+    size_t cap = n < 1024 ? 1024 : n;
+    struct iovec *iov = work_map(cap * sizeof *iov);
+    dx_apply_run *runs = iov ? work_map(cap * sizeof *runs) : NULL;
+    if (!runs) {
+        if (iov) munmap(iov, cap * sizeof *iov);
+        return -DX_E_NOMEM;
+    }
+    if (w->iov) munmap(w->iov, w->iov_cap * sizeof *w->iov);
+    if (w->runs) munmap(w->runs, w->iov_cap * sizeof *w->runs);
+    w->iov = iov;
+    w->runs = runs;
+    w->iov_cap = cap;
+    return 0;
 }
 
 void dx_applier_free(dx_applier *a)
@@ -170,7 +193,8 @@ int64_t dx_applier_share_held(dx_applier *a, int held_fd, const uint64_t *held_h
  * first write of a frame takes the applier's write lock (*locked), held to the frame's
  * end: the filesystem takes the file's inode lock for each buffered write anyway, and a
  * frame's writes (runs broken by zero pages: ~5 pages each for memwork's page mix) would
- * otherwise hand a lock from thread to thread every few microseconds. */
+ * otherwise hand a lock from thread to thread every few microseconds.  (A frame whose
+ * runs were collected first takes it before its first write_run: apply_one.) */
 static int write_run(dx_applier *a, dx_apply_work *w, struct iovec *iov, int n, uint64_t at,
                      int *locked)
 {
@@ -207,20 +231,39 @@ static int apply_one(dx_applier *a, dx_apply_work *w, const uint8_t *raw, size_t
     const int at_index = a->mode == DX_APPLY_AT_INDEX;
     /* append: records ascend across the image; at-index: within the frame */
     const size_t first = at_index ? 0 : a->next;
-    size_t cur = first, idx;
+    size_t cur = first, idx, nfull = 0, nxor = 0, nzero = 0;
     int rc;
     /* 1. every record checked before any page is written */
     for (size_t p = 0; p < raw_len; p += DX_RECORD_HEADER_SIZE + dx_load16(raw + p + 9)) {
         uint64_t vaddr = dx_load64(raw + p);
         w->err_vaddr = vaddr;
         if ((rc = locate(a, cur, vaddr, &idx))) return rc;
-        if (raw[p + 8] == DX_REC_XOR && dx_find_vaddr(a->held_vaddrs, a->nheld, vaddr) < 0)
-            return -DX_E_APPLY_NOT_HELD;
+        if (raw[p + 8] == DX_REC_XOR) {
+            if (dx_find_vaddr(a->held_vaddrs, a->nheld, vaddr) < 0) return -DX_E_APPLY_NOT_HELD;
+            nxor++;
+        } else if (raw[p + 8] == DX_REC_FULL) {
+            nfull++;
+        } else {
+            nzero++;
+        }
         cur = idx + 1;
     }
+    /* At-index without XOR records (a first round): the frame's runs are collected --
+     * pages claimed, hashed, zero pages found -- with no lock held, then written under
+     * the write lock in one go, so that the lock covers only the writes (other threads
+     * hash and claim meanwhile). XOR pages are built in the run scratch, one run at a
+     * time: a frame with any is written run by run. An iovec per written page: the
+     * full ones, the zero ones over held pages, and up to DX_APPLY_ZERO_BRIDGE zero
+     * pages bridged before each of those. */
+    const int collect = at_index && !nxor && a->lock_ready;
+    const size_t iov_need = (nfull + (a->nheld ? nzero : 0)) * (1 + DX_APPLY_ZERO_BRIDGE) + 1;
+    if (collect && (rc = work_iov(w, iov_need))) return rc;
+    size_t nruns = 0, ibase = 0;
     /* 2. build, hash and write, in runs of consecutive file pages */
     const uint64_t zh = dx_zero_page_hash();
-    struct iovec iov[DX_APPLY_RUN_PAGES];
+    struct iovec iov_run[DX_APPLY_RUN_PAGES];
+    struct iovec *const iov0 = collect ? w->iov : iov_run;
+    struct iovec *iov = iov0;           /* the current run's: iov0 + ibase */
     int nrun = 0;
     uint64_t run_at = 0, mine[3] = {0, 0, 0};
     size_t held_cur = 0, zgap = 0;   /* zero pages skipped right after the run */
@@ -257,6 +300,10 @@ static int apply_one(dx_applier *a, dx_apply_work *w, const uint8_t *raw, size_t
                        nrun + zgap < DX_APPLY_RUN_PAGES) {
                 /* a few zero pages of this frame between two written ones: written too
                  * (from the zero page), one pwritev instead of two */
+                if (collect && ibase + (size_t)nrun + zgap + 1 > w->iov_cap) {
+                    rc = -DX_E_NOMEM;             /* (iov_need above bounds it) */
+                    goto out;
+                }
                 for (size_t z = 0; z < zgap; z++) {
                     iov[nrun].iov_base = (void *)apply_zero_page;
                     iov[nrun].iov_len = DX_PAGE_SIZE;
@@ -270,7 +317,13 @@ static int apply_one(dx_applier *a, dx_apply_work *w, const uint8_t *raw, size_t
             write = kind != DX_REC_ZERO;          /* a hole, made part of the file at finish */
         }
         if (write && nrun && (at != run_at + (uint64_t)nrun || nrun == (int)DX_APPLY_RUN_PAGES)) {
-            if ((rc = write_run(a, w, iov, nrun, run_at, &locked))) goto out;
+            if (collect) {
+                w->runs[nruns++] = (dx_apply_run){run_at, (uint32_t)ibase, (uint32_t)nrun};
+                ibase += (size_t)nrun;
+                iov = iov0 + ibase;
+            } else if ((rc = write_run(a, w, iov, nrun, run_at, &locked))) {
+                goto out;
+            }
             nrun = 0;
         }
         const uint8_t *page;
@@ -291,6 +344,10 @@ static int apply_one(dx_applier *a, dx_apply_work *w, const uint8_t *raw, size_t
             h = dx_page_is_zero(page) ? zh : dx_xxh3(page, DX_PAGE_SIZE);
         }
         if (write) {
+            if (collect && ibase + (size_t)nrun + 1 > w->iov_cap) {
+                rc = -DX_E_NOMEM;                 /* (iov_need above bounds it) */
+                goto out;
+            }
             if (!nrun) run_at = at;
             iov[nrun].iov_base = (void *)page;
             iov[nrun].iov_len = DX_PAGE_SIZE;
@@ -306,7 +363,19 @@ static int apply_one(dx_applier *a, dx_apply_work *w, const uint8_t *raw, size_t
         }
         mine[kind]++;
     }
-    rc = nrun ? write_run(a, w, iov, nrun, run_at, &locked) : 0;
+    if (collect) {
+        if (nrun) w->runs[nruns++] = (dx_apply_run){run_at, (uint32_t)ibase, (uint32_t)nrun};
+        rc = 0;
+        if (nruns) {
+            pthread_mutex_lock(&a->write_lock);
+            locked = 1;
+        }
+        for (size_t r = 0; r < nruns && !rc; r++)
+            rc = write_run(a, w, w->iov + w->runs[r].first, (int)w->runs[r].n, w->runs[r].at,
+                           &locked);
+    } else {
+        rc = nrun ? write_run(a, w, iov, nrun, run_at, &locked) : 0;
+    }
 out:
     if (locked) pthread_mutex_unlock(&a->write_lock);
     for (int k = 0; k < 3; k++) {

@@ -15,7 +15,9 @@
  *                      its side file, or a final round's child image); zero pages become
  *                      holes, made part of the file by dx_applier_finish.
  * Scratch memory is bounded: the largest frame's raw payload (<= 16 MiB) plus one run
- * (DX_APPLY_RUN_PAGES pages), per work area.  Per-page state is 9 bytes (hash + source)
+ * (DX_APPLY_RUN_PAGES pages) plus, at-index, an iovec and a run entry per page the frame
+ * writes (at most 9 per full record: 16 MiB raw -> ~1.5 MiB), per work area.  Per-page
+ * state is 9 bytes (hash + source)
  * in at-index mode, 16 bytes per received page (vaddr + hash) in append mode.
  *
  * Threads.  In append mode one call runs at a time and records ascend across the whole
@@ -24,12 +26,16 @@
  * dx_apply_work: records ascend within a frame, frames may be applied in any order, and
  * each page may be received once per round -- a record for a page already received is
  * refused (DX_E_APPLY_TWICE; the page's source byte is claimed atomically, so two threads
- * cannot both take it).  Counters are updated atomically.
+ * cannot both take it).  Counters are updated atomically.  A frame's writes go under the
+ * applier's write lock; a frame without XOR records (a first round's) is claimed, hashed
+ * and laid out in runs first, with no lock held, and the lock then covers its pwritev
+ * calls alone.
  */
 #ifndef DX_APPLY_H
 #define DX_APPLY_H
 
 #include <pthread.h>
+#include <sys/uio.h>
 
 #include "dx_common.h"
 
@@ -60,9 +66,20 @@ enum {
 /* One thread's scratch and its last error (the frame's raw payload, one run's built
  * pages).  Zeroed to start; dx_apply_work_free releases it. */
 typedef struct {
+    uint64_t at;                /* the run's first page in the file */
+    uint32_t first, n;          /* its iovecs in dx_apply_work.iov */
+} dx_apply_run;
+
+typedef struct {
     uint8_t *raw;               /* one frame's raw payload */
     size_t raw_cap;
     uint8_t *scratch;           /* built pages of one run (DX_APPLY_RUN_PAGES) */
+    /* at-index, a frame without XOR records: all its runs, collected (hashed and claimed
+     * with no lock held), then written under the write lock at once; iov_cap entries
+     * each */
+    struct iovec *iov;
+    dx_apply_run *runs;
+    size_t iov_cap;
     size_t err_offset;          /* last error: the frame's byte offset in the call's buffer */
     uint64_t err_vaddr;         /* the record's vaddr, where there is one */
     int err_errno;              /* DX_E_APPLY_IO: errno */

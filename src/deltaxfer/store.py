@@ -921,8 +921,8 @@ class InPlaceRound(ParentRound):
         if held is not None:
             super()._open_pages(img)          # validates, sets vaddrs and the side file
             img.reshape = None
-            if img.vaddrs == img.held_vaddrs:
-                return
+            if img.vaddrs is img.held_vaddrs or img.vaddrs == img.held_vaddrs:
+                return                        # (the same array: ParentRound found them equal)
             ops = _core.layout_diff(img.held_vaddrs, img.vaddrs)
             if self.session.store.reshapable and len(ops) // 3 <= MAX_RESHAPE_RUNS:
                 img.reshape = ops             # pages added or removed: edit the file's layout
