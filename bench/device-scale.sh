@@ -10,7 +10,8 @@
 #      same run; the JSON row of each carries total time, downtime, CPU per side, peak
 #      RSS and the first round's GB/s of process memory;
 #   3. if $EXTRA_T > 0 and it fits in $BUDGET_S: $EXTRA_METHODS again with $EXTRA_ENV set
-#      (default: deltaxfer with 4 encoder threads). Before 2: bench/scale_write.py.
+#      (default: deltaxfer with 4 encoder threads). Before 2: bench/scale_write.py and
+#      bench/scale_apply.py (SKIP_WRITE=1, SKIP_APPLY=1 leave them out).
 # Results land in $OUT (JSON + logs).
 # Carry: .local/criu .devdeps ext/_core.c .whl tests/workloads/bin src/deltaxfer/_hook_agent
 set -u
@@ -45,6 +46,13 @@ echo "nofile now $(ulimit -n); setup $(( $(date +%s) - T0 )) s"
 [ "${SKIP_WRITE:-0}" = 1 ] || { timeout ${WRITE_T:-60} $PY bench/scale_write.py --mib ${WRITE_MIB:-4096} \
     --threads 8 --json "$OUT/write.json" > "$OUT/write.log" 2>&1
     echo "write rc=$? at $(( $(date +%s) - T0 )) s"; cat "$OUT/write.log"; }
+
+# the destination's apply alone: memwork's frames applied to one preallocated pages file
+# by 1..16 C threads (the write lock covers only a frame's pwritev calls since the ninth
+# session), a 1-thread pwritev of the same bytes beside
+[ "${SKIP_APPLY:-0}" = 1 ] || { timeout ${APPLY_T:-90} $PY bench/scale_apply.py --mib ${APPLY_MIB:-2048} \
+    --threads 1,2,4,8,16 --json "$OUT/apply.json" > "$OUT/apply.log" 2>&1
+    echo "apply rc=$? at $(( $(date +%s) - T0 )) s"; tail -c 900 "$OUT/apply.log"; echo; }
 
 matrix() {   # $1 tag, $2 cells, $3 timeout; the rest: env
     local tag=$1 cells=$2 t=$3; shift 3
