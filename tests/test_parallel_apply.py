@@ -498,3 +498,29 @@ def test_receiver_trims_its_buffers_after_a_live_round_only(loop_kind, tmp_path,
     done = run(loop_kind, main())
     assert trims == [receiver_mod.ROUND_KEEP_BYTES] and pool_trims == [1]
     assert done["path"].endswith("/t/images")
+
+
+def test_pool_trim_while_jobs_run_loses_nothing(tmp_path):
+    """trim() called again and again while jobs are queued and running: a thread frees
+    its work area only when idle, so every job applies, and the file and hashes are
+    those of the frames applied in order."""
+    import os
+    parts, hashes = encoded(frame_size=32 << 10)
+    fd, a = _applier(tmp_path)
+    pool = _core.ApplyPool(3)
+    try:
+        tokens = []
+        for i, f in enumerate(parts):
+            tokens.append(pool.submit(a, f))
+            if i % 3 == 0:
+                pool.trim()
+        got = _drain(pool, tokens)
+        pool.trim()
+        assert all(isinstance(v, tuple) for v in got.values()), got
+        h, missing = a.finish()
+        assert missing == 0 and image_digest(h) == image_digest(hashes)
+        assert os.pread(fd, len(PAGES), 0) == bytes(PAGES)
+    finally:
+        pool.close()
+        a.close()
+        os.close(fd)
