@@ -252,11 +252,12 @@ static int apply_one(dx_applier *a, dx_apply_work *w, const uint8_t *raw, size_t
      * pages claimed, hashed, zero pages found -- with no lock held, then written under
      * the write lock in one go, so that the lock covers only the writes (other threads
      * hash and claim meanwhile). XOR pages are built in the run scratch, one run at a
-     * time: a frame with any is written run by run. An iovec per written page: the
-     * full ones, the zero ones over held pages, and up to DX_APPLY_ZERO_BRIDGE zero
-     * pages bridged before each of those. */
+     * time: a frame with any is written run by run. An iovec per written page, each a
+     * record of the frame: the full ones, the zero ones over held pages, and up to
+     * DX_APPLY_ZERO_BRIDGE zero pages bridged before each of those. */
     const int collect = at_index && !nxor && a->lock_ready;
-    const size_t iov_need = (nfull + (a->nheld ? nzero : 0)) * (1 + DX_APPLY_ZERO_BRIDGE) + 1;
+    const size_t bridged = (nfull + (a->nheld ? nzero : 0)) * (1 + DX_APPLY_ZERO_BRIDGE);
+    const size_t iov_need = (bridged < nfull + nzero ? bridged : nfull + nzero) + 1;
     if (collect && (rc = work_iov(w, iov_need))) return rc;
     size_t nruns = 0, ibase = 0;
     /* 2. build, hash and write, in runs of consecutive file pages */
