@@ -3,8 +3,8 @@ link's source host to its destination host and returning what it measured.
 
 Every method returns ``downtime_s``, ``total_s``, ``wire_bytes`` (+ ``wire_bytes_fwd``),
 ``cpu_src_s``, ``cpu_dst_s`` (with ``cpu_restored_s``, the restored tree's own CPU when
-its restore returned: CRIU's restorer works inside it), ``rounds`` and ``verified`` (the restored copy checked its
-own memory / answered correctly), plus its own breakdown. A method that did not move the
+its restore returned: CRIU's restorer works inside it), ``rounds`` and ``verified`` (the
+restored copy checked its own memory / answered correctly), plus its own breakdown. A method that did not move the
 workload, or whose restored copy fails its check, raises: a failure fails the run.
 
 * ``deltaxfer`` (and ``dx-noxor``, ``dx-nolz4``, ``dx-notrack``: the same with
@@ -47,6 +47,7 @@ from migration_lab import (link_counters, link_delta, run_measured, tree_cpu, wa
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import workloads  # noqa: E402
 from servers import ServeProcess  # noqa: E402
+from deltaxfer.core import procmem  # noqa: E402
 from deltaxfer.criu.pipes import PipeSizeRaise  # noqa: E402
 
 METHODS = ("deltaxfer", "dx-noxor", "dx-nolz4", "dx-noconverge", "dx-criulazy", "dx-notrack",
@@ -404,8 +405,8 @@ def _finish(ctx: Ctx, wl, method, t0, before, restore, restored, cpu_src, cpu_ds
     if state not in ("T", "t"):
         raise MethodFailed(f"{method}: the source is {state}, not stopped by the dump")
     return {"downtime_s": restore.t_end - t0, "total_s": restore.t_end - t0, **wire,
-            "cpu_src_s": cpu_src, "cpu_dst_s": cpu_dst, "cpu_restored_s": restore.restored_cpu_s,
-            "rounds": 1, "verified": res["ok"],
+            "cpu_src_s": cpu_src, "cpu_dst_s": cpu_dst,
+            "cpu_restored_s": restore.restored_cpu_s, "rounds": 1, "verified": res["ok"],
             "app_pause_s": app_pause(res),
             **breakdown}
 
@@ -661,10 +662,9 @@ def run_memory_floor(ctx: Ctx, wl, tag: str, method: str = "memory-floor") -> di
     (bench/memory_floor.py in the destination's namespace: its pages written into a new
     file's page cache, the same amount of fresh anonymous memory filled), while the
     workload runs on the source as it does for the methods (the size: its resident
-    memory). ``cpu_dst_s`` is the floor's
-    CPU; time fields are its wall time; nothing crosses the link."""
-    with open(f"/proc/{wl.pid}/status") as f:     # the workload's resident memory
-        rss_kib = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+    memory). ``cpu_dst_s`` is the floor's CPU; time fields are its wall time; nothing
+    crosses the link."""
+    rss_kib = int(procmem.status(wl.pid)["VmRSS"].split()[0])
     mib = -(-rss_kib // 1024)
     d = ctx.tmp / f"floor-{tag}"
     d.mkdir()
@@ -690,7 +690,8 @@ def _dir_bytes(d: Path) -> int:
 RUNNERS = {"deltaxfer": run_deltaxfer, "dx-noxor": run_deltaxfer, "dx-nolz4": run_deltaxfer,
            "dx-noconverge": run_deltaxfer, "dx-criulazy": run_deltaxfer,
            "dx-notrack": run_deltaxfer, "dx-pagesink": run_deltaxfer,
-           "dx-nooverlap": run_deltaxfer, "dx-noearly": run_deltaxfer, "dx-apply1": run_deltaxfer, "dx-apply8": run_deltaxfer,
+           "dx-nooverlap": run_deltaxfer, "dx-noearly": run_deltaxfer,
+           "dx-apply1": run_deltaxfer, "dx-apply8": run_deltaxfer,
            "dx-throttle": run_deltaxfer, "dx-postcopy": run_deltaxfer,
            "rsync": run_rsync, "page-server": run_page_server, "tar-lz4": run_tar_lz4,
            "lazy-floor": run_lazy_floor, "lazy-floor-4m": run_lazy_floor,

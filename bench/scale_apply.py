@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from scale_pipeline import make_memory  # noqa: E402  (memwork's page mix)
 
 from deltaxfer import _core  # noqa: E402
+from deltaxfer.core.pipeline import split_frames  # noqa: E402
 
 PAGE = 4096
 
@@ -32,15 +33,6 @@ PAGE = 4096
 def _cpu() -> float:
     r = resource.getrusage(resource.RUSAGE_SELF)
     return r.ru_utime + r.ru_stime
-
-
-def split_frames(frames) -> list[memoryview]:
-    out, off, mv = [], 0, memoryview(frames)
-    while off < len(mv):
-        n = _core.read_frame_header(mv[off:])["frame_len"]
-        out.append(mv[off:off + n])
-        off += n
-    return out
 
 
 def apply_once(directory: str, vaddrs, frames: list, threads: int, inflight: int) -> dict:

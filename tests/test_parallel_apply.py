@@ -21,7 +21,7 @@ from faults import agent_tmp  # noqa: F401 (fixture)
 from servers import Server
 from test_migrate_criu import migrate_ok, verify_running
 from test_serve_refusals import KEY, commit_files, good_transfer, leftovers, run
-from test_store import held_pages, pagemap_of
+from test_store import held_pages, pagemap_of, split
 
 # three runs of pages, 40 % random, 20 % zero, the rest repeated text: many frames
 VADDRS = array("Q", [0x400000 + i * PAGE_SIZE for i in range(1500)]
@@ -47,18 +47,9 @@ def mixed_pages(vaddrs, seed=7):
 PAGES = mixed_pages(VADDRS)
 
 
-def split_frames(frames) -> list[bytes]:
-    out, off, mv = [], 0, memoryview(frames)
-    while off < len(mv):
-        n = _core.read_frame_header(mv[off:])["frame_len"]
-        out.append(bytes(mv[off:off + n]))
-        off += n
-    return out
-
-
 def encoded(frame_size=64 << 10):
     frames, hashes, _ = _core.encode_round(PAGES, VADDRS, frame_size=frame_size)
-    parts = split_frames(frames)
+    parts = split(frames)
     assert len(parts) >= 20, len(parts)
     return parts, hashes
 
@@ -153,16 +144,21 @@ async def _start(tmp_path, threads):
     return receiver, server, server.sockets[0].getsockname()[1]
 
 
-async def _open_image(port, session):
-    """A send session's first round, up to its one image's pagemap (VADDRS): the conn."""
+async def _begin(port, session):
+    """A send session of one image (pid-1), begun: the conn, past STATE."""
     conn = await transport.connect("127.0.0.1", port, key=KEY)
     await conn.send_control(MsgType.BEGIN, {"session": session, "mode": "send",
                                             "source": "t", "images": [{"id": "pid-1"}]})
     await conn.recv_control(MsgType.STATE)
     while (await conn.recv()).type != MsgType.STATE_END:
         pass
+    return conn
+
+
+async def _round_image(conn, round_no=1, final=True):
+    """ROUND, then its one image's IMAGE and pagemap (VADDRS)."""
     pm = pagemap_of(VADDRS)
-    await conn.send_control(MsgType.ROUND, {"round": 1, "final": True})
+    await conn.send_control(MsgType.ROUND, {"round": round_no, "final": final})
     await conn.send_control(MsgType.IMAGE, {"index": 0, "id": "pid-1",
                                             "entries": len(pm.entries), "pages": len(VADDRS)})
     pairs = array("Q")
@@ -170,6 +166,12 @@ async def _open_image(port, session):
         pairs += array("Q", [e.vaddr, e.nr_pages | e.flags << 32])
     for p in iter_pagemap(0, pairs):
         await conn.send(MsgType.PAGEMAP, p)
+
+
+async def _open_image(port, session):
+    """A send session's first round, up to its one image's pagemap (VADDRS): the conn."""
+    conn = await _begin(port, session)
+    await _round_image(conn)
     return conn
 
 
@@ -186,21 +188,27 @@ async def _send(port, parts, hashes, *, twice=None):
     return ok, await commit_files(conn)
 
 
-def test_receiver_applies_on_threads(loop_kind, tmp_path):
-    parts, hashes = encoded(frame_size=32 << 10)
+def _send_reported(loop_kind, tmp_path, parts, hashes):
+    """_send to a receiver asked for 4 apply threads; the pages held checked, (COMMITTED's
+    body, the commit's report)."""
     reports = []
 
     async def main():
         receiver, server, port = await _start(tmp_path, 4)
         receiver.on_commit = reports.append
         async with server:
-            ok, done = await _send(port, parts, hashes)
-            assert ok["pages"] == len(VADDRS)
-            return done
-    done = run(loop_kind, main())
+            return await _send(port, parts, hashes)
+    ok, done = run(loop_kind, main())
+    assert ok["pages"] == len(VADDRS)
     s = Store(str(tmp_path / "serve")).session("p")
     assert held_pages(s) == (list(VADDRS), bytes(PAGES))
     (report,) = reports
+    return done, report
+
+
+def test_receiver_applies_on_threads(loop_kind, tmp_path):
+    parts, hashes = encoded(frame_size=32 << 10)
+    done, report = _send_reported(loop_kind, tmp_path, parts, hashes)
     assert report["apply_threads"] == 4
     # every frame after the image's first went to the apply threads (in batches)
     assert 1 <= report["parallel_batches"] <= len(parts) - 1, report
@@ -247,6 +255,15 @@ def _drain(pool, tokens, timeout=10.0):
     return out
 
 
+def _check_applied(a, fd, got, hashes):
+    """Every job applied; the applier's hashes are the source's and the file holds PAGES."""
+    import os
+    assert all(isinstance(v, tuple) for v in got.values()), got
+    h, missing = a.finish()
+    assert missing == 0 and image_digest(h) == image_digest(hashes)
+    assert os.pread(fd, len(PAGES), 0) == bytes(PAGES)
+
+
 def _applier(tmp_path, name="pages"):
     import os
     fd = os.open(tmp_path / name, os.O_RDWR | os.O_CREAT, 0o600)
@@ -264,10 +281,7 @@ def test_pool_applies_and_reports_each_job(tmp_path):
         assert pool.inflight == len(parts)
         got = _drain(pool, tokens)
         assert set(got) == set(tokens) and pool.inflight == 0
-        assert all(isinstance(v, tuple) for v in got.values()), got
-        h, missing = a.finish()
-        assert missing == 0 and image_digest(h) == image_digest(hashes)
-        assert os.pread(fd, len(PAGES), 0) == bytes(PAGES)
+        _check_applied(a, fd, got, hashes)
     finally:
         pool.close()
         a.close()
@@ -336,18 +350,7 @@ def test_receiver_without_threads_applies_in_order(loop_kind, tmp_path, monkeypa
     monkeypatch.setattr(_core, "ApplyPool", refuse)
     caplog.set_level(logging.WARNING)
     parts, hashes = encoded(frame_size=32 << 10)
-    reports = []
-
-    async def main():
-        receiver, server, port = await _start(tmp_path, 4)
-        receiver.on_commit = reports.append
-        async with server:
-            return await _send(port, parts, hashes)
-    ok, _ = run(loop_kind, main())
-    assert ok["pages"] == len(VADDRS)
-    s = Store(str(tmp_path / "serve")).session("p")
-    assert held_pages(s) == (list(VADDRS), bytes(PAGES))
-    (report,) = reports
+    _, report = _send_reported(loop_kind, tmp_path, parts, hashes)
     assert report["apply_threads"] == 1 and report["parallel_batches"] == 0, report
     assert "could not be started; its frames are applied by one thread" in caplog.text
 
@@ -378,20 +381,17 @@ _TRIM_CHILD = r"""
 import os, select, sys, time
 from array import array
 from deltaxfer import PAGE_SIZE, _core
+from deltaxfer.core import procmem
+from deltaxfer.core.pipeline import split_frames
 
 def rss():
-    with open("/proc/self/status") as f:
-        return next(int(l.split()[1]) for l in f if l.startswith("VmRSS:")) * 1024
+    return int(procmem.status(os.getpid())["VmRSS"].split()[0]) * 1024
 
 n = 4096                                    # 16 MiB of random pages: 4 MiB frames
 vaddrs = array("Q", [0x400000 + i * PAGE_SIZE for i in range(n)])
 pages = os.urandom(n * PAGE_SIZE)
 frames, hashes, _ = _core.encode_round(pages, vaddrs, frame_size=4 << 20)
-mv, parts, off = memoryview(frames), [], 0
-while off < len(mv):
-    k = _core.read_frame_header(mv[off:])["frame_len"]
-    parts.append(bytes(mv[off:off + k]))
-    off += k
+parts = [bytes(f) for f in split_frames(frames)]
 fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o600)
 os.posix_fallocate(fd, 0, n * PAGE_SIZE)
 a = _core.PageApplier(vaddrs, fd, _core.APPLY_AT_INDEX)
@@ -467,24 +467,9 @@ def test_receiver_trims_its_buffers_after_a_live_round_only(loop_kind, tmp_path,
     async def main():
         _, server, port = await _start(tmp_path, 2)
         async with server:
-            conn = await transport.connect("127.0.0.1", port, key=KEY)
-            await conn.send_control(MsgType.BEGIN, {"session": "t", "mode": "send",
-                                                    "source": "t",
-                                                    "images": [{"id": "pid-1"}]})
-            await conn.recv_control(MsgType.STATE)
-            while (await conn.recv()).type != MsgType.STATE_END:
-                pass
-            pm = pagemap_of(VADDRS)
-            pairs = array("Q")
-            for e in pm.entries:
-                pairs += array("Q", [e.vaddr, e.nr_pages | e.flags << 32])
+            conn = await _begin(port, "t")
             for round_no, final in ((1, False), (2, True)):
-                await conn.send_control(MsgType.ROUND, {"round": round_no, "final": final})
-                await conn.send_control(MsgType.IMAGE, {
-                    "index": 0, "id": "pid-1", "entries": len(pm.entries),
-                    "pages": len(VADDRS)})
-                for p in iter_pagemap(0, pairs):
-                    await conn.send(MsgType.PAGEMAP, p)
+                await _round_image(conn, round_no, final)
                 if round_no == 1:
                     for f in parts:
                         await conn.send(MsgType.PAGES, encode_pages(0, f))
@@ -516,10 +501,7 @@ def test_pool_trim_while_jobs_run_loses_nothing(tmp_path):
                 pool.trim()
         got = _drain(pool, tokens)
         pool.trim()
-        assert all(isinstance(v, tuple) for v in got.values()), got
-        h, missing = a.finish()
-        assert missing == 0 and image_digest(h) == image_digest(hashes)
-        assert os.pread(fd, len(PAGES), 0) == bytes(PAGES)
+        _check_applied(a, fd, got, hashes)
     finally:
         pool.close()
         a.close()

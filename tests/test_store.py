@@ -450,11 +450,7 @@ def test_page_applier_matches_reference(tmp_path, seed, n_held, n_new, mode, cor
     if corrupt in ("reorder", "dup") and frames:
         # frames in reverse order (at-index: any order is fine; append: refused), or the
         # first frame sent again (a page twice in a round: refused either way)
-        parts, off = [], 0
-        while off < len(frames):
-            n = _core.read_frame_header(frames[off:])["frame_len"]
-            parts.append(bytes(frames[off:off + n]))
-            off += n
+        parts = split(frames)
         frames = b"".join(parts[::-1] if corrupt == "reorder" else parts + parts[:1])
     elif corrupt and frames:
         fw, records = _core.FrameWriter(frame_size=8 * PAGE_SIZE), []
@@ -508,11 +504,7 @@ def test_at_index_frames_without_xor_match_the_reference(tmp_path, seed):
         pages += bytes(PAGE_SIZE) if (k < 0.35 or 200 <= i < 260) else rnd.randbytes(PAGE_SIZE)
     frames, hashes, _ = _core.encode_round(bytes(pages), new, xor=False,
                                            frame_size=64 * PAGE_SIZE)
-    kinds, off = set(), 0
-    while off < len(frames):
-        records, n = _core.decode_frame(frames[off:])
-        kinds |= {k for _, k, _ in records}
-        off += n
+    kinds = {k for f in split(frames) for _, k, _ in _core.decode_frame(f)[0]}
     assert kinds == {0, 2}                      # zero and full records, no XOR
     c, c_file = _run_applier(_core, tmp_path, "c", new, held, held_path, held_hashes, frames, 0)
     r, r_file = _run_applier(ref_apply, tmp_path, "ref", new, held, held_path, held_hashes,
