@@ -52,7 +52,7 @@ from deltaxfer.criu.pipes import PipeSizeRaise  # noqa: E402
 
 METHODS = ("deltaxfer", "dx-noxor", "dx-nolz4", "dx-noconverge", "dx-criulazy", "dx-notrack",
            "dx-pagesink", "dx-nooverlap", "dx-noearly", "dx-apply1", "dx-apply8", "dx-throttle",
-           "dx-postcopy", "rsync",
+           "dx-postcopy", "dx-keep", "rsync",
            "page-server", "tar-lz4", "lazy-floor", "lazy-floor-4m", "memory-floor")
 BASELINES = ("rsync", "page-server", "tar-lz4", "lazy-floor", "lazy-floor-4m")
 
@@ -110,7 +110,7 @@ DX_FLAGS = {"deltaxfer": [], "dx-noxor": ["--no-xor"], "dx-nolz4": ["--no-lz4"],
             "dx-pagesink": ["--freeze", "page-server"],
             # no round while CRIU dumps: the final round only after the dump
             "dx-nooverlap": ["--no-overlap-dump"], "dx-noearly": [], "dx-apply1": [],
-            "dx-apply8": []}
+            "dx-apply8": [], "dx-keep": []}
 # serve's own flags per method: dx-criulazy restores through `criu lazy-pages` instead of
 # deltaxfer's lazy-pages server (the A/B of the restore's brownout)
 # dx-noearly starts the copy's `criu restore` at the commit (criu/early.py's A/B)
@@ -120,7 +120,10 @@ DX_SERVE_FLAGS = {"dx-criulazy": ["--lazy-pages-server", "criu"],
                   "dx-apply1": ["--apply-threads", "1"],
                   # eight apply threads whatever the cores (what a 16-core destination
                   # runs): their memory, measurable on a small machine
-                  "dx-apply8": ["--apply-threads", "8"]}
+                  "dx-apply8": ["--apply-threads", "8"],
+                  # the session keeps the copy's memory images once it runs: no page
+                  # cache given back while the lazy-pages server places the pages
+                  "dx-keep": ["--keep-pages"]}
 
 
 def _first_round(r: dict) -> dict:
@@ -174,7 +177,8 @@ def run_deltaxfer(ctx: Ctx, wl, tag: str, method: str) -> dict:
         t = time.monotonic()
         res = check_restored(wl, restored, method)
         first_pass = time.monotonic() - t
-        placed = lazy_placed_s(report.get("destination_path"))
+        lazy = lazy_done(report.get("destination_path")) or {}
+        placed = lazy.get("seconds_to_placed")
         # after the check, which faulted every page in: the lazy-pages daemon's work counts
         cpu_dst = tree_cpu(server.proc.pid, exclude=[restored]) - cpu_dst0 + cpu_restored
         rss = {"migrate": round(done.maxrss_mib, 1),
@@ -191,6 +195,9 @@ def run_deltaxfer(ctx: Ctx, wl, tag: str, method: str) -> dict:
             "downtime_s": report["downtime"], "total_s": done.wall_s,
             "report_total_s": report["total_seconds"], **wire,
             "cpu_src_s": done.cpu_s, "cpu_dst_s": cpu_dst, "cpu_restored_s": cpu_restored,
+            # pages whose page cache deltaxfer's lazy-pages server gave back as it placed
+            # them (serve without --keep-pages; None with criu's daemon)
+            "lazy_recycled_pages": lazy.get("pages_recycled"),
             # peak RSS, MiB: `deltaxfer migrate` (or the largest child it waited for:
             # its criu), the receiving `serve` (its lazy-pages server not counted)
             "peak_rss_mib": rss,
@@ -260,9 +267,9 @@ def scan_brownout(wl, before: list[dict], *, downtime: float) -> dict:
             "next_ratio": round(after[0]["seconds"] / normal, 3)}
 
 
-def lazy_placed_s(images_dir) -> float | None:
-    """seconds_to_placed from deltaxfer's lazy-pages server's last log line (it writes it
-    when done: waits up to 30 s for it); None with criu's daemon."""
+def lazy_done(images_dir) -> dict | None:
+    """deltaxfer's lazy-pages server's statistics, its log's last line (it writes it when
+    done: waits up to 30 s for it); None with criu's daemon."""
     from deltaxfer import lazyserve
 
     if not images_dir:
@@ -272,7 +279,7 @@ def lazy_placed_s(images_dir) -> float | None:
     while time.monotonic() < deadline:
         stats = lazyserve.done_stats(images_dir)
         if stats is not None:
-            return stats.get("seconds_to_placed")
+            return stats
         try:
             if "restore finished:" not in log.read_text(errors="replace"):
                 return None          # criu's daemon's log: no such line
@@ -691,7 +698,7 @@ RUNNERS = {"deltaxfer": run_deltaxfer, "dx-noxor": run_deltaxfer, "dx-nolz4": ru
            "dx-noconverge": run_deltaxfer, "dx-criulazy": run_deltaxfer,
            "dx-notrack": run_deltaxfer, "dx-pagesink": run_deltaxfer,
            "dx-nooverlap": run_deltaxfer, "dx-noearly": run_deltaxfer,
-           "dx-apply1": run_deltaxfer, "dx-apply8": run_deltaxfer,
+           "dx-apply1": run_deltaxfer, "dx-apply8": run_deltaxfer, "dx-keep": run_deltaxfer,
            "dx-throttle": run_deltaxfer, "dx-postcopy": run_deltaxfer,
            "rsync": run_rsync, "page-server": run_page_server, "tar-lz4": run_tar_lz4,
            "lazy-floor": run_lazy_floor, "lazy-floor-4m": run_lazy_floor,

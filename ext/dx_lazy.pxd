@@ -10,6 +10,7 @@ cdef extern from "lazy.h" nogil:
         uint64_t pages_abandoned, placed_ns, prefetch_ns, complete_ns
         uint64_t pages_pending, pages_postcopied, requests, requests_dropped
         uint64_t fault_waits, fault_wait_ns, fault_wait_max_ns
+        uint64_t pages_recycled, pages_recycle_failed, punches
         int error
         char error_what[128]
     dx_lazy *dx_lazy_new(int workers, uint32_t chunk_pages, uint32_t fault_pages, int *err)
@@ -21,6 +22,7 @@ cdef extern from "lazy.h" nogil:
     void dx_lazy_set_request_fd(dx_lazy *lz, int fd)
     int64_t dx_lazy_arrived(dx_lazy *lz, int pid, uint64_t p, uint64_t n)
     void dx_lazy_prefetch(dx_lazy *lz)
+    int64_t dx_lazy_recycle(dx_lazy *lz)
     int dx_lazy_wait(dx_lazy *lz, int timeout_ms)
     void dx_lazy_get_stats(dx_lazy *lz, dx_lazy_stats *out)
     void dx_lazy_free(dx_lazy *lz)

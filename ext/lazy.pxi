@@ -70,6 +70,20 @@ cdef class LazyServer:
             raise OSError(-rc, _os.strerror(-rc))
         return rc
 
+    def recycle(self):
+        """The migration is committed: punch every block of the pages files whose pages
+        are all placed, now and as more complete (see dx_lazy_recycle in lazy.h). Only
+        files handed over open for writing, with hashes. Returns the pages punched so
+        far."""
+        cdef int64_t rc
+        if self.lz == NULL:
+            return 0
+        with nogil:
+            rc = dx_lazy_recycle(self.lz)
+        if rc < 0:
+            raise OSError(-rc, _os.strerror(-rc))
+        return rc
+
     def prefetch(self):
         """The restore finished: copy every page not faulted yet, in the background."""
         if self.lz != NULL:
@@ -99,7 +113,8 @@ cdef class LazyServer:
                 "pages_abandoned": s.pages_abandoned, "placed_ns": s.placed_ns,
                 "pages_pending": s.pages_pending, "pages_postcopied": s.pages_postcopied,
                 "requests": s.requests, "requests_dropped": s.requests_dropped,
-                "fault_waits": s.fault_waits,
+                "fault_waits": s.fault_waits, "pages_recycled": s.pages_recycled,
+                "pages_recycle_failed": s.pages_recycle_failed, "punches": s.punches,
                 "fault_wait_s": round(s.fault_wait_ns / 1e9, 6),
                 "fault_wait_max_s": round(s.fault_wait_max_ns / 1e9, 6),
                 "prefetch_ns": s.prefetch_ns, "complete_ns": s.complete_ns,

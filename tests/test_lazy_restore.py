@@ -270,3 +270,107 @@ def test_a_reader_racing_the_workers(criu, tmp_path, agent_tmp):
             time.sleep(0.05)
         res = wl.verify(pid=pid, timeout=60)
         assert res["ok"] and res["pid"] == 1, res
+
+
+def _session_files(server_dir, sub: str) -> list[str]:
+    """Names under every session's ``sub`` directory of a serve directory."""
+    out = []
+    for s in os.listdir(server_dir):
+        d = os.path.join(server_dir, s, sub)
+        if os.path.isdir(d):
+            out += os.listdir(d)
+    return out
+
+
+@pytest.mark.criu
+def test_memory_images_given_to_the_running_copy(criu, tmp_path, agent_tmp):
+    """Once the copy runs (RESUMED), serve removes the session's memory images (held/ and
+    images/'s pages files: no later round diffs against them, no restore brings back a
+    stale copy) and its lazy-pages server, still placing pages, punches each placed
+    2 MiB block out of the pages file: the copy's memory checks out, every page was
+    placed, blocks were given back, none refused."""
+    with Server(tmp_path, extra=["--restore"]) as server, \
+            workloads.start("memwork", mib=768, dirty_mib_per_s=4, tmpdir=tmp_path) as wl:
+        r = migrate(tmp_path, agent_tmp, server, wl)
+        pid, images = r["restored_pid"], r["destination_path"]
+        stats = done_stats(images)
+        assert stats["error"] == 0, stats
+        assert stats["pages_recycled"] > 0 and stats["pages_recycle_failed"] == 0, stats
+        assert stats["punches"] > 0, stats
+        placed = (stats["pages_faulted"] + stats["pages_prefetched"] + stats["pages_present"]
+                  + stats["pages_dropped"] + stats["pages_abandoned"])
+        assert placed == stats["pages_total"], stats
+        res = wl.verify(pid=pid, timeout=120)
+        assert res["ok"], res
+        assert not [n for n in os.listdir(images) if n.startswith("pages-")]
+        assert [n for n in os.listdir(images) if n.startswith("pagemap-")]
+        assert not _session_files(server.dir, "held")
+        assert "given to the restored copy" in server.log()
+
+
+@pytest.mark.criu
+def test_keep_pages_keeps_the_memory_images(criu, tmp_path, agent_tmp):
+    """serve --keep-pages: the session keeps held/ and images/'s pages files after the
+    copy runs, and its lazy-pages server gives nothing back."""
+    with Server(tmp_path, extra=["--restore", "--keep-pages"]) as server, \
+            workloads.start("memwork", mib=64, dirty_mib_per_s=1, tmpdir=tmp_path) as wl:
+        r = migrate(tmp_path, agent_tmp, server, wl)
+        pid, images = r["restored_pid"], r["destination_path"]
+        stats = done_stats(images)
+        assert stats["error"] == 0 and stats["pages_recycled"] == 0, stats
+        res = wl.verify(pid=pid, timeout=60)
+        assert res["ok"], res
+        assert [n for n in os.listdir(images) if n.startswith("pages-")]
+        assert [n for n in _session_files(server.dir, "held") if n.startswith("pages-")]
+        assert "given to the restored copy" not in server.log()
+
+
+@pytest.mark.criu
+def test_blocks_given_back_from_the_restore_on_while_the_copy_forks(criu, tmp_path,
+                                                                    agent_tmp):
+    """The lazy-pages server told to give blocks back from its start (SIGUSR1 as soon as
+    it is up: every block is punched the moment its last page is placed, during the
+    restore too) while lazyops forks children that read its memory, moves, discards and
+    unmaps memory: a fork stops the punching of every block not complete by then, the
+    children's reads and the full checks come out right, and blocks were given back."""
+    import signal
+    import threading
+
+    told, stop = set(), threading.Event()
+
+    def tell():
+        while not stop.is_set():
+            for pid, d, _cwd in procmem.lazy_pages_processes():
+                # its socket is there once its SIGUSR1 handler is (before: the signal's
+                # default action, which ends it)
+                if pid not in told and os.path.exists(os.path.join(d, "lazy-pages.socket")):
+                    try:
+                        os.kill(pid, signal.SIGUSR1)
+                        told.add(pid)
+                    except ProcessLookupError:
+                        pass
+            time.sleep(0.005)
+
+    with Server(tmp_path, extra=["--restore"]) as server, start_lazyops(tmp_path) as wl:
+        before = wl.verify(timeout=60)
+        assert before["ok"], before
+        # the daemon starts with the first round and listens until the commit's restore
+        # connects: told before any page is placed
+        t = threading.Thread(target=tell, daemon=True)
+        t.start()
+        try:
+            r = migrate(tmp_path, agent_tmp, server, wl)
+        finally:
+            stop.set()
+            t.join()
+        pid, images = r["restored_pid"], r["destination_path"]
+        stats = done_stats(images)
+        assert told, "no lazy-pages server was seen"
+        assert stats["error"] == 0, stats
+        assert stats["pages_recycled"] > 0 and stats["pages_recycle_failed"] == 0, stats
+        first = wl.verify(pid=pid, timeout=60)
+        assert first["ok"], first
+        time.sleep(0.3)
+        again = wl.verify(pid=pid, timeout=60)
+        assert again["ok"] and again["cycles"] > first["cycles"], (first, again)
+        assert again["forks"] > before["forks"], (before, again)

@@ -142,6 +142,36 @@ def test_file_names_refused(tmp_path, name):
     files.discard()
 
 
+def test_release_memory_after_the_copy_runs(tmp_path):
+    """release_memory (a migrated copy runs): held/ and images/'s pages files and page
+    hashes go, the pagemaps and other images stay, the session holds nothing (its next
+    round is a whole one), and it commits again after a new round."""
+    store = Store(str(tmp_path / "serve"))
+    s = store.session("s")
+    v = [0x10000 + i * PAGE_SIZE for i in range(64)]
+    send_round(s, 1, v, pages_of(v, 7))
+
+    def commit(session):
+        files = session.begin_files()
+        files.begin("pstree.img", 4, 0o644)
+        files.data(b"tree")
+        files.end(_core.xxh3_64(b"tree"))
+        return session.commit(files)
+
+    path = commit(s)
+    assert s.held()
+    freed = s.release_memory()
+    assert freed >= 64 * PAGE_SIZE
+    assert sorted(os.listdir(path)) == ["pagemap-1.img", "pstree.img"]
+    assert not os.path.exists(s.held_dir)
+    assert s.held() == {}
+    again = store.session("s")
+    assert again.held() == {}
+    send_round(again, again.round + 1, v, pages_of(v, 8))
+    assert list(again.held()) == ["pid-1"]
+    assert "pages-1.img" in os.listdir(commit(again))
+
+
 def test_session_names_refused(tmp_path):
     for name in ["", "../x", "a/b", "x" * 65]:
         with pytest.raises(StoreError) as e:

@@ -51,6 +51,12 @@
 #define GAP_PAGES 512           /* holes between image runs up to this are zero-mapped */
 #define RA_FIRST 8          /* a forward reader's first window (pages), then doubling */
 #define RA_SLACK 64         /* pages past the last window still counted as going forward */
+#define BLK_SHIFT 9         /* recycling: blocks of 512 pages (2 MiB) of a pages file */
+#define BLK_PAGES (1ULL << BLK_SHIFT)
+#define BLK_OPEN 0           /* block states: lazy pages still to place */
+#define BLK_READY 1          /* all placed (or dropped) before any fork: may be punched */
+#define BLK_PUNCHED 2        /* punched (or being punched) by the recycler */
+#define BLK_NEVER 3          /* never: pages criu restores itself, or open at a fork */
 
 typedef struct { uint64_t start, end, pidx; } seg_t;
 
@@ -83,6 +89,20 @@ typedef struct task {
                                    (from the receiver's hashes); shared with forks */
     int own_zero;
     atomic_llong left;          /* pages in segs not yet done */
+    /* recycling (dx_lazy_recycle): a block of the pages file whose lazy pages are all done
+     * is punched out of the file by the recycler thread, so that its page cache is free
+     * memory again for the pages placed next.  NULL arrays / pfd -1: never (a fork's
+     * child, a file read ahead, or no writable fd).  A block goes OPEN -> READY when its
+     * last page is marked, OPEN -> NEVER at a fork (the child may need any page the parent
+     * still lacked), READY -> PUNCHED by the recycler: compare-and-swap, so a block that
+     * completes as a fork is handled is either READY (complete before: the child has its
+     * pages) or NEVER, never both. */
+    int pfd;
+    atomic_int punch_failed;
+    uint16_t *blk_need;         /* per block: lazy pages in it */
+    _Atomic uint16_t *blk_got;  /* per block: those done */
+    atomic_uchar *blk_state;
+    uint64_t nblk;
     uint64_t complete_since;    /* event thread only */
 } task_t;
 
@@ -102,6 +122,9 @@ struct dx_lazy {
     pthread_t *wk;
     int nwk, evt_started;
     atomic_ullong zero_image;
+    atomic_ullong recycled, recycle_failed, punches;
+    pthread_t recycler;
+    int recycler_started;
     atomic_ullong tasks_n, forks, pages_total, faulted, prefetched, present, dropped, zero,
         faults, events, eagain, gone_n, abandoned, pending_n, postcopied, requests,
         requests_dropped, waits, wait_ns, wait_max_ns;
@@ -150,6 +173,13 @@ static inline int test_page(task_t *t, uint64_t p)
     return (atomic_load_explicit(&t->done[p >> 6], memory_order_relaxed) >> (p & 63)) & 1;
 }
 
+/* Block b of t's pages file has every lazy page done: the recycler may punch it. */
+static inline void block_done(task_t *t, uint64_t b)
+{
+    unsigned char open = BLK_OPEN;
+    atomic_compare_exchange_strong(&t->blk_state[b], &open, BLK_READY);
+}
+
 /* Mark pages [p, p+n) done; counts the newly marked ones into *ctr and out of left. */
 static void mark(task_t *t, uint64_t p, uint64_t n, atomic_ullong *ctr)
 {
@@ -158,7 +188,13 @@ static void mark(task_t *t, uint64_t p, uint64_t n, atomic_ullong *ctr)
         uint64_t bit = p & 63, take = 64 - bit < n ? 64 - bit : n;
         uint64_t mask = take == 64 ? ~0ULL : (((1ULL << take) - 1) << bit);
         uint64_t old = atomic_fetch_or(&t->done[p >> 6], mask);
-        newly += (uint64_t)__builtin_popcountll(mask & ~old);
+        uint64_t k = (uint64_t)__builtin_popcountll(mask & ~old);
+        newly += k;
+        if (k && t->blk_got && p < t->data_pages) {     /* one word lies in one block */
+            uint64_t b = p >> BLK_SHIFT;
+            if (atomic_fetch_add(&t->blk_got[b], (uint16_t)k) + k == t->blk_need[b])
+                block_done(t, b);
+        }
         p += take;
         n -= take;
     }
@@ -568,6 +604,7 @@ static task_t *task_new(dx_lazy *lz, int uffd, int pid, const uint8_t *data, uin
     t->pid = pid;
     t->data = data;
     t->data_pages = pages;
+    t->pfd = -1;
     size_t words = (pages + 63) / 64 + 1;
     t->done = calloc(words, sizeof(uint64_t));
     if (!t->done) {
@@ -588,6 +625,11 @@ static void task_free(task_t *t)
 {
     if (!t->closed && t->uffd >= 0)
         close(t->uffd);
+    if (t->pfd >= 0)
+        close(t->pfd);
+    free(t->blk_need);
+    free((void *)t->blk_got);
+    free((void *)t->blk_state);
     free(t->segs);
     free(t->bypidx);
     free((void *)t->done);
@@ -659,6 +701,29 @@ static void handle_fork(task_t *parent, int ufd)
         task_free(c);
         set_error(lz, -ENOMEM, "fork of a restored task", 0);
         return;
+    }
+    /* From now on the child may need any page the parent still lacks: a block not
+     * complete yet is never punched (the child never punches).  A complete block (READY
+     * or PUNCHED) was complete before the fork -- copies are refused from the fork until
+     * its event is read, and this runs under the parent's write lock -- so the child has
+     * its pages: they are done for it. */
+    if (parent->blk_state) {
+        for (uint64_t b = 0; b < parent->nblk; b++) {
+            unsigned char open = BLK_OPEN;
+            atomic_compare_exchange_strong(&parent->blk_state[b], &open, BLK_NEVER);
+        }
+        for (size_t i = 0; i < c->nseg; i++) {
+            const seg_t *s = &c->segs[i];
+            uint64_t q = s->pidx, e = s->pidx + (s->end - s->start) / PS;
+            while (q < e) {
+                uint64_t b = q >> BLK_SHIFT, be = (b + 1) << BLK_SHIFT;
+                uint64_t r = be < e ? be : e;
+                unsigned char st = atomic_load(&parent->blk_state[b]);
+                if (st == BLK_READY || st == BLK_PUNCHED)
+                    mark(c, q, r - q, NULL);
+                q = r;
+            }
+        }
     }
     atomic_fetch_add(&lz->forks, 1);
     int rc = register_task(lz, c);
@@ -1118,6 +1183,21 @@ int dx_lazy_add(dx_lazy *lz, int uffd, int pid, int pages_fd, uint64_t pages_fil
         close(uffd);
         return -ENOMEM;
     }
+    /* recycling needs the file open for writing (to punch it) and the receiver's hashes
+     * (without them a thread maps the whole file ahead, and would read punched blocks
+     * back in as zeros) */
+    if (data_pages && known_zeros && pages_fd >= 0 &&
+        (fcntl(pages_fd, F_GETFL) & O_ACCMODE) == O_RDWR) {
+        t->nblk = (data_pages + BLK_PAGES - 1) >> BLK_SHIFT;
+        t->blk_need = calloc(t->nblk, sizeof *t->blk_need);
+        t->blk_got = calloc(t->nblk, sizeof *t->blk_got);
+        t->blk_state = calloc(t->nblk, sizeof *t->blk_state);
+        if (!t->blk_need || !t->blk_got || !t->blk_state) {
+            task_free(t);
+            return -ENOMEM;
+        }
+        t->pfd = fcntl(pages_fd, F_DUPFD_CLOEXEC, 0);
+    }
     /* the lazy runs, cut at VMA ends: one UFFDIO_COPY stays inside one VMA */
     size_t cap = n + nvma + 1, k = 0, j = 0, pi = 0;
     t->segs = malloc(cap * sizeof(seg_t));
@@ -1166,6 +1246,13 @@ int dx_lazy_add(dx_lazy *lz, int uffd, int pid, int pages_fd, uint64_t pages_fil
         }
         if (!(f & PE_LAZY))
             continue;
+        if (t->blk_need)
+            for (uint64_t q = here, qe = here + nr_pages[i]; q < qe;) {
+                uint64_t b = q >> BLK_SHIFT, be = (b + 1) << BLK_SHIFT;
+                uint64_t r = be < qe ? be : qe;
+                t->blk_need[b] = (uint16_t)(t->blk_need[b] + (r - q));
+                q = r;
+            }
         while (start < end) {
             while (j < nvma && vma_end[j] <= start)
                 j++;
@@ -1205,6 +1292,15 @@ int dx_lazy_add(dx_lazy *lz, int uffd, int pid, int pages_fd, uint64_t pages_fil
         t->zero = z;
         t->own_zero = 1;
     }
+    if (t->blk_need)
+        for (uint64_t b = 0; b < t->nblk; b++) {
+            /* a block with pages criu restores itself (not lazy) is never punched */
+            uint64_t full = data_pages - (b << BLK_SHIFT);
+            if (full > BLK_PAGES)
+                full = BLK_PAGES;
+            if (t->blk_need[b] != full)
+                atomic_store(&t->blk_state[b], BLK_NEVER);
+        }
     atomic_fetch_add(&lz->pending_n, (unsigned long long)npending);
     t->nseg = k;
     qsort(t->segs, k, sizeof(seg_t), cmp_start);
@@ -1321,6 +1417,99 @@ int64_t dx_lazy_arrived(dx_lazy *lz, int pid, uint64_t p, uint64_t n)
     return placed;
 }
 
+/* Punch blocks [b, e) of t's pages file (all claimed READY -> PUNCHED). */
+static void punch_run(task_t *t, uint64_t b, uint64_t e)
+{
+    dx_lazy *lz = t->lz;
+    uint64_t off = b << (BLK_SHIFT + 12), end = e << (BLK_SHIFT + 12);
+    if (end > t->data_pages * PS)
+        end = t->data_pages * PS;
+    atomic_fetch_add(&lz->punches, 1);
+    if (fallocate(t->pfd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)off,
+                  (off_t)(end - off)) == 0) {
+        atomic_fetch_add(&lz->recycled, (end - off) / PS);
+    } else {
+        /* a filesystem that cannot punch: the pages stay in the page cache until the
+         * file goes, as without recycling */
+        atomic_fetch_add(&lz->recycle_failed, (end - off) / PS);
+        atomic_store(&t->punch_failed, 1);
+    }
+}
+
+/* One pass over every task: punch each run of READY blocks, one fallocate per run (a
+ * punch of blocks on disk may wait for a discard: runs keep those few and large, and no
+ * copy or fault ever waits for one).  Returns the blocks punched. */
+static uint64_t recycle_pass(dx_lazy *lz)
+{
+    uint64_t done = 0;
+    pthread_mutex_lock(&lz->mu);
+    size_t n = lz->ntasks;
+    task_t **ts = malloc((n ? n : 1) * sizeof *ts);
+    if (ts)
+        memcpy(ts, lz->tasks, n * sizeof *ts);
+    pthread_mutex_unlock(&lz->mu);
+    if (!ts)
+        return 0;
+    for (size_t i = 0; i < n; i++) {
+        task_t *t = ts[i];
+        if (!t->blk_state || t->pfd < 0 || atomic_load(&t->punch_failed))
+            continue;
+        uint64_t b = 0;
+        while (b < t->nblk) {
+            unsigned char st = BLK_READY;
+            if (!atomic_compare_exchange_strong(&t->blk_state[b], &st, BLK_PUNCHED)) {
+                b++;
+                continue;
+            }
+            uint64_t e = b + 1;
+            for (;;) {
+                st = BLK_READY;
+                if (e >= t->nblk ||
+                    !atomic_compare_exchange_strong(&t->blk_state[e], &st, BLK_PUNCHED))
+                    break;
+                e++;
+            }
+            punch_run(t, b, e);
+            done += e - b;
+            b = e;
+        }
+    }
+    free(ts);
+    return done;
+}
+
+static void *recycler_main(void *arg)
+{
+    dx_lazy *lz = arg;
+    pthread_setname_np(pthread_self(), "dx-lazy-recycle");
+    background_priority();
+    for (;;) {
+        pthread_mutex_lock(&lz->mu);
+        int stop = lz->stop;
+        pthread_mutex_unlock(&lz->mu);
+        if (stop)
+            break;
+        if (!recycle_pass(lz))
+            usleep(2000);
+    }
+    return NULL;
+}
+
+int64_t dx_lazy_recycle(dx_lazy *lz)
+{
+    pthread_mutex_lock(&lz->mu);
+    int rc = 0;
+    if (!lz->recycler_started && !lz->stop) {
+        rc = pthread_create(&lz->recycler, NULL, recycler_main, lz);
+        if (rc == 0)
+            lz->recycler_started = 1;
+    }
+    pthread_mutex_unlock(&lz->mu);
+    if (rc)
+        return -rc;
+    return (int64_t)atomic_load(&lz->recycled);
+}
+
 void dx_lazy_prefetch(dx_lazy *lz)
 {
     pthread_mutex_lock(&lz->mu);
@@ -1369,6 +1558,9 @@ void dx_lazy_get_stats(dx_lazy *lz, dx_lazy_stats *o)
     o->fault_waits = atomic_load(&lz->waits);
     o->fault_wait_ns = atomic_load(&lz->wait_ns);
     o->fault_wait_max_ns = atomic_load(&lz->wait_max_ns);
+    o->pages_recycled = atomic_load(&lz->recycled);
+    o->pages_recycle_failed = atomic_load(&lz->recycle_failed);
+    o->punches = atomic_load(&lz->punches);
     pthread_mutex_lock(&lz->mu);
     o->prefetch_ns = lz->prefetch_ns;
     o->complete_ns = lz->complete_ns;
@@ -1394,6 +1586,8 @@ void dx_lazy_free(dx_lazy *lz)
         pthread_join(lz->evt, NULL);
     for (int i = 0; i < lz->nwk; i++)
         pthread_join(lz->wk[i], NULL);
+    if (lz->recycler_started)
+        pthread_join(lz->recycler, NULL);
     for (size_t i = 0; i < lz->npop; i++)
         pthread_join(lz->pop[i], NULL);
     free(lz->pop);

@@ -34,6 +34,9 @@ typedef struct {
     uint64_t fault_waits;       /* post-copy: pages a fault waited for, until placed */
     uint64_t fault_wait_ns;     /* ... the waits summed (from the first fault's request) */
     uint64_t fault_wait_max_ns; /* ... the longest */
+    uint64_t pages_recycled;    /* pages punched out of the pages files (dx_lazy_recycle) */
+    uint64_t pages_recycle_failed; /* ... that the filesystem refused to punch */
+    uint64_t punches;           /* fallocate calls: runs of complete blocks */
     uint64_t placed_ns;         /* monotonic clock: no task lacked a page any more */
     uint64_t prefetch_ns;       /* monotonic clock: prefetch started */
     uint64_t complete_ns;       /* monotonic clock: every page of every task placed */
@@ -71,6 +74,16 @@ int dx_lazy_add(dx_lazy *lz, int uffd, int pid, int pages_fd, uint64_t pages_fil
  * pages, -EINVAL: beyond the pages file). */
 void dx_lazy_set_request_fd(dx_lazy *lz, int fd);
 int64_t dx_lazy_arrived(dx_lazy *lz, int pid, uint64_t p, uint64_t n);
+
+/* The migration is committed (the source is gone): from now on a recycler thread punches
+ * every 2 MiB block of a task's pages file whose lazy pages are all placed (or dropped)
+ * out of the file (FALLOC_FL_PUNCH_HOLE; runs of such blocks in one call), the blocks
+ * done already first, so that the page cache they held is free memory for the pages
+ * placed next: the destination then holds about one copy of the process, not two.  Only for tasks added with the pages file open for
+ * writing and the receiver's hashes; a fork stops it for every block not complete by
+ * then (the child may need any page its parent lacked).  The file is not a copy of the process after this: the caller
+ * must no longer offer it as one.  Returns the pages punched so far, or -errno. */
+int64_t dx_lazy_recycle(dx_lazy *lz);
 
 /* The restore finished (criu sent its end mark): start the background copy. */
 void dx_lazy_prefetch(dx_lazy *lz);

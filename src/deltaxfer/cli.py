@@ -123,7 +123,7 @@ def cmd_serve(args) -> int:
                 restore_opts=restore_opts, restore_config=restore_config,
                 criu_verbosity=args.criu_verbosity,
                 early_restore=not args.no_early_restore,
-                apply_threads=args.apply_threads)
+                apply_threads=args.apply_threads, keep_pages=args.keep_pages)
         except StoreError as e:
             raise ConfigError(f"--dir {args.dir}: {e.reason}") from None
         addrs = ", ".join(f"{s.getsockname()[0]}:{s.getsockname()[1]}" for s in server.sockets)
@@ -363,6 +363,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start a migration's `criu restore` at its commit (default: with its "
                         "first round, waiting at its first image, so that CRIU's start-up "
                         "-- 35-45 ms here -- is not part of the freeze)")
+    p.add_argument("--keep-pages", action="store_true",
+                   help="keep a migrated copy's memory images in its session once it runs "
+                        "(default: they are removed then, and deltaxfer's lazy-pages server "
+                        "gives their page cache back block by block as it places the pages: "
+                        "about one copy of the process's memory here, not two; the session's "
+                        "next migration then sends every page)")
     p.add_argument("--parent-linked-final", action="store_true",
                    help="write a migration's final round as a child image over the held "
                         "pages (only the residual is written; restored eagerly)")

@@ -139,7 +139,7 @@ def add_task(server, pid: int, uffd: int) -> None:
         raise
     pending = read_pending(pid)
     pages = f"pages-{pages_id}.img"
-    fd = os.open(pages, os.O_RDONLY | os.O_CLOEXEC) if os.path.exists(pages) else -1
+    fd = _open_pages(pages) if os.path.exists(pages) else -1
     try:
         size = os.fstat(fd).st_size if fd >= 0 else 0
         server.add(uffd, pid, fd, size, v, n, f, vs, ve, pending,
@@ -147,6 +147,43 @@ def add_task(server, pid: int, uffd: int) -> None:
     finally:
         if fd >= 0:
             os.close(fd)
+
+
+def _open_pages(path: str) -> int:
+    """The pages file, open for writing where it can be (recycling punches it: see
+    Recycler), else read-only."""
+    try:
+        return os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except PermissionError:
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+
+
+class Recycler:
+    """SIGUSR1 from the receiver: the migration is committed (the restored copy runs,
+    the source is gone) and the session no longer offers these pages files as a copy
+    of the process: from now on the server punches every 2 MiB block whose pages are
+    all placed out of its file, so that the page cache it held is free memory for the
+    pages placed next (LazyServer.recycle). Asked before the server exists, it applies
+    once there is one."""
+
+    def __init__(self):
+        self.asked = False
+        self.server = None
+        self.done = False
+        signal.signal(signal.SIGUSR1, self._on_signal)
+
+    def _on_signal(self, _sig, _frame) -> None:
+        self.asked = True
+        self.apply()
+
+    def attach(self, server) -> None:
+        self.server = server
+        self.apply()
+
+    def apply(self) -> None:
+        if self.asked and self.server is not None and not self.done:
+            self.done = True
+            self.server.recycle()
 
 
 def read_pending(pid: int) -> array | None:
@@ -319,6 +356,7 @@ def serve(args, log) -> int:
         log.write(f"{time.strftime('%H:%M:%S')} {msg}\n")
         log.flush()
 
+    recycler = Recycler()
     relay = PostcopyRelay(say)
     ls = _listen()
     ls.settimeout(0.2)
@@ -340,6 +378,7 @@ def serve(args, log) -> int:
     workers = args.workers or max(1, min(os.cpu_count() or 1, 8))
     server = _core.LazyServer(workers, args.chunk_pages, args.fault_pages)
     relay.server = server
+    recycler.attach(server)
     relay.start()
     t0 = time.monotonic()
     ntasks = 0
@@ -370,7 +409,8 @@ def serve(args, log) -> int:
                if st["pages_pending"] else ""))
         conn.close()
         last = time.monotonic()
-        while not server.wait(1.0):
+        # short waits: the receiver's SIGUSR1 (Recycler) is handled between them
+        while not server.wait(0.05):
             if time.monotonic() - last >= 10:
                 last = time.monotonic()
                 say(f"still serving: {json.dumps(server.stats())}")

@@ -237,6 +237,37 @@ class _Receiving:
             log.warning("%s: session %s: `criu restore` not started early (%s); the commit "
                         "starts it", self.peer, self.name, e)
 
+    async def _give_memory(self, session, daemon) -> None:
+        """The migration's copy runs and the source is gone: the session's memory images
+        are no copy of anything any more (no round will diff against them, nobody should
+        restore them again). Unless serve --keep-pages, they are removed
+        (Session.release_memory) and deltaxfer's lazy-pages server, still placing pages
+        from them, is told to punch each 2 MiB block out of its file once it is placed
+        (SIGUSR1, lazyserve.Recycler): the page cache those blocks held becomes the
+        memory of the pages placed next, so the destination holds about one copy of the
+        process rather than two. Not with `criu lazy-pages`, which may open the files
+        by name. A failure here is logged: the migration has succeeded."""
+        r = self.r
+        if r.keep_pages or (r.criu is not None and r.criu.lazy_server != "deltaxfer"):
+            return
+        try:
+            freed = await self.loop.run_in_executor(self.worker, session.release_memory)
+        except OSError as e:
+            log.warning("%s: session %s: its memory images were not removed (%s)",
+                        self.peer, self.name, e)
+            return
+        told = False
+        if daemon is not None and daemon.poll() is None:
+            try:
+                daemon.send_signal(signal.SIGUSR1)
+                told = True
+            except (ProcessLookupError, OSError):
+                pass
+        log.info("%s: session %s: memory images (%.1f MiB) given to the restored copy%s",
+                 self.peer, self.name, freed / 2**20,
+                 "; the lazy-pages server gives their page cache back as it places them"
+                 if told else "")
+
     async def _drop_lazy_daemon(self) -> None:
         """A pre-started daemon that no restore will use: killed, and the directory it was
         started in removed if no commit took it."""
@@ -485,6 +516,7 @@ class _Receiving:
             if pc_task is not None:
                 # the copy runs; a failure from here kills it (its memory is incomplete)
                 pc_report = await pc_task
+            await self._give_memory(session, daemon)
             self._set(State.IDLE)
         seconds = time.monotonic() - self.t0
         wire = conn.stats["bytes_in"]
@@ -540,8 +572,11 @@ class Receiver:
                  runc_root: str | None = None, runc=None,
                  restore_opts=(), restore_config: str | None = None,
                  criu_verbosity: int = 2, early_restore: bool = True,
-                 apply_threads: int = 1):
+                 apply_threads: int = 1, keep_pages: bool = False):
         self.store = store
+        # a migration's copy runs: its memory images stay in the session (serve
+        # --keep-pages), or go, given to the copy (_Receiving._give_memory)
+        self.keep_pages = keep_pages
         # threads applying a whole image's frames at once, per session (serve
         # --apply-threads); 1: the session's worker applies them in arrival order
         self.apply_threads = max(1, int(apply_threads))

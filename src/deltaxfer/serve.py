@@ -45,10 +45,11 @@ async def serve(host: str, port: int, *, key: bytes, directory: str, ssl=None, c
                 idle_timeout: float | None = IDLE_TIMEOUT, runc_root: str | None = None,
                 restore_opts=(), restore_config: str | None = None,
                 criu_verbosity: int = 2, early_restore: bool = True,
-                apply_threads: int | None = None):
+                apply_threads: int | None = None, keep_pages: bool = False):
     """Start the receiver; returns the asyncio server (serve_forever it, or close it).
     ``insecure``: the key is the published one; peers are admitted by their local uid.
-    ``apply_threads``: per session, for a whole image's frames (None: default_apply_threads)."""
+    ``apply_threads``: per session, for a whole image's frames (None: default_apply_threads).
+    ``keep_pages``: a migrated copy's memory images stay in its session after it runs."""
     store = Store(directory, quota_bytes, session_quota_bytes=session_quota_bytes,
                   max_sessions=max_sessions)
     # what a receiver that died left: its files went as the store opened; its processes now
@@ -70,7 +71,7 @@ async def serve(host: str, port: int, *, key: bytes, directory: str, ssl=None, c
                         restore_opts=restore_opts, restore_config=restore_config,
                         criu_verbosity=criu_verbosity, early_restore=early_restore,
                         apply_threads=apply_threads if apply_threads is not None
-                        else default_apply_threads())
+                        else default_apply_threads(), keep_pages=keep_pages)
     caps = list(CAPS) + ([RUNC_CAP] if runc is not None else [])
     return await transport.serve(host, port, key=key, handler=receiver.handle, ssl=ssl,
                                  max_connections=max_connections, caps=caps,

@@ -514,6 +514,42 @@ class Session:
         self._save_meta()
         return tmp
 
+    def release_memory(self) -> int:
+        """A migration's copy runs (RESUMED: the source is gone): the session's memory is
+        the restored process's now, so its copies here go -- held/ (no later session
+        diffs against it: its next round is a whole one) and the pages files and page
+        hashes of images/ (a `criu restore` of those images fails on the missing pages
+        rather than bringing back a stale copy). The lazy-pages server keeps the files
+        it still serves open: they are freed when it is done (and, recycling, block by
+        block before). The pagemaps, the other images and criu's logs stay. Returns the
+        bytes the removed names held (shared inodes counted once)."""
+        final = self.meta.get("committed")
+        doomed = []
+        if final and os.path.isdir(final):
+            doomed += [os.path.join(final, n) for n in os.listdir(final)
+                       if im.PAGES_RE.match(n) or n.startswith("dx-hashes-")]
+        if os.path.isdir(self.held_dir):
+            doomed += [os.path.join(self.held_dir, n) for n in os.listdir(self.held_dir)]
+        seen, freed = set(), 0
+        for path in doomed:
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                continue
+            if (st.st_dev, st.st_ino) not in seen:
+                seen.add((st.st_dev, st.st_ino))
+                freed += st.st_blocks * 512
+        _rmtree(self.held_dir)
+        for path in doomed:
+            if not path.startswith(self.held_dir + os.sep):
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
+        self._held = None
+        self._hashes.clear()
+        return freed
+
     def discard_prepared(self) -> None:
         """The directory prepare_images_dir made, when no commit took it."""
         tmp, self._prepared = self._prepared, None
