@@ -16,7 +16,9 @@ built in round.tmp/ from the held pages (an in-kernel copy of every run both rou
 share) and the received records (applied by the compiled core), verified against the
 sender's digest, and swapped in whole. Disk use per session is therefore bounded by
 two copies of the memory images plus one of the files, and a failed round leaves
-held/ exactly as it was. Every temporary directory is removed on every exit path.
+held/ exactly as it was. Every temporary directory is removed on every exit path. A
+migration's copy, once it runs, takes the memory images (release_memory: held/ and
+images/'s pages files go; serve --keep-pages keeps them).
 """
 from __future__ import annotations
 
