@@ -51,6 +51,15 @@ def migrate(tmp_path, agent_tmp, server, wl, *extra) -> dict:
     return r
 
 
+def migrated(tmp_path, agent_tmp, server, wl) -> tuple[int, str, dict]:
+    """migrate, then the restored pid, its images directory and the lazy-pages server's
+    statistics once it is done (which must report no error)."""
+    r = migrate(tmp_path, agent_tmp, server, wl)
+    stats = done_stats(r["destination_path"])
+    assert stats["error"] == 0, stats
+    return r["restored_pid"], r["destination_path"], stats
+
+
 @pytest.mark.criu
 def test_restored_tree_changes_its_memory_while_pages_arrive(criu, tmp_path, agent_tmp):
     """lazyops forks children that read its memory, moves a region with mremap, discards
@@ -61,10 +70,7 @@ def test_restored_tree_changes_its_memory_while_pages_arrive(criu, tmp_path, age
     with Server(tmp_path, extra=["--restore"]) as server, start_lazyops(tmp_path) as wl:
         before = wl.verify(timeout=60)
         assert before["ok"], before
-        r = migrate(tmp_path, agent_tmp, server, wl)
-        pid, images = r["restored_pid"], r["destination_path"]
-        stats = done_stats(images)
-        assert stats["error"] == 0, stats
+        pid, images, stats = migrated(tmp_path, agent_tmp, server, wl)
         assert stats["tasks"] >= 1 and stats["pages_total"] > 0, stats
         # every page was placed, found present, dropped with what the process discarded,
         # or never needed by a forked child that exited first
@@ -215,10 +221,7 @@ def test_zero_pages_and_holes_are_mapped_without_copies(criu, tmp_path, agent_tm
     over them (its mutations), and checks out every time."""
     with Server(tmp_path, extra=["--restore"]) as server, \
             workloads.start("memwork", mib=64, dirty_mib_per_s=1, tmpdir=tmp_path) as wl:
-        r = migrate(tmp_path, agent_tmp, server, wl)
-        pid, images = r["restored_pid"], r["destination_path"]
-        stats = done_stats(images)
-        assert stats["error"] == 0, stats
+        pid, images, stats = migrated(tmp_path, agent_tmp, server, wl)
         pages = 64 * 256
         # ~20 % of memwork's pages are zeros, ~5 % untouched (memwork.c)
         assert stats["pages_zero_image"] > pages // 10, stats
@@ -291,10 +294,7 @@ def test_memory_images_given_to_the_running_copy(criu, tmp_path, agent_tmp):
     placed, blocks were given back, none refused."""
     with Server(tmp_path, extra=["--restore"]) as server, \
             workloads.start("memwork", mib=768, dirty_mib_per_s=4, tmpdir=tmp_path) as wl:
-        r = migrate(tmp_path, agent_tmp, server, wl)
-        pid, images = r["restored_pid"], r["destination_path"]
-        stats = done_stats(images)
-        assert stats["error"] == 0, stats
+        pid, images, stats = migrated(tmp_path, agent_tmp, server, wl)
         assert stats["pages_recycled"] > 0 and stats["pages_recycle_failed"] == 0, stats
         assert stats["punches"] > 0, stats
         placed = (stats["pages_faulted"] + stats["pages_prefetched"] + stats["pages_present"]
@@ -314,10 +314,8 @@ def test_keep_pages_keeps_the_memory_images(criu, tmp_path, agent_tmp):
     copy runs, and its lazy-pages server gives nothing back."""
     with Server(tmp_path, extra=["--restore", "--keep-pages"]) as server, \
             workloads.start("memwork", mib=64, dirty_mib_per_s=1, tmpdir=tmp_path) as wl:
-        r = migrate(tmp_path, agent_tmp, server, wl)
-        pid, images = r["restored_pid"], r["destination_path"]
-        stats = done_stats(images)
-        assert stats["error"] == 0 and stats["pages_recycled"] == 0, stats
+        pid, images, stats = migrated(tmp_path, agent_tmp, server, wl)
+        assert stats["pages_recycled"] == 0, stats
         res = wl.verify(pid=pid, timeout=60)
         assert res["ok"], res
         assert [n for n in os.listdir(images) if n.startswith("pages-")]
@@ -359,14 +357,11 @@ def test_blocks_given_back_from_the_restore_on_while_the_copy_forks(criu, tmp_pa
         t = threading.Thread(target=tell, daemon=True)
         t.start()
         try:
-            r = migrate(tmp_path, agent_tmp, server, wl)
+            pid, images, stats = migrated(tmp_path, agent_tmp, server, wl)
         finally:
             stop.set()
             t.join()
-        pid, images = r["restored_pid"], r["destination_path"]
-        stats = done_stats(images)
         assert told, "no lazy-pages server was seen"
-        assert stats["error"] == 0, stats
         assert stats["pages_recycled"] > 0 and stats["pages_recycle_failed"] == 0, stats
         first = wl.verify(pid=pid, timeout=60)
         assert first["ok"], first

@@ -885,17 +885,20 @@ static void check_complete(dx_lazy *lz)
     }
 }
 
+static int stopping(dx_lazy *lz)
+{
+    pthread_mutex_lock(&lz->mu);
+    int stop = lz->stop;
+    pthread_mutex_unlock(&lz->mu);
+    return stop;
+}
+
 static void *event_main(void *arg)
 {
     dx_lazy *lz = arg;
     struct epoll_event evs[32];
     pthread_setname_np(pthread_self(), "dx-lazy-events");
-    for (;;) {
-        pthread_mutex_lock(&lz->mu);
-        int stop = lz->stop;
-        pthread_mutex_unlock(&lz->mu);
-        if (stop)
-            break;
+    while (!stopping(lz)) {
         int n = epoll_wait(lz->ep, evs, 32, 10);
         for (int i = 0; i < n; i++) {
             if (!evs[i].data.ptr) {
@@ -1483,15 +1486,9 @@ static void *recycler_main(void *arg)
     dx_lazy *lz = arg;
     pthread_setname_np(pthread_self(), "dx-lazy-recycle");
     background_priority();
-    for (;;) {
-        pthread_mutex_lock(&lz->mu);
-        int stop = lz->stop;
-        pthread_mutex_unlock(&lz->mu);
-        if (stop)
-            break;
+    while (!stopping(lz))
         if (!recycle_pass(lz))
             usleep(2000);
-    }
     return NULL;
 }
 
