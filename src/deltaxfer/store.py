@@ -382,7 +382,7 @@ class Session:
         (``interrupted_restore``, receiver.recover_restores): the store holds files."""
         done = []
         for name in os.listdir(self.path):
-            if name.endswith(".tmp") or name == "images.old":
+            if name.endswith(".tmp") or name in ("images.old", "held.released"):
                 _rmtree(os.path.join(self.path, name))
                 try:
                     os.unlink(os.path.join(self.path, name))
@@ -541,7 +541,13 @@ class Session:
             if (st.st_dev, st.st_ino) not in seen:
                 seen.add((st.st_dev, st.st_ino))
                 freed += st.st_blocks * 512
-        _rmtree(self.held_dir)
+        # held/ out of the way in one step (a removal that fails half-way leaves a
+        # directory no later session reads), then removed
+        gone = os.path.join(self.path, "held.released")
+        _rmtree(gone)
+        if os.path.isdir(self.held_dir):
+            os.rename(self.held_dir, gone)
+        _rmtree(gone)
         for path in doomed:
             if not path.startswith(self.held_dir + os.sep):
                 try:
