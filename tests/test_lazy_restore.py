@@ -51,6 +51,17 @@ def migrate(tmp_path, agent_tmp, server, wl, *extra) -> dict:
     return r
 
 
+def check_lazyops_runs_on(wl, pid: int, before: dict) -> None:
+    """The restored lazyops checks out twice, 0.3 s apart: its cycles went on and it
+    forked more children (which read its memory) than before the move."""
+    first = wl.verify(pid=pid, timeout=60)
+    assert first["ok"], first
+    time.sleep(0.3)
+    again = wl.verify(pid=pid, timeout=60)
+    assert again["ok"] and again["cycles"] > first["cycles"], (first, again)
+    assert again["forks"] > before["forks"], (before, again)
+
+
 def migrated(tmp_path, agent_tmp, server, wl) -> tuple[int, str, dict]:
     """migrate, then the restored pid, its images directory and the lazy-pages server's
     statistics once it is done (which must report no error)."""
@@ -81,12 +92,7 @@ def test_restored_tree_changes_its_memory_while_pages_arrive(criu, tmp_path, age
         # the workload's fork/mremap/madvise/munmap reached the server during the restore
         assert stats["events"] > 0, stats
         assert stats["pages_prefetched"] > 0, stats
-        first = wl.verify(pid=pid, timeout=60)
-        assert first["ok"], first
-        time.sleep(0.3)
-        again = wl.verify(pid=pid, timeout=60)
-        assert again["ok"] and again["cycles"] > first["cycles"], (first, again)
-        assert again["forks"] > before["forks"], (before, again)
+        check_lazyops_runs_on(wl, pid, before)
         # the daemon is gone: no process serves this directory any more
         deadline = time.monotonic() + 10
         while procmem.lazy_pages_daemons(images) and time.monotonic() < deadline:
@@ -363,9 +369,4 @@ def test_blocks_given_back_from_the_restore_on_while_the_copy_forks(criu, tmp_pa
             t.join()
         assert told, "no lazy-pages server was seen"
         assert stats["pages_recycled"] > 0 and stats["pages_recycle_failed"] == 0, stats
-        first = wl.verify(pid=pid, timeout=60)
-        assert first["ok"], first
-        time.sleep(0.3)
-        again = wl.verify(pid=pid, timeout=60)
-        assert again["ok"] and again["cycles"] > first["cycles"], (first, again)
-        assert again["forks"] > before["forks"], (before, again)
+        check_lazyops_runs_on(wl, pid, before)
