@@ -32,20 +32,12 @@ from array import array
 PAGE = 4096
 CHUNK = 1 << 20
 PE_LAZY, PE_PRESENT = 1 << 1, 1 << 2
-SYS_USERFAULTFD = 323                      # x86_64
-UFFD_API = 0xAA
 UFFDIO_REGISTER_MODE_MISSING = 1
-
-
-def _iowr(nr: int, size: int) -> int:
-    return (3 << 30) | (size << 16) | (0xAA << 8) | nr
-
-
-UFFDIO_API = _iowr(0x3F, 24)               # struct uffdio_api: api, features, ioctls
-UFFDIO_REGISTER = _iowr(0x00, 32)          # struct uffdio_register: start, len, mode, ioctls
+# _IOWR(0xAA, 0x00, struct uffdio_register {start, len, mode, ioctls}): _core registers
+# ranges for write-protect only (tracking); the lazy restore's are for missing pages
+UFFDIO_REGISTER = (3 << 30) | (32 << 16) | (0xAA << 8) | 0x00
 
 _libc = ctypes.CDLL(None, use_errno=True)
-_libc.syscall.restype = ctypes.c_long
 _libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
 
 
@@ -63,10 +55,10 @@ def _check(rc: int, what: str) -> None:
 def userfaultfd_for(addr: int, length: int) -> int:
     """A userfaultfd with [addr, addr+length) of this process registered for missing
     pages (what `criu restore --lazy-pages` hands over for each restored process)."""
-    fd = _libc.syscall(SYS_USERFAULTFD, os.O_CLOEXEC | os.O_NONBLOCK)
-    _check(fd, "userfaultfd (root, or vm.unprivileged_userfaultfd=1)")
-    api = (ctypes.c_uint64 * 3)(UFFD_API, 0, 0)
-    _check(_libc.ioctl(fd, UFFDIO_API, ctypes.byref(api)), "UFFDIO_API")
+    from deltaxfer import _core
+
+    fd = _core.uffd_create(os.O_CLOEXEC | os.O_NONBLOCK)
+    _core.uffd_api(fd, 0)
     reg = (ctypes.c_uint64 * 4)(addr, length, UFFDIO_REGISTER_MODE_MISSING, 0)
     _check(_libc.ioctl(fd, UFFDIO_REGISTER, ctypes.byref(reg)), "UFFDIO_REGISTER")
     return fd

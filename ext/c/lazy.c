@@ -173,6 +173,13 @@ static inline int test_page(task_t *t, uint64_t p)
     return (atomic_load_explicit(&t->done[p >> 6], memory_order_relaxed) >> (p & 63)) & 1;
 }
 
+/* The end of the run of pages from q that stays in q's block, at most e. */
+static inline uint64_t block_run_end(uint64_t q, uint64_t e)
+{
+    uint64_t be = ((q >> BLK_SHIFT) + 1) << BLK_SHIFT;
+    return be < e ? be : e;
+}
+
 /* Block b of t's pages file has every lazy page done: the recycler may punch it. */
 static inline void block_done(task_t *t, uint64_t b)
 {
@@ -715,13 +722,11 @@ static void handle_fork(task_t *parent, int ufd)
         for (size_t i = 0; i < c->nseg; i++) {
             const seg_t *s = &c->segs[i];
             uint64_t q = s->pidx, e = s->pidx + (s->end - s->start) / PS;
-            while (q < e) {
-                uint64_t b = q >> BLK_SHIFT, be = (b + 1) << BLK_SHIFT;
-                uint64_t r = be < e ? be : e;
-                unsigned char st = atomic_load(&parent->blk_state[b]);
+            for (uint64_t r; q < e; q = r) {
+                r = block_run_end(q, e);
+                unsigned char st = atomic_load(&parent->blk_state[q >> BLK_SHIFT]);
                 if (st == BLK_READY || st == BLK_PUNCHED)
                     mark(c, q, r - q, NULL);
-                q = r;
             }
         }
     }
@@ -883,6 +888,18 @@ static void check_complete(dx_lazy *lz)
         }
         pthread_mutex_unlock(&lz->mu);
     }
+}
+
+/* The tasks as they are now (a copy: the list may grow meanwhile); NULL without memory. */
+static task_t **tasks_now(dx_lazy *lz, size_t *n)
+{
+    pthread_mutex_lock(&lz->mu);
+    *n = lz->ntasks;
+    task_t **ts = malloc((*n ? *n : 1) * sizeof *ts);
+    if (ts)
+        memcpy(ts, lz->tasks, *n * sizeof *ts);
+    pthread_mutex_unlock(&lz->mu);
+    return ts;
 }
 
 static int stopping(dx_lazy *lz)
@@ -1250,11 +1267,9 @@ int dx_lazy_add(dx_lazy *lz, int uffd, int pid, int pages_fd, uint64_t pages_fil
         if (!(f & PE_LAZY))
             continue;
         if (t->blk_need)
-            for (uint64_t q = here, qe = here + nr_pages[i]; q < qe;) {
-                uint64_t b = q >> BLK_SHIFT, be = (b + 1) << BLK_SHIFT;
-                uint64_t r = be < qe ? be : qe;
-                t->blk_need[b] = (uint16_t)(t->blk_need[b] + (r - q));
-                q = r;
+            for (uint64_t q = here, qe = here + nr_pages[i], r; q < qe; q = r) {
+                r = block_run_end(q, qe);
+                t->blk_need[q >> BLK_SHIFT] = (uint16_t)(t->blk_need[q >> BLK_SHIFT] + (r - q));
             }
         while (start < end) {
             while (j < nvma && vma_end[j] <= start)
@@ -1382,17 +1397,13 @@ out:
 
 int64_t dx_lazy_arrived(dx_lazy *lz, int pid, uint64_t p, uint64_t n)
 {
-    pthread_mutex_lock(&lz->mu);
-    size_t nt = lz->ntasks, m = 0;
-    task_t **ts = malloc((nt ? nt : 1) * sizeof *ts);
-    if (!ts) {
-        pthread_mutex_unlock(&lz->mu);
+    size_t nt, m = 0;
+    task_t **ts = tasks_now(lz, &nt);
+    if (!ts)
         return -ENOMEM;
-    }
     for (size_t i = 0; i < nt; i++)
-        if (lz->tasks[i]->pid == pid && lz->tasks[i]->pending)
-            ts[m++] = lz->tasks[i];
-    pthread_mutex_unlock(&lz->mu);
+        if (ts[i]->pid == pid && ts[i]->pending)
+            ts[m++] = ts[i];
     if (!m) {
         free(ts);
         return -ENOENT;
@@ -1420,6 +1431,14 @@ int64_t dx_lazy_arrived(dx_lazy *lz, int pid, uint64_t p, uint64_t n)
     return placed;
 }
 
+/* Block b is READY: the recycler takes it (-> PUNCHED). */
+static inline int claim_block(task_t *t, uint64_t b)
+{
+    unsigned char ready = BLK_READY;
+    return atomic_load(&t->blk_state[b]) == BLK_READY &&
+        atomic_compare_exchange_strong(&t->blk_state[b], &ready, BLK_PUNCHED);
+}
+
 /* Punch blocks [b, e) of t's pages file (all claimed READY -> PUNCHED). */
 static void punch_run(task_t *t, uint64_t b, uint64_t e)
 {
@@ -1445,12 +1464,8 @@ static void punch_run(task_t *t, uint64_t b, uint64_t e)
 static uint64_t recycle_pass(dx_lazy *lz)
 {
     uint64_t done = 0;
-    pthread_mutex_lock(&lz->mu);
-    size_t n = lz->ntasks;
-    task_t **ts = malloc((n ? n : 1) * sizeof *ts);
-    if (ts)
-        memcpy(ts, lz->tasks, n * sizeof *ts);
-    pthread_mutex_unlock(&lz->mu);
+    size_t n;
+    task_t **ts = tasks_now(lz, &n);
     if (!ts)
         return 0;
     for (size_t i = 0; i < n; i++) {
@@ -1459,18 +1474,12 @@ static uint64_t recycle_pass(dx_lazy *lz)
             continue;
         uint64_t b = 0;
         while (b < t->nblk) {
-            unsigned char st = BLK_READY;
-            if (!atomic_compare_exchange_strong(&t->blk_state[b], &st, BLK_PUNCHED)) {
+            uint64_t e = b;
+            while (e < t->nblk && claim_block(t, e))
+                e++;
+            if (e == b) {
                 b++;
                 continue;
-            }
-            uint64_t e = b + 1;
-            for (;;) {
-                st = BLK_READY;
-                if (e >= t->nblk ||
-                    !atomic_compare_exchange_strong(&t->blk_state[e], &st, BLK_PUNCHED))
-                    break;
-                e++;
             }
             punch_run(t, b, e);
             done += e - b;

@@ -79,9 +79,10 @@ int64_t dx_lazy_arrived(dx_lazy *lz, int pid, uint64_t p, uint64_t n);
  * every 2 MiB block of a task's pages file whose lazy pages are all placed (or dropped)
  * out of the file (FALLOC_FL_PUNCH_HOLE; runs of such blocks in one call), the blocks
  * done already first, so that the page cache they held is free memory for the pages
- * placed next: the destination then holds about one copy of the process, not two.  Only for tasks added with the pages file open for
- * writing and the receiver's hashes; a fork stops it for every block not complete by
- * then (the child may need any page its parent lacked).  The file is not a copy of the process after this: the caller
+ * placed next: the destination then holds about one copy of the process, not two.
+ * Only for tasks added with the pages file open for writing and the receiver's hashes;
+ * a fork stops it for every block not complete by then (the child may need any page
+ * its parent lacked).  The file is not a copy of the process after this: the caller
  * must no longer offer it as one.  Returns the pages punched so far, or -errno. */
 int64_t dx_lazy_recycle(dx_lazy *lz);
 

@@ -185,19 +185,24 @@ def _rmtree(path: str) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
+def files_bytes(paths) -> int:
+    """Bytes allocated on disk by these files (hard links counted once; gone ones 0)."""
+    seen, total = set(), 0
+    for path in paths:
+        try:
+            st = os.lstat(path)
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) not in seen:
+            seen.add((st.st_dev, st.st_ino))
+            total += st.st_blocks * 512
+    return total
+
+
 def disk_bytes(path: str) -> int:
     """Bytes allocated on disk under path (hard links counted once)."""
-    seen, total = set(), 0
-    for dirpath, dirnames, filenames in os.walk(path):
-        for n in filenames:
-            try:
-                st = os.lstat(os.path.join(dirpath, n))
-            except OSError:
-                continue
-            if (st.st_dev, st.st_ino) not in seen:
-                seen.add((st.st_dev, st.st_ino))
-                total += st.st_blocks * 512
-    return total
+    return files_bytes(os.path.join(dirpath, n)
+                       for dirpath, _dirnames, filenames in os.walk(path) for n in filenames)
 
 
 _FALLOC_FL_COLLAPSE_RANGE = 0x08
@@ -532,15 +537,7 @@ class Session:
                        if im.PAGES_RE.match(n) or n.startswith("dx-hashes-")]
         if os.path.isdir(self.held_dir):
             doomed += [os.path.join(self.held_dir, n) for n in os.listdir(self.held_dir)]
-        seen, freed = set(), 0
-        for path in doomed:
-            try:
-                st = os.lstat(path)
-            except FileNotFoundError:
-                continue
-            if (st.st_dev, st.st_ino) not in seen:
-                seen.add((st.st_dev, st.st_ino))
-                freed += st.st_blocks * 512
+        freed = files_bytes(doomed)
         # held/ out of the way in one step (a removal that fails half-way leaves a
         # directory no later session reads), then removed
         gone = os.path.join(self.path, "held.released")
