@@ -26,6 +26,9 @@ cdef extern from "frame.h" nogil:
         int64_t prefix_index
 
     int dx_fw_init(dx_frame_writer *w, size_t frame_size, int compress)
+    int dx_fw_init_with(dx_frame_writer *w, size_t frame_size, int compress, uint8_t *raw,
+                        uint8_t *out, size_t out_cap)
+    size_t dx_fw_output_bound(size_t nrecords, size_t frame_size, int prefix)
     void dx_fw_free(dx_frame_writer *w)
     int dx_fw_add(dx_frame_writer *w, uint64_t vaddr, int kind, const uint8_t *payload, size_t len)
     int dx_fw_flush(dx_frame_writer *w)

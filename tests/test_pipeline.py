@@ -2,7 +2,6 @@
 bit for bit, stats, xor on/off, dump-vs-dump XOR base, threads."""
 import random
 import threading
-import time
 from array import array
 
 import pytest
@@ -311,3 +310,57 @@ def test_pages_index_output_is_the_pages_payloads_of_the_frames():
     assert all(decode_pages(p)[0] == 0x01020304 for p in got)
     with pytest.raises(ValueError):
         _core.encode_round(pages, vaddrs, pages_index=1 << 32)
+
+
+@pytest.mark.parametrize("frame_size", [4107, 4108, 3 * 4107 - 1, 6 * PAGE, 1 << 20])
+def test_frames_are_written_into_an_output_that_always_fits(frame_size):
+    """encode_round writes its frames straight into the bytes object it returns, sized
+    once for the worst case: records of every kind (whole incompressible pages, zero
+    pages, xor deltas) at every frame size down to one record per frame, with and
+    without lz4, with and without the PAGES index before each frame, staged in a scratch
+    area or in one of its own — never short of room, and bit for bit the Python
+    reference's frames."""
+    import mmap
+    import struct
+
+    from deltaxfer import _core
+    from deltaxfer.core.pipeline import split_frames, split_payloads
+
+    rng = random.Random(seed())
+    n = 96
+    base, vaddrs = memory(rng, n, zero_every=3)
+    new = bytearray(base)
+    for i in range(n):
+        if i % 2 == 0:                             # small changes (xor)
+            new[i * PAGE + 100:i * PAGE + 140] = rng.randbytes(40)
+        elif i % 6 == 1:                           # rewritten whole (full page)
+            new[i * PAGE:(i + 1) * PAGE] = rng.randbytes(PAGE)
+        elif i % 6 == 5:                           # cleared (zero record)
+            new[i * PAGE:(i + 1) * PAGE] = bytes(PAGE)
+    scratch = mmap.mmap(-1, frame_size)
+    for compress in (True, False):
+        want, hashes, stats = reference.encode_round(new, vaddrs, vaddrs, array(
+            "Q", _core.hash_pages(base)[0]), base_pages=base, frame_size=frame_size,
+            compress=compress, xor_cap=PAGE - 1)
+        for scr in (None, scratch):
+            got, h, s = _core.encode_round(new, vaddrs, vaddrs, array(
+                "Q", _core.hash_pages(base)[0]), base_pages=base, frame_size=frame_size,
+                compress=compress, xor_cap=PAGE - 1, scratch=scr)
+            assert type(got) is bytes and got == want
+            assert h == hashes and s["frames"] == len(split_frames(got)) >= 1
+            assert s["sent_xor"] and s["sent_full"] and s["sent_zero"]
+            prefixed, _, _ = _core.encode_round(new, vaddrs, vaddrs, array(
+                "Q", _core.hash_pages(base)[0]), base_pages=base, frame_size=frame_size,
+                compress=compress, xor_cap=PAGE - 1, scratch=scr, pages_index=7)
+            payloads = [bytes(p) for p in split_payloads(prefixed)]
+            assert [struct.unpack_from("<I", p)[0] for p in payloads] == [7] * len(payloads)
+            assert b"".join(p[4:] for p in payloads) == want
+        # all pages new and incompressible: the largest output there is
+        rand = bytearray(rng.randbytes(PAGE * n))
+        full, _, s = _core.encode_round(rand, vaddrs, frame_size=frame_size,
+                                        compress=compress, scratch=scratch, pages_index=1)
+        assert s["sent_full"] == n and len(full) >= n * (PAGE + 11)
+    with pytest.raises(ValueError, match="scratch"):
+        _core.encode_round(base, vaddrs, frame_size=frame_size, scratch=bytearray(4000))
+    with pytest.raises(ValueError, match="scratch must be a writable"):
+        _core.encode_round(base, vaddrs, frame_size=frame_size, scratch=b"\0" * frame_size)

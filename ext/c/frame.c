@@ -5,28 +5,53 @@
 #include "frame.h"
 #include "hash.h"
 
-int dx_fw_init(dx_frame_writer *w, size_t frame_size, int compress)
+int dx_fw_init_with(dx_frame_writer *w, size_t frame_size, int compress, uint8_t *raw,
+                    uint8_t *out, size_t out_cap)
 {
     memset(w, 0, sizeof *w);
     if (frame_size < DX_RECORD_MAX || frame_size > DX_FRAME_MAX_RAW) return -DX_E_ARG;
-    w->raw = malloc(frame_size);
+    w->own_raw = raw == NULL;
+    w->raw = raw ? raw : malloc(frame_size);
     if (!w->raw) return -DX_E_NOMEM;
     w->raw_cap = frame_size;
+    w->own_out = out == NULL;
+    if (out) { w->out = out; w->out_cap = out_cap; }
     w->compress = compress;
     w->prefix_index = -1;
     return 0;
 }
 
+int dx_fw_init(dx_frame_writer *w, size_t frame_size, int compress)
+{
+    return dx_fw_init_with(w, frame_size, compress, NULL, NULL, 0);
+}
+
 void dx_fw_free(dx_frame_writer *w)
 {
-    free(w->raw);
-    free(w->out);
+    if (w->own_raw) free(w->raw);
+    if (w->own_out) free(w->out);
     w->raw = w->out = NULL;
+}
+
+size_t dx_fw_output_bound(size_t nrecords, size_t frame_size, int prefix)
+{
+    if (nrecords == 0) return 0;
+    if (frame_size < DX_RECORD_MAX) frame_size = DX_RECORD_MAX;
+    size_t raw = nrecords * DX_RECORD_MAX;
+    /* a frame is flushed only when the next record might not fit, so every frame but
+     * the last holds more than frame_size - DX_RECORD_MAX raw bytes, and at least one
+     * record */
+    size_t frames = raw / (frame_size - DX_RECORD_MAX + 1) + 1;
+    if (frames > nrecords) frames = nrecords;
+    /* frames are stored at most raw; the frame being flushed reserves lz4's bound */
+    return raw + frames * ((prefix ? 4 : 0) + DX_FRAME_HEADER_SIZE)
+           + (size_t)LZ4_compressBound((int)frame_size) - frame_size;
 }
 
 static int out_reserve(dx_frame_writer *w, size_t extra)
 {
     if (w->out_len + extra <= w->out_cap) return 0;
+    if (!w->own_out) return -DX_E_NOMEM;
     size_t cap = w->out_cap ? w->out_cap : 64 * 1024;
     while (cap < w->out_len + extra) cap *= 2;
     uint8_t *p = realloc(w->out, cap);

@@ -42,9 +42,21 @@ typedef struct {
      * index that starts a PAGES payload), so a payload goes out without a copy */
     int64_t prefix_index;
     uint64_t frames, records, raw_bytes, stored_bytes;
+    int own_raw, own_out;    /* allocated here (else the caller's: never resized or freed) */
 } dx_frame_writer;
 
 int dx_fw_init(dx_frame_writer *w, size_t frame_size, int compress);
+/* As dx_fw_init, with the caller's staging area (frame_size bytes) and output (out_cap
+ * bytes), either NULL to have it allocated here.  An output of the caller's is never
+ * grown: a frame that would not fit fails with -DX_E_NOMEM, which an output of
+ * dx_fw_output_bound bytes never does.  The encoder threads keep one staging area each
+ * and write a window's frames straight into the object that goes to the socket: no
+ * fresh memory per window, no copy of the frames. */
+int dx_fw_init_with(dx_frame_writer *w, size_t frame_size, int compress, uint8_t *raw,
+                    uint8_t *out, size_t out_cap);
+/* The most output bytes nrecords records of at most DX_RECORD_MAX raw bytes each can
+ * make in frames of frame_size raw bytes (prefix: each frame led by a u32 index). */
+size_t dx_fw_output_bound(size_t nrecords, size_t frame_size, int prefix);
 void dx_fw_free(dx_frame_writer *w);
 /* Append one record, flushing the current frame first when it would not fit. */
 int dx_fw_add(dx_frame_writer *w, uint64_t vaddr, int kind, const uint8_t *payload, size_t len);
