@@ -10,6 +10,7 @@ freed window outputs, _core.keep_freed_memory) with glibc's default (each window
 mapped afresh and unmapped when freed).
 
     python bench/source_encode.py --mib 1024 [--reps 5] [--modes keep,default] [--threads N]
+        [--src OTHER_CHECKOUT/src,...]   # also that code's EncoderPool, alternated (as "src:N")
     # one JSON line per mode and cycle
 """
 from __future__ import annotations
@@ -65,6 +66,7 @@ def main() -> None:
     ap.add_argument("--cycles", type=int, default=3)
     ap.add_argument("--modes", default="keep,default")
     ap.add_argument("--threads", type=int, default=0, help="encoder threads (0: cores)")
+    ap.add_argument("--src", default="", help="other checkouts' src dirs (built), alternated")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:
         result = os.path.join(d, "result")
@@ -76,16 +78,18 @@ def main() -> None:
                 if work.poll() is not None or time.monotonic() > deadline:
                     sys.exit("memwork did not become READY")
                 time.sleep(0.05)
+            runs = [(m, str(ROOT / "src")) for m in args.modes.split(",")]
+            runs += [(f"src:{i}", s) for i, s in enumerate(filter(None, args.src.split(",")))]
             for _ in range(args.cycles):
-                for mode in args.modes.split(","):
+                for mode, src in runs:
                     r = subprocess.run([sys.executable, "-c", _CHILD, str(work.pid),
                                         str(args.reps), mode, str(args.threads)],
                                        capture_output=True, text=True, timeout=600,
-                                       env=dict(os.environ, PYTHONPATH=str(ROOT / "src")))
+                                       env=dict(os.environ, PYTHONPATH=src))
                     if r.returncode:
                         sys.exit(r.stderr)
                     row = json.loads(r.stdout)
-                    row["mib"] = args.mib
+                    row.update(mib=args.mib, src=src)
                     print(json.dumps(row), flush=True)
         finally:
             work.kill()
