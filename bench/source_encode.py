@@ -25,7 +25,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-MEMWORK = ROOT / "tests" / "workloads" / "bin" / "memwork"
+sys.path.insert(0, str(ROOT / "tests"))
+import workloads  # noqa: E402  (builds memwork when it is missing)
 
 _CHILD = r"""
 import json, os, sys, time
@@ -70,7 +71,7 @@ def main() -> None:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:
         result = os.path.join(d, "result")
-        work = subprocess.Popen([str(MEMWORK), "--mib", str(args.mib), "--result", result,
+        work = subprocess.Popen([str(workloads.build("memwork")), "--mib", str(args.mib), "--result", result,
                                  "--dirty-mib-per-s", "0"])
         try:
             deadline = time.monotonic() + 120

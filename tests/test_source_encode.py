@@ -6,13 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "source_encode.py"
 MEMWORK = Path(__file__).resolve().parent / "workloads" / "bin" / "memwork"
 
 
-@pytest.mark.skipif(not MEMWORK.exists(), reason="make programs builds memwork")
 def test_source_encode_reads_the_whole_workload_in_each_mode():
     out = subprocess.run([sys.executable, str(SCRIPT), "--mib", "32", "--reps", "2",
                           "--cycles", "1", "--modes", "keep,default", "--threads", "2"],
