@@ -5,13 +5,12 @@ window read (process_vm_readv) and encoded (zero check, XXH3, lz4 frames with th
 index) on the EncoderPool's threads, as many windows in flight as the sender keeps; the
 frames are dropped instead of sent. CPU is this process's, per GiB of the workload.
 
---modes keep,default alternates the EncoderPool as the sender runs it (keep: malloc keeps
-freed window outputs, _core.keep_freed_memory) with glibc's default (each window's output
-mapped afresh and unmapped when freed).
+--src alternates this checkout's EncoderPool ("this") with other checkouts' (built
+in place: `python setup.py build_ext --inplace` there), as "src:N".
 
-    python bench/source_encode.py --mib 1024 [--reps 5] [--modes keep,default] [--threads N]
-        [--src OTHER_CHECKOUT/src,...]   # also that code's EncoderPool, alternated (as "src:N")
-    # one JSON line per mode and cycle
+    python bench/source_encode.py --mib 1024 [--reps 5] [--cycles 3] [--threads N]
+        [--src OTHER_CHECKOUT/src,...]
+    # one JSON line per code and cycle
 """
 from __future__ import annotations
 
@@ -33,8 +32,6 @@ import json, os, sys, time
 from deltaxfer import _core, live, source
 from deltaxfer.core import procmem
 pid, reps, mode, threads = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
-if mode == "default":
-    _core.keep_freed_memory = lambda *a: False      # the pool's call does nothing
 pool = source.EncoderPool(threads=threads or None)
 task = procmem.Task(host_pid=pid, ns_pid=pid)
 runs = []
@@ -65,7 +62,6 @@ def main() -> None:
     ap.add_argument("--mib", type=int, default=1024)
     ap.add_argument("--reps", type=int, default=5, help="reads of the whole process per child")
     ap.add_argument("--cycles", type=int, default=3)
-    ap.add_argument("--modes", default="keep,default")
     ap.add_argument("--threads", type=int, default=0, help="encoder threads (0: cores)")
     ap.add_argument("--src", default="", help="other checkouts' src dirs (built), alternated")
     args = ap.parse_args()
@@ -79,7 +75,7 @@ def main() -> None:
                 if work.poll() is not None or time.monotonic() > deadline:
                     sys.exit("memwork did not become READY")
                 time.sleep(0.05)
-            runs = [(m, str(ROOT / "src")) for m in args.modes.split(",")]
+            runs = [("this", str(ROOT / "src"))]
             runs += [(f"src:{i}", s) for i, s in enumerate(filter(None, args.src.split(",")))]
             for _ in range(args.cycles):
                 for mode, src in runs:

@@ -13,7 +13,6 @@ from libc cimport errno as c_errno
 from cpython.buffer cimport (PyObject_GetBuffer, PyBuffer_Release, PyBUF_C_CONTIGUOUS,
                              PyBUF_FORMAT, PyBUF_WRITABLE)
 from cpython.bytes cimport PyBytes_FromStringAndSize
-from cpython.ref cimport PyObject, Py_XDECREF
 from cpython cimport array
 import array
 
@@ -28,13 +27,6 @@ from dx_track cimport *
 from dx_apply cimport *
 from dx_applypool cimport *
 from dx_lazy cimport *
-
-cdef extern from "Python.h":
-    # a bytes object written in place then shrunk (encode_round's output): as raw pointers,
-    # so the one reference is counted by hand
-    PyObject *_bytes_new "PyBytes_FromStringAndSize"(const char *v, Py_ssize_t n)
-    char *_bytes_ptr "PyBytes_AS_STRING"(PyObject *o)
-    int _PyBytes_Resize(PyObject **o, Py_ssize_t n) except -1
 
 cdef extern from "lz4.h":
     int LZ4_versionNumber() nogil

@@ -81,11 +81,3 @@ cdef raise_core_error(int rc, str where):
     if rc == -DX_E_NOMEM:
         raise MemoryError(where)
     raise ValueError(f"{where}: {dx_strerror(rc).decode()}")
-
-
-def keep_freed_memory(size_t mmap_threshold=32 << 20, size_t trim_threshold=128 << 20):
-    """This process's malloc keeps freed blocks of up to mmap_threshold bytes for reuse
-    and trims its heaps only beyond trim_threshold free bytes (glibc mallopt; True if
-    set). For a process that allocates and frees the same large buffers over and over
-    (the source's window outputs): without it each one is fresh memory."""
-    return dx_keep_freed_memory(mmap_threshold, trim_threshold) == 0

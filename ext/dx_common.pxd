@@ -15,4 +15,3 @@ cdef extern from "dx_common.h" nogil:
         DX_E_UNKNOWN_VADDR
     const char *dx_strerror(int code)
     int dx_check_vaddrs(const uint64_t *vaddrs, size_t n)
-    int dx_keep_freed_memory(size_t mmap_threshold, size_t trim_threshold)

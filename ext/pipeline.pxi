@@ -18,9 +18,10 @@ def encode_round(pages, vaddrs, prev_vaddrs=None, prev_hashes=None, base_pages=N
     calls cache.next_round() once before its first window.
     pages_index (0..2**32-1): each frame is preceded by that u32 (little-endian), making
     the output a run of whole PAGES payloads (index, frame) for the link, without a copy.
-    scratch: None or a writable buffer of at least frame_size bytes where frames are
-    staged (an encoder thread's own, reused for every window it encodes); the frames are
-    written straight into the bytes object returned.
+    scratch: None or a writable buffer (an encoder thread's own, reused for every
+    window it encodes): its first frame_size bytes stage the records of a frame, and the
+    frames are written after them when the rest holds frames_output_bound(...) bytes
+    (else into a buffer grown as they come). Either way one copy of them is returned.
     """
     cdef _Buffer pb = pages_buffer(pages, "pages")
     cdef _Buffer vb = u64_buffer(vaddrs, "vaddrs")
@@ -58,30 +59,33 @@ def encode_round(pages, vaddrs, prev_vaddrs=None, prev_hashes=None, base_pages=N
     if frame_size < DX_RECORD_MAX or frame_size > DX_FRAME_MAX_RAW:
         raise ValueError(f"frame_size must be between {DX_RECORD_MAX} and "
                          f"{DX_FRAME_MAX_RAW} bytes, got {frame_size}")
+    # the records to come: at most one per page not known clean
+    cdef size_t i, nrec = n
+    if cp_clean != NULL:
+        with nogil:
+            for i in range(n):
+                if cp_clean[i]:
+                    nrec -= 1
+    cdef size_t cap = dx_fw_output_bound(nrec, frame_size, pages_index >= 0)
     cdef _Buffer sb
     cdef uint8_t *raw = NULL
+    cdef uint8_t *out = NULL
+    cdef size_t out_cap = 0
     if scratch is not None:
         sb = bytes_buffer(scratch, "scratch", True)
         if sb.nbytes < frame_size:
             raise ValueError(f"scratch holds {sb.nbytes} bytes, less than frame_size "
                              f"{frame_size}")
         raw = <uint8_t *>sb.ptr
+        if <size_t>sb.nbytes - frame_size >= cap:     # room for the frames too
+            out = raw + frame_size
+            out_cap = <size_t>sb.nbytes - frame_size
     cdef array.array hashes = new_u64_array(n)
     cdef dx_round_stats st
     memset(&st, 0, sizeof(st))
-    # the output: a bytes object as large as these pages' frames can be, shrunk to what
-    # they took once written (no frame is copied after lz4 wrote it)
-    cdef size_t cap = dx_fw_output_bound(n, frame_size, pages_index >= 0)
-    cdef PyObject *out = NULL
-    if cap:
-        out = _bytes_new(NULL, <Py_ssize_t>cap)
-        if out == NULL:
-            raise MemoryError(f"encode_round: {cap} bytes for the frames")
     cdef dx_frame_writer fw
-    cdef int rc = dx_fw_init_with(&fw, frame_size, compress, raw,
-                                  <uint8_t *>_bytes_ptr(out) if out != NULL else NULL, cap)
+    cdef int rc = dx_fw_init_with(&fw, frame_size, compress, raw, out, out_cap)
     if rc:
-        Py_XDECREF(out)
         raise MemoryError("encode_round")
     fw.prefix_index = pages_index if pages_index >= 0 else -1
     cdef dx_xor_cache *cp = NULL
@@ -94,29 +98,26 @@ def encode_round(pages, vaddrs, prev_vaddrs=None, prev_hashes=None, base_pages=N
             rc = dx_encode_round(pb.ptr, u64_ptr(vb), cp_clean, n, u64_ptr(pvb), u64_ptr(phb), nprev,
                                  base, cp, xor, xor_cap, <uint64_t *>hashes.data.as_voidptr,
                                  &fw, &st)
-    except BaseException:
-        Py_XDECREF(out)
-        raise
+        if rc:
+            raise_core_error(rc, "encode_round")
+        stats = {"scanned": st.scanned, "zero": st.zero, "unchanged": st.unchanged,
+                 "changed": st.changed, "added": st.added, "removed": st.removed,
+                 "sent_zero": st.sent_zero, "sent_xor": st.sent_xor, "sent_full": st.sent_full,
+                 "xor_too_big": st.xor_too_big, "skipped": st.skipped, "xor_bytes": st.xor_bytes,
+                 "frames": fw.frames, "records": fw.records, "raw_bytes": fw.raw_bytes,
+                 "stored_bytes": fw.stored_bytes}
+        return _take_output(&fw), hashes, stats
     finally:
         if cp != NULL:
             cache.release()
         dx_fw_free(&fw)
-    if rc:
-        Py_XDECREF(out)
-        raise_core_error(rc, "encode_round")
-    stats = {"scanned": st.scanned, "zero": st.zero, "unchanged": st.unchanged,
-             "changed": st.changed, "added": st.added, "removed": st.removed,
-             "sent_zero": st.sent_zero, "sent_xor": st.sent_xor, "sent_full": st.sent_full,
-             "xor_too_big": st.xor_too_big, "skipped": st.skipped, "xor_bytes": st.xor_bytes,
-             "frames": fw.frames, "records": fw.records, "raw_bytes": fw.raw_bytes,
-             "stored_bytes": fw.stored_bytes}
-    if fw.out_len == 0:
-        Py_XDECREF(out)
-        return b"", hashes, stats
-    _PyBytes_Resize(&out, <Py_ssize_t>fw.out_len)    # frees the object on failure
-    frames = <object>out                             # a reference of its own
-    Py_XDECREF(out)
-    return frames, hashes, stats
+
+
+def frames_output_bound(size_t nrecords, size_t frame_size=DX_FRAME_DEFAULT_SIZE,
+                        bint prefix=False):
+    """The most bytes encode_round's frames can take for nrecords records (a scratch of
+    frame_size + this many bytes holds a window's frames as well as its staging)."""
+    return dx_fw_output_bound(nrecords, frame_size, prefix)
 
 
 def compare_pages(old_pages, old_vaddrs, new_pages, new_vaddrs):

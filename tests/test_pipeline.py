@@ -314,12 +314,12 @@ def test_pages_index_output_is_the_pages_payloads_of_the_frames():
 
 @pytest.mark.parametrize("frame_size", [4107, 4108, 3 * 4107 - 1, 6 * PAGE, 1 << 20])
 def test_frames_are_written_into_an_output_that_always_fits(frame_size):
-    """encode_round writes its frames straight into the bytes object it returns, sized
-    once for the worst case: records of every kind (whole incompressible pages, zero
-    pages, xor deltas) at every frame size down to one record per frame, with and
-    without lz4, with and without the PAGES index before each frame, staged in a scratch
-    area or in one of its own — never short of room, and bit for bit the Python
-    reference's frames."""
+    """encode_round writes a window's frames into the caller's scratch, after the staging
+    area, when it holds frames_output_bound bytes: enough for records of every kind
+    (whole incompressible pages, zero pages, xor deltas) at every frame size down to one
+    record per frame, with and without lz4 and the PAGES index before each frame. The
+    frames are bit for bit the Python reference's, and the same with a scratch too small
+    for them (grown as they come), with a staging area only, or with none."""
     import mmap
     import struct
 
@@ -337,12 +337,16 @@ def test_frames_are_written_into_an_output_that_always_fits(frame_size):
             new[i * PAGE:(i + 1) * PAGE] = rng.randbytes(PAGE)
         elif i % 6 == 5:                           # cleared (zero record)
             new[i * PAGE:(i + 1) * PAGE] = bytes(PAGE)
-    scratch = mmap.mmap(-1, frame_size)
+    whole = mmap.mmap(-1, frame_size + _core.frames_output_bound(n, frame_size, True))
+    short = bytearray(frame_size + _core.frames_output_bound(n, frame_size, True) // 2)
+    assert _core.frames_output_bound(0, frame_size) == 0
+    assert _core.frames_output_bound(n, frame_size) < _core.frames_output_bound(
+        n, frame_size, True) <= n * (PAGE + 11 + 4 + 32) + frame_size // 255 + 16
     for compress in (True, False):
         want, hashes, stats = reference.encode_round(new, vaddrs, vaddrs, array(
             "Q", _core.hash_pages(base)[0]), base_pages=base, frame_size=frame_size,
             compress=compress, xor_cap=PAGE - 1)
-        for scr in (None, scratch):
+        for scr in (None, bytearray(frame_size), short, whole):
             got, h, s = _core.encode_round(new, vaddrs, vaddrs, array(
                 "Q", _core.hash_pages(base)[0]), base_pages=base, frame_size=frame_size,
                 compress=compress, xor_cap=PAGE - 1, scratch=scr)
@@ -357,9 +361,12 @@ def test_frames_are_written_into_an_output_that_always_fits(frame_size):
             assert b"".join(p[4:] for p in payloads) == want
         # all pages new and incompressible: the largest output there is
         rand = bytearray(rng.randbytes(PAGE * n))
-        full, _, s = _core.encode_round(rand, vaddrs, frame_size=frame_size,
-                                        compress=compress, scratch=scratch, pages_index=1)
-        assert s["sent_full"] == n and len(full) >= n * (PAGE + 11)
+        for scr in (short, whole):
+            full, _, s = _core.encode_round(rand, vaddrs, frame_size=frame_size,
+                                            compress=compress, scratch=scr, pages_index=1)
+            assert s["sent_full"] == n and len(full) >= n * (PAGE + 11)
+            assert full == _core.encode_round(rand, vaddrs, frame_size=frame_size,
+                                              compress=compress, pages_index=1)[0]
     with pytest.raises(ValueError, match="scratch"):
         _core.encode_round(base, vaddrs, frame_size=frame_size, scratch=bytearray(4000))
     with pytest.raises(ValueError, match="scratch must be a writable"):

@@ -1,6 +1,7 @@
 """bench/source_encode.py, the source's read and encode of a live process without the
-link: each mode reads and encodes the whole workload (the same frames whatever the
-malloc setting), reports per-GiB CPU and throughput, and leaves no workload behind."""
+link: each code it alternates (here this checkout twice) reads and encodes the whole
+workload into the same frames, reports per-GiB CPU and throughput, and leaves no
+workload behind."""
 import json
 import subprocess
 import sys
@@ -10,13 +11,15 @@ SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "source_encode.py"
 MEMWORK = Path(__file__).resolve().parent / "workloads" / "bin" / "memwork"
 
 
-def test_source_encode_reads_the_whole_workload_in_each_mode():
+def test_source_encode_reads_the_whole_workload_for_each_code():
+    src = str(Path(__file__).resolve().parents[1] / "src")
     out = subprocess.run([sys.executable, str(SCRIPT), "--mib", "32", "--reps", "2",
-                          "--cycles", "1", "--modes", "keep,default", "--threads", "2"],
+                          "--cycles", "1", "--threads", "2", "--src", src],
                          capture_output=True, text=True, timeout=180)
     assert out.returncode == 0, out.stderr
     rows = [json.loads(line) for line in out.stdout.splitlines()]
-    assert [r["mode"] for r in rows] == ["keep", "default"]
+    assert [r["mode"] for r in rows] == ["this", "src:0"]
+    assert rows[0]["src"] == rows[1]["src"] == src
     sizes = set()
     for r in rows:
         assert r["mib"] == 32 and r["threads"] == 2 and len(r["runs"]) == 2

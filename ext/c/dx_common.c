@@ -1,7 +1,3 @@
-#include <limits.h>
-#ifdef __GLIBC__
-#include <malloc.h>
-#endif
 #include "dx_common.h"
 
 const char *dx_strerror(int code)
@@ -37,18 +33,4 @@ int dx_check_vaddrs(const uint64_t *vaddrs, size_t n)
         if (i && vaddrs[i] <= vaddrs[i - 1]) return -DX_E_UNSORTED;
     }
     return 0;
-}
-
-int dx_keep_freed_memory(size_t mmap_threshold, size_t trim_threshold)
-{
-#ifdef __GLIBC__
-    if (mmap_threshold > INT_MAX || trim_threshold > INT_MAX) return -1;
-    if (mallopt(M_MMAP_THRESHOLD, (int)mmap_threshold) != 1) return -1;
-    if (mallopt(M_TRIM_THRESHOLD, (int)trim_threshold) != 1) return -1;
-    return 0;
-#else
-    (void)mmap_threshold;
-    (void)trim_threshold;
-    return -1;
-#endif
 }

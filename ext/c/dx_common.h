@@ -54,12 +54,4 @@ static inline ptrdiff_t dx_find_vaddr(const uint64_t *vaddrs, size_t n, uint64_t
 /* 0 if vaddrs are page aligned and strictly ascending, else a negative dx_error. */
 int dx_check_vaddrs(const uint64_t *vaddrs, size_t n);
 
-/* Have malloc keep blocks up to mmap_threshold bytes in its heaps when freed, and give
- * the heaps' free top back to the system only beyond trim_threshold (glibc's mallopt;
- * 0 done, -1 refused or not glibc).  The source allocates a window's frames (~8 MiB)
- * per window: by default glibc maps each afresh and unmaps it when freed, so every
- * window's output is fresh memory, faulted in and zeroed again (on these VMs a host
- * fault as well). */
-int dx_keep_freed_memory(size_t mmap_threshold, size_t trim_threshold);
-
 #endif

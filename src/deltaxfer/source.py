@@ -243,11 +243,6 @@ class EncoderPool:
         self.inflight = 2 * self.threads if self.threads <= 4 else self.threads + 4
         self.pool = ThreadPoolExecutor(max_workers=self.threads,
                                        thread_name_prefix="deltaxfer-encode")
-        # each window's frames are a new bytes object of up to ~8 MiB, freed once sent:
-        # glibc would map and unmap each one, so lz4 would write every window's output
-        # into fresh memory (faulted and zeroed: 1.18-1.27 CPU-s against 0.82-0.86 to
-        # read and encode 1 GiB of memwork here); kept in malloc's heaps, it is reused
-        _core.keep_freed_memory()
         self._local = threading.local()
 
     @property
@@ -265,11 +260,14 @@ class EncoderPool:
         return buf
 
     def scratch(self) -> mmap.mmap:
-        """This thread's frame staging area (FRAME_SIZE bytes, kept like the buffer): a
-        window's records are gathered there before lz4, in memory already resident."""
+        """This thread's frame area (mapped on its first window, then reused like the
+        buffer): FRAME_SIZE bytes where a frame's records are staged for lz4, then room
+        for a whole window's frames, so neither is fresh memory nor grown by copying."""
         s = getattr(self._local, "scratch", None)
         if s is None:
-            s = self._local.scratch = mmap.mmap(-1, FRAME_SIZE, flags=mmap.MAP_PRIVATE)
+            s = self._local.scratch = mmap.mmap(
+                -1, FRAME_SIZE + _core.frames_output_bound(self.window_pages, FRAME_SIZE, True),
+                flags=mmap.MAP_PRIVATE)
         return s
 
     def encode(self, img: SourceImage, held: Held | None, lo: int, hi: int, *, xor: bool,
