@@ -257,3 +257,33 @@ def test_a_round_with_the_held_layout_shares_its_vaddrs_array(tmp_path):
             s.close()
         assert wl.verify()["ok"]
 
+
+
+def test_encoder_threads_keep_frame_areas_only_within_their_budget():
+    """Two encoder threads keep a frame area each (a frame's staging, then room for a
+    window's frames: what encode_round needs to write them without growing a buffer);
+    sixteen, whose areas would not fit in FRAME_AREA_BUDGET, keep none, and their
+    windows encode into buffers of their own — the same frames either way."""
+    import random
+
+    from deltaxfer import source
+
+    few, many = source.EncoderPool(threads=2), source.EncoderPool(threads=16)
+    try:
+        assert few.keep_areas and few.threads * few.area_bytes <= source.FRAME_AREA_BUDGET
+        assert few.area_bytes == source.FRAME_SIZE + _core.frames_output_bound(
+            few.window_pages, source.FRAME_SIZE, True)
+        areas = [few.pool.submit(few.scratch).result() for _ in range(4)]
+        assert all(len(a) == few.area_bytes for a in areas)
+        assert not many.keep_areas and many.scratch() is None
+        rng = random.Random(3)
+        pages = bytearray()
+        for i in range(few.window_pages):
+            pages += rng.randbytes(PAGE_SIZE) if i % 3 else (b"%d " % i * 2048)[:PAGE_SIZE]
+        vaddrs = array("Q", [0x7f0000000000 + i * PAGE_SIZE for i in range(few.window_pages)])
+        outs = [_core.encode_round(pages, vaddrs, frame_size=source.FRAME_SIZE,
+                                   pages_index=0, scratch=s)[0] for s in (areas[0], None)]
+        assert outs[0] == outs[1] and len(outs[0]) > few.window_pages * PAGE_SIZE // 2
+    finally:
+        few.close()
+        many.close()
