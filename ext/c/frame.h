@@ -49,9 +49,9 @@ int dx_fw_init(dx_frame_writer *w, size_t frame_size, int compress);
 /* As dx_fw_init, with the caller's staging area (frame_size bytes) and output (out_cap
  * bytes), either NULL to have it allocated here.  An output of the caller's is never
  * grown: a frame that would not fit fails with -DX_E_NOMEM, which an output of
- * dx_fw_output_bound bytes never does.  The encoder threads keep one area each for both,
- * so a window's records and frames are written into memory already resident, not into
- * buffers allocated (fresh) and grown (copied) per window. */
+ * dx_fw_output_bound bytes never does.  Two encoder threads keep one area each for both
+ * (source.FRAME_AREA_BUDGET), so a window's records and frames are written into memory
+ * already resident, not into buffers allocated (fresh) and grown (copied) per window. */
 int dx_fw_init_with(dx_frame_writer *w, size_t frame_size, int compress, uint8_t *raw,
                     uint8_t *out, size_t out_cap);
 /* The most output bytes nrecords records of at most DX_RECORD_MAX raw bytes each can
