@@ -67,8 +67,8 @@ def main() -> None:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:
         result = os.path.join(d, "result")
-        work = subprocess.Popen([str(workloads.build("memwork")), "--mib", str(args.mib), "--result", result,
-                                 "--dirty-mib-per-s", "0"])
+        work = subprocess.Popen([str(workloads.build("memwork")), "--mib", str(args.mib),
+                                 "--result", result, "--dirty-mib-per-s", "0"])
         try:
             deadline = time.monotonic() + 120
             while not (os.path.exists(result) and open(result).read().startswith("READY")):

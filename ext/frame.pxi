@@ -22,16 +22,20 @@ cdef bytes _take_output(dx_frame_writer *w):
     return out
 
 
+cdef check_frame_size(size_t frame_size):
+    """The frame sizes dx_fw_init accepts (else it returns -DX_E_ARG)."""
+    if frame_size < DX_RECORD_MAX or frame_size > DX_FRAME_MAX_RAW:
+        raise ValueError(f"frame_size must be between {DX_RECORD_MAX} and "
+                         f"{DX_FRAME_MAX_RAW} bytes, got {frame_size}")
+
+
 cdef class FrameWriter:
     """Packs page records into frames of at most frame_size raw bytes, lz4-compressed."""
     cdef dx_frame_writer w
 
     def __cinit__(self, size_t frame_size=DX_FRAME_DEFAULT_SIZE, bint compress=True):
-        cdef int rc = dx_fw_init(&self.w, frame_size, compress)
-        if rc == -DX_E_ARG:
-            raise ValueError(f"frame_size must be between {DX_RECORD_MAX} and "
-                             f"{DX_FRAME_MAX_RAW} bytes, got {frame_size}")
-        if rc:
+        check_frame_size(frame_size)
+        if dx_fw_init(&self.w, frame_size, compress):
             raise MemoryError("FrameWriter")
 
     def __dealloc__(self):

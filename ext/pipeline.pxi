@@ -56,9 +56,7 @@ def encode_round(pages, vaddrs, prev_vaddrs=None, prev_hashes=None, base_pages=N
         raise ValueError("xor_cap must be at least 1 byte")
     if pages_index > 0xFFFFFFFF:
         raise ValueError(f"pages_index {pages_index} is not a u32")
-    if frame_size < DX_RECORD_MAX or frame_size > DX_FRAME_MAX_RAW:
-        raise ValueError(f"frame_size must be between {DX_RECORD_MAX} and "
-                         f"{DX_FRAME_MAX_RAW} bytes, got {frame_size}")
+    check_frame_size(frame_size)
     # the records to come: at most one per page not known clean
     cdef size_t i, nrec = n
     if cp_clean != NULL:
